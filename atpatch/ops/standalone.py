@@ -1,0 +1,40 @@
+"""A model holding one AtPatch node whose detector weights are graph inputs.
+
+Used to run the op on its own (tests, benchmarks, the native kernel's checks).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from . import spec
+from .function import build_function
+
+__all__ = ["standalone_model"]
+
+
+def standalone_model(
+    opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0
+) -> onnx.ModelProto:
+    """`patched = AtPatch(attention, w1, b1, w2, b2)` with every tensor a graph input."""
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("attention", dtype, ["batch", "heads", "q_len", "k_len"]),
+        helper.make_tensor_value_info("w1", f, [spec.NUM_FEATURES, "hidden"]),
+        helper.make_tensor_value_info("b1", f, ["hidden"]),
+        helper.make_tensor_value_info("w2", f, ["hidden"]),
+        helper.make_tensor_value_info("b2", f, [1]),
+    ]
+    output = helper.make_tensor_value_info("patched", dtype, ["batch", "heads", "q_len", "k_len"])
+    node = helper.make_node(
+        spec.OP_TYPE, list(spec.INPUTS), ["patched"], domain=spec.DOMAIN, threshold=threshold
+    )
+    graph = helper.make_graph([node], "atpatch_standalone", inputs, [output])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(spec.DOMAIN, spec.VERSION)],
+        functions=[build_function(opset)],
+    )
+    model.ir_version = spec.MAX_IR_VERSION
+    return model
