@@ -1,0 +1,7 @@
+"""The over-attention detector: per-layer weights that travel inside the patched model."""
+
+from __future__ import annotations
+
+from .weights import Detector
+
+__all__ = ["Detector"]

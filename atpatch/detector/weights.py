@@ -1,0 +1,124 @@
+"""Detector weights for every attention layer of one model, and their file format.
+
+The file is safetensors (tensors `layer{i}.w1|b1|w2|b2`) with the JSON description in
+its metadata header: no pickle, readable from any language.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DetectorMismatchError
+from ..ops import spec
+from ..ops.reference import LayerDetector
+
+__all__ = ["Detector", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One `LayerDetector` per attention layer, in graph order, plus what it was fitted for."""
+
+    layers: tuple[LayerDetector, ...]
+    kind: str = "fitted"
+    model_fingerprint: str | None = None
+    feature_version: int = spec.FEATURE_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a detector needs at least one layer")
+        for i, layer in enumerate(self.layers):
+            hidden = np.shape(layer.b1)[0] if np.ndim(layer.b1) == 1 else -1
+            shapes = {p: np.shape(getattr(layer, p)) for p in _PARAMS}
+            expected = {"w1": (spec.NUM_FEATURES, hidden), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
+            if hidden < 1 or shapes != expected:
+                raise ValueError(
+                    f"detector layer {i} has weight shapes {shapes}, expected {expected} "
+                    f"(w1 [{spec.NUM_FEATURES}, hidden], b1 [hidden], w2 [hidden], b2 [1])"
+                )
+        if self.feature_version != spec.FEATURE_VERSION:
+            raise DetectorMismatchError(
+                f"detector uses column features v{self.feature_version}, this atpatch computes "
+                f"v{spec.FEATURE_VERSION}; refit the detector with this atpatch version"
+            )
+
+    @classmethod
+    def pass_through(cls, num_layers: int) -> Detector:
+        """A detector that never flags a column: the patched model behaves as the original."""
+        zero = np.zeros(1, np.float32)
+        layer = LayerDetector(
+            w1=np.zeros((spec.NUM_FEATURES, 1), np.float32),
+            b1=zero,
+            w2=zero,
+            b2=np.full(1, -1.0, np.float32),
+            threshold=0.0,
+        )
+        return cls(layers=(layer,) * num_layers, kind="pass-through")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "feature_version": self.feature_version,
+            "num_layers": self.num_layers,
+            "thresholds": [float(layer.threshold) for layer in self.layers],
+            "model_fingerprint": self.model_fingerprint,
+        }
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {
+            f"layer{i}.{p}": np.ascontiguousarray(getattr(layer, p), dtype=np.float32)
+            for i, layer in enumerate(self.layers)
+            for p in _PARAMS
+        }
+        save_file(tensors, str(path), metadata={"atpatch_detector": json.dumps(self.describe())})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Detector:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DetectorMismatchError(f"detector file {path} does not exist; pass the file written by atpatch fit")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                header = (f.metadata() or {}).get("atpatch_detector")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DetectorMismatchError(
+                f"{path} is not a readable safetensors detector file ({err}); pass the file written by atpatch fit"
+            ) from err
+        if header is None:
+            raise DetectorMismatchError(
+                f"{path} has no atpatch_detector metadata; it is not an atpatch detector (use atpatch fit)"
+            )
+        try:
+            meta = json.loads(header)
+            layers = tuple(
+                LayerDetector(
+                    **{p: tensors[f"layer{i}.{p}"].astype(np.float32) for p in _PARAMS},
+                    threshold=float(meta["thresholds"][i]),
+                )
+                for i in range(int(meta["num_layers"]))
+            )
+            return cls(
+                layers=layers,
+                kind=str(meta.get("kind", "fitted")),
+                model_fingerprint=meta.get("model_fingerprint"),
+                feature_version=int(meta["feature_version"]),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise DetectorMismatchError(f"{path} is a damaged detector file ({err!r}); refit it with atpatch fit") from err

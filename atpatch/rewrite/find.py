@@ -1,0 +1,239 @@
+"""Finding every attention softmax in an ONNX graph, and saying why other softmaxes are not one.
+
+An attention softmax is a Softmax over the last (key) axis of a rank-4 [B, H, Lq, Lk]
+tensor whose scores come from a MatMul (Q . K^T) and whose probabilities feed a MatMul
+with the values. Node names and exporter metadata are only hints; this structure is what
+every export path measured here shares (see shared/notes/attention-in-onnx.md).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import numpy_helper
+
+from ..errors import AlreadyPatchedError, FusedAttentionError, NoAttentionError
+from ..ops import spec
+
+__all__ = ["AttentionSite", "find_attention_sites"]
+
+# Ops that hide the attention probabilities inside one kernel: nothing to insert after.
+FUSED_ATTENTION_OPS = {
+    ("", "Attention"),
+    ("com.microsoft", "Attention"),
+    ("com.microsoft", "MultiHeadAttention"),
+    ("com.microsoft", "GroupQueryAttention"),
+    ("com.microsoft", "PackedAttention"),
+    ("com.microsoft", "PackedMultiHeadAttention"),
+    ("com.microsoft", "DecoderAttention"),
+    ("com.microsoft", "DecoderMaskedMultiHeadAttention"),
+    ("com.microsoft", "DecoderMaskedSelfAttention"),
+    ("com.microsoft", "LongformerAttention"),
+    ("com.microsoft", "SparseAttention"),
+}
+# Elementwise steps allowed between Q.K^T and the softmax (scale, mask, cast, soft-capping).
+_SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Tanh", "Identity"}
+# Steps allowed between the softmax and P.V (dtype cast, NaN guard, dropout).
+_PROB_STEPS = {"Cast", "Where", "Dropout", "Identity"}
+_MATMULS = {"MatMul", "FusedMatMul", "Einsum"}
+_SEARCH_DEPTH = 6
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention layer: where its probabilities are, and what is known about it."""
+
+    layer: int
+    softmax: str  # the Softmax node's name
+    tap: str  # the tensor AtPatch reads: the softmax output, or its NaN guard's output
+    heads: int | None
+    scope: str  # the exporter's module path when it recorded one, else the node name
+    notes: tuple[str, ...] = field(default=())
+
+
+class _Graph:
+    """Producer/consumer indexes over a graph, plus the ranks shape inference could find."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.graph = model.graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for inp in node.input:
+                self.consumers[inp].append(node)
+        self.constants = {t.name: t for t in self.graph.initializer}
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = node.attribute[0].t
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        self.types = {
+            v.name: v.type
+            for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        }
+
+    def rank(self, name: str) -> int | None:
+        t = self.types.get(name)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        return len(t.tensor_type.shape.dim)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        t = self.types.get(name)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        d = t.tensor_type.shape.dim[axis]
+        return d.dim_value if d.HasField("dim_value") else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            # A list like "['', 'bert', ..., 'layer.0.attention.self', 'softmax']".
+            parts = [p.strip(" '\"") for p in prop.value.strip("[]").split(",")]
+            return ".".join(p for p in parts if p)
+    return node.name
+
+
+def _scores_come_from_matmul(g: _Graph, name: str) -> bool:
+    frontier, seen = [name], set()
+    for _ in range(_SEARCH_DEPTH):
+        nxt = []
+        for tensor in frontier:
+            node = g.producer.get(tensor)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in _MATMULS:
+                return True
+            if node.op_type in _SCORE_STEPS:
+                nxt.extend(node.input)
+        frontier = nxt
+    return False
+
+
+def _feeds_value_matmul(g: _Graph, name: str) -> bool:
+    frontier = [name]
+    for _ in range(_SEARCH_DEPTH):
+        nxt = []
+        for tensor in frontier:
+            for node in g.consumers.get(tensor, []):
+                if node.op_type in _MATMULS and node.input[0] == tensor:
+                    return True
+                if node.op_type in _PROB_STEPS:
+                    nxt.extend(node.output[:1])
+        frontier = nxt
+    return False
+
+
+def _nan_guard(g: _Graph, probs: str) -> str | None:
+    """The output of `Where(IsNaN(P), 0, P)` consuming `probs`, if the exporter added one."""
+    for node in g.consumers.get(probs, []):
+        if node.op_type == "Where" and len(node.input) == 3 and node.input[2] == probs:
+            cond = g.producer.get(node.input[0])
+            if cond is not None and cond.op_type == "IsNaN" and cond.input[0] == probs:
+                return node.output[0]
+    return None
+
+
+def _heads_from_reshape(g: _Graph, scores: str) -> int | None:
+    """Best effort for graphs without static shapes: the H in a `Reshape(x, [B, S, H, Dh])` upstream."""
+    frontier, seen = [scores], set()
+    for _ in range(_SEARCH_DEPTH + 4):
+        nxt = []
+        for tensor in frontier:
+            node = g.producer.get(tensor)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Reshape":
+                shape = _constant_shape(g, node.input[1])
+                if shape is not None and len(shape) == 4 and shape[2] > 0:
+                    return shape[2]
+                width = g.dim(node.input[0], -1)
+                # view(batch, seq, -1, head_dim): heads = hidden width / head_dim
+                if shape is not None and len(shape) == 4 and shape[3] > 0 and width:
+                    return width // shape[3]
+            nxt.extend(node.input[:1] if node.op_type == "Reshape" else node.input)
+        frontier = nxt
+    return None
+
+
+def _constant_shape(g: _Graph, name: str) -> list[int] | None:
+    if name in g.constants:
+        return [int(v) for v in numpy_helper.to_array(g.constants[name]).ravel()]
+    node = g.producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return None
+    dims: list[int] = []
+    for part in node.input:
+        dims.extend([int(v) for v in numpy_helper.to_array(g.constants[part]).ravel()] if part in g.constants else [-1])
+    return dims
+
+
+def _refuse_fused_or_patched(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.domain == spec.DOMAIN:
+            raise AlreadyPatchedError(
+                f"the model is already patched (node {node.name or node.op_type} is {spec.DOMAIN}::{node.op_type}); "
+                f"patch the original unpatched model instead"
+            )
+        key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+        if key in FUSED_ATTENTION_OPS:
+            op = f"{key[0]}::{key[1]}" if key[0] else f"ONNX {key[1]}"
+            raise FusedAttentionError(
+                f"attention is fused into {op} (node {node.name or '?'}), so its probabilities cannot be patched; "
+                f"re-export with eager attention (attn_implementation='eager', opset 17/18, no ORT attention fusion)"
+            )
+
+
+def find_attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
+    """Every attention softmax in graph order; raises with a reason when there is none."""
+    _refuse_fused_or_patched(model)
+    g = _Graph(model)
+    sites: list[AttentionSite] = []
+    skipped: list[str] = []
+    for node in g.graph.node:
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = node.name or node.output[0]
+        rank = g.rank(node.input[0])
+        axis = int(_attr(node, "axis", -1))  # type: ignore[arg-type]
+        if rank != 4:
+            skipped.append(f"{name}: rank {rank if rank is not None else 'unknown'}, not a [B,H,Lq,Lk] map")
+        elif axis not in (-1, 3):
+            skipped.append(f"{name}: over axis {axis}, not the key axis")
+        elif not _scores_come_from_matmul(g, node.input[0]):
+            skipped.append(f"{name}: its scores do not come from a Q.K^T MatMul")
+        elif not _feeds_value_matmul(g, node.output[0]):
+            skipped.append(f"{name}: its output does not feed a MatMul with the values")
+        else:
+            guard = _nan_guard(g, node.output[0])
+            heads = g.dim(node.output[0], 1) or _heads_from_reshape(g, node.input[0])
+            sites.append(
+                AttentionSite(
+                    layer=len(sites),
+                    softmax=name,
+                    tap=guard or node.output[0],
+                    heads=heads,
+                    scope=_scope(node),
+                    notes=("after the exporter's NaN guard",) if guard else (),
+                )
+            )
+    if not sites:
+        detail = "; ".join(skipped) if skipped else "the graph has no Softmax node"
+        raise NoAttentionError(
+            f"no attention softmax found ({detail}); export the model with eager attention "
+            f"(attn_implementation='eager') so each layer has an explicit Softmax"
+        )
+    return sites
