@@ -63,7 +63,7 @@ void finish_columns(const HeadColumns& cols, int64_t k_len) {
 
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
                       const DetectorView& d, uint8_t* flags) {
-  const float inv_heads_count = static_cast<float>(num_heads);
+  const float heads_count = static_cast<float>(num_heads);
   int64_t flagged = 0;
   for (int64_t j = 0; j < k_len; ++j) {
     // Same order as the reference: sums over heads in head order, then one division.
@@ -75,8 +75,8 @@ int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len
       peak_sum += heads[h].peak[j];
       top_sum += heads[h].top[j];
     }
-    const float features[kNumFeatures] = {mass_sum / inv_heads_count, mass_max, peak_sum / inv_heads_count,
-                                          top_sum / inv_heads_count};
+    const float features[kNumFeatures] = {mass_sum / heads_count, mass_max, peak_sum / heads_count,
+                                          top_sum / heads_count};
     // score = w2 . relu(features @ w1 + b1) + b2; the dot in double keeps it close to
     // numpy's BLAS result whatever order that used.
     double score = 0.0;

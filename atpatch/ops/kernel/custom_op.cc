@@ -1,0 +1,383 @@
+// onnxruntime custom-op glue for AtPatch (CPU): validation, threading, registration.
+//
+// Links nothing from onnxruntime: the API table comes from the OrtApiBase handed to
+// RegisterCustomOps (ORT_API_MANUAL_INIT), so headers of ORT 1.21 (API 21) serve any
+// newer runtime. Every failure is returned as an OrtStatus; no exception leaves this file.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core.h"
+
+#if defined(_WIN32)
+#define ATPATCH_EXPORT extern "C" __declspec(dllexport)
+#else
+#define ATPATCH_EXPORT extern "C" __attribute__((visibility("default")))
+#endif
+
+#define ATPATCH_STR2(x) #x
+#define ATPATCH_STR(x) ATPATCH_STR2(x)
+
+namespace {
+
+// Must match atpatch/ops/spec.py; tests compare them through AtPatchOpsInfo().
+constexpr const char* kDomain = "ai.atpatch";
+constexpr const char* kOpType = "AtPatch";
+constexpr int kVersion = 1;
+constexpr size_t kNumInputs = 5;  // attention, w1, b1, w2, b2
+constexpr const char* kThresholdAttr = "threshold";
+constexpr float kThresholdDefault = 0.0f;
+// Counts are kept in float32, exact up to 2^24: longer rows/columns would change results.
+constexpr int64_t kMaxLen = int64_t{1} << 24;
+// Workspace floats per (batch, head) block and key column: 4 accumulators + 1 row scratch.
+constexpr int64_t kBlockFloats = 5;
+
+OrtStatus* make_status(OrtErrorCode code, const std::string& message) {
+  return Ort::GetApi().CreateStatus(code, ("AtPatch: " + message).c_str());
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// a * b, or false when it would overflow int64.
+bool checked_mul(int64_t a, int64_t b, int64_t* out) {
+  if (a < 0 || b < 0) return false;
+  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) return false;
+  *out = a * b;
+  return true;
+}
+
+template <typename T>
+struct Element;
+template <>
+struct Element<float> {
+  static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  static void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+};
+template <>
+struct Element<Ort::Float16_t> {
+  static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static void to_float(const Ort::Float16_t* src, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i].ToFloat();
+  }
+  static void from_float(const float* src, int64_t n, Ort::Float16_t* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = Ort::Float16_t(src[i]);
+  }
+};
+
+// Everything one Compute call shares with its parallel tasks (read-only except the
+// per-block / per-item slices each task owns).
+template <typename T>
+struct Job {
+  const T* in;
+  T* out;
+  int64_t batch, heads, q_len, k_len;
+  atpatch::DetectorView detector;
+  float* workspace;         // [batch*heads, kBlockFloats, k_len]
+  uint8_t* flags;           // [batch, k_len]
+  std::vector<int64_t> flagged;  // per batch item: flagged columns
+  std::vector<atpatch::HeadColumns> head_columns;  // per block, views into workspace
+
+  atpatch::HeadColumns columns(int64_t block) const {
+    float* base = workspace + block * kBlockFloats * k_len;
+    return {base, base + k_len, base + 2 * k_len, base + 3 * k_len};
+  }
+  float* scratch(int64_t block) const { return workspace + (block * kBlockFloats + 4) * k_len; }
+  const T* block_in(int64_t block) const { return in + block * q_len * k_len; }
+  T* block_out(int64_t block) const { return out + block * q_len * k_len; }
+};
+
+// Phase 1: one (batch, head) block -> its column features.
+template <typename T>
+void features_task(void* data, size_t block_index) {
+  const auto& job = *static_cast<const Job<T>*>(data);
+  const auto block = static_cast<int64_t>(block_index);
+  const atpatch::HeadColumns cols = job.columns(block);
+  atpatch::clear_columns(cols, job.k_len);
+  const T* rows = job.block_in(block);
+  float* scratch = job.scratch(block);
+  for (int64_t q = 0; q < job.q_len; ++q) {
+    const float* row;
+    if constexpr (std::is_same_v<T, float>) {
+      row = rows + q * job.k_len;
+    } else {
+      Element<T>::to_float(rows + q * job.k_len, job.k_len, scratch);
+      row = scratch;
+    }
+    atpatch::accumulate_row(row, job.k_len, atpatch::row_stats(row, job.k_len), cols);
+  }
+  atpatch::finish_columns(cols, job.k_len);
+}
+
+// Phase 2: one batch item -> flagged columns (its heads' blocks are contiguous).
+template <typename T>
+void score_task(void* data, size_t item) {
+  auto& job = *static_cast<Job<T>*>(data);
+  const auto b = static_cast<int64_t>(item);
+  job.flagged[b] = atpatch::score_columns(job.head_columns.data() + b * job.heads, job.heads, job.k_len,
+                                          job.detector, job.flags + b * job.k_len);
+}
+
+// Phase 3: one (batch, head) block -> output rows.
+template <typename T>
+void patch_task(void* data, size_t block_index) {
+  const auto& job = *static_cast<const Job<T>*>(data);
+  const auto block = static_cast<int64_t>(block_index);
+  const int64_t b = block / job.heads;
+  const T* in = job.block_in(block);
+  T* out = job.block_out(block);
+  const size_t block_bytes = static_cast<size_t>(job.q_len * job.k_len) * sizeof(T);
+  if (job.flagged[b] == 0) {
+    // Nothing flagged for this item: the block is the input, bit for bit.
+    if (out != in) std::memcpy(out, in, block_bytes);
+    return;
+  }
+  const uint8_t* flags = job.flags + b * job.k_len;
+  float* scratch = job.scratch(block);
+  for (int64_t q = 0; q < job.q_len; ++q) {
+    const T* row_in = in + q * job.k_len;
+    T* row_out = out + q * job.k_len;
+    bool changed;
+    if constexpr (std::is_same_v<T, float>) {
+      changed = atpatch::patch_row(row_in, job.k_len, flags, row_out);
+    } else {
+      Element<T>::to_float(row_in, job.k_len, scratch);
+      changed = atpatch::patch_row(scratch, job.k_len, flags, scratch);
+      if (changed) Element<T>::from_float(scratch, job.k_len, row_out);
+    }
+    if (!changed && row_out != row_in) std::memcpy(row_out, row_in, job.k_len * sizeof(T));
+  }
+}
+
+template <typename T>
+struct AtPatchKernel {
+  explicit AtPatchKernel(float threshold) : threshold_(threshold) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
+    try {
+      return Compute(context);
+    } catch (const Ort::Exception& e) {
+      return make_status(e.GetOrtErrorCode(), e.what());
+    } catch (const std::bad_alloc&) {
+      return make_status(ORT_FAIL, "out of memory for the kernel's workspace; use a smaller batch or sequence");
+    } catch (const std::exception& e) {
+      return make_status(ORT_FAIL, e.what());
+    } catch (...) {
+      return make_status(ORT_FAIL, "unexpected internal error");
+    }
+  }
+
+ private:
+  OrtStatusPtr Compute(OrtKernelContext* raw) const {
+    Ort::KernelContext ctx(raw);
+    if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 5 inputs (attention, w1, b1, w2, b2) and 1 output");
+    }
+    Ort::ConstValue attention = ctx.GetInput(0);
+    auto info = attention.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != Element<T>::type) {
+      return make_status(ORT_INVALID_ARGUMENT, "attention must be float32 or float16");
+    }
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "attention must be rank 4 [batch, heads, q_len, k_len], got shape " +
+                                                   shape_str(shape) + "; feed the softmax output of an attention layer");
+    }
+
+    atpatch::DetectorView detector{};
+    detector.threshold = threshold_;
+    if (OrtStatusPtr status = ReadDetector(ctx, &detector)) return status;
+
+    const int64_t batch = shape[0], heads = shape[1], q_len = shape[2], k_len = shape[3];
+    int64_t total = 1;
+    for (int64_t d : shape) {
+      if (d < 0 || !checked_mul(total, d, &total)) {
+        return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(shape) + " is invalid or too large");
+      }
+    }
+    Ort::UnownedValue output = ctx.GetOutput(0, shape.data(), shape.size());
+    if (total == 0) return nullptr;  // zero-size dims: the empty output is the answer
+
+    if (q_len > kMaxLen || k_len > kMaxLen) {
+      return make_status(ORT_INVALID_ARGUMENT, "q_len and k_len must be at most 16777216 (float32 counts), got " +
+                                                   shape_str(shape) + "; split the sequence");
+    }
+    int64_t blocks = 0, work = 0, flag_count = 0;
+    if (!checked_mul(batch, heads, &blocks) || !checked_mul(blocks, kBlockFloats * k_len, &work) ||
+        !checked_mul(batch, k_len, &flag_count) ||
+        static_cast<uint64_t>(work) > std::numeric_limits<size_t>::max() / sizeof(float)) {
+      return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(shape) + " is too large for the workspace");
+    }
+
+    std::vector<float> workspace(static_cast<size_t>(work));
+    std::vector<uint8_t> flags(static_cast<size_t>(flag_count));
+    Job<T> job{attention.GetTensorData<T>(),
+               output.GetTensorMutableData<T>(),
+               batch,
+               heads,
+               q_len,
+               k_len,
+               detector,
+               workspace.data(),
+               flags.data(),
+               std::vector<int64_t>(static_cast<size_t>(batch), 0),
+               {}};
+    job.head_columns.reserve(static_cast<size_t>(blocks));
+    for (int64_t block = 0; block < blocks; ++block) job.head_columns.push_back(job.columns(block));
+
+    if (OrtStatusPtr s = Parallel(raw, &features_task<T>, blocks, &job)) return s;
+    if (OrtStatusPtr s = Parallel(raw, &score_task<T>, batch, &job)) return s;
+    return Parallel(raw, &patch_task<T>, blocks, &job);
+  }
+
+  static OrtStatusPtr Parallel(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t total, void* data) {
+    // num_batch 0: let onnxruntime's intra-op pool split the range as it likes.
+    return Ort::GetApi().KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(total), 0, data);
+  }
+
+  static OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, atpatch::DetectorView* d) {
+    const char* names[kNumInputs] = {"attention", "w1", "b1", "w2", "b2"};
+    std::vector<int64_t> shapes[kNumInputs];
+    const float* data[kNumInputs] = {};
+    for (size_t i = 1; i < kNumInputs; ++i) {
+      Ort::ConstValue v = ctx.GetInput(i);
+      if (!v || !v.IsTensor()) return make_status(ORT_INVALID_ARGUMENT, std::string(names[i]) + " must be a tensor");
+      auto info = v.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        return make_status(ORT_INVALID_ARGUMENT, std::string(names[i]) + " must be float32");
+      }
+      shapes[i] = info.GetShape();
+      data[i] = v.GetTensorData<float>();
+    }
+    const auto& w1 = shapes[1];
+    if (w1.size() != 2 || w1[0] != atpatch::kNumFeatures) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "w1 must be [4, hidden], got " + shape_str(w1) + "; regenerate the detector for feature version 1");
+    }
+    const int64_t hidden = w1[1];
+    if (shapes[2] != std::vector<int64_t>{hidden} || shapes[3] != std::vector<int64_t>{hidden}) {
+      return make_status(ORT_INVALID_ARGUMENT, "b1 and w2 must be [hidden] = [" + std::to_string(hidden) + "], got " +
+                                                   shape_str(shapes[2]) + " and " + shape_str(shapes[3]) +
+                                                   "; the detector file is inconsistent");
+    }
+    if (shapes[4] != std::vector<int64_t>{1}) {
+      return make_status(ORT_INVALID_ARGUMENT, "b2 must be [1], got " + shape_str(shapes[4]) + "; the detector file is inconsistent");
+    }
+    d->w1 = data[1];
+    d->b1 = data[2];
+    d->w2 = data[3];
+    d->b2 = data[4][0];
+    d->hidden = hidden;
+    return nullptr;
+  }
+
+  const float threshold_;  // read-only after construction: Compute runs concurrently
+};
+
+template <typename T>
+struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<T>, AtPatchKernel<T>, /*WithStatus=*/true> {
+  AtPatchOp() {
+    this->start_ver_ = kVersion;
+    this->end_ver_ = kVersion;
+    // The output may reuse the attention buffer: then untouched rows cost nothing.
+    OrtCustomOp::GetMayInplace = &MayInplace;
+    OrtCustomOp::ReleaseMayInplace = &ReleaseMayInplace;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
+    float threshold = kThresholdDefault;
+    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, kThresholdAttr, &threshold)) {
+      api.ReleaseStatus(missing);  // absent: the spec's default
+      threshold = kThresholdDefault;
+    }
+    try {
+      *kernel = new AtPatchKernel<T>(threshold);
+    } catch (const std::bad_alloc&) {
+      return make_status(ORT_FAIL, "out of memory creating the kernel");
+    }
+    return nullptr;
+  }
+
+  const char* GetName() const { return kOpType; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? Element<T>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return Element<T>::type; }
+
+  static size_t ORT_API_CALL MayInplace(int** input_index, int** output_index) {
+    *input_index = new (std::nothrow) int[1]{0};
+    *output_index = new (std::nothrow) int[1]{0};
+    if (*input_index == nullptr || *output_index == nullptr) {
+      delete[] *input_index;
+      delete[] *output_index;
+      *input_index = *output_index = nullptr;
+      return 0;
+    }
+    return 1;
+  }
+  static void ORT_API_CALL ReleaseMayInplace(int* input_index, int* output_index) {
+    delete[] input_index;
+    delete[] output_index;
+  }
+};
+
+// One domain object shared by every session: onnxruntime only reads it, and it must
+// outlive them all, so it is created once and never released.
+OrtCustomOpDomain* shared_domain(const OrtApi& api, OrtStatus** status) {
+  static AtPatchOp<float> op_float;
+  static AtPatchOp<Ort::Float16_t> op_half;
+  static std::once_flag once;
+  static OrtCustomOpDomain* domain = nullptr;
+  std::call_once(once, [&] {
+    OrtCustomOpDomain* d = nullptr;
+    if ((*status = api.CreateCustomOpDomain(kDomain, &d))) return;
+    if ((*status = api.CustomOpDomain_Add(d, &op_float))) return;
+    if ((*status = api.CustomOpDomain_Add(d, &op_half))) return;
+    domain = d;
+  });
+  return domain;
+}
+
+}  // namespace
+
+ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // Older runtime than the headers: report through the oldest API table, which always exists.
+    const OrtApi* oldest = api_base->GetApi(1);
+    std::string message = std::string("AtPatch: the native kernel needs onnxruntime API ") +
+                          std::to_string(ORT_API_VERSION) + " or newer, this runtime is " +
+                          api_base->GetVersionString() + "; upgrade onnxruntime or set ATPATCH_NATIVE=0";
+    return oldest ? oldest->CreateStatus(ORT_FAIL, message.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
+  OrtStatus* status = nullptr;
+  OrtCustomOpDomain* domain = shared_domain(*api, &status);
+  if (status) return status;
+  if (domain == nullptr) return make_status(ORT_FAIL, "creating the custom-op domain failed earlier in this process");
+  return api->AddCustomOpDomain(options, domain);
+}
+
+// The registered contract, for tests to compare with atpatch/ops/spec.py.
+ATPATCH_EXPORT const char* AtPatchOpsInfo() {
+  return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 1, "
+         "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
+         "\"attributes\": {\"threshold\": 0.0}, \"num_features\": 4, "
+         "\"dtypes\": [\"float32\", \"float16\"], \"providers\": [\"CPUExecutionProvider\"], "
+         "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
+}
