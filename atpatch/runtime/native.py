@@ -6,12 +6,38 @@ and does not fall back to the model's ONNX function for providers or types it la
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import sys
+from importlib import metadata
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "library_path", "native_requested"]
+import onnx
+from onnx import TensorProto
+
+from ..ops import spec
+
+__all__ = [
+    "COVERED_DTYPES",
+    "COVERED_PROVIDERS",
+    "ENV_VAR",
+    "LIBRARY_ENV_VAR",
+    "coverage_problem",
+    "library_info",
+    "library_path",
+    "native_requested",
+]
 
 ENV_VAR = "ATPATCH_NATIVE"  # "1" forces the kernel (error if missing), "0" forces the function
+LIBRARY_ENV_VAR = "ATPATCH_NATIVE_LIBRARY"  # an explicit library, e.g. a sanitizer build
+
+_LIBRARY_NAMES = {"linux": "libatpatch_ops.so", "darwin": "libatpatch_ops.dylib", "win32": "atpatch_ops.dll"}
+_LIBRARY_NAME = _LIBRARY_NAMES.get(sys.platform, "libatpatch_ops.so")
+
+# What the kernel implements; anything else must run the ONNX function.
+COVERED_PROVIDERS = ("CPUExecutionProvider",)
+COVERED_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
 def native_requested() -> bool | None:
@@ -26,10 +52,138 @@ def native_requested() -> bool | None:
     raise ValueError(f"{ENV_VAR}={value!r} is not understood; use 1 (native), 0 (function) or auto")
 
 
+def _installed_copies() -> list[Path]:
+    """The library as recorded in the installed distribution's file list.
+
+    An editable install (scikit-build-core's redirect mode) imports the Python sources
+    from the checkout but puts built files in site-packages, so look there too.
+    """
+    try:
+        files = metadata.files("atpatch") or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [Path(str(f.locate())) for f in files if f.name == _LIBRARY_NAME]
+
+
 def library_path() -> Path | None:
-    """The built kernel library shipped inside the package, or None when it was not built."""
-    here = Path(__file__).resolve().parent.parent / "ops"
-    for name in ("libatpatch_ops.so", "libatpatch_ops.dylib", "atpatch_ops.dll"):
-        if (here / name).is_file():
-            return here / name
+    """The built kernel library, or None when it was not built.
+
+    Order: $ATPATCH_NATIVE_LIBRARY, next to the imported package, then the installed copy.
+    """
+    override = os.environ.get(LIBRARY_ENV_VAR, "").strip()
+    if override:
+        path = Path(override)
+        return path if path.is_file() else None
+    candidates = [Path(__file__).resolve().parent.parent / "ops" / _LIBRARY_NAME, *_installed_copies()]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def library_info(path: Path) -> dict[str, object]:
+    """The op contract the library says it registers (its AtPatchOpsInfo export)."""
+    lib = ctypes.CDLL(str(path))
+    fn = lib.AtPatchOpsInfo
+    fn.restype = ctypes.c_char_p
+    return json.loads(fn().decode())
+
+
+def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | None]:
+    """Element types of the attention input of each AtPatch node, and the ai.atpatch version.
+
+    None for a type that cannot be read off the graph; nodes inside control-flow subgraphs
+    or functions count as unknown.
+    """
+    version = next((int(o.version) for o in model.opset_import if o.domain == spec.DOMAIN), None)
+    graph = model.graph
+
+    def is_atpatch(node: onnx.NodeProto) -> bool:
+        return node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
+
+    nodes = [n for n in graph.node if is_atpatch(n)]
+    nested = any(
+        is_atpatch(inner)
+        for f in model.functions
+        for inner in f.node
+        if not (f.domain == spec.DOMAIN and f.name == spec.OP_TYPE)
+    ) or any(a.g.node or a.graphs for n in graph.node for a in n.attribute if a.type in (5, 10))
+    if not nodes and not nested:
+        return [], version
+    types = _known_types(graph)
+    producers = {out: n for n in graph.node for out in n.output}
+    for n in nodes:
+        if n.input and n.input[0] not in types:
+            found_type = _trace_type(n.input[0], types, producers)
+            if found_type is not None:
+                types[n.input[0]] = found_type
+    missing = [n.input[0] for n in nodes if n.input and n.input[0] not in types]
+    if missing:
+        # Types of intermediate values: shape inference needs no weights, so strip them.
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
+        for init in light.graph.initializer:
+            init.ClearField("raw_data")
+            init.ClearField("float_data")
+        try:
+            types.update(_known_types(onnx.shape_inference.infer_shapes(light, strict_mode=False).graph))
+        except Exception:  # noqa: BLE001 - an unreadable graph just means "unknown"
+            pass
+    found: list[int | None] = [types.get(n.input[0]) if n.input else None for n in nodes]
+    if nested:
+        found.append(None)
+    return found, version
+
+
+# Ops whose output has the element type of the given input: enough to see through the
+# softmax (and the exporter's NaN guard) that feeds AtPatch without shape inference.
+_SAME_TYPE_AS_INPUT = {
+    "Softmax": 0, "LogSoftmax": 0, "Identity": 0, "Where": 1, "Add": 0, "Sub": 0, "Mul": 0, "Div": 0,
+    "MatMul": 0, "Relu": 0, "Dropout": 0, "Reshape": 0, "Transpose": 0, "Exp": 0, "Neg": 0, "Max": 0, "Min": 0,
+}
+
+
+def _trace_type(name: str, types: dict[str, int], producers: dict[str, onnx.NodeProto]) -> int | None:
+    for _ in range(64):
+        if name in types:
+            return types[name]
+        node = producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
+            return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+        index = _SAME_TYPE_AS_INPUT.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
+            index = 0
+        if index is None or len(node.input) <= index:
+            return None
+        name = node.input[index]
+    return None
+
+
+def _known_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {i.name: i.data_type for i in graph.initializer}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for node in graph.node:
+        # AtPatch's output has its input's type: a typed output tells the input's type.
+        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE and node.output and node.input:
+            if node.output[0] in types and node.input[0] not in types:
+                types[node.input[0]] = types[node.output[0]]
+    return types
+
+
+def coverage_problem(model: onnx.ModelProto, providers: list[str]) -> str | None:
+    """Why the kernel does not fully cover a session of `model` on `providers`, or None if it does."""
+    extra = [p for p in providers if p not in COVERED_PROVIDERS]
+    if extra:
+        return f"the native kernel covers only {', '.join(COVERED_PROVIDERS)}, not {', '.join(extra)}"
+    types, version = _attention_types(model)
+    if not types:
+        return "the model has no AtPatch node"
+    if version is not None and version != spec.VERSION:
+        return f"the model uses {spec.DOMAIN} version {version}; the native kernel implements version {spec.VERSION}"
+    if None in types:
+        return "the attention type of some AtPatch node cannot be determined"
+    bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})
+    if bad:
+        return f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -12,10 +13,60 @@ from . import native
 
 __all__ = ["PROVIDERS", "create_session"]
 
+log = logging.getLogger("atpatch")
+
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+# Each fallback reason is said once per process, not once per session.
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def _as_proto(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
+    """The graph structure only; external weights are not needed to choose a kernel."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
+
+
+def _choose_native(
+    model: str | Path | bytes | onnx.ModelProto, device: str, providers: list[str], use_native: bool | None
+) -> Path | None:
+    """The library to register, or None to run the ONNX function; raises when forced but impossible."""
+    forced = use_native if use_native is not None else native.native_requested()
+    if forced is False:
+        return None
+    library = native.library_path()
+    if library is None:
+        if forced:
+            raise AtPatchError(
+                "the native AtPatch kernel is not built; run scripts/fetch_ort_headers.sh and reinstall "
+                f"atpatch (pip install .), or set {native.ENV_VAR}=0 to use the ONNX function"
+            )
+        _say_once(
+            "atpatch: native AtPatch kernel not built; running the op as its ONNX function (slower). "
+            "Run scripts/fetch_ort_headers.sh and reinstall to build it."
+        )
+        return None
+    problem = native.coverage_problem(_as_proto(model), providers)
+    if problem == "the model has no AtPatch node":
+        return None  # nothing to run natively; no reason to say anything
+    if problem is not None:
+        if forced:
+            raise AtPatchError(f"{native.ENV_VAR}=1 but {problem}; unset {native.ENV_VAR} to use the ONNX function")
+        _say_once(f"atpatch: using the ONNX function because {problem}")
+        return None
+    return library
 
 
 def create_session(
@@ -38,21 +89,27 @@ def create_session(
             f"{providers[0]} is not available in this onnxruntime build; "
             f"install onnxruntime-gpu for device='cuda', or use device='cpu'"
         )
+    try:
+        library = _choose_native(model, device, providers, use_native)
+    except ValueError as err:  # a bad ATPATCH_NATIVE value
+        raise AtPatchError(str(err)) from err
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    if use_native is None:
-        use_native = native.native_requested()
-    if use_native:
-        library = native.library_path()
-        if library is None:
-            raise AtPatchError(
-                "the native AtPatch kernel is not built; reinstall atpatch with the onnxruntime "
-                f"headers available (see README), or set {native.ENV_VAR}=0 to use the ONNX function"
-            )
-        if device != "cpu":
-            raise AtPatchError(f"the native AtPatch kernel covers only device='cpu'; unset {native.ENV_VAR}")
-        options.register_custom_ops_library(str(library))
+    if library is not None:
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises plain RuntimeError/Fail
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if use_native or native.native_requested():
+                raise AtPatchError(
+                    f"the native AtPatch kernel at {library} does not load ({reason}); rebuild atpatch "
+                    f"against this onnxruntime, or set {native.ENV_VAR}=0"
+                ) from err
+            _say_once(f"atpatch: native AtPatch kernel does not load ({reason}); using the ONNX function")
+            options = ort.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, Path):
