@@ -1,0 +1,191 @@
+"""The native AtPatch kernel == the ONNX function == the numpy reference, and honours spec.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from maps import MASKS, random_detector, random_map, with_flags
+from onnx import TensorProto
+
+from atpatch.ops import reference, spec
+from atpatch.ops.standalone import standalone_model
+from atpatch.runtime import native
+
+LIBRARY = native.library_path()
+pytestmark = pytest.mark.skipif(
+    LIBRARY is None,
+    reason="native kernel not built: run scripts/fetch_ort_headers.sh, then pip install . (or -e .)",
+)
+
+DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+# Big maps are few: they cost seconds in the numpy reference, not in the kernel.
+BIG_SHAPES = [(4, 12, 384, 384), (2, 12, 256, 256), (1, 12, 384, 384), (8, 4, 128, 96)]
+
+
+def session(dtype: type, native_kernel: bool, threshold: float = 0.0, opset: int = 17) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if native_kernel:
+        options.register_custom_ops_library(str(LIBRARY))
+    model = standalone_model(opset, DTYPES[dtype], threshold).SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def sessions() -> dict[tuple[type, bool], ort.InferenceSession]:
+    return {(dt, nat): session(dt, nat) for dt in DTYPES for nat in (True, False)}
+
+
+def feeds(attention: np.ndarray, d: reference.LayerDetector) -> dict[str, np.ndarray]:
+    return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+
+
+def unchanged_rows(attention: np.ndarray, d: reference.LayerDetector) -> np.ndarray:
+    """Rows the spec returns bit-identical: no unmasked entry flagged, or all of them."""
+    flagged = reference.column_scores(attention, d) > d.threshold
+    valid = attention.astype(np.float32) > 0
+    hit = valid & flagged[:, None, None, :]
+    return ~(hit.any(-1) & (valid & ~hit).any(-1))
+
+
+def random_shape(rng: np.random.Generator, i: int) -> tuple[int, int, int, int]:
+    if i % 100 == 99:
+        return (int(rng.integers(1, 4)), int(rng.integers(1, 13)), int(rng.integers(32, 129)), int(rng.integers(32, 129)))
+    if i < 4:  # the smallest maps first: every dimension 1
+        return (1, 1, 1, 1 + i)
+    return tuple(int(x) for x in rng.integers(1, [4, 5, 10, 14]))  # type: ignore[return-value]
+
+
+def check_case(
+    sessions: dict[tuple[type, bool], ort.InferenceSession],
+    attention: np.ndarray,
+    d: reference.LayerDetector,
+    how: str,
+) -> None:
+    dtype = attention.dtype.type
+    expected = reference.atpatch(attention, d)
+    got = sessions[dtype, True].run(None, feeds(attention, d))[0]
+    fn = sessions[dtype, False].run(None, feeds(attention, d))[0]
+    assert got.dtype == attention.dtype and got.shape == attention.shape
+    atol = 1e-6 if dtype is np.float32 else 1e-3  # fp16: one unit in the last place near 1
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
+    np.testing.assert_allclose(got.astype(np.float32), fn.astype(np.float32), rtol=0, atol=atol)
+    same = unchanged_rows(attention, d)
+    assert np.array_equal(got[same], attention[same]), "untouched rows must be bit-identical"
+    if how == "none":
+        assert np.array_equal(got, attention)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_kernel_equals_function_and_reference(sessions, dtype: type, rng: np.random.Generator) -> None:
+    cases = 1000 if dtype is np.float32 else 300
+    counts = {"none": 0, "one": 0, "some": 0, "all": 0}
+    for i in range(cases):
+        shape = random_shape(rng, i)
+        mask = MASKS[i % len(MASKS)]
+        attention = random_map(rng, shape, mask).astype(dtype)
+        how = ("none", "one", "some", "all")[(i // len(MASKS)) % 4]
+        d = with_flags(attention, random_detector(rng), how, rng)
+        if d is None:
+            how = "none"
+            d = with_flags(attention, random_detector(rng), how, rng)
+        assert d is not None
+        counts[how] += 1
+        check_case(sessions, attention, d, how)
+    assert min(counts.values()) > cases // 10, counts
+
+
+@pytest.mark.parametrize("shape", BIG_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_on_big_maps(sessions, shape: tuple[int, int, int, int], rng: np.random.Generator) -> None:
+    for mask, how in (("padded", "some"), ("causal", "none"), ("none", "one")):
+        attention = random_map(rng, shape, mask)
+        d = with_flags(attention, random_detector(rng), how, rng) or with_flags(
+            attention, random_detector(rng), "none", rng
+        )
+        check_case(sessions, attention, d, how)
+
+
+def test_threshold_attribute_is_read(rng: np.random.Generator) -> None:
+    attention = random_map(rng, (2, 3, 6, 9), "padded")
+    d = random_detector(rng)
+    scores = np.sort(reference.column_scores(attention, d).ravel())
+    gaps = np.diff(scores)
+    i = int(np.argmax(gaps))
+    threshold = float((scores[i] + scores[i + 1]) / 2)
+    d = reference.LayerDetector(d.w1, d.b1, d.w2, d.b2, threshold)
+    expected = reference.atpatch(attention, d)
+    got = session(np.float32, True, threshold).run(None, feeds(attention, d))[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_concurrent_runs_on_one_session(rng: np.random.Generator) -> None:
+    sess = session(np.float32, True)
+    work = []
+    for i in range(100):
+        attention = random_map(rng, (2, 4, 24, 24 + i % 7), MASKS[i % 3])
+        d = with_flags(attention, random_detector(rng), ("some", "none", "one")[i % 3], rng) or with_flags(
+            attention, random_detector(rng), "none", rng
+        )
+        work.append((attention, d, reference.atpatch(attention, d)))
+    errors: list[BaseException] = []
+
+    def worker(part: int) -> None:
+        try:
+            for attention, d, expected in work[part::4]:
+                for _ in range(3):
+                    got = sess.run(None, feeds(attention, d))[0]
+                    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_library_reports_the_spec_contract() -> None:
+    info = native.library_info(LIBRARY)
+    assert info["domain"] == spec.DOMAIN
+    assert info["op_type"] == spec.OP_TYPE
+    assert info["version"] == spec.VERSION
+    assert tuple(info["inputs"]) == spec.INPUTS
+    assert tuple(info["outputs"]) == spec.OUTPUTS
+    assert info["attributes"] == {k: v[1] for k, v in spec.ATTRIBUTES.items()}
+    assert info["num_features"] == spec.NUM_FEATURES
+    assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
+
+
+def _with_node(edit: Callable[[onnx.NodeProto], None]) -> bytes:
+    model = standalone_model(17, TensorProto.FLOAT, 0.0)
+    edit(model.graph.node[0])
+    return model.SerializeToString()
+
+
+def test_registered_kernel_enforces_the_input_count() -> None:
+    """The kernel registers exactly spec.INPUTS: a node with one input fewer is refused."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    four_inputs = _with_node(lambda n: n.input.pop())
+    with pytest.raises(Exception, match="(?i)input|arity|AtPatch"):
+        ort.InferenceSession(four_inputs, options, providers=["CPUExecutionProvider"])
+
+
+def test_registered_kernel_runs_the_spec_domain_and_name(rng: np.random.Generator) -> None:
+    """With the ONNX function removed, only the registered kernel can run ai.atpatch::AtPatch v1."""
+    model = standalone_model(17, TensorProto.FLOAT, 0.0)
+    del model.functions[:]
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(LIBRARY))
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    attention = random_map(rng, (1, 2, 3, 4), "none")
+    d = with_flags(attention, random_detector(rng), "all", rng)
+    np.testing.assert_array_equal(sess.run(None, feeds(attention, d))[0], attention)
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary by version
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
