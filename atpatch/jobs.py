@@ -108,7 +108,8 @@ def run_demo(folder: Path) -> str:
         vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=128, num_labels=2, architectures=["BertForSequenceClassification"],
     )
-    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     transformers.BertForSequenceClassification(config).save_pretrained(hf_dir)
     plain = run_export(ExportOptions(output=folder / "tiny-bert.onnx", hf=hf_dir, patch=False))
     patched = run_export(ExportOptions(output=folder / "tiny-bert.patched.onnx", model=plain.output))

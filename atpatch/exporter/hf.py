@@ -31,6 +31,8 @@ class ExportResult:
     model: onnx.ModelProto
     family: Family
     max_abs_diff: dict[str, float]  # per output: ONNX Runtime vs PyTorch on random inputs
+    folder: Path  # the Hugging Face folder it came from
+    config: Any  # its transformers config
 
 
 def load_hf_model(folder: str | Path) -> Any:
@@ -146,4 +148,4 @@ def export_hf(folder: str | Path, *, opset: int = DEFAULT_OPSET, dynamo: bool = 
         warnings.simplefilter("ignore")
         onnx_model = _to_onnx(wrapper, args, family, output, opset, dynamo)
     diffs = validate(model, onnx_model, family, output, seed=seed + 1)
-    return ExportResult(model=onnx_model, family=family, max_abs_diff=diffs)
+    return ExportResult(onnx_model, family, diffs, Path(folder), model.config)

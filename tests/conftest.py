@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random Hugging Face models and their ONNX exports, built once per run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ARCHS = ("bert", "vit", "gpt2")
+
+
+def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time)
+    import transformers as T
+
+    # A large initializer range gives peaked attention, so a patched column changes the outputs.
+    common = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=37,
+                  initializer_range=0.3)
+    if arch == "bert":
+        return T.BertConfig(vocab_size=97, max_position_embeddings=64, num_labels=3,
+                            architectures=["BertForSequenceClassification"], **common)
+    if arch == "vit":
+        return T.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=3,
+                           architectures=["ViTForImageClassification"], **common)
+    if arch == "gpt2":
+        return T.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            initializer_range=0.3, architectures=["GPT2LMHeadModel"])
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A function: architecture name -> folder of a tiny random model saved with save_pretrained."""
+    pytest.importorskip("transformers")
+    import torch
+    import transformers as T
+
+    T.utils.logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("hf")
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(ARCHS.index(arch))
+            config = _config(arch)
+            model = getattr(T, config.architectures[0])(config)
+            model.save_pretrained(root / arch)
+            made[arch] = root / arch
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def exported(hf_folder: Callable[[str], Path]):  # noqa: ANN201
+    """A function: (arch, dynamo, opset) -> ExportResult, cached for the session."""
+    from atpatch.exporter import export_hf
+
+    cache: dict[tuple[str, bool, int], object] = {}
+
+    def get(arch: str, dynamo: bool, opset: int):  # noqa: ANN202
+        key = (arch, dynamo, opset)
+        if key not in cache:
+            cache[key] = export_hf(hf_folder(arch), opset=opset, dynamo=dynamo)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Fresh random inputs per test, reproducible from the seed printed on failure."""
+    seed = np.random.SeedSequence().entropy % (2**32)
+    request.node.user_properties.append(("seed", seed))
+    print(f"random seed: {seed}")
+    return np.random.default_rng(seed)

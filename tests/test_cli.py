@@ -1,0 +1,115 @@
+"""atpatch-export as a user meets it: a clear one-line error and nothing written on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import graphs
+import onnx
+import pytest
+
+from atpatch.cli import export_main
+from atpatch.detector import Detector
+from atpatch.rewrite import patch_model
+
+
+def _write(path: Path, model: onnx.ModelProto) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def _not_onnx(d: Path) -> Path:
+    (d / "notes.onnx").write_text("this is a text file, not a model\n")
+    return d / "notes.onnx"
+
+
+def _truncated(d: Path) -> Path:
+    data = graphs.attention_and_classifier().SerializeToString()
+    (d / "cut.onnx").write_bytes(data[: len(data) // 2])
+    return d / "cut.onnx"
+
+
+BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "not an ONNX file": (_not_onnx, "not"),
+    "truncated file": (_truncated, "not"),
+    "no attention": (lambda d: _write(d / "plain.onnx", graphs.decoys_only()), "no attention softmax"),
+    "ONNX Attention op": (lambda d: _write(d / "fused.onnx", graphs.onnx_attention_op()), "fused into ONNX Attention"),
+    "com.microsoft Attention": (
+        lambda d: _write(d / "ms.onnx", graphs.ms_attention_op()), "fused into com.microsoft::Attention"
+    ),
+    "already patched": (
+        lambda d: _write(d / "twice.onnx", patch_model(graphs.attention_and_classifier())[0]), "already patched"
+    ),
+    "missing file": (lambda d: d / "absent.onnx", "does not exist"),
+}
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def _assert_one_line_error(capsys: pytest.CaptureFixture[str], code: int, expected: str) -> None:
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("atpatch-export: error: "), err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_bad_model_gives_one_line_error_and_writes_nothing(case: str, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    make, expected = BAD_MODELS[case]
+    model = make(tmp_path)
+    before = _snapshot(tmp_path)
+    code = export_main([str(model), "-o", str(tmp_path / "out.onnx")])
+    _assert_one_line_error(capsys, code, expected)
+    assert _snapshot(tmp_path) == before
+
+
+def test_output_path_equal_to_input_is_refused(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    model = _write(tmp_path / "m.onnx", graphs.attention_and_classifier())
+    before = _snapshot(tmp_path)
+    code = export_main([str(model), "-o", str(tmp_path / "." / "m.onnx")])
+    _assert_one_line_error(capsys, code, "is the input file")
+    assert _snapshot(tmp_path) == before
+
+
+def test_detector_for_another_model_is_refused_and_nothing_written(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    model = _write(tmp_path / "m.onnx", graphs.attention_and_classifier())
+    Detector.pass_through(12).save(tmp_path / "d.safetensors")
+    before = _snapshot(tmp_path)
+    code = export_main([str(model), "-o", str(tmp_path / "out.onnx"), "--detector", str(tmp_path / "d.safetensors")])
+    _assert_one_line_error(capsys, code, "12 layers but this model has 1 attention layers")
+    assert _snapshot(tmp_path) == before
+
+
+def test_patching_writes_a_checked_model_and_a_summary(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    model = _write(tmp_path / "m.onnx", graphs.attention_and_classifier())
+    original = model.read_bytes()
+    assert export_main([str(model), "-o", str(tmp_path / "m.patched.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "patched 1 attention layers" in out and "pass-through" in out and "opset 17" in out
+    assert f"wrote {tmp_path / 'm.patched.onnx'}" in out
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.patched.onnx")), full_check=True)
+    assert model.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.patched.onnx"]  # no temp files left
+
+
+def test_help_explains_the_command_to_a_newcomer() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from atpatch.cli import export_main; sys.exit(export_main())", "--help"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "atpatch-export model.onnx -o model.patched.onnx" in result.stdout
+    assert "--hf" in result.stdout and "pass-through" in result.stdout
+
+
+def test_importing_atpatch_does_not_import_torch() -> None:
+    code = (
+        "import sys, atpatch, atpatch.rewrite, atpatch.runtime, atpatch.ops.function, atpatch.detector, atpatch.cli;"
+        "import atpatch.exporter; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]

@@ -1,0 +1,69 @@
+"""The numpy reference itself keeps the promises of ops/spec.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from maps import MASKS, random_detector, random_map, with_flags
+
+from atpatch.ops import reference
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_patched_rows_sum_to_one_and_masked_entries_stay_zero(mask: str, rng: np.random.Generator) -> None:
+    for _ in range(20):
+        a = random_map(rng, (2, 3, 7, 9), mask)
+        det = with_flags(a, random_detector(rng), "some", rng)
+        if det is None:
+            continue
+        out = reference.atpatch(a, det)
+        np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-5)
+        assert np.all(out[a == 0] == 0)
+        assert np.all(out >= 0)
+
+
+def test_flagged_entries_get_the_uniform_share_and_the_rest_keep_their_proportions() -> None:
+    a = np.array([[[[0.1, 0.7, 0.2, 0.0]]]], dtype=np.float32)
+    out = reference.patch_columns(a, np.array([[False, True, False, False]]))
+    # n = 3 unmasked keys: the flagged one gets 1/3, the other two share 2/3 in ratio 1:2.
+    np.testing.assert_allclose(out, [[[[2 / 9, 1 / 3, 4 / 9, 0.0]]]], rtol=1e-6)
+
+
+def test_no_flag_returns_the_input_bit_for_bit(rng: np.random.Generator) -> None:
+    a = random_map(rng, (2, 4, 5, 5), "causal")
+    out = reference.patch_columns(a, np.zeros((2, 5), dtype=bool))
+    assert out.dtype == a.dtype and np.array_equal(out, a)
+
+
+def test_a_row_whose_every_unmasked_entry_is_flagged_is_left_unchanged() -> None:
+    a = np.array([[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]], dtype=np.float32)
+    out = reference.patch_columns(a, np.array([[True, True, False]]))
+    assert np.array_equal(out[0, 0, 0], a[0, 0, 0])  # nothing unflagged to take the mass
+    np.testing.assert_allclose(out[0, 0, 1], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_features_do_not_grow_with_sequence_length() -> None:
+    for k in (4, 64, 512):
+        uniform = np.full((1, 2, k, k), 1.0 / k, dtype=np.float32)
+        f = reference.column_features(uniform)
+        # A uniform map gives every column exactly its share: mass 1, peak 1/k, every row ties at top.
+        np.testing.assert_allclose(f[0, :, 0], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(f[0, :, 1], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(f[0, :, 3], 1.0)
+
+
+def test_a_column_that_soaks_up_attention_stands_out_in_its_features() -> None:
+    k = 10
+    a = np.full((1, 1, k, k), 0.02, dtype=np.float32)
+    a[..., 3] = 1 - 0.02 * (k - 1)
+    f = reference.column_features(a)[0]
+    assert f[3, 0] > 5 * f[0, 0] and f[3, 3] == 1.0 and f[0, 3] == 0.0
+
+
+def test_fp16_maps_are_patched_in_float32_and_returned_as_fp16(rng: np.random.Generator) -> None:
+    a = random_map(rng, (1, 2, 6, 6), "none")
+    flags = np.zeros((1, 6), dtype=bool)
+    flags[0, 2] = True
+    out16 = reference.patch_columns(a.astype(np.float16), flags)
+    assert out16.dtype == np.float16
+    np.testing.assert_allclose(out16, reference.patch_columns(a, flags), atol=2e-3)
