@@ -113,3 +113,14 @@ def test_importing_atpatch_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_readme_demo_exports_patches_and_runs_bit_identically(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    pytest.importorskip("transformers")
+    from atpatch.cli import main
+
+    assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "patched 4 attention layers (4 heads)" in out
+    assert "original vs patched logits are bit-identical" in out
+    assert (tmp_path / "demo" / "tiny-bert.patched.onnx").is_file()
