@@ -1,0 +1,1 @@
+"""Reproducible misbehaving models for tests and benchmarks, built from data that packages ship."""
