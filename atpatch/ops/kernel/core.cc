@@ -15,15 +15,35 @@
 
 namespace atpatch {
 
+// Reductions run in kLanes independent lanes: a single float accumulator is a chain the
+// compiler may not reorder (no -ffast-math), lanes let it use full vectors. Counts are
+// floats holding small integers (exact below 2^24, which Compute enforces); max is
+// order-independent. Conditions are float selects, never && or ||: those are branches
+// to the vectoriser.
+constexpr int64_t kLanes = 16;
+
 ATPATCH_HOT RowStats row_stats(const float* row, int64_t k_len) {
-  float support = 0.0f;
-  float max = 0.0f;
-  for (int64_t j = 0; j < k_len; ++j) {
-    const float v = row[j];
-    support += v > 0.0f ? 1.0f : 0.0f;
-    max = v > max ? v : max;
+  float support[kLanes] = {};
+  float max[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k_len; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = row[j + l];
+      support[l] += v > 0.0f ? 1.0f : 0.0f;
+      max[l] = v > max[l] ? v : max[l];
+    }
   }
-  return {support, max};
+  for (; j < k_len; ++j) {
+    const float v = row[j];
+    support[0] += v > 0.0f ? 1.0f : 0.0f;
+    max[0] = v > max[0] ? v : max[0];
+  }
+  float total = 0.0f, m = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    total += support[l];
+    m = max[l] > m ? max[l] : m;
+  }
+  return {total, m};
 }
 
 void clear_columns(const HeadColumns& cols, int64_t k_len) {
@@ -44,12 +64,12 @@ ATPATCH_HOT void accumulate_row(const float* row, int64_t k_len, RowStats stats,
   const float row_max = stats.max;
   for (int64_t j = 0; j < k_len; ++j) {
     const float v = row[j];
-    const bool valid = v > 0.0f;
+    const float valid = v > 0.0f ? 1.0f : 0.0f;
     // The reference sums attention * n_q over every row, masked ones included.
     mass[j] += v * n_q;
     peak[j] = v > peak[j] ? v : peak[j];
-    top[j] += (valid && v >= row_max) ? 1.0f : 0.0f;
-    rows[j] += valid ? 1.0f : 0.0f;
+    top[j] += v >= row_max ? valid : 0.0f;
+    rows[j] += valid;
   }
 }
 
@@ -62,7 +82,7 @@ void finish_columns(const HeadColumns& cols, int64_t k_len) {
 }
 
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
-                      const DetectorView& d, uint8_t* flags) {
+                      const DetectorView& d, float* flags) {
   const float heads_count = static_cast<float>(num_heads);
   int64_t flagged = 0;
   for (int64_t j = 0; j < k_len; ++j) {
@@ -88,32 +108,51 @@ int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len
       score += static_cast<double>(hidden) * static_cast<double>(d.w2[i]);
     }
     const float s = static_cast<float>(score) + d.b2;
-    flags[j] = s > d.threshold ? 1 : 0;
-    flagged += flags[j];
+    const bool flag = s > d.threshold;
+    flags[j] = flag ? 1.0f : 0.0f;
+    flagged += flag ? 1 : 0;
   }
   return flagged;
 }
 
-ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const uint8_t* flags, float* out) {
-  float n = 0.0f, n_kept = 0.0f, hits = 0.0f;
-  double kept_sum = 0.0;  // numpy sums the row pairwise; double lands on the same float
-  for (int64_t j = 0; j < k_len; ++j) {
-    const float v = row[j];
-    const bool valid = v > 0.0f;
-    const bool hit = valid && flags[j];
-    const bool kept = valid && !flags[j];
-    n += valid ? 1.0f : 0.0f;
-    hits += hit ? 1.0f : 0.0f;
-    n_kept += kept ? 1.0f : 0.0f;
-    kept_sum += kept ? static_cast<double>(v) : 0.0;
+ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, float* out) {
+  float n[kLanes] = {}, hits[kLanes] = {}, kept[kLanes] = {}, kept_sum[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k_len; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = row[j + l];
+      const float valid = v > 0.0f ? 1.0f : 0.0f;
+      const float hit = valid * flags[j + l];
+      n[l] += valid;
+      hits[l] += hit;
+      kept[l] += valid - hit;
+      kept_sum[l] += valid - hit > 0.0f ? v : 0.0f;
+    }
   }
-  if (hits == 0.0f || n_kept == 0.0f) return false;
-  const float flagged_value = 1.0f / n;
-  const float scale = n_kept / (n * static_cast<float>(kept_sum));
-  for (int64_t j = 0; j < k_len; ++j) {
+  for (; j < k_len; ++j) {
     const float v = row[j];
-    const bool valid = v > 0.0f;
-    out[j] = valid ? (flags[j] ? flagged_value : v * scale) : 0.0f;
+    const float valid = v > 0.0f ? 1.0f : 0.0f;
+    const float hit = valid * flags[j];
+    n[0] += valid;
+    hits[0] += hit;
+    kept[0] += valid - hit;
+    kept_sum[0] += valid - hit > 0.0f ? v : 0.0f;
+  }
+  float n_all = 0.0f, n_hits = 0.0f, n_kept = 0.0f;
+  double sum = 0.0;  // lanes combined in double: close to numpy's pairwise sum
+  for (int64_t l = 0; l < kLanes; ++l) {
+    n_all += n[l];
+    n_hits += hits[l];
+    n_kept += kept[l];
+    sum += kept_sum[l];
+  }
+  if (n_hits == 0.0f || n_kept == 0.0f) return false;
+  const float flagged_value = 1.0f / n_all;
+  const float scale = n_kept / (n_all * static_cast<float>(sum));
+  for (j = 0; j < k_len; ++j) {
+    const float v = row[j];
+    const float kept_value = flags[j] != 0.0f ? flagged_value : v * scale;
+    out[j] = v > 0.0f ? kept_value : 0.0f;
   }
   return true;
 }

@@ -50,13 +50,13 @@ struct DetectorView {
 };
 
 // Phase 2 for one batch item: heads[h] are that item's finished blocks; writes flags[k]
-// (1 flagged, 0 not) and returns the number of flagged columns.
+// (1.0 flagged, 0.0 not: a float mask the row loops use as is) and returns the number of flagged columns.
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
-                      const DetectorView& detector, uint8_t* flags);
+                      const DetectorView& detector, float* flags);
 
 // Phase 3 for one row: writes the patched row to `out` and returns true, or returns
 // false (row unchanged, nothing written) when no unmasked entry is flagged or all are.
 // `out` may alias `row` (in-place).
-bool patch_row(const float* row, int64_t k_len, const uint8_t* flags, float* out);
+bool patch_row(const float* row, int64_t k_len, const float* flags, float* out);
 
 }  // namespace atpatch

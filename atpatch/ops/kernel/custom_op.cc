@@ -86,7 +86,7 @@ struct Job {
   int64_t batch, heads, q_len, k_len;
   atpatch::DetectorView detector;
   float* workspace;         // [batch*heads, kBlockFloats, k_len]
-  uint8_t* flags;           // [batch, k_len]
+  float* flags;             // [batch, k_len], 1.0 = flagged
   std::vector<int64_t> flagged;  // per batch item: flagged columns
   std::vector<atpatch::HeadColumns> head_columns;  // per block, views into workspace
 
@@ -144,7 +144,7 @@ void patch_task(void* data, size_t block_index) {
     if (out != in) std::memcpy(out, in, block_bytes);
     return;
   }
-  const uint8_t* flags = job.flags + b * job.k_len;
+  const float* flags = job.flags + b * job.k_len;
   float* scratch = job.scratch(block);
   for (int64_t q = 0; q < job.q_len; ++q) {
     const T* row_in = in + q * job.k_len;
@@ -222,7 +222,7 @@ struct AtPatchKernel {
     }
 
     std::vector<float> workspace(static_cast<size_t>(work));
-    std::vector<uint8_t> flags(static_cast<size_t>(flag_count));
+    std::vector<float> flags(static_cast<size_t>(flag_count));
     Job<T> job{attention.GetTensorData<T>(),
                output.GetTensorMutableData<T>(),
                batch,

@@ -1,0 +1,223 @@
+"""Hostile inputs for the native AtPatch kernel, run in a child process so a crash is a result.
+
+    python tests/kernel_hostile_cases.py CASE        # one case; exit 0 when handled sanely
+    python tests/kernel_hostile_cases.py --all       # every case in this process
+    python tests/kernel_hostile_cases.py --fuzz 120  # random shapes/values/detectors for 120 s
+
+A case passes when onnxruntime raises an error whose message contains the expected text,
+or, for inputs with no defined answer (NaN, Inf, extreme thresholds), when the run returns
+an output of the right shape and type. Anything else exits 1; a crash shows as a signal.
+The library is native.library_path(), so ATPATCH_NATIVE_LIBRARY selects e.g. a sanitizer build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from maps import MASKS, random_detector, random_map, with_flags  # noqa: E402
+
+from atpatch.ops import reference  # noqa: E402
+from atpatch.ops.standalone import standalone_model  # noqa: E402
+from atpatch.runtime import native  # noqa: E402
+
+F32 = np.float32
+ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+def make_session(dtype: type = F32, threshold: float = 0.0, shapeless: bool = True) -> ort.InferenceSession:
+    """A native-kernel session; `shapeless` drops declared shapes so any rank reaches the kernel."""
+    model = standalone_model(17, ONNX_TYPES[dtype], threshold)
+    del model.functions[:]  # the kernel, never the function, must answer
+    if shapeless:
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.ClearField("shape")
+    options = ort.SessionOptions()
+    library = native.library_path()
+    if library is None:
+        raise SystemExit("native kernel not built: run scripts/fetch_ort_headers.sh and pip install .")
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 4  # the expected errors are checked here, not logged
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def detector_feeds(hidden: int = 3, **override: np.ndarray) -> dict[str, np.ndarray]:
+    feeds = {
+        "w1": np.ones((4, hidden), F32),
+        "b1": np.zeros(hidden, F32),
+        "w2": np.ones(hidden, F32),
+        "b2": np.full(1, -1.0, F32),
+    }
+    feeds.update(override)
+    return feeds
+
+
+def uniform(shape: tuple[int, ...], dtype: type = F32) -> np.ndarray:
+    return np.full(shape, 1.0 / max(shape[-1] if shape else 1, 1), dtype)
+
+
+def expect_error(feeds: dict[str, np.ndarray], text: str, **session_args: object) -> str:
+    try:
+        make_session(**session_args).run(None, feeds)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - onnxruntime's error classes vary
+        message = str(err)
+        if text.lower() not in message.lower():
+            raise AssertionError(f"error without {text!r}: {message}") from err
+        return message.strip().splitlines()[-1][:200]
+    raise AssertionError(f"expected an error mentioning {text!r}, the run succeeded")
+
+
+def expect_output(feeds: dict[str, np.ndarray], **session_args: object) -> str:
+    out = make_session(**session_args).run(None, feeds)[0]  # type: ignore[arg-type]
+    attention = feeds["attention"]
+    if out.shape != attention.shape or out.dtype != attention.dtype:
+        raise AssertionError(f"output {out.shape} {out.dtype} for input {attention.shape} {attention.dtype}")
+    return f"output {out.shape} {out.dtype}"
+
+
+def expect_session_refused(dtype: type) -> str:
+    try:
+        sess = make_session(dtype=dtype, shapeless=False)
+    except Exception as err:  # noqa: BLE001
+        return f"refused: {str(err).strip().splitlines()[0][:160]}"
+    out = sess.run(None, {"attention": uniform((1, 1, 2, 2), dtype), **detector_feeds()})[0]
+    return f"ran: {out.dtype}"  # also sane: an implementation for that type exists
+
+
+def _nan_map() -> np.ndarray:
+    a = uniform((2, 3, 5, 5)).copy()
+    a[0, 1, 2, 3] = np.nan
+    a[1, :, :, 0] = np.inf
+    a[1, 2, 4, :] = -np.inf
+    return a
+
+
+CASES: dict[str, Callable[[], str]] = {
+    "rank3": lambda: expect_error({"attention": uniform((2, 5, 5)), **detector_feeds()}, "rank 4"),
+    "rank5": lambda: expect_error({"attention": uniform((1, 2, 2, 5, 5)), **detector_feeds()}, "rank 4"),
+    "rank0": lambda: expect_error({"attention": np.array(0.5, F32), **detector_feeds()}, "rank 4"),
+    "w1_rows": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones((3, 3), F32))}, "w1 must be [4, hidden]"
+    ),
+    "w1_rank": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones(12, F32))}, "w1 must be [4, hidden]"
+    ),
+    "b1_mismatch": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b1=np.zeros(4, F32))}, "b1 and w2 must be"
+    ),
+    "w2_mismatch": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w2=np.zeros((3, 1), F32))}, "b1 and w2 must be"
+    ),
+    "b2_two": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b2=np.zeros(2, F32))}, "b2 must be [1]"
+    ),
+    "b2_empty": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b2=np.zeros(0, F32))}, "b2 must be [1]"
+    ),
+    "k_len_too_long": lambda: expect_error(
+        {"attention": np.zeros((1, 1, 1, (1 << 24) + 1), F32), **detector_feeds()}, "at most 16777216"
+    ),
+    "nan_inf_attention": lambda: expect_output({"attention": _nan_map(), **detector_feeds()}),
+    "nan_inf_attention_flagging": lambda: expect_output(
+        {"attention": _nan_map(), **detector_feeds(b2=np.full(1, 10.0, F32))}
+    ),
+    "nan_weights": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.full((4, 3), np.nan, F32))}
+    ),
+    "inf_weights": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w2=np.full(3, np.inf, F32), b2=np.full(1, -np.inf, F32))}
+    ),
+    "negative_and_denormal": lambda: expect_output(
+        {"attention": np.array([[[[-1.0, 1e-45, 2.0, -0.0]]]], F32), **detector_feeds(b2=np.full(1, 5.0, F32))}
+    ),
+    "all_masked_rows": lambda: expect_output(
+        {"attention": np.zeros((2, 2, 3, 4), F32), **detector_feeds(b2=np.full(1, 5.0, F32))}
+    ),
+    "fp16_nan_inf": lambda: expect_output({"attention": _nan_map().astype(np.float16), **detector_feeds()}, dtype=np.float16),
+    "zero_batch": lambda: expect_output({"attention": uniform((0, 2, 3, 3)), **detector_feeds()}),
+    "zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds()}),
+    "zero_q": lambda: expect_output({"attention": uniform((2, 2, 0, 3)), **detector_feeds()}),
+    "zero_k": lambda: expect_output({"attention": np.zeros((2, 2, 3, 0), F32), **detector_feeds()}),
+    "zero_hidden": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=0, b2=np.full(1, 1.0, F32))}
+    ),
+    "wide_hidden": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=200_000)}),
+    "threshold_huge": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=3e38),
+    "threshold_inf": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("inf")),
+    "threshold_minus_inf": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("-inf")
+    ),
+    "threshold_nan": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("nan")),
+    "fp64_attention": lambda: expect_session_refused(np.float64),
+}
+
+
+def fuzz(seconds: float, seed: int) -> int:
+    """Random maps (often hostile) through the kernel; checked against the reference when defined."""
+    rng = np.random.default_rng(seed)
+    sessions = {dt: make_session(dtype=dt) for dt in (np.float32, np.float16)}
+    end = time.monotonic() + seconds
+    runs = 0
+    while time.monotonic() < end:
+        dtype = np.float32 if rng.random() < 0.7 else np.float16
+        shape = tuple(int(x) for x in rng.integers(0, [4, 5, 40, 70]))
+        if rng.random() < 0.1:
+            shape = tuple(int(x) for x in rng.integers(1, [3, 13, 200, 260]))
+        size = int(np.prod(shape))
+        if size and min(shape) > 0:
+            a = random_map(rng, shape, MASKS[runs % 3])  # type: ignore[arg-type]
+        else:
+            a = np.zeros(shape, F32)
+        hostile = rng.random() < 0.3 and size > 0
+        if hostile:
+            flat = a.reshape(-1)
+            picks = rng.integers(0, size, int(rng.integers(1, 8)))
+            flat[picks] = rng.choice([np.nan, np.inf, -np.inf, -1.0, 0.0, 1e-40, 3e38], len(picks))
+        with np.errstate(over="ignore"):  # 3e38 -> inf in float16 is one more hostile value
+            a = a.astype(dtype)
+        d = random_detector(rng)
+        if not hostile and size > 0:
+            d = with_flags(a, d, ("none", "one", "some", "all")[runs % 4], rng) or d
+        feeds = {"attention": a, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+        out = sessions[dtype].run(None, feeds)[0]
+        assert out.shape == a.shape and out.dtype == a.dtype, (out.shape, a.shape)
+        if not hostile and size > 0 and d.b2[0] != 0.0:  # flags placed in a score gap: defined answer
+            expected = reference.atpatch(a, d)
+            atol = 1e-6 if dtype is np.float32 else 1e-3
+            np.testing.assert_allclose(out.astype(F32), expected.astype(F32), rtol=0, atol=atol)
+        runs += 1
+    print(f"fuzz: {runs} runs in {seconds:.0f} s, seed {seed}: no failure")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="hostile inputs for the native AtPatch kernel")
+    p.add_argument("case", nargs="?", choices=sorted(CASES))
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--fuzz", type=float, metavar="SECONDS")
+    p.add_argument("--seed", type=int, default=int(time.time()))
+    args = p.parse_args(argv)
+    names = sorted(CASES) if args.all else [args.case] if args.case else []
+    failed = 0
+    for name in names:
+        try:
+            print(f"{name}: ok ({CASES[name]()})", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"{name}: FAILED ({err})", flush=True)
+            failed += 1
+    if args.fuzz:
+        fuzz(args.fuzz, args.seed)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
