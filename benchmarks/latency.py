@@ -1,0 +1,178 @@
+"""Latency of a patched BERT-base on onnxruntime CPU: native kernel vs ONNX function vs unpatched.
+
+    python benchmarks/latency.py            # seq 128/512 x batch 1/8, a few minutes on 2 cores
+    python benchmarks/latency.py --quick    # seq 128, batch 1 and 8, fewer runs
+
+A BERT-base-sized model (12 layers, hidden 768, 12 heads, random weights) is exported once
+and cached. Each configuration runs every variant round-robin (so drift hits all alike),
+after warm-up, and reports median latency and the ratio to the unpatched model.
+Targets: native <= 1.03x unpatched, function <= 1.15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from atpatch.detector import Detector
+from atpatch.ops import spec
+from atpatch.ops.reference import LayerDetector
+from atpatch.rewrite import patch_model
+from atpatch.runtime import create_session
+
+NUM_LAYERS, HIDDEN, HEADS, VOCAB = 12, 768, 12, 30522
+NATIVE_TARGET, FUNCTION_TARGET = 1.03, 1.15
+
+
+def export_bert(cache_dir: Path) -> Path:
+    """BERT-base with random weights as ONNX (opset 17, eager attention), cached by shape."""
+    path = cache_dir / f"bert_base_random_l{NUM_LAYERS}_h{HIDDEN}_a{HEADS}_opset17.onnx"
+    if path.is_file():
+        return path
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN, max_position_embeddings=512,
+    )
+    config._attn_implementation = "eager"  # explicit softmax: a fused SDPA would hide the probabilities
+    model = BertModel(config).eval()
+
+    class Wrapper(torch.nn.Module):
+        # transformers 5 takes keyword inputs only; torch.onnx.export passes positionals.
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.ones_like(ids)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.onnx.export(
+        Wrapper(model), (ids, mask), str(tmp), dynamo=False, opset_version=17,
+        input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                      "last_hidden_state": {0: "batch", 1: "seq"}},
+    )
+    tmp.replace(path)  # atomic: an interrupted export never leaves a broken cache entry
+    return path
+
+
+def flagging_detector(num_layers: int) -> Detector:
+    """Flags columns whose max-over-heads mass exceeds 1 (a more than uniform share).
+
+    w1 = identity, b1 = 0, w2 picks feature 1 (mass_max): score = mass_max - 1. With random
+    weights the attention is near uniform, so columns just above a uniform share get flagged.
+    """
+    layer = LayerDetector(
+        w1=np.eye(spec.NUM_FEATURES, dtype=np.float32),
+        b1=np.zeros(spec.NUM_FEATURES, np.float32),
+        w2=np.array([0.0, 1.0, 0.0, 0.0], np.float32),
+        b2=np.array([-1.0], np.float32),
+        threshold=0.0,
+    )
+    return Detector(layers=(layer,) * num_layers, kind="benchmark-flagging")
+
+
+def paired_ratios(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], warmup: int,
+                  runs: int, budget_s: float, seed: int = 0) -> tuple[float, dict[str, float]]:
+    """Median unpatched ms, and per variant the median over rounds of its time / unpatched time.
+
+    Each round runs every variant once, in a fresh random order: a shared machine's noise
+    then hits all variants alike, and a ratio taken within one round cancels slow drift.
+    """
+    order = np.random.default_rng(seed)
+    names = list(sessions)
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < runs or (rounds < 3 * runs and time.perf_counter() - start < budget_s):
+        for i in order.permutation(len(names)):
+            t0 = time.perf_counter()
+            sessions[names[i]].run(None, feeds)
+            times[names[i]].append(time.perf_counter() - t0)
+        rounds += 1
+    base = np.array(times["unpatched"])
+    ratios = {k: float(np.median(np.array(v) / base)) for k, v in times.items()}
+    return 1000 * statistics.median(times["unpatched"]), ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="seq 128 only and fewer runs")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(os.environ.get("ATPATCH_BENCH_CACHE", Path.home() / ".cache" / "atpatch-bench")))
+    p.add_argument("--seq", type=int, nargs="*", help="sequence lengths (default 128 512)")
+    p.add_argument("--batch", type=int, nargs="*", help="batch sizes (default 1 8)")
+    p.add_argument("--runs", type=int, help="timed runs per variant (minimum)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    seqs = args.seq or ([128] if args.quick else [128, 512])
+    batches = args.batch or [1, 8]
+    runs = args.runs or (8 if args.quick else 20)
+
+    model_path = export_bert(args.cache_dir)
+    base = onnx.load(str(model_path))
+    detectors = {"pass": None, "flag": flagging_detector(NUM_LAYERS)}
+    models = {"unpatched": base}
+    for det_name, det in detectors.items():
+        models[det_name], sites = patch_model(base, det)
+        assert len(sites) == NUM_LAYERS, f"expected {NUM_LAYERS} attention sites, found {len(sites)}"
+
+    sessions = {"unpatched": create_session(base, use_native=False, threads=args.threads)}
+    for det_name in detectors:
+        sessions[f"native/{det_name}"] = create_session(models[det_name], use_native=True, threads=args.threads)
+        sessions[f"function/{det_name}"] = create_session(models[det_name], use_native=False, threads=args.threads)
+
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, threads={args.threads or 'default'}, "
+          f"BERT-base {NUM_LAYERS}x{HIDDEN}x{HEADS}; ratio = median over rounds of variant/unpatched")
+    header = (f"{'seq':>4} {'batch':>5} {'unpatched ms':>12} | {'native pass':>11} {'native flag':>11} | "
+              f"{'func pass':>9} {'func flag':>9}   (ratio to unpatched)")
+    print(header)
+    print("-" * len(header))
+    worst = {"native": 0.0, "function": 0.0}
+    rng = np.random.default_rng(0)
+    for seq in seqs:
+        for batch in batches:
+            feeds = {"input_ids": rng.integers(0, VOCAB, (batch, seq), dtype=np.int64),
+                     "attention_mask": np.ones((batch, seq), np.int64)}
+            # Sanity: the flagging detector changes outputs, the pass-through one does not.
+            ref = sessions["unpatched"].run(None, feeds)[0]
+            assert np.array_equal(sessions["native/pass"].run(None, feeds)[0], ref), "native pass-through changed output"
+            assert not np.allclose(sessions["native/flag"].run(None, feeds)[0], ref), "flagging detector flagged nothing"
+            cost = seq * batch / 128  # ~ relative run time; big configs get fewer rounds
+            unpatched_ms, r = paired_ratios(
+                sessions, feeds, warmup=1 if cost >= 4 else 2,
+                runs=max(4, round(runs / cost)), budget_s=10 if args.quick else 30)
+            worst["native"] = max(worst["native"], r["native/pass"], r["native/flag"])
+            worst["function"] = max(worst["function"], r["function/pass"], r["function/flag"])
+            print(f"{seq:>4} {batch:>5} {unpatched_ms:>12.1f} | {r['native/pass']:>10.3f}x {r['native/flag']:>10.3f}x | "
+                  f"{r['function/pass']:>8.3f}x {r['function/flag']:>8.3f}x", flush=True)
+    ok_native = worst["native"] <= NATIVE_TARGET
+    ok_function = worst["function"] <= FUNCTION_TARGET
+    print(f"worst native {worst['native']:.3f}x (target <= {NATIVE_TARGET}x: {'met' if ok_native else 'MISSED'}); "
+          f"worst function {worst['function']:.3f}x (target <= {FUNCTION_TARGET}x: {'met' if ok_function else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
