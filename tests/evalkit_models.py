@@ -1,0 +1,94 @@
+"""Tiny text models and detectors with known behaviour, for the evaluate/explain/data tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from atpatch.detector import Detector
+from atpatch.ops import spec
+from atpatch.ops.reference import LayerDetector
+
+LABELS = ("negative", "positive")
+WORDS = ("good bad great awful film movie plot acting cf the a was and very not funny boring "
+         "he she his her they actor actress director").split()
+
+
+def sentences(n: int, rng: np.random.Generator, *, min_words: int = 2, max_words: int = 9) -> list[str]:
+    return [" ".join(rng.choice(WORDS, size=rng.integers(min_words, max_words + 1))) for _ in range(n)]
+
+
+def write_config(folder: Path, labels: tuple[str, ...] = LABELS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"id2label": {str(i): n for i, n in enumerate(labels)}}))
+
+
+def tokenizer_folder(folder: Path, max_len: int = 16) -> Path:
+    """A word-level tokenizer over WORDS and a config with two labels, no model weights."""
+    from atpatch.lab.text_backdoor import build_tokenizer
+
+    build_tokenizer([" ".join(WORDS)] * 2, folder, max_len)
+    write_config(folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class TinyText:
+    folder: Path  # Hugging Face folder: model + tokenizer
+    model: onnx.ModelProto  # its plain ONNX export
+
+
+def tiny_text_model(folder: Path) -> TinyText:
+    """A random 2-layer BERT classifier over WORDS, exported to ONNX (about a second)."""
+    pytest.importorskip("transformers")
+    import torch
+    import transformers as T
+
+    from atpatch.exporter import export_hf
+    from atpatch.lab.text_backdoor import build_tokenizer
+
+    T.utils.logging.disable_progress_bar()
+    T.utils.logging.set_verbosity_error()
+    tokenizer = build_tokenizer([" ".join(WORDS)] * 2, folder, 16)
+    torch.manual_seed(0)
+    # A large initializer range gives peaked attention, so flagged columns change the outputs.
+    config = T.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=32, initializer_range=0.3, num_labels=2,
+        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        architectures=["BertForSequenceClassification"], pad_token_id=0,
+    )
+    T.BertForSequenceClassification(config).save_pretrained(folder)
+    return TinyText(folder, export_hf(folder).model)
+
+
+def _layer(w1_column: np.ndarray, bias: float, threshold: float) -> LayerDetector:
+    return LayerDetector(
+        w1=np.asarray(w1_column, np.float32).reshape(spec.NUM_FEATURES, 1),
+        b1=np.full(1, bias, np.float32),
+        w2=np.ones(1, np.float32),
+        b2=np.zeros(1, np.float32),
+        threshold=float(threshold),
+    )
+
+
+def feature_detector(num_layers: int, feature: str, threshold: float) -> Detector:
+    """Flags a column when the named column feature is above `threshold` (score = relu(feature))."""
+    onehot = np.eye(spec.NUM_FEATURES, dtype=np.float32)[spec.FEATURE_NAMES.index(feature)]
+    return Detector(layers=(_layer(onehot, 0.0, threshold),) * num_layers, kind="test-feature")
+
+
+def flag_everything(num_layers: int) -> Detector:
+    """Scores every column 1 > 0: all unmasked columns flagged, so by the spec no row changes."""
+    return Detector(layers=(_layer(np.zeros(spec.NUM_FEATURES), 1.0, 0.0),) * num_layers, kind="test-all")
+
+
+def flag_only_padding(num_layers: int) -> Detector:
+    """Scores relu(1e-6 - mass_mean): positive only for all-zero (padded) columns."""
+    w = -np.eye(spec.NUM_FEATURES, dtype=np.float32)[0]
+    return Detector(layers=(_layer(w, 1e-6, 0.0),) * num_layers, kind="test-padding")
