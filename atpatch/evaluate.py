@@ -1,0 +1,304 @@
+"""Did the patch help? The original and the patched model side by side in onnxruntime.
+
+Both models run on the same batches, so any difference in their outputs comes from the
+patch. Backdoor metrics: clean accuracy (CACC) and attack success rate (ASR); fairness
+metrics: counterfactual flip rate and demographic-parity gap; and, for the patched model,
+how often its detector flags anything, read from the maps going into its AtPatch nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .errors import AtPatchError
+
+__all__ = ["EvalReport", "ModelMetrics", "evaluate", "flagged_columns"]
+
+POSITIVE = 1  # the favourable label for the demographic-parity gap
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's numbers; None where the data to compute it was not given."""
+
+    clean_accuracy: float
+    attack_success_rate: float | None = None
+    counterfactual_flip_rate: float | None = None
+    parity_gap: float | None = None
+    flag_rate_clean: float | None = None  # patched model only
+    flag_rate_triggered: float | None = None  # patched model only
+    culprit_flag_rate: float | None = None  # triggered inputs whose known culprit position is flagged
+
+
+_ROW_NAMES = {
+    "clean_accuracy": "clean accuracy (CACC)",
+    "attack_success_rate": "attack success rate (ASR)",
+    "counterfactual_flip_rate": "counterfactual flip rate",
+    "parity_gap": "demographic-parity gap",
+    "flag_rate_clean": "clean inputs flagged",
+    "flag_rate_triggered": "triggered inputs flagged",
+    "culprit_flag_rate": "triggered inputs with culprit flagged",
+}
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    original: ModelMetrics
+    patched: ModelMetrics
+    identical_clean: float  # fraction of clean inputs whose logits are bit-identical
+    n_clean: int
+    n_triggered: int = 0
+    n_counterfactual: int = 0
+    target: int | None = None
+    label_names: tuple[str, ...] = ()
+    # Per-set predictions {"clean"|"triggered"|"counterfactual": {"original"|"patched": [N]}}
+    # and the patched model's per-input flags {"clean"|"triggered": bool [N]}; not in to_dict.
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    flags: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "original": asdict(self.original),
+            "patched": asdict(self.patched),
+            "identical_clean": self.identical_clean,
+            "n_clean": self.n_clean,
+            "n_triggered": self.n_triggered,
+            "n_counterfactual": self.n_counterfactual,
+            "target": self.target,
+            "target_name": self.label_names[self.target]
+            if self.target is not None and self.target < len(self.label_names)
+            else None,
+            "label_names": list(self.label_names),
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write `to_dict()` as JSON, atomically (a half-written report never appears)."""
+        from .modelio import atomic_output
+
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def to_markdown(self) -> str:
+        def cell(value: float | None) -> str:
+            return "—" if value is None else f"{100 * value:.1f}%"
+
+        lines = ["| metric | original | patched |", "|---|---:|---:|"]
+        for key, name in _ROW_NAMES.items():
+            a, b = getattr(self.original, key), getattr(self.patched, key)
+            if a is None and b is None:
+                continue  # not measured: no data given for it
+            lines.append(f"| {name} | {cell(a)} | {cell(b)} |")
+        lines.append(f"| clean outputs bit-identical | | {cell(self.identical_clean)} |")
+        counts = f"{self.n_clean} clean"
+        if self.n_triggered:
+            target = self.label_names[self.target] if self.target is not None and self.target < len(self.label_names) else self.target
+            counts += f", {self.n_triggered} triggered (target {target})"
+        if self.n_counterfactual:
+            counts += f", {self.n_counterfactual} counterfactual"
+        return "\n".join(lines) + f"\n\n{counts} inputs\n"
+
+
+def flagged_columns(before: np.ndarray, layer: object) -> np.ndarray:
+    """[B, Lk] bool: key columns the layer's detector flags, among columns that are not masked.
+
+    A padded key column is all zeros; its features are zero and a detector may still score it
+    above the threshold, but the op never touches it, so it does not count as flagged.
+    """
+    from .ops.reference import column_scores
+
+    valid = (np.asarray(before) > 0).any(axis=(1, 2))
+    return (column_scores(before, layer) > layer.threshold) & valid  # type: ignore[attr-defined]
+
+
+def _model_feeds(input_names: list[str], data: Dataset, which: str) -> dict[str, np.ndarray]:
+    missing = [n for n in input_names if n not in data.feeds]
+    if missing:
+        raise AtPatchError(
+            f"the model needs inputs {', '.join(missing)} that the {which} data lacks (it has "
+            f"{', '.join(data.feeds)}); load the data with the model's own folder"
+        )
+    return {n: data.feeds[n] for n in input_names}
+
+
+def _logits(values: np.ndarray, which: str) -> np.ndarray:
+    if values.ndim != 2:
+        raise AtPatchError(
+            f"the {which} model's first output has shape {values.shape}; evaluate needs a classifier whose "
+            f"first output is [batch, classes] logits"
+        )
+    return values
+
+
+class _Progress:
+    """A tqdm bar over batches when asked for and stderr is a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # no tqdm installed: no bar, same results
+                return
+            self.bar = tqdm(total=total, unit="batch", desc="atpatch eval", file=sys.stderr)
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class _Run:
+    logits: np.ndarray
+    flagged: np.ndarray | None  # [N] any column flagged in any layer (patched model only)
+    culprit_flagged: np.ndarray | None  # [N] any known culprit position flagged (patched only)
+
+
+def _batches(total: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, total, batch_size):
+        yield slice(start, min(start + batch_size, total))
+
+
+def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
+    names = [i.name for i in session.get_inputs()]
+    feeds = _model_feeds(names, data, which)
+    out_name = session.get_outputs()[0].name
+    parts = []
+    for part in _batches(len(data), batch_size):
+        parts.append(_logits(session.run([out_name], {k: v[part] for k, v in feeds.items()})[0], "original"))
+        bar.step(f"original/{which}")
+    return _Run(np.concatenate(parts), None, None)
+
+
+def _run_patched(probe, detector, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
+    feeds = _model_feeds(probe.input_names, data, which)
+    logits, flagged, culprit_hit = [], [], []
+    for part, out in probe.iter_batches(feeds, batch_size):
+        logits.append(_logits(out.outputs[0], "patched"))
+        cols = np.zeros(out.before[0].shape[0:1] + out.before[0].shape[-1:], bool)
+        for before, layer in zip(out.before, detector.layers, strict=True):
+            cols |= flagged_columns(before, layer)
+        flagged.append(cols.any(axis=1))
+        for row, culprit in zip(cols, data.culprits[part], strict=True):
+            culprit_hit.append(bool(culprit) and bool(row[[p for p in culprit if p < row.shape[0]]].any()))
+        bar.step(f"patched/{which}")
+    return _Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool))
+
+
+def _check_aligned(name: str, data: Dataset | np.ndarray, clean: Dataset) -> None:
+    if len(data) != len(clean):
+        raise AtPatchError(
+            f"{name} has {len(data)} rows but the clean set has {len(clean)}; it must be aligned row by row with it"
+        )
+
+
+def evaluate(
+    original: onnx.ModelProto,
+    patched: onnx.ModelProto,
+    clean: Dataset,
+    triggered: Dataset | None = None,
+    target: int | None = None,
+    counterfactual: Dataset | None = None,
+    group: np.ndarray | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> EvalReport:
+    """Run both models on the data and compare them; see the module docstring for the metrics.
+
+    `triggered` needs `target` (the label the backdoor forces); ASR counts only triggered
+    inputs whose true label is not the target. `counterfactual` and `group` are aligned row by
+    row with `clean`; `group` is 0/1 per row (positive outcome = label 1).
+    """
+    from .detector.probe import AttentionProbe, read_detector
+    from .runtime import create_session
+
+    if len(clean) == 0:
+        raise AtPatchError("the clean set is empty; give at least one labelled input")
+    if batch_size < 1:
+        raise AtPatchError(f"batch size {batch_size} must be at least 1")
+    if triggered is not None and target is None:
+        raise AtPatchError("triggered inputs need the backdoor's target label; pass target (e.g. --target 1)")
+    if target is not None and clean.label_names and not 0 <= target < len(clean.label_names):
+        raise AtPatchError(f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}")
+    if counterfactual is not None:
+        _check_aligned("the counterfactual set", counterfactual, clean)
+    if group is not None:
+        group = np.asarray(group).reshape(-1)
+        _check_aligned("group", group, clean)
+        if not np.isin(group, (0, 1)).all() or len(np.unique(group)) < 2:
+            raise AtPatchError("group must be 0/1 per clean input with both groups present; fix the group column")
+    try:
+        detector = read_detector(patched)
+    except ValueError as err:
+        raise AtPatchError(f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})") from err
+
+    sets = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
+    sets = {k: v for k, v in sets.items() if v is not None and len(v) > 0}
+    steps = 2 * sum(-(-len(v) // batch_size) for v in sets.values())
+    bar = _Progress(progress, steps)
+    session = create_session(original)
+    probe = AttentionProbe(patched)
+    runs: dict[str, dict[str, _Run]] = {}
+    try:
+        for which, data in sets.items():
+            runs[which] = {
+                "original": _run_original(session, data, which, batch_size, bar),
+                "patched": _run_patched(probe, detector, data, which, batch_size, bar),
+            }
+    finally:
+        bar.close()
+
+    preds = {which: {m: r.logits.argmax(axis=1) for m, r in pair.items()} for which, pair in runs.items()}
+    metrics = {}
+    for model in ("original", "patched"):
+        values: dict[str, float | None] = {
+            "clean_accuracy": float((preds["clean"][model] == clean.labels).mean()),
+        }
+        if "triggered" in preds:
+            assert triggered is not None and target is not None
+            victims = triggered.labels != target
+            # No input of another class: ASR is undefined, not 0.
+            values["attack_success_rate"] = (
+                float((preds["triggered"][model][victims] == target).mean()) if victims.any() else None
+            )
+        if "counterfactual" in preds:
+            values["counterfactual_flip_rate"] = float((preds["counterfactual"][model] != preds["clean"][model]).mean())
+        if group is not None:
+            positive = preds["clean"][model] == POSITIVE
+            values["parity_gap"] = float(abs(positive[group == 1].mean() - positive[group == 0].mean()))
+        if model == "patched":
+            values["flag_rate_clean"] = float(runs["clean"]["patched"].flagged.mean())  # type: ignore[union-attr]
+            if "triggered" in runs:
+                t = runs["triggered"]["patched"]
+                values["flag_rate_triggered"] = float(t.flagged.mean())  # type: ignore[union-attr]
+                known = np.array([bool(c) for c in triggered.culprits])  # type: ignore[union-attr]
+                values["culprit_flag_rate"] = float(t.culprit_flagged[known].mean()) if known.any() else None  # type: ignore[index]
+        metrics[model] = ModelMetrics(**values)  # type: ignore[arg-type]
+
+    same = (runs["clean"]["original"].logits == runs["clean"]["patched"].logits).all(axis=1)
+    return EvalReport(
+        original=metrics["original"],
+        patched=metrics["patched"],
+        identical_clean=float(same.mean()),
+        n_clean=len(clean),
+        n_triggered=len(triggered) if triggered is not None else 0,
+        n_counterfactual=len(counterfactual) if counterfactual is not None else 0,
+        target=target,
+        label_names=clean.label_names,
+        predictions=preds,
+        flags={which: pair["patched"].flagged for which, pair in runs.items() if which != "counterfactual"},  # type: ignore[misc]
+    )

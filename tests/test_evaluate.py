@@ -1,0 +1,197 @@
+"""Original vs patched in onnxruntime: every metric checked against a computation by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from evalkit_models import (
+    TinyText,
+    feature_detector,
+    flag_everything,
+    flag_only_padding,
+    sentences,
+    tiny_text_model,
+)
+
+from atpatch.data import Dataset, load_jsonl, save_jsonl
+from atpatch.detector.probe import AttentionProbe
+from atpatch.errors import AtPatchError
+from atpatch.evaluate import evaluate
+from atpatch.ops.reference import column_scores
+from atpatch.rewrite import patch_model
+from atpatch.runtime import create_session
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyText:
+    return tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def sets(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dataset]:
+    """Clean texts of varied length (so batches are padded), the same with "cf" in front, and
+    the same with he/she swapped (a counterfactual), aligned row by row."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path_factory.mktemp("data")
+    texts = sentences(30, rng)
+    labels = rng.integers(0, 2, size=30).tolist()
+    swap = {"he": "she", "she": "he", "his": "her", "her": "his"}
+    clean = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
+    triggered = [{"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)]
+    counter = [{"text": " ".join(swap.get(w, w) for w in t.split()), "label": y} for t, y in zip(texts, labels, strict=True)]
+    return {
+        name: load_jsonl(save_jsonl(folder / f"{name}.jsonl", rows), tiny.folder)
+        for name, rows in (("clean", clean), ("triggered", triggered), ("counterfactual", counter))
+    }
+
+
+def _predict(model, data: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Logits and predictions from a plain session, one batch: independent of evaluate's batching."""
+    session = create_session(model)
+    names = [i.name for i in session.get_inputs()]
+    logits = session.run(None, {n: data.feeds[n] for n in names})[0]
+    return logits, logits.argmax(axis=1)
+
+
+def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    patched, _ = patch_model(tiny.model)
+    clean, triggered = sets["clean"], sets["triggered"]
+    group = np.arange(len(clean)) % 2
+    report = evaluate(tiny.model, patched, clean, triggered, target=1, counterfactual=sets["counterfactual"],
+                      group=group, batch_size=7, progress=False)
+
+    _, pred = _predict(tiny.model, clean)
+    _, pred_t = _predict(tiny.model, triggered)
+    _, pred_c = _predict(tiny.model, sets["counterfactual"])
+    victims = triggered.labels != 1
+    positive = pred == 1
+    expected = {
+        "clean_accuracy": np.mean(pred == clean.labels),
+        "attack_success_rate": np.mean(pred_t[victims] == 1),
+        "counterfactual_flip_rate": np.mean(pred_c != pred),
+        "parity_gap": abs(positive[group == 1].mean() - positive[group == 0].mean()),
+    }
+    for key, value in expected.items():
+        assert getattr(report.original, key) == pytest.approx(value), key
+        assert getattr(report.patched, key) == pytest.approx(value), key
+    assert report.patched.flag_rate_clean == 0.0 and report.patched.flag_rate_triggered == 0.0
+    assert report.patched.culprit_flag_rate == 0.0
+    assert report.identical_clean == 1.0
+    assert report.original.flag_rate_clean is None  # the original has no detector
+    assert (report.n_clean, report.n_triggered, report.n_counterfactual, report.target) == (30, 30, 30, 1)
+
+
+def test_flagging_every_column_is_reported_but_leaves_outputs_identical(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    # By the spec, a row whose unmasked entries are all flagged is returned unchanged.
+    patched, _ = patch_model(tiny.model, flag_everything(2))
+    report = evaluate(tiny.model, patched, sets["clean"], sets["triggered"], target=0, progress=False)
+    assert report.patched.flag_rate_clean == 1.0 and report.patched.flag_rate_triggered == 1.0
+    assert report.patched.culprit_flag_rate == 1.0
+    assert report.identical_clean == 1.0
+    assert report.patched.clean_accuracy == report.original.clean_accuracy
+
+
+def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    clean = sets["clean"]
+    assert (clean.feeds["attention_mask"] == 0).any()  # the set is padded
+    patched, _ = patch_model(tiny.model, flag_only_padding(2))
+    # Only all-zero (padded) key columns score above the threshold: nothing real is flagged.
+    scores = column_scores(AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0])
+    assert (scores[clean.feeds["attention_mask"] == 0] > 0).all()
+    report = evaluate(tiny.model, patched, clean, batch_size=4, progress=False)
+    assert report.patched.flag_rate_clean == 0.0 and report.identical_clean == 1.0
+
+
+def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    detector = feature_detector(2, "mass_max", 3.5)
+    patched, _ = patch_model(tiny.model, detector)
+    clean, triggered = sets["clean"], sets["triggered"]
+    report = evaluate(tiny.model, patched, clean, triggered, target=1, batch_size=8, progress=False)
+
+    def flagged_by_reference(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        out = AttentionProbe(patched).run(dict(data.feeds))
+        mask = data.feeds["attention_mask"].astype(bool)
+        cols = np.zeros(mask.shape, bool)
+        for before, layer in zip(out.before, detector.layers, strict=True):
+            cols |= (column_scores(before, layer) > layer.threshold) & mask
+        return cols.any(axis=1), cols
+
+    any_clean, _ = flagged_by_reference(clean)
+    any_trig, cols_trig = flagged_by_reference(triggered)
+    assert 0 < any_clean.mean() < 1  # the threshold splits the set: a meaningful check
+    assert report.patched.flag_rate_clean == pytest.approx(any_clean.mean())
+    assert report.patched.flag_rate_triggered == pytest.approx(any_trig.mean())
+    assert report.patched.culprit_flag_rate == pytest.approx(cols_trig[:, 1].mean())  # "cf" is token 1
+    assert np.array_equal(report.flags["clean"], any_clean)
+
+    logits_o, pred_o = _predict(tiny.model, clean)
+    logits_p, pred_p = _predict(patched, clean)
+    same = (logits_o == logits_p).all(axis=1)
+    assert report.identical_clean == pytest.approx(same.mean())
+    assert not same.all()  # the patch does change some outputs...
+    assert same[~any_clean].all()  # ...but only of inputs with a flag: nothing flagged, bit-identical
+    assert report.patched.clean_accuracy == pytest.approx(np.mean(pred_p == clean.labels))
+    assert report.original.clean_accuracy == pytest.approx(np.mean(pred_o == clean.labels))
+    _, pred_tp = _predict(patched, triggered)
+    victims = triggered.labels != 1
+    assert report.patched.attack_success_rate == pytest.approx(np.mean(pred_tp[victims] == 1))
+    assert np.array_equal(report.predictions["triggered"]["patched"], pred_tp)
+
+
+def test_parity_gap_on_a_constructed_example(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    clean = sets["clean"]
+    _, pred = _predict(tiny.model, clean)
+    # Group 1 = the inputs predicted positive plus one predicted negative; group 0 = the rest.
+    positive = np.flatnonzero(pred == 1)
+    negative = np.flatnonzero(pred != 1)
+    assert len(positive) >= 1 and len(negative) >= 2, "the random model must predict both labels"
+    group = np.zeros(len(clean), np.int64)
+    group[positive] = 1
+    group[negative[0]] = 1
+    expected = abs(len(positive) / (len(positive) + 1) - 0.0)
+    patched, _ = patch_model(tiny.model)
+    report = evaluate(tiny.model, patched, clean, group=group, progress=False)
+    assert report.original.parity_gap == pytest.approx(expected)
+    assert report.original.counterfactual_flip_rate is None and report.original.attack_success_rate is None
+
+
+def test_report_serialises(tiny: TinyText, sets: dict[str, Dataset], tmp_path: Path) -> None:
+    patched, _ = patch_model(tiny.model)
+    report = evaluate(tiny.model, patched, sets["clean"], sets["triggered"], target=1, progress=True)
+    path = report.to_json(tmp_path / "report.json")
+    data = json.loads(path.read_text())
+    assert data["patched"]["flag_rate_clean"] == 0.0 and data["target_name"] == "positive"
+    assert data["label_names"] == ["negative", "positive"] and "predictions" not in data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temp file left
+    table = report.to_markdown()
+    assert table.startswith("| metric | original | patched |")
+    assert "| clean outputs bit-identical | | 100.0% |" in table
+    assert "demographic-parity gap" not in table  # not measured: no row
+    assert f"| clean accuracy (CACC) | {100 * report.original.clean_accuracy:.1f}% |" in table
+
+
+def test_evaluate_errors_are_one_line(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    patched, _ = patch_model(tiny.model)
+    clean = sets["clean"]
+    cases = [
+        (dict(triggered=sets["triggered"]), "need the backdoor's target label"),
+        (dict(target=5), "target 5 is not a label id"),
+        (dict(counterfactual=clean.subset([0, 1])), "has 2 rows but the clean set has 30"),
+        (dict(group=np.zeros(len(clean))), "both groups present"),
+        (dict(batch_size=0), "batch size 0"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(AtPatchError, match=match) as info:
+            evaluate(tiny.model, patched, clean, progress=False, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(AtPatchError, match="carries no AtPatch node"):
+        evaluate(tiny.model, tiny.model, clean, progress=False)
+    images = Dataset({"pixel_values": np.zeros((2, 3, 4, 4), np.float32)}, np.zeros(2, np.int64), [None, None], None,
+                     clean.label_names)
+    with pytest.raises(AtPatchError, match="needs inputs input_ids, attention_mask"):
+        evaluate(tiny.model, patched, images, progress=False)
