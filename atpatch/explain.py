@@ -1,0 +1,196 @@
+"""Why did the patch change (or not change) one prediction? Its attention maps, drawn.
+
+For one input, one row per attention layer: the head-averaged map going into the AtPatch
+node and the map coming out, with the key columns the detector flagged outlined and named
+on the axis, and the predictions with and without the patch in the title.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .errors import AtPatchError
+
+__all__ = ["ExplainReport", "explain", "unpatched"]
+
+_FLAG_COLOUR = "#d62728"
+_MAX_TICKS = 48  # beyond this many positions, only flagged columns get a tick label
+
+
+@dataclass(frozen=True)
+class ExplainReport:
+    index: int
+    flagged: dict[int, list[int]]  # layer -> flagged key positions (unmasked columns only)
+    flagged_tokens: dict[int, list[str]]  # layer -> their tokens (text) or "patch k" (images)
+    png: Path
+    prediction_before: int = -1  # the model without its AtPatch nodes
+    prediction_after: int = -1  # the patched model
+    label: int = -1  # the label the input should get
+    label_names: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        def name(i: int) -> str:
+            return self.label_names[i] if 0 <= i < len(self.label_names) else str(i)
+
+        lines = [
+            f"input {self.index}: label {name(self.label)}; predicted {name(self.prediction_before)} without the "
+            f"patch, {name(self.prediction_after)} with it"
+        ]
+        for layer, tokens in self.flagged_tokens.items():
+            positions = self.flagged.get(layer, [])
+            shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
+            lines.append(f"  layer {layer}: flagged {shown}")
+        lines.append(f"wrote {self.png}")
+        return "\n".join(lines)
+
+
+def unpatched(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a patched model with its AtPatch nodes bypassed: the original computation."""
+    from .ops import spec
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    bypass = {n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE}
+    patch_nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
+    weights = {name for n in patch_nodes for name in n.input[1:]}
+    kept = [n for n in graph.node if not (n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE)]
+    for node in kept:
+        for k, name in enumerate(node.input):
+            node.input[k] = bypass.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    # The detector's weights are now unused; onnxruntime would warn about each one.
+    initializers = [t for t in graph.initializer if t.name not in weights]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return copy
+
+
+def _position_names(dataset: Dataset, index: int, length: int) -> list[str]:
+    if dataset.tokens is not None:
+        return list(dataset.tokens[index][:length])
+    return ["[CLS]"] + [f"patch {p}" for p in range(length - 1)]
+
+
+def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str | Path) -> ExplainReport:
+    """Draw input `index` of `dataset` through the patched model to `out_png`; see the module docstring."""
+    from .detector.probe import AttentionProbe, read_detector
+    from .evaluate import flagged_columns
+    from .modelio import atomic_output
+    from .runtime import create_session
+
+    out_png = Path(out_png)
+    if not 0 <= index < len(dataset):
+        raise AtPatchError(f"input index {index} is out of range; the set has {len(dataset)} inputs (0..{len(dataset) - 1})")
+    if out_png.suffix.lower() != ".png":
+        raise AtPatchError(f"{out_png} does not end in .png; pass a PNG path such as explain.png")
+    if not out_png.parent.resolve().is_dir():
+        raise AtPatchError(f"folder {out_png.parent} does not exist; create it or choose another output path")
+    try:
+        detector = read_detector(patched)
+    except ValueError as err:
+        raise AtPatchError(f"the model carries no AtPatch node; explain needs the patched model ({err})") from err
+
+    one = dataset.subset([index])
+    probe = AttentionProbe(patched)
+    missing = [n for n in probe.input_names if n not in one.feeds]
+    if missing:
+        raise AtPatchError(
+            f"the model needs inputs {', '.join(missing)} the data lacks; load the data with the model's own folder"
+        )
+    feeds = {n: one.feeds[n] for n in probe.input_names}
+    out = probe.run(feeds)
+    assert out.after is not None  # a patched model always has maps after its AtPatch nodes
+    before_logits = create_session(unpatched(patched)).run(None, feeds)[0]
+    pred_after = int(np.asarray(out.outputs[0]).reshape(1, -1).argmax())
+    pred_before = int(np.asarray(before_logits).reshape(1, -1).argmax())
+
+    mask = one.feeds.get("attention_mask")
+    length = int(mask[0].sum()) if mask is not None else out.before[0].shape[-1]
+    names = _position_names(dataset, index, length)
+    flagged: dict[int, list[int]] = {}
+    for layer, (before, det) in enumerate(zip(out.before, detector.layers, strict=True)):
+        flagged[layer] = [int(p) for p in np.flatnonzero(flagged_columns(before, det)[0]) if p < length]
+    flagged_tokens = {layer: [names[p] for p in cols] for layer, cols in flagged.items()}
+
+    label_names = dataset.label_names
+    title_name = lambda i: label_names[i] if 0 <= i < len(label_names) else str(i)  # noqa: E731
+    maps = [
+        (b[0, :, :length, :length].mean(axis=0), a[0, :, :length, :length].mean(axis=0))
+        for b, a in zip(out.before, out.after, strict=True)
+    ]
+    title = (
+        f"input {index} (label {title_name(int(one.labels[0]))}): predicted {title_name(pred_before)} "
+        f"before patching, {title_name(pred_after)} after"
+    )
+    with atomic_output(out_png) as tmp:
+        _draw(maps, flagged, names, title, tmp)
+    return ExplainReport(
+        index=index,
+        flagged=flagged,
+        flagged_tokens=flagged_tokens,
+        png=out_png,
+        prediction_before=pred_before,
+        prediction_after=pred_after,
+        label=int(one.labels[0]),
+        label_names=label_names,
+    )
+
+
+def _draw(
+    maps: list[tuple[np.ndarray, np.ndarray]], flagged: dict[int, list[int]], names: list[str], title: str, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; also keeps tests and servers headless
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+    from matplotlib.patches import Rectangle
+
+    length = len(names)
+    cell = 0.22 if length <= _MAX_TICKS else max(0.03, 8.0 / length)
+    side = max(3.0, cell * length)
+    rows = len(maps)
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(2 * side + 2.2, rows * (side + 1.0) + 0.8), squeeze=False, constrained_layout=True
+    )
+    fig.suptitle(title, fontsize=11)
+    for layer, (before, after) in enumerate(maps):
+        cols = flagged.get(layer, [])
+        # One colour scale per layer, so before and after compare directly; the power norm
+        # keeps small weights visible next to the [CLS]/[SEP] sinks.
+        vmax = float(max(before.max(), after.max(), 1e-6))
+        for col, (what, image) in enumerate((("before patching", before), ("after patching", after))):
+            ax = axes[layer, col]
+            shown = ax.imshow(image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest")
+            flag_text = f"{len(cols)} flagged" if cols else "nothing flagged"
+            ax.set_title(f"layer {layer}, {what} ({flag_text})", fontsize=9)
+            for p in cols:
+                ax.add_patch(
+                    Rectangle((p - 0.5, -0.5), 1, length, fill=False, edgecolor=_FLAG_COLOUR, linewidth=2.0, clip_on=False)
+                )
+            ticks = list(range(length)) if length <= _MAX_TICKS else cols
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([names[t] for t in ticks], rotation=90, fontsize=7)
+            for label, t in zip(ax.get_xticklabels(), ticks, strict=True):
+                if t in cols:
+                    label.set_color(_FLAG_COLOUR)
+                    label.set_fontweight("bold")
+            if length <= _MAX_TICKS:
+                ax.set_yticks(range(length))
+                ax.set_yticklabels(names, fontsize=7)
+            else:
+                ax.set_yticks([])
+            ax.set_xlabel("key (attended to)", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("query", fontsize=8)
+            if col == 1:
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
