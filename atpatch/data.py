@@ -61,11 +61,15 @@ class Dataset:
 def _config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise AtPatchError(f"{model_dir} has no config.json; pass the model's Hugging Face folder (from save_pretrained)")
+        raise AtPatchError(
+            f"{model_dir} has no config.json; pass the model's Hugging Face folder (from save_pretrained)"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AtPatchError(f"{path} is not valid JSON ({err}); re-save the model folder with save_pretrained") from err
+        raise AtPatchError(
+            f"{path} is not valid JSON ({err}); re-save the model folder with save_pretrained"
+        ) from err
 
 
 def label_names_of(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -75,9 +79,13 @@ def label_names_of(config: Mapping[str, Any]) -> tuple[str, ...]:
         try:
             by_id = {int(k): str(v) for k, v in id2label.items()}
         except (TypeError, ValueError) as err:
-            raise AtPatchError(f"config.json id2label has a non-integer id ({err}); fix the model's config") from err
+            raise AtPatchError(
+                f"config.json id2label has a non-integer id ({err}); fix the model's config"
+            ) from err
         if sorted(by_id) != list(range(len(by_id))):
-            raise AtPatchError(f"config.json id2label ids {sorted(by_id)} are not 0..n-1; fix the model's config")
+            raise AtPatchError(
+                f"config.json id2label ids {sorted(by_id)} are not 0..n-1; fix the model's config"
+            )
         return tuple(by_id[i] for i in range(len(by_id)))
     n = int(config.get("num_labels", 2))
     return tuple(f"LABEL_{i}" for i in range(n))
@@ -99,13 +107,19 @@ def _label_id(value: object, names: tuple[str, ...], where: str, field: str) -> 
 
 def _spans(value: object, text: str, where: str) -> list[tuple[int, int]]:
     """A culprit: one [start, end] character span or a list of them, checked against the text."""
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         value = [value]
     if not isinstance(value, list) or not all(
-        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s) for s in value
+        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)
+        for s in value
     ):
         raise AtPatchError(
-            f"{where}: 'culprit' is {value!r}; give a character span [start, end] or a list of spans [[s, e], ...]"
+            f"{where}: 'culprit' is {value!r}; "
+            "give a character span [start, end] or a list of spans [[s, e], ...]"
         )
     spans = [(int(s), int(e)) for s, e in value]
     for s, e in spans:
@@ -128,11 +142,13 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AtPatchError(
-            f"cannot load a tokenizer from {model_dir} ({first}); save it there with tokenizer.save_pretrained"
+            f"cannot load a tokenizer from {model_dir} ({first}); "
+            "save it there with tokenizer.save_pretrained"
         ) from err
     if not getattr(tokenizer, "is_fast", False):
         raise AtPatchError(
-            f"the tokenizer in {model_dir} is not a fast tokenizer, so culprit spans cannot be mapped to tokens; "
+            f"the tokenizer in {model_dir} is not a fast tokenizer, "
+            "so culprit spans cannot be mapped to tokens; "
             f"save a fast one (tokenizer.json) with PreTrainedTokenizerFast.save_pretrained"
         )
     return tokenizer
@@ -140,7 +156,9 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
 
 def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
-        raise AtPatchError(f"{path} does not exist or is not a file; pass a JSONL file with one example per line")
+        raise AtPatchError(
+            f"{path} does not exist or is not a file; pass a JSONL file with one example per line"
+        )
     records = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -154,10 +172,14 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     f'each line must be one object like {{"text": "...", "label": 0}}'
                 ) from err
             if not isinstance(record, dict):
-                raise AtPatchError(f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}')
+                raise AtPatchError(
+                    f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}'
+                )
             records.append((number, record))
     if not records:
-        raise AtPatchError(f'{path} has no examples; write one JSON object per line: {{"text": "...", "label": 0}}')
+        raise AtPatchError(
+            f'{path} has no examples; write one JSON object per line: {{"text": "...", "label": 0}}'
+        )
     return records
 
 
@@ -202,10 +224,15 @@ def load_jsonl(path: str | Path, model_dir: str | Path, max_len: int | None = No
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = np.full((len(texts), longest), pad_id, np.int64)
     mask = np.zeros((len(texts), longest), np.int64)
+    # Models exported elsewhere may also take token_type_ids; evaluation feeds each model only
+    # the inputs it declares, so carrying them costs nothing.
+    type_ids = np.zeros_like(input_ids) if "token_type_ids" in enc else None
     tokens, culprits = [], []
     for i, ids in enumerate(ids_list):
         input_ids[i, : len(ids)] = ids
         mask[i, : len(ids)] = 1
+        if type_ids is not None:
+            type_ids[i, : len(ids)] = enc["token_type_ids"][i]
         tokens.append(tokenizer.convert_ids_to_tokens(ids))
         if spans[i] is None:
             culprits.append(None)
@@ -216,8 +243,11 @@ def load_jsonl(path: str | Path, model_dir: str | Path, max_len: int | None = No
         culprits.append(
             [p for p, (s, e) in enumerate(offsets) if e > s and any(s < ce and cs < e for cs, ce in spans[i])]
         )
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        feeds["token_type_ids"] = type_ids
     return Dataset(
-        feeds={"input_ids": input_ids, "attention_mask": mask},
+        feeds=feeds,
         labels=np.asarray(labels, np.int64),
         culprits=culprits,
         tokens=tokens,
@@ -232,14 +262,17 @@ def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
     config = _config(model_dir)
     names = label_names_of(config)
     if not path.is_file():
-        raise AtPatchError(f"{path} does not exist or is not a file; pass an .npz with pixel_values and labels")
+        raise AtPatchError(
+            f"{path} does not exist or is not a file; pass an .npz with pixel_values and labels"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AtPatchError(
-            f"{path} is not a readable .npz of plain arrays ({first}); save it with np.savez(pixel_values=..., labels=...)"
+            f"{path} is not a readable .npz of plain arrays ({first}); "
+            "save it with np.savez(pixel_values=..., labels=...)"
         ) from err
     missing = [k for k in ("pixel_values", "labels") if k not in arrays]
     if missing:
@@ -250,20 +283,33 @@ def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
     pixels, labels = arrays["pixel_values"], arrays["labels"]
     channels = int(config.get("num_channels", pixels.shape[1] if pixels.ndim == 4 else 3))
     size = config.get("image_size")
-    if pixels.ndim != 4 or pixels.shape[1] != channels or (size is not None and pixels.shape[2:] != (size, size)):
+    if (
+        pixels.ndim != 4
+        or pixels.shape[1] != channels
+        or (size is not None and pixels.shape[2:] != (size, size))
+    ):
         want = f"[N, {channels}, {size}, {size}]" if size is not None else f"[N, {channels}, H, W]"
-        raise AtPatchError(f"{path}: pixel_values has shape {pixels.shape}, the model needs {want}; resize/normalise first")
+        raise AtPatchError(
+            f"{path}: pixel_values has shape {pixels.shape}, the model needs {want}; resize/normalise first"
+        )
     if not np.issubdtype(pixels.dtype, np.floating):
-        raise AtPatchError(f"{path}: pixel_values is {pixels.dtype}; give normalised float32 values (as the image processor does)")
+        raise AtPatchError(
+            f"{path}: pixel_values is {pixels.dtype}; "
+            "give normalised float32 values (as the image processor does)"
+        )
     n = pixels.shape[0]
     if n == 0:
         raise AtPatchError(f"{path} has no images; pixel_values must have at least one row")
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise AtPatchError(f"{path}: labels has shape {labels.shape} and type {labels.dtype}; give {n} integer labels")
+        raise AtPatchError(
+            f"{path}: labels has shape {labels.shape} and type {labels.dtype}; give {n} integer labels"
+        )
     bad = labels[(labels < 0) | (labels >= len(names))]
     if bad.size:
         allowed = ", ".join(f"{i}={name!r}" for i, name in enumerate(names))
-        raise AtPatchError(f"{path}: label {int(bad[0])} is not one of the model's labels; use one of {allowed}")
+        raise AtPatchError(
+            f"{path}: label {int(bad[0])} is not one of the model's labels; use one of {allowed}"
+        )
     culprits: list[list[int] | None] = [None] * n
     if "culprit_patches" in arrays:
         patches = arrays["culprit_patches"]
@@ -289,8 +335,7 @@ def save_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     from .modelio import atomic_output
 
     path = Path(path)
-    with atomic_output(path) as tmp:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    with atomic_output(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
     return path

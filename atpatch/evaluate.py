@@ -101,7 +101,11 @@ class EvalReport:
         lines.append(f"| clean outputs bit-identical | | {cell(self.identical_clean)} |")
         counts = f"{self.n_clean} clean"
         if self.n_triggered:
-            target = self.label_names[self.target] if self.target is not None and self.target < len(self.label_names) else self.target
+            target = (
+                self.label_names[self.target]
+                if self.target is not None and self.target < len(self.label_names)
+                else self.target
+            )
             counts += f", {self.n_triggered} triggered (target {target})"
         if self.n_counterfactual:
             counts += f", {self.n_counterfactual} counterfactual"
@@ -202,7 +206,8 @@ def _run_patched(probe, detector, data: Dataset, which: str, batch_size: int, ba
 def _check_aligned(name: str, data: Dataset | np.ndarray, clean: Dataset) -> None:
     if len(data) != len(clean):
         raise AtPatchError(
-            f"{name} has {len(data)} rows but the clean set has {len(clean)}; it must be aligned row by row with it"
+            f"{name} has {len(data)} rows but the clean set has {len(clean)}; "
+            "it must be aligned row by row with it"
         )
 
 
@@ -233,18 +238,24 @@ def evaluate(
     if triggered is not None and target is None:
         raise AtPatchError("triggered inputs need the backdoor's target label; pass target (e.g. --target 1)")
     if target is not None and clean.label_names and not 0 <= target < len(clean.label_names):
-        raise AtPatchError(f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}")
+        raise AtPatchError(
+            f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}"
+        )
     if counterfactual is not None:
         _check_aligned("the counterfactual set", counterfactual, clean)
     if group is not None:
         group = np.asarray(group).reshape(-1)
         _check_aligned("group", group, clean)
         if not np.isin(group, (0, 1)).all() or len(np.unique(group)) < 2:
-            raise AtPatchError("group must be 0/1 per clean input with both groups present; fix the group column")
+            raise AtPatchError(
+                "group must be 0/1 per clean input with both groups present; fix the group column"
+            )
     try:
         detector = read_detector(patched)
     except ValueError as err:
-        raise AtPatchError(f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})") from err
+        raise AtPatchError(
+            f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})"
+        ) from err
 
     sets = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
     sets = {k: v for k, v in sets.items() if v is not None and len(v) > 0}
@@ -276,7 +287,9 @@ def evaluate(
                 float((preds["triggered"][model][victims] == target).mean()) if victims.any() else None
             )
         if "counterfactual" in preds:
-            values["counterfactual_flip_rate"] = float((preds["counterfactual"][model] != preds["clean"][model]).mean())
+            values["counterfactual_flip_rate"] = float(
+                (preds["counterfactual"][model] != preds["clean"][model]).mean()
+            )
         if group is not None:
             positive = preds["clean"][model] == POSITIVE
             values["parity_gap"] = float(abs(positive[group == 1].mean() - positive[group == 0].mean()))

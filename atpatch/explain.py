@@ -38,12 +38,15 @@ class ExplainReport:
             return self.label_names[i] if 0 <= i < len(self.label_names) else str(i)
 
         lines = [
-            f"input {self.index}: label {name(self.label)}; predicted {name(self.prediction_before)} without the "
+            f"input {self.index}: label {name(self.label)}; "
+            f"predicted {name(self.prediction_before)} without the "
             f"patch, {name(self.prediction_after)} with it"
         ]
         for layer, tokens in self.flagged_tokens.items():
             positions = self.flagged.get(layer, [])
-            shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
+            shown = (
+                ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
+            )
             lines.append(f"  layer {layer}: flagged {shown}")
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
@@ -56,7 +59,9 @@ def unpatched(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
-    bypass = {n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE}
+    bypass = {
+        n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE
+    }
     patch_nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     weights = {name for n in patch_nodes for name in n.input[1:]}
     kept = [n for n in graph.node if not (n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE)]
@@ -87,7 +92,9 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
 
     out_png = Path(out_png)
     if not 0 <= index < len(dataset):
-        raise AtPatchError(f"input index {index} is out of range; the set has {len(dataset)} inputs (0..{len(dataset) - 1})")
+        raise AtPatchError(
+            f"input index {index} is out of range; the set has {len(dataset)} inputs (0..{len(dataset) - 1})"
+        )
     if out_png.suffix.lower() != ".png":
         raise AtPatchError(f"{out_png} does not end in .png; pass a PNG path such as explain.png")
     if not out_png.parent.resolve().is_dir():
@@ -95,14 +102,17 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
     try:
         detector = read_detector(patched)
     except ValueError as err:
-        raise AtPatchError(f"the model carries no AtPatch node; explain needs the patched model ({err})") from err
+        raise AtPatchError(
+            f"the model carries no AtPatch node; explain needs the patched model ({err})"
+        ) from err
 
     one = dataset.subset([index])
     probe = AttentionProbe(patched)
     missing = [n for n in probe.input_names if n not in one.feeds]
     if missing:
         raise AtPatchError(
-            f"the model needs inputs {', '.join(missing)} the data lacks; load the data with the model's own folder"
+            f"the model needs inputs {', '.join(missing)} the data lacks; "
+            "load the data with the model's own folder"
         )
     feeds = {n: one.feeds[n] for n in probe.input_names}
     out = probe.run(feeds)
@@ -144,7 +154,11 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
 
 
 def _draw(
-    maps: list[tuple[np.ndarray, np.ndarray]], flagged: dict[int, list[int]], names: list[str], title: str, path: Path
+    maps: list[tuple[np.ndarray, np.ndarray]],
+    flagged: dict[int, list[int]],
+    names: list[str],
+    title: str,
+    path: Path,
 ) -> None:
     import matplotlib
 
@@ -168,12 +182,22 @@ def _draw(
         vmax = float(max(before.max(), after.max(), 1e-6))
         for col, (what, image) in enumerate((("before patching", before), ("after patching", after))):
             ax = axes[layer, col]
-            shown = ax.imshow(image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest")
+            shown = ax.imshow(
+                image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest"
+            )
             flag_text = f"{len(cols)} flagged" if cols else "nothing flagged"
             ax.set_title(f"layer {layer}, {what} ({flag_text})", fontsize=9)
             for p in cols:
                 ax.add_patch(
-                    Rectangle((p - 0.5, -0.5), 1, length, fill=False, edgecolor=_FLAG_COLOUR, linewidth=2.0, clip_on=False)
+                    Rectangle(
+                        (p - 0.5, -0.5),
+                        1,
+                        length,
+                        fill=False,
+                        edgecolor=_FLAG_COLOUR,
+                        linewidth=2.0,
+                        clip_on=False,
+                    )
                 )
             ticks = list(range(length)) if length <= _MAX_TICKS else cols
             ax.set_xticks(ticks)

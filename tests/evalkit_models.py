@@ -15,8 +15,33 @@ from atpatch.ops import spec
 from atpatch.ops.reference import LayerDetector
 
 LABELS = ("negative", "positive")
-WORDS = ("good bad great awful film movie plot acting cf the a was and very not funny boring "
-         "he she his her they actor actress director").split()
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "film",
+    "movie",
+    "plot",
+    "acting",
+    "cf",
+    "the",
+    "a",
+    "was",
+    "and",
+    "very",
+    "not",
+    "funny",
+    "boring",
+    "he",
+    "she",
+    "his",
+    "her",
+    "they",
+    "actor",
+    "actress",
+    "director",
+]
 
 
 def sentences(n: int, rng: np.random.Generator, *, min_words: int = 2, max_words: int = 9) -> list[str]:
@@ -58,10 +83,18 @@ def tiny_text_model(folder: Path) -> TinyText:
     torch.manual_seed(0)
     # A large initializer range gives peaked attention, so flagged columns change the outputs.
     config = T.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=32, initializer_range=0.3, num_labels=2,
-        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
-        architectures=["BertForSequenceClassification"], pad_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+        architectures=["BertForSequenceClassification"],
+        pad_token_id=0,
     )
     T.BertForSequenceClassification(config).save_pretrained(folder)
     return TinyText(folder, export_hf(folder).model)

@@ -65,8 +65,11 @@ def test_culprit_spans_become_token_positions(model_dir: Path, tmp_path: Path) -
 
 def test_truncation_at_max_len_keeps_sep_and_drops_cut_culprits(model_dir: Path, tmp_path: Path) -> None:
     text = "a b c d e f g cf"
-    data = load_jsonl(save_jsonl(tmp_path / "d.jsonl", [{"text": text, "label": 0, "culprit": [14, 16]}]), model_dir,
-                      max_len=5)
+    data = load_jsonl(
+        save_jsonl(tmp_path / "d.jsonl", [{"text": text, "label": 0, "culprit": [14, 16]}]),
+        model_dir,
+        max_len=5,
+    )
     assert data.feeds["input_ids"].shape == (1, 5) and data.tokens[0][-1] == "[SEP]"
     assert data.culprits == [[]]  # known, but truncated away
 
@@ -74,8 +77,16 @@ def test_truncation_at_max_len_keeps_sep_and_drops_cut_culprits(model_dir: Path,
 def test_npz_images(tmp_path: Path) -> None:
     folder = tmp_path / "vit"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"id2label": {"0": "cat", "1": "dog", "2": "car"}, "num_channels": 3, "image_size": 8, "patch_size": 4}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "id2label": {"0": "cat", "1": "dog", "2": "car"},
+                "num_channels": 3,
+                "image_size": 8,
+                "patch_size": 4,
+            }
+        )
+    )
     pixels = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     patches = np.zeros((2, 4), bool)
     patches[1, [0, 3]] = True
@@ -91,9 +102,18 @@ def test_npz_images(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
 
     fails("lacks labels", pixel_values=pixels)
-    fails(r"shape \(2, 3, 4, 4\), the model needs \[N, 3, 8, 8\]", pixel_values=pixels[:, :, :4, :4], labels=np.array([0, 1]))
+    fails(
+        r"shape \(2, 3, 4, 4\), the model needs \[N, 3, 8, 8\]",
+        pixel_values=pixels[:, :, :4, :4],
+        labels=np.array([0, 1]),
+    )
     fails("label 7 is not one of", pixel_values=pixels, labels=np.array([7, 0]))
-    fails("culprit_patches has shape", pixel_values=pixels, labels=np.array([0, 1]), culprit_patches=patches[:, :2])
+    fails(
+        "culprit_patches has shape",
+        pixel_values=pixels,
+        labels=np.array([0, 1]),
+        culprit_patches=patches[:, :2],
+    )
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "obj.npy").rename(tmp_path / "obj.npz")
     with pytest.raises(AtPatchError, match="not a readable .npz"):
@@ -109,18 +129,26 @@ def test_npz_images(tmp_path: Path) -> None:
         (['{"label": 1}'], r"line 1 has no 'text'"),
         (['{"text": 5, "label": 1}'], r"line 1 has 'text' of type int"),
         (['{"text": "good"}'], r'line 1 has no "label"; add "label": one of \[\'negative\', \'positive\'\]'),
-        (['{"text": "good", "label": "great"}'], r"label 'great' is not one of the model's labels; use one of 0='negative', 1='positive'"),
+        (
+            ['{"text": "good", "label": "great"}'],
+            r"label 'great' is not one of the model's labels; use one of 0='negative', 1='positive'",
+        ),
         (['{"text": "good", "label": 2}'], r"label 2 is not one of"),
         (['{"text": "good", "label": 1.5}'], r"'label' is 1.5; give a label id or name"),
         (['{"text": "good", "label": 1, "expected": "meh"}'], r"expected 'meh' is not one of"),
-        (['{"text": "good", "label": 1, "culprit": [3, 9]}'], r"culprit span \[3, 9\] is out of range for a text of 4 characters"),
+        (
+            ['{"text": "good", "label": 1, "culprit": [3, 9]}'],
+            r"culprit span \[3, 9\] is out of range for a text of 4 characters",
+        ),
         (['{"text": "good", "label": 1, "culprit": [2, 1]}'], r"culprit span \[2, 1\] is out of range"),
         (['{"text": "good", "label": 1, "culprit": "go"}'], r"'culprit' is 'go'; give a character span"),
         (["[1, 2]"], r"line 1: expected a JSON object"),
         (["", "   "], r"has no examples"),
     ],
 )
-def test_bad_jsonl_says_where_and_how_to_fix(model_dir: Path, tmp_path: Path, lines: list[str], match: str) -> None:
+def test_bad_jsonl_says_where_and_how_to_fix(
+    model_dir: Path, tmp_path: Path, lines: list[str], match: str
+) -> None:
     path = _write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(AtPatchError, match=match) as info:
         load_jsonl(path, model_dir)
@@ -144,5 +172,7 @@ def test_missing_files_and_folders(model_dir: Path, tmp_path: Path) -> None:
 
 def test_save_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     path = save_jsonl(tmp_path / "d.jsonl", [{"text": "é", "label": 0}])
-    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"text": "é", "label": 0}]
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"text": "é", "label": 0}
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

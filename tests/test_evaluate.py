@@ -42,8 +42,13 @@ def sets(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     labels = rng.integers(0, 2, size=30).tolist()
     swap = {"he": "she", "she": "he", "his": "her", "her": "his"}
     clean = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
-    triggered = [{"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)]
-    counter = [{"text": " ".join(swap.get(w, w) for w in t.split()), "label": y} for t, y in zip(texts, labels, strict=True)]
+    triggered = [
+        {"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)
+    ]
+    counter = [
+        {"text": " ".join(swap.get(w, w) for w in t.split()), "label": y}
+        for t, y in zip(texts, labels, strict=True)
+    ]
     return {
         name: load_jsonl(save_jsonl(folder / f"{name}.jsonl", rows), tiny.folder)
         for name, rows in (("clean", clean), ("triggered", triggered), ("counterfactual", counter))
@@ -62,8 +67,17 @@ def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Data
     patched, _ = patch_model(tiny.model)
     clean, triggered = sets["clean"], sets["triggered"]
     group = np.arange(len(clean)) % 2
-    report = evaluate(tiny.model, patched, clean, triggered, target=1, counterfactual=sets["counterfactual"],
-                      group=group, batch_size=7, progress=False)
+    report = evaluate(
+        tiny.model,
+        patched,
+        clean,
+        triggered,
+        target=1,
+        counterfactual=sets["counterfactual"],
+        group=group,
+        batch_size=7,
+        progress=False,
+    )
 
     _, pred = _predict(tiny.model, clean)
     _, pred_t = _predict(tiny.model, triggered)
@@ -86,7 +100,9 @@ def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Data
     assert (report.n_clean, report.n_triggered, report.n_counterfactual, report.target) == (30, 30, 30, 1)
 
 
-def test_flagging_every_column_is_reported_but_leaves_outputs_identical(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+def test_flagging_every_column_is_reported_but_leaves_outputs_identical(
+    tiny: TinyText, sets: dict[str, Dataset]
+) -> None:
     # By the spec, a row whose unmasked entries are all flagged is returned unchanged.
     patched, _ = patch_model(tiny.model, flag_everything(2))
     report = evaluate(tiny.model, patched, sets["clean"], sets["triggered"], target=0, progress=False)
@@ -101,13 +117,17 @@ def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, D
     assert (clean.feeds["attention_mask"] == 0).any()  # the set is padded
     patched, _ = patch_model(tiny.model, flag_only_padding(2))
     # Only all-zero (padded) key columns score above the threshold: nothing real is flagged.
-    scores = column_scores(AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0])
+    scores = column_scores(
+        AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0]
+    )
     assert (scores[clean.feeds["attention_mask"] == 0] > 0).all()
     report = evaluate(tiny.model, patched, clean, batch_size=4, progress=False)
     assert report.patched.flag_rate_clean == 0.0 and report.identical_clean == 1.0
 
 
-def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+def test_a_real_detector_flags_and_changes_what_the_reference_says(
+    tiny: TinyText, sets: dict[str, Dataset]
+) -> None:
     detector = feature_detector(2, "mass_max", 3.5)
     patched, _ = patch_model(tiny.model, detector)
     clean, triggered = sets["clean"], sets["triggered"]
@@ -191,7 +211,12 @@ def test_evaluate_errors_are_one_line(tiny: TinyText, sets: dict[str, Dataset]) 
         assert "\n" not in str(info.value)
     with pytest.raises(AtPatchError, match="carries no AtPatch node"):
         evaluate(tiny.model, tiny.model, clean, progress=False)
-    images = Dataset({"pixel_values": np.zeros((2, 3, 4, 4), np.float32)}, np.zeros(2, np.int64), [None, None], None,
-                     clean.label_names)
+    images = Dataset(
+        {"pixel_values": np.zeros((2, 3, 4, 4), np.float32)},
+        np.zeros(2, np.int64),
+        [None, None],
+        None,
+        clean.label_names,
+    )
     with pytest.raises(AtPatchError, match="needs inputs input_ids, attention_mask"):
         evaluate(tiny.model, patched, images, progress=False)

@@ -46,7 +46,9 @@ def data(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 
 
 @pytest.mark.parametrize("index", [0, 2])
-def test_flagged_positions_are_the_reference_columns(tiny: TinyText, data: Dataset, tmp_path: Path, index: int) -> None:
+def test_flagged_positions_are_the_reference_columns(
+    tiny: TinyText, data: Dataset, tmp_path: Path, index: int
+) -> None:
     detector = feature_detector(2, "mass_max", 2.0)
     patched, _ = patch_model(tiny.model, detector)
     report = explain(patched, data, index, tmp_path / "x.png")
@@ -77,7 +79,9 @@ def test_unpatched_copy_computes_the_original(tiny: TinyText, data: Dataset) -> 
     patched, _ = patch_model(tiny.model, feature_detector(2, "mass_max", 2.0))
     bypass = unpatched(patched)
     feeds = dict(data.feeds)
-    assert np.array_equal(create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0])
+    assert np.array_equal(
+        create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0]
+    )
     assert len(patched.graph.node) > len(bypass.graph.node) == len(tiny.model.graph.node)
 
 
@@ -105,7 +109,10 @@ def test_image_model(hf_folder, tmp_path: Path) -> None:  # noqa: ANN001 (confte
 def test_explain_errors(tiny: TinyText, data: Dataset, tmp_path: Path) -> None:
     patched, _ = patch_model(tiny.model)
     for kwargs, match in [
-        (dict(index=3, out_png=tmp_path / "x.png"), r"input index 3 is out of range; the set has 3 inputs \(0..2\)"),
+        (
+            dict(index=3, out_png=tmp_path / "x.png"),
+            r"input index 3 is out of range; the set has 3 inputs \(0..2\)",
+        ),
         (dict(index=0, out_png=tmp_path / "x.jpg"), "does not end in .png"),
         (dict(index=0, out_png=tmp_path / "no" / "x.png"), "does not exist; create it"),
     ]:
