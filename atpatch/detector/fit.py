@@ -1,0 +1,183 @@
+"""Fitting the per-layer over-attention detector from a debugging set, and calibrating it.
+
+Supervised: the key columns of the culprit positions (given, or found by `localize`) in
+misbehaving inputs are positives; every other unmasked column, of misbehaving and clean
+inputs, is a negative. Each layer gets a one-hidden-layer MLP over the op's column features,
+trained with a classification loss plus a contrastive one (benign columns pulled to their
+centre in the hidden space, culprit columns pushed at least a margin away), so it stays in
+the op's detector form. One-class: with clean inputs only, a column's score is the sum of its
+features' positive z-scores against the benign distribution.
+
+Either way, each layer's threshold is calibrated on held-out clean inputs so that the share
+of clean inputs with any flagged column stays within the target (split evenly over layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ops import spec
+from ..ops.reference import LayerDetector, column_features
+from .probe import AttentionProbe
+from .weights import Detector
+
+__all__ = ["ColumnSet", "FitReport", "calibrate", "collect_columns", "fit_one_class", "fit_supervised"]
+
+
+@dataclass
+class ColumnSet:
+    """Per layer: the features of every unmasked key column, which input it came from, and its label."""
+
+    features: list[np.ndarray]  # per layer [n_columns, NUM_FEATURES]
+    example: np.ndarray  # [n_columns] index of the input it belongs to
+    positive: np.ndarray  # [n_columns] bool: a culprit column
+
+
+@dataclass(frozen=True)
+class FitReport:
+    kind: str
+    positives: int
+    negatives: int
+    thresholds: list[float]
+    calibration_flag_rate: float  # share of calibration inputs with any flagged column
+    positive_recall: list[float]  # per layer: share of culprit columns above threshold
+
+
+def collect_columns(
+    probe: AttentionProbe,
+    feeds: dict[str, np.ndarray],
+    culprits: Sequence[Sequence[int] | None] | None = None,
+    batch_size: int = 64,
+) -> ColumnSet:
+    """Features of every unmasked key column of every input, batch by batch (maps are not kept)."""
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(probe.num_layers)]
+    example, positive = [], []
+    for part, out in probe.iter_batches(feeds, batch_size):
+        valid = out.before[0].max(axis=(1, 2)) > 0  # [B, K]: a column some query attends to
+        for layer, m in enumerate(out.before):
+            per_layer[layer].append(column_features(m)[valid])
+        rows, cols = np.nonzero(valid)
+        example.append(rows + part.start)
+        flags = np.zeros(valid.shape, dtype=bool)
+        for r in range(valid.shape[0]):
+            given = culprits[part.start + r] if culprits is not None else None
+            for p in given or ():
+                if p < valid.shape[1]:
+                    flags[r, p] = True
+        positive.append(flags[rows, cols])
+    return ColumnSet([np.concatenate(f) for f in per_layer], np.concatenate(example), np.concatenate(positive))
+
+
+def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = features.mean(axis=0)
+    std = features.std(axis=0)
+    return mean, np.where(std > 1e-6, std, 1.0)
+
+
+def _fold(w1: np.ndarray, b1: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights for raw features equal to `w1` applied to standardised ones."""
+    return (w1 / std[:, None]).astype(np.float32), (b1 - (mean / std) @ w1).astype(np.float32)
+
+
+def _train_layer(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> tuple[np.ndarray, ...]:
+    import torch
+
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+    lin1, lin2 = torch.nn.Linear(spec.NUM_FEATURES, hidden), torch.nn.Linear(hidden, 1)
+    params = [*lin1.parameters(), *lin2.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    pos_weight = torch.tensor(max(1.0, float((y == 0).sum()) / max(1.0, float(y.sum()))))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(yt)).split(4096):
+            h = torch.relu(lin1(xt[idx]))
+            logit = lin2(h).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, yt[idx], pos_weight=pos_weight)
+            benign, culprit = h[yt[idx] == 0], h[yt[idx] == 1]
+            if len(benign) and len(culprit):
+                centre = benign.mean(dim=0, keepdim=True)
+                pull = ((benign - centre) ** 2).sum(dim=1).mean()
+                push = torch.relu(1.0 - (culprit - centre).norm(dim=1)).pow(2).mean()
+                loss = loss + 0.1 * (pull + push)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return (
+            lin1.weight.T.numpy().copy(), lin1.bias.numpy().copy(),
+            lin2.weight[0].numpy().copy(), lin2.bias.numpy().copy(),
+        )
+
+
+def fit_supervised(train: ColumnSet, hidden: int = 8, epochs: int = 30, seed: int = 0) -> list[LayerDetector]:
+    """Per-layer detectors (threshold 0 until calibrated) from culprit and benign columns."""
+    if not train.positive.any():
+        raise ValueError("no culprit columns to learn from; give culprit spans or misbehaving inputs to localize")
+    layers = []
+    for layer, x in enumerate(train.features):
+        mean, std = _standardise(x)
+        w1, b1, w2, b2 = _train_layer((x - mean) / std, train.positive, hidden, epochs, seed + layer)
+        w1, b1 = _fold(w1, b1, mean, std)
+        layers.append(LayerDetector(w1, b1, w2.astype(np.float32), b2.astype(np.float32), 0.0))
+    return layers
+
+
+def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
+    """Per-layer detectors from clean columns only: sum of positive z-scores of the features."""
+    layers = []
+    for x in clean.features:
+        mean, std = _standardise(x)
+        w1, b1 = _fold(np.eye(spec.NUM_FEATURES, dtype=np.float32), np.zeros(spec.NUM_FEATURES, np.float32), mean, std)
+        layers.append(
+            LayerDetector(w1, b1, np.ones(spec.NUM_FEATURES, np.float32), np.zeros(1, np.float32), 0.0)
+        )
+    return layers
+
+
+def _max_score_per_input(columns: ColumnSet, layer: int, detector: LayerDetector, n_inputs: int) -> np.ndarray:
+    scores = _scores(columns.features[layer], detector)
+    best = np.full(n_inputs, -np.inf, dtype=np.float32)
+    np.maximum.at(best, columns.example, scores)
+    return best
+
+
+def _scores(features: np.ndarray, detector: LayerDetector) -> np.ndarray:
+    # reference.column_scores on features already computed (and flattened over inputs).
+    hidden = np.maximum(features @ detector.w1 + detector.b1, 0.0)
+    return (hidden @ detector.w2 + detector.b2).astype(np.float32)
+
+
+def calibrate(
+    layers: list[LayerDetector], calibration: ColumnSet, n_inputs: int, target_flag_rate: float = 0.005
+) -> list[LayerDetector]:
+    """Thresholds such that at most `target_flag_rate` of calibration inputs have any flagged column."""
+    per_layer = target_flag_rate / len(layers)
+    allowed = int(np.floor(per_layer * n_inputs))  # inputs each layer may flag
+    calibrated = []
+    for layer, detector in enumerate(layers):
+        best = np.sort(_max_score_per_input(calibration, layer, detector, n_inputs))[::-1]
+        top = float(best[allowed])  # the highest score that must not be flagged
+        threshold = float(np.nextafter(np.float32(top), np.float32(np.inf)))
+        calibrated.append(LayerDetector(detector.w1, detector.b1, detector.w2, detector.b2, threshold))
+    return calibrated
+
+
+def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration: ColumnSet, n_cal: int) -> FitReport:
+    flagged = np.zeros(n_cal, dtype=bool)
+    recall = []
+    for layer, detector in enumerate(layers):
+        flagged |= _max_score_per_input(calibration, layer, detector, n_cal) > detector.threshold
+        pos = train.features[layer][train.positive]
+        recall.append(float((_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
+    return FitReport(
+        kind, int(train.positive.sum()), int((~train.positive).sum()), [lay.threshold for lay in layers],
+        float(flagged.mean()), recall,
+    )
+
+
+def build_detector(layers: list[LayerDetector], kind: str, fingerprint: str) -> Detector:
+    return Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)
+
