@@ -108,3 +108,28 @@ def test_dynamo_gpt2_at_opset_17_is_refused_with_the_working_setting(hf_folder) 
 
     with pytest.raises(AtPatchError, match="--opset 18"):
         export_hf(hf_folder("gpt2"), opset=17, dynamo=True)
+
+
+def test_export_past_tolerance_raises_a_typed_error_naming_the_output(hf_folder, monkeypatch) -> None:  # noqa: ANN001
+    import dataclasses
+
+    from atpatch.errors import ExportValidationError
+    from atpatch.exporter import hf
+    from atpatch.exporter.families import family_for
+
+    strict = dataclasses.replace(family_for("bert"), atol=-1.0)  # no difference can pass
+    monkeypatch.setattr(hf, "family_for", lambda _: strict)
+    with pytest.raises(ExportValidationError, match="ONNX output 'logits' differs from PyTorch by"):
+        hf.export_hf(hf_folder("bert"))
+
+
+def test_export_command_from_a_hf_folder_validates_and_patches(hf_folder, tmp_path, capsys) -> None:  # noqa: ANN001
+    from atpatch.cli import export_main
+
+    out = tmp_path / "vit.patched.onnx"
+    assert export_main(["--hf", str(hf_folder("vit")), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "validated: logits max |ONNX - PyTorch|" in text and "patched 2 attention layers (4 heads)" in text
+    patched = onnx.load(str(out))
+    onnx.checker.check_model(patched, full_check=True)
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == NUM_LAYERS
