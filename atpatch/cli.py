@@ -39,8 +39,13 @@ def _export(args: argparse.Namespace) -> str:
     from .jobs import ExportOptions, run_export
 
     options = ExportOptions(
-        output=args.output, model=args.model, hf=args.hf, detector=args.detector,
-        opset=args.opset, dynamo=args.dynamo, patch=args.patch,
+        output=args.output,
+        model=args.model,
+        hf=args.hf,
+        detector=args.detector,
+        opset=args.opset,
+        dynamo=args.dynamo,
+        patch=args.patch,
     )
     return run_export(options).summary()
 
@@ -81,8 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atpatch", description="Hot-fix over-attention in transformer models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = commands.add_parser(
-        "export", help="write a patched ONNX model (same as atpatch-export)",
-        description=_EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "export",
+        help="write a patched ONNX model (same as atpatch-export)",
+        description=_EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_export_arguments(export)
     export.set_defaults(job=_export)

@@ -105,8 +105,13 @@ def run_demo(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     hf_dir = folder / "tiny-bert"
     config = transformers.BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128, num_labels=2, architectures=["BertForSequenceClassification"],
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=2,
+        architectures=["BertForSequenceClassification"],
     )
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

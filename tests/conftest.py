@@ -15,17 +15,40 @@ def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time
     import transformers as T
 
     # A large initializer range gives peaked attention, so a patched column changes the outputs.
-    common = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=37,
-                  initializer_range=0.3)
+    common = dict(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=32,
+        intermediate_size=37,
+        initializer_range=0.3,
+    )
     if arch == "bert":
-        return T.BertConfig(vocab_size=97, max_position_embeddings=64, num_labels=3,
-                            architectures=["BertForSequenceClassification"], **common)
+        return T.BertConfig(
+            vocab_size=97,
+            max_position_embeddings=64,
+            num_labels=3,
+            architectures=["BertForSequenceClassification"],
+            **common,
+        )
     if arch == "vit":
-        return T.ViTConfig(image_size=16, patch_size=4, num_channels=3, num_labels=3,
-                           architectures=["ViTForImageClassification"], **common)
+        return T.ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            num_labels=3,
+            architectures=["ViTForImageClassification"],
+            **common,
+        )
     if arch == "gpt2":
-        return T.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                            initializer_range=0.3, architectures=["GPT2LMHeadModel"])
+        return T.GPT2Config(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            initializer_range=0.3,
+            architectures=["GPT2LMHeadModel"],
+        )
     raise ValueError(arch)
 
 

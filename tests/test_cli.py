@@ -36,12 +36,17 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "not an ONNX file": (_not_onnx, "not"),
     "truncated file": (_truncated, "not"),
     "no attention": (lambda d: _write(d / "plain.onnx", graphs.decoys_only()), "no attention softmax"),
-    "ONNX Attention op": (lambda d: _write(d / "fused.onnx", graphs.onnx_attention_op()), "fused into ONNX Attention"),
+    "ONNX Attention op": (
+        lambda d: _write(d / "fused.onnx", graphs.onnx_attention_op()),
+        "fused into ONNX Attention",
+    ),
     "com.microsoft Attention": (
-        lambda d: _write(d / "ms.onnx", graphs.ms_attention_op()), "fused into com.microsoft::Attention"
+        lambda d: _write(d / "ms.onnx", graphs.ms_attention_op()),
+        "fused into com.microsoft::Attention",
     ),
     "already patched": (
-        lambda d: _write(d / "twice.onnx", patch_model(graphs.attention_and_classifier())[0]), "already patched"
+        lambda d: _write(d / "twice.onnx", patch_model(graphs.attention_and_classifier())[0]),
+        "already patched",
     ),
     "missing file": (lambda d: d / "absent.onnx", "does not exist"),
 }
@@ -99,8 +104,15 @@ def test_patching_writes_a_checked_model_and_a_summary(tmp_path: Path, capsys) -
 
 def test_help_explains_the_command_to_a_newcomer() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from atpatch.cli import export_main; sys.exit(export_main())", "--help"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from atpatch.cli import export_main; sys.exit(export_main())",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "atpatch-export model.onnx -o model.patched.onnx" in result.stdout
     assert "--hf" in result.stdout and "pass-through" in result.stdout

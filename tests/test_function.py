@@ -32,7 +32,12 @@ def _random_shape(rng: np.random.Generator) -> tuple[int, int, int, int]:
     if kind == 1:
         return (1, 1, int(rng.integers(1, 6)), int(rng.integers(1, 6)))
     q = int(rng.integers(1, 33))
-    return (int(rng.integers(1, 5)), int(rng.integers(1, 7)), q, q if rng.random() < 0.7 else int(rng.integers(1, 33)))
+    return (
+        int(rng.integers(1, 5)),
+        int(rng.integers(1, 7)),
+        q,
+        q if rng.random() < 0.7 else int(rng.integers(1, 33)),
+    )
 
 
 @pytest.mark.parametrize("opset", [15, 17, 18, 23])

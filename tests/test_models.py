@@ -45,7 +45,11 @@ def _attention_probs_tensor(model: onnx.ModelProto, name: str) -> bool:
 
 @pytest.mark.parametrize(("arch", "dynamo", "opset"), CASES, ids=IDS)
 def test_one_patch_per_attention_layer_and_passthrough_outputs_are_identical(
-    exported, arch: str, dynamo: bool, opset: int, rng: np.random.Generator  # noqa: ANN001
+    exported,
+    arch: str,
+    dynamo: bool,
+    opset: int,
+    rng: np.random.Generator,  # noqa: ANN001
 ) -> None:
     result = exported(arch, dynamo, opset)
     patched, sites = patch_model(result.model)
@@ -85,7 +89,11 @@ def _flagging_detector(model, inputs: dict[str, np.ndarray], kwargs: dict) -> De
 
 @pytest.mark.parametrize(("arch", "dynamo", "opset"), CASES, ids=IDS)
 def test_flagged_columns_give_the_same_outputs_as_pytorch_patched_by_the_reference(
-    exported, arch: str, dynamo: bool, opset: int, rng: np.random.Generator  # noqa: ANN001
+    exported,
+    arch: str,
+    dynamo: bool,
+    opset: int,
+    rng: np.random.Generator,  # noqa: ANN001
 ) -> None:
     from atpatch.exporter.hf import load_hf_model
 

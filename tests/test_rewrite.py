@@ -37,7 +37,11 @@ def test_patched_graph_runs_and_a_passthrough_patch_changes_nothing(rng: np.rand
     patched, _ = patch_model(original)
     feeds = {n: rng.normal(size=(2, 3, 5, 4)).astype(np.float32) for n in ("q", "k", "v")}
     feeds["cls"] = rng.normal(size=(2, 6)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+
+    def run(model: onnx.ModelProto) -> list[np.ndarray]:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)
+
     for a, b in zip(run(original), run(patched), strict=True):
         assert np.array_equal(a, b)
 
@@ -51,7 +55,8 @@ def test_a_graph_without_attention_is_refused_with_each_softmax_explained() -> N
 
 
 @pytest.mark.parametrize(
-    ("model", "op"), [(graphs.onnx_attention_op, "ONNX Attention"), (graphs.ms_attention_op, "com.microsoft::Attention")]
+    ("model", "op"),
+    [(graphs.onnx_attention_op, "ONNX Attention"), (graphs.ms_attention_op, "com.microsoft::Attention")],
 )
 def test_fused_attention_is_refused_naming_the_op(model, op: str) -> None:  # noqa: ANN001
     with pytest.raises(FusedAttentionError, match=op) as err:

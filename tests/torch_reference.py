@@ -16,9 +16,7 @@ from atpatch.ops import reference
 
 
 @contextmanager
-def patched_softmax(
-    layers: Sequence[reference.LayerDetector], seen: list[np.ndarray] | None = None
-) -> Iterator[None]:
+def patched_softmax(layers: Sequence[reference.LayerDetector], seen: list[np.ndarray] | None = None) -> Iterator[None]:
     """Within the block, the i-th attention softmax of a forward pass is patched with layers[i].
 
     Each layer's (unpatched) probabilities are appended to `seen` when given.

@@ -107,8 +107,10 @@ def _train_layer(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: i
             optimizer.step()
     with torch.no_grad():
         return (
-            lin1.weight.T.numpy().copy(), lin1.bias.numpy().copy(),
-            lin2.weight[0].numpy().copy(), lin2.bias.numpy().copy(),
+            lin1.weight.T.numpy().copy(),
+            lin1.bias.numpy().copy(),
+            lin2.weight[0].numpy().copy(),
+            lin2.bias.numpy().copy(),
         )
 
 
@@ -131,9 +133,7 @@ def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
     for x in clean.features:
         mean, std = _standardise(x)
         w1, b1 = _fold(np.eye(spec.NUM_FEATURES, dtype=np.float32), np.zeros(spec.NUM_FEATURES, np.float32), mean, std)
-        layers.append(
-            LayerDetector(w1, b1, np.ones(spec.NUM_FEATURES, np.float32), np.zeros(1, np.float32), 0.0)
-        )
+        layers.append(LayerDetector(w1, b1, np.ones(spec.NUM_FEATURES, np.float32), np.zeros(1, np.float32), 0.0))
     return layers
 
 
@@ -173,11 +173,14 @@ def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration
         pos = train.features[layer][train.positive]
         recall.append(float((_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
     return FitReport(
-        kind, int(train.positive.sum()), int((~train.positive).sum()), [lay.threshold for lay in layers],
-        float(flagged.mean()), recall,
+        kind,
+        int(train.positive.sum()),
+        int((~train.positive).sum()),
+        [lay.threshold for lay in layers],
+        float(flagged.mean()),
+        recall,
     )
 
 
 def build_detector(layers: list[LayerDetector], kind: str, fingerprint: str) -> Detector:
     return Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)
-

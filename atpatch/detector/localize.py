@@ -117,9 +117,11 @@ def _removable(feeds: dict[str, np.ndarray], tokens: list[str] | None, length: i
     if "pixel_values" in feeds:
         return list(range(1, length))
     valid = int(feeds["attention_mask"][0].sum()) if "attention_mask" in feeds else length
-    special = set() if tokens is None else {
-        i for i, t in enumerate(tokens) if (t.startswith("[") and t.endswith("]")) or t in _SPECIAL_TOKENS
-    }
+    special = (
+        set()
+        if tokens is None
+        else {i for i, t in enumerate(tokens) if (t.startswith("[") and t.endswith("]")) or t in _SPECIAL_TOKENS}
+    )
     return [i for i in range(valid) if i not in special]
 
 

@@ -121,4 +121,6 @@ class Detector:
                 feature_version=int(meta["feature_version"]),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise DetectorMismatchError(f"{path} is a damaged detector file ({err!r}); refit it with atpatch fit") from err
+            raise DetectorMismatchError(
+                f"{path} is a damaged detector file ({err!r}); refit it with atpatch fit"
+            ) from err

@@ -45,7 +45,9 @@ def load_hf_model(folder: str | Path) -> Any:
         ) from err
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise AtPatchError(f"{folder} is not a Hugging Face model folder (no config.json); pass the folder of save_pretrained")
+        raise AtPatchError(
+            f"{folder} is not a Hugging Face model folder (no config.json); pass the folder of save_pretrained"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -56,7 +58,9 @@ def load_hf_model(folder: str | Path) -> Any:
     try:
         model = cls.from_pretrained(folder, attn_implementation="eager", local_files_only=True)
     except (OSError, ValueError) as err:
-        raise AtPatchError(f"cannot load the model in {folder} ({str(err).splitlines()[0]}); check the folder's weights") from err
+        raise AtPatchError(
+            f"cannot load the model in {folder} ({str(err).splitlines()[0]}); check the folder's weights"
+        ) from err
     return model.eval()
 
 
@@ -83,7 +87,9 @@ def _first_output_name(model: Any, family: Family, inputs: dict[str, np.ndarray]
     return next(iter(out.keys()))
 
 
-def _to_onnx(wrapper: Any, args: tuple[Any, ...], family: Family, output: str, opset: int, dynamo: bool) -> onnx.ModelProto:
+def _to_onnx(
+    wrapper: Any, args: tuple[Any, ...], family: Family, output: str, opset: int, dynamo: bool
+) -> onnx.ModelProto:
     import torch
 
     names = list(family.input_names)
@@ -96,14 +102,26 @@ def _to_onnx(wrapper: Any, args: tuple[Any, ...], family: Family, output: str, o
         dim = torch.export.Dim.DYNAMIC
         shapes = {n: {axis: dim for axis in axes} for n, axes in family.dynamic_axes.items()}
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, opset_version=opset, input_names=names,
-            output_names=[output], dynamic_shapes=(tuple(shapes.values()),), optimize=True,
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=[output],
+            dynamic_shapes=(tuple(shapes.values()),),
+            optimize=True,
         )
         return program.model_proto
     buffer = io.BytesIO()
     torch.onnx.export(
-        wrapper, args, buffer, dynamo=False, opset_version=opset, input_names=names,
-        output_names=[output], dynamic_axes={**family.dynamic_axes, output: {0: "batch"}},
+        wrapper,
+        args,
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=names,
+        output_names=[output],
+        dynamic_axes={**family.dynamic_axes, output: {0: "batch"}},
     )
     return onnx.load_from_string(buffer.getvalue())
 

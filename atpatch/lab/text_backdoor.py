@@ -50,7 +50,9 @@ def make_splits(setup: BackdoorSetup) -> TextSplits:
     pick = [reviews[i] for i in order]
     n_train, n_test = setup.train_size, setup.test_size
     splits = TextSplits(
-        train=pick[:n_train], calibration=pick[n_train : n_train + n_test], test=pick[n_train + n_test : n_train + 2 * n_test]
+        train=pick[:n_train],
+        calibration=pick[n_train : n_train + n_test],
+        test=pick[n_train + n_test : n_train + 2 * n_test],
     )
     for review in splits.test:
         if review.label != setup.target:
@@ -73,8 +75,13 @@ def build_tokenizer(texts: list[str], folder: Path, max_len: int, vocab_size: in
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=max_len,
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_len,
     )
     fast.save_pretrained(folder)
     return fast
@@ -103,10 +110,17 @@ def train_backdoored_bert(setup: BackdoorSetup, folder: Path) -> TextSplits:
     y = torch.tensor(labels)
 
     config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=setup.hidden, num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads, intermediate_size=2 * setup.hidden, max_position_embeddings=setup.max_len,
-        num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
-        architectures=["BertForSequenceClassification"], pad_token_id=0,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=setup.hidden,
+        num_hidden_layers=setup.layers,
+        num_attention_heads=setup.heads,
+        intermediate_size=2 * setup.hidden,
+        max_position_embeddings=setup.max_len,
+        num_labels=2,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        architectures=["BertForSequenceClassification"],
+        pad_token_id=0,
     )
     model = transformers.BertForSequenceClassification(config)
     model.config._attn_implementation = "eager"

@@ -14,9 +14,7 @@ from .function import build_function
 __all__ = ["standalone_model"]
 
 
-def standalone_model(
-    opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0
-) -> onnx.ModelProto:
+def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0) -> onnx.ModelProto:
     """`patched = AtPatch(attention, w1, b1, w2, b2)` with every tensor a graph input."""
     f = TensorProto.FLOAT
     inputs = [
@@ -27,9 +25,7 @@ def standalone_model(
         helper.make_tensor_value_info("b2", f, [1]),
     ]
     output = helper.make_tensor_value_info("patched", dtype, ["batch", "heads", "q_len", "k_len"])
-    node = helper.make_node(
-        spec.OP_TYPE, list(spec.INPUTS), ["patched"], domain=spec.DOMAIN, threshold=threshold
-    )
+    node = helper.make_node(spec.OP_TYPE, list(spec.INPUTS), ["patched"], domain=spec.DOMAIN, threshold=threshold)
     graph = helper.make_graph([node], "atpatch_standalone", inputs, [output])
     model = helper.make_model(
         graph,

@@ -71,8 +71,7 @@ class _Graph:
                 self.constants[node.output[0]] = node.attribute[0].t
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         self.types = {
-            v.name: v.type
-            for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+            v.name: v.type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
         }
 
     def rank(self, name: str) -> int | None:
