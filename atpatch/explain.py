@@ -7,6 +7,7 @@ on the axis, and the predictions with and without the patch in the title.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,17 @@ def _position_names(dataset: Dataset, index: int, length: int) -> list[str]:
     return ["[CLS]"] + [f"patch {p}" for p in range(length - 1)]
 
 
-def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str | Path) -> ExplainReport:
-    """Draw input `index` of `dataset` through the patched model to `out_png`; see the module docstring."""
+def explain(
+    patched: onnx.ModelProto,
+    dataset: Dataset,
+    index: int,
+    out_png: str | Path,
+    layers: Sequence[int] | None = None,
+) -> ExplainReport:
+    """Draw input `index` of `dataset` through the patched model to `out_png`; see the module docstring.
+
+    `layers` picks the layers to draw (default: all); the report lists flags of every layer.
+    """
     from .detector.probe import AttentionProbe, read_detector
     from .evaluate import flagged_columns
     from .modelio import atomic_output
@@ -117,6 +127,12 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
     feeds = {n: one.feeds[n] for n in probe.input_names}
     out = probe.run(feeds)
     assert out.after is not None  # a patched model always has maps after its AtPatch nodes
+    drawn = list(range(len(out.before))) if layers is None else [int(i) for i in layers]
+    bad = [i for i in drawn if not 0 <= i < len(out.before)]
+    if bad or not drawn:
+        raise AtPatchError(
+            f"layers {bad or drawn} are not layers of this model; choose among 0..{len(out.before) - 1}"
+        )
     before_logits = create_session(unpatched(patched)).run(None, feeds)[0]
     pred_after = int(np.asarray(out.outputs[0]).reshape(1, -1).argmax())
     pred_before = int(np.asarray(before_logits).reshape(1, -1).argmax())
@@ -131,10 +147,13 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
 
     label_names = dataset.label_names
     title_name = lambda i: label_names[i] if 0 <= i < len(label_names) else str(i)  # noqa: E731
-    maps = [
-        (b[0, :, :length, :length].mean(axis=0), a[0, :, :length, :length].mean(axis=0))
-        for b, a in zip(out.before, out.after, strict=True)
-    ]
+    maps = {
+        i: (
+            out.before[i][0, :, :length, :length].mean(axis=0),
+            out.after[i][0, :, :length, :length].mean(axis=0),
+        )
+        for i in drawn
+    }
     title = (
         f"input {index} (label {title_name(int(one.labels[0]))}): predicted {title_name(pred_before)} "
         f"before patching, {title_name(pred_after)} after"
@@ -154,7 +173,7 @@ def explain(patched: onnx.ModelProto, dataset: Dataset, index: int, out_png: str
 
 
 def _draw(
-    maps: list[tuple[np.ndarray, np.ndarray]],
+    maps: dict[int, tuple[np.ndarray, np.ndarray]],
     flagged: dict[int, list[int]],
     names: list[str],
     title: str,
@@ -169,19 +188,22 @@ def _draw(
 
     length = len(names)
     cell = 0.22 if length <= _MAX_TICKS else max(0.03, 8.0 / length)
-    side = max(3.0, cell * length)
+    side = min(max(3.0, cell * length), 7.0)
     rows = len(maps)
+    height = rows * (side + 1.0) + 0.8
+    # Deep models make tall figures: lower the resolution so the PNG stays under ~12k pixels.
+    dpi = min(110.0, max(40.0, 12_000 / height))
     fig, axes = plt.subplots(
-        rows, 2, figsize=(2 * side + 2.2, rows * (side + 1.0) + 0.8), squeeze=False, constrained_layout=True
+        rows, 2, figsize=(2 * side + 2.2, height), squeeze=False, constrained_layout=True
     )
     fig.suptitle(title, fontsize=11)
-    for layer, (before, after) in enumerate(maps):
+    for row, (layer, (before, after)) in enumerate(maps.items()):
         cols = flagged.get(layer, [])
         # One colour scale per layer, so before and after compare directly; the power norm
         # keeps small weights visible next to the [CLS]/[SEP] sinks.
         vmax = float(max(before.max(), after.max(), 1e-6))
         for col, (what, image) in enumerate((("before patching", before), ("after patching", after))):
-            ax = axes[layer, col]
+            ax = axes[row, col]
             shown = ax.imshow(
                 image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest"
             )
@@ -216,5 +238,5 @@ def _draw(
                 ax.set_ylabel("query", fontsize=8)
             if col == 1:
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
-    fig.savefig(path, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=dpi)
     plt.close(fig)

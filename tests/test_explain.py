@@ -122,3 +122,13 @@ def test_explain_errors(tiny: TinyText, data: Dataset, tmp_path: Path) -> None:
     with pytest.raises(AtPatchError, match="explain needs the patched model"):
         explain(tiny.model, data, 0, tmp_path / "x.png")
     assert not list(tmp_path.iterdir())
+
+
+def test_chosen_layers_only_are_drawn(tiny: TinyText, data: Dataset, tmp_path: Path) -> None:
+    patched, _ = patch_model(tiny.model, feature_detector(2, "mass_max", 2.0))
+    both = explain(patched, data, 1, tmp_path / "both.png")
+    one = explain(patched, data, 1, tmp_path / "one.png", layers=[1])
+    assert one.flagged == both.flagged  # flags of every layer are reported either way
+    assert _png_size(one.png)[1] < 0.7 * _png_size(both.png)[1]  # but only one row is drawn
+    with pytest.raises(AtPatchError, match=r"layers \[2\] are not layers of this model; choose among 0..1"):
+        explain(patched, data, 1, tmp_path / "bad.png", layers=[0, 2])
