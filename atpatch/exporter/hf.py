@@ -111,12 +111,13 @@ def _to_onnx(
             dynamic_shapes=(tuple(shapes.values()),),
             optimize=True,
         )
+        assert program is not None  # dynamo=True always returns the program
         return program.model_proto
     buffer = io.BytesIO()
     torch.onnx.export(
         wrapper,
         args,
-        buffer,
+        buffer,  # type: ignore[arg-type]  # file objects are accepted
         dynamo=False,
         opset_version=opset,
         input_names=names,

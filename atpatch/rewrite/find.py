@@ -88,11 +88,8 @@ class _Graph:
         return d.dim_value if d.HasField("dim_value") else None
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
 def _scope(node: onnx.NodeProto) -> str:
@@ -207,7 +204,7 @@ def find_attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
             continue
         name = node.name or node.output[0]
         rank = g.rank(node.input[0])
-        axis = int(_attr(node, "axis", -1))  # type: ignore[arg-type]
+        axis = _int_attr(node, "axis", -1)
         if rank != 4:
             skipped.append(f"{name}: rank {rank if rank is not None else 'unknown'}, not a [B,H,Lq,Lk] map")
         elif axis not in (-1, 3):
