@@ -217,7 +217,7 @@ def _draw(
                         length,
                         fill=False,
                         edgecolor=_FLAG_COLOUR,
-                        linewidth=2.0,
+                        linewidth=2.0 if length <= _MAX_TICKS else 0.8,
                         clip_on=False,
                     )
                 )
