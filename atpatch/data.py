@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import AtPatchError
 
-__all__ = ["Dataset", "label_names_of", "load_jsonl", "load_npz", "save_jsonl"]
+__all__ = ["Dataset", "label_names_of", "load_groups", "load_jsonl", "load_npz", "save_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -253,6 +253,22 @@ def load_jsonl(path: str | Path, model_dir: str | Path, max_len: int | None = No
         tokens=tokens,
         label_names=names,
     )
+
+
+def load_groups(path: str | Path, field: str = "group") -> np.ndarray:
+    """The 0/1 `field` of every example in a JSONL file (e.g. the protected attribute), int64 [N],
+    aligned with `load_jsonl` of the same file; for the demographic-parity gap."""
+    path = Path(path)
+    values = []
+    for number, record in _read_records(path):
+        value = record.get(field)
+        if isinstance(value, bool):
+            value = int(value)
+        if value not in (0, 1) or not isinstance(value, int):
+            shown = "missing" if field not in record else repr(value)
+            raise AtPatchError(f'{path} line {number}: "{field}" is {shown}; give 0 or 1 on every line')
+        values.append(value)
+    return np.asarray(values, np.int64)
 
 
 def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:

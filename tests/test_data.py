@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from evalkit_models import tokenizer_folder, write_config
 
-from atpatch.data import load_jsonl, load_npz, save_jsonl
+from atpatch.data import load_groups, load_jsonl, load_npz, save_jsonl
 from atpatch.errors import AtPatchError
 
 pytest.importorskip("transformers")
@@ -176,3 +176,17 @@ def test_save_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
         {"text": "é", "label": 0}
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_groups_for_the_parity_gap(tmp_path: Path) -> None:
+    path = save_jsonl(
+        tmp_path / "d.jsonl", [{"text": "a", "label": 0, "group": 1}, {"text": "b", "label": 1, "g": True}]
+    )
+    with pytest.raises(AtPatchError, match=r'line 2: "group" is missing; give 0 or 1 on every line'):
+        load_groups(path)
+    path = save_jsonl(
+        tmp_path / "d.jsonl", [{"text": "a", "g": 0}, {"text": "b", "g": True}, {"text": "c", "g": 1}]
+    )
+    assert load_groups(path, "g").tolist() == [0, 1, 1]
+    with pytest.raises(AtPatchError, match=r'line 1: "g" is 2\.0'):
+        load_groups(save_jsonl(tmp_path / "e.jsonl", [{"g": 2.0}]), "g")
