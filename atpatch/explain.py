@@ -100,6 +100,10 @@ def explain(
     from .modelio import atomic_output
     from .runtime import create_session
 
+    try:
+        import matplotlib  # noqa: F401 - checked first, so a missing extra fails before any work
+    except ImportError as err:
+        raise AtPatchError("drawing attention maps needs matplotlib: pip install matplotlib") from err
     out_png = Path(out_png)
     if not 0 <= index < len(dataset):
         raise AtPatchError(
