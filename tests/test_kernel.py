@@ -27,7 +27,9 @@ DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 BIG_SHAPES = [(4, 12, 384, 384), (2, 12, 256, 256), (1, 12, 384, 384), (8, 4, 128, 96)]
 
 
-def session(dtype: type, native_kernel: bool, threshold: float = 0.0, opset: int = 17) -> ort.InferenceSession:
+def session(
+    dtype: type, native_kernel: bool, threshold: float = 0.0, opset: int = 17
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if native_kernel:
         options.register_custom_ops_library(str(LIBRARY))
@@ -54,7 +56,12 @@ def unchanged_rows(attention: np.ndarray, d: reference.LayerDetector) -> np.ndar
 
 def random_shape(rng: np.random.Generator, i: int) -> tuple[int, int, int, int]:
     if i % 100 == 99:
-        return (int(rng.integers(1, 4)), int(rng.integers(1, 13)), int(rng.integers(32, 129)), int(rng.integers(32, 129)))
+        return (
+            int(rng.integers(1, 4)),
+            int(rng.integers(1, 13)),
+            int(rng.integers(32, 129)),
+            int(rng.integers(32, 129)),
+        )
     if i < 4:  # the smallest maps first: every dimension 1
         return (1, 1, 1, 1 + i)
     return tuple(int(x) for x in rng.integers(1, [4, 5, 10, 14]))  # type: ignore[return-value]
@@ -189,3 +196,74 @@ def test_registered_kernel_runs_the_spec_domain_and_name(rng: np.random.Generato
     np.testing.assert_array_equal(sess.run(None, feeds(attention, d))[0], attention)
     with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary by version
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# --- choosing the kernel for a session (atpatch.runtime) -------------------------------------
+
+
+def _softmax_then_atpatch(dtype: int) -> onnx.ModelProto:
+    """Softmax -> AtPatch with no value_info: the type must be traced through the softmax."""
+    from onnx import helper
+
+    model = standalone_model(17, dtype, 0.0)
+    graph = model.graph
+    graph.input[0].name = "scores"
+    graph.node.insert(0, helper.make_node("Softmax", ["scores"], ["attention"], axis=-1))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("patched", dtype, None))
+    graph.output[0].type.tensor_type.ClearField("elem_type")
+    return model
+
+
+def test_session_uses_the_kernel_only_when_it_covers_the_model(monkeypatch, caplog) -> None:
+    from atpatch.runtime import session as session_module
+
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    cpu = ["CPUExecutionProvider"]
+    for dtype in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        assert native.coverage_problem(_softmax_then_atpatch(dtype), cpu) is None
+        assert session_module._choose_native(_softmax_then_atpatch(dtype), "cpu", cpu, None) == LIBRARY
+    double = _softmax_then_atpatch(TensorProto.DOUBLE)
+    assert "DOUBLE" in (native.coverage_problem(double, cpu) or "")
+    with caplog.at_level("WARNING", logger="atpatch"):
+        assert session_module._choose_native(double, "cpu", cpu, None) is None
+    assert "ONNX function" in caplog.text
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "CUDAExecutionProvider" in (
+        native.coverage_problem(_softmax_then_atpatch(TensorProto.FLOAT), cuda) or ""
+    )
+    assert native.coverage_problem(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), cpu)
+
+
+def test_env_var_forces_either_path(monkeypatch, rng: np.random.Generator) -> None:
+    from atpatch.errors import AtPatchError
+    from atpatch.runtime import create_session
+
+    model = standalone_model(17, TensorProto.FLOAT, 0.0)
+    attention = random_map(rng, (1, 2, 3, 4), "none")
+    d = with_flags(attention, random_detector(rng), "some", rng) or with_flags(
+        attention, random_detector(rng), "none", rng
+    )
+    for value in ("1", "0"):
+        monkeypatch.setenv(native.ENV_VAR, value)
+        out = create_session(model).run(None, feeds(attention, d))[0]
+        np.testing.assert_allclose(out, reference.atpatch(attention, d), rtol=0, atol=1e-6)
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    monkeypatch.setenv(native.LIBRARY_ENV_VAR, "/nonexistent/libatpatch_ops.so")
+    with pytest.raises(AtPatchError, match="not built"):
+        create_session(model)
+    monkeypatch.setenv(native.ENV_VAR, "1")
+    monkeypatch.delenv(native.LIBRARY_ENV_VAR)
+    with pytest.raises(AtPatchError, match=native.ENV_VAR):
+        create_session(_softmax_then_atpatch(TensorProto.DOUBLE))
+    monkeypatch.setenv(native.ENV_VAR, "maybe")
+    with pytest.raises(AtPatchError, match="not understood"):
+        create_session(model)
+
+
+def test_doctor_reports_the_kernel() -> None:
+    from atpatch.runtime.doctor import report
+
+    text = report()
+    assert "onnxruntime" in text and "CPUExecutionProvider" in text
+    assert "native kernel loadable: yes" in text
