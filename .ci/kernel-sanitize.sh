@@ -39,13 +39,19 @@ if [ ! -f "$asan_runtime" ]; then
   exit 1
 fi
 
+# libstdc++ is preloaded too: the python binary does not link it, and ASan's __cxa_throw
+# interceptor must find the real one at start-up (onnxruntime throws C++ exceptions).
+cxx_runtime="$("$CXX" -print-file-name=libstdc++.so.6)"
+preload="$asan_runtime"
+[ -f "$cxx_runtime" ] && preload="$asan_runtime $cxx_runtime"
+
 reports="$work/reports"
 mkdir -p "$reports"
 status=0
 (
   cd "$ROOT"
   export ATPATCH_NATIVE_LIBRARY="$lib"
-  export LD_PRELOAD="$asan_runtime"
+  export LD_PRELOAD="$preload"
   export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:alloc_dealloc_mismatch=0:log_path=$reports/asan"
   export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:log_path=$reports/ubsan"
   export PYTHONFAULTHANDLER=1
