@@ -67,9 +67,7 @@ def _config(model_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AtPatchError(
-            f"{path} is not valid JSON ({err}); re-save the model folder with save_pretrained"
-        ) from err
+        raise AtPatchError(f"{path} is not valid JSON ({err}); re-save the model folder with save_pretrained") from err
 
 
 def label_names_of(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -79,13 +77,9 @@ def label_names_of(config: Mapping[str, Any]) -> tuple[str, ...]:
         try:
             by_id = {int(k): str(v) for k, v in id2label.items()}
         except (TypeError, ValueError) as err:
-            raise AtPatchError(
-                f"config.json id2label has a non-integer id ({err}); fix the model's config"
-            ) from err
+            raise AtPatchError(f"config.json id2label has a non-integer id ({err}); fix the model's config") from err
         if sorted(by_id) != list(range(len(by_id))):
-            raise AtPatchError(
-                f"config.json id2label ids {sorted(by_id)} are not 0..n-1; fix the model's config"
-            )
+            raise AtPatchError(f"config.json id2label ids {sorted(by_id)} are not 0..n-1; fix the model's config")
         return tuple(by_id[i] for i in range(len(by_id)))
     n = int(config.get("num_labels", 2))
     return tuple(f"LABEL_{i}" for i in range(n))
@@ -118,8 +112,7 @@ def _spans(value: object, text: str, where: str) -> list[tuple[int, int]]:
         for s in value
     ):
         raise AtPatchError(
-            f"{where}: 'culprit' is {value!r}; "
-            "give a character span [start, end] or a list of spans [[s, e], ...]"
+            f"{where}: 'culprit' is {value!r}; give a character span [start, end] or a list of spans [[s, e], ...]"
         )
     spans = [(int(s), int(e)) for s, e in value]
     for s, e in spans:
@@ -142,8 +135,7 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AtPatchError(
-            f"cannot load a tokenizer from {model_dir} ({first}); "
-            "save it there with tokenizer.save_pretrained"
+            f"cannot load a tokenizer from {model_dir} ({first}); save it there with tokenizer.save_pretrained"
         ) from err
     if not getattr(tokenizer, "is_fast", False):
         raise AtPatchError(
@@ -156,9 +148,7 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
 
 def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
-        raise AtPatchError(
-            f"{path} does not exist or is not a file; pass a JSONL file with one example per line"
-        )
+        raise AtPatchError(f"{path} does not exist or is not a file; pass a JSONL file with one example per line")
     records = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -172,14 +162,10 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     f'each line must be one object like {{"text": "...", "label": 0}}'
                 ) from err
             if not isinstance(record, dict):
-                raise AtPatchError(
-                    f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}'
-                )
+                raise AtPatchError(f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}')
             records.append((number, record))
     if not records:
-        raise AtPatchError(
-            f'{path} has no examples; write one JSON object per line: {{"text": "...", "label": 0}}'
-        )
+        raise AtPatchError(f'{path} has no examples; write one JSON object per line: {{"text": "...", "label": 0}}')
     return records
 
 
@@ -227,21 +213,23 @@ def load_jsonl(path: str | Path, model_dir: str | Path, max_len: int | None = No
     # Models exported elsewhere may also take token_type_ids; evaluation feeds each model only
     # the inputs it declares, so carrying them costs nothing.
     type_ids = np.zeros_like(input_ids) if "token_type_ids" in enc else None
-    tokens, culprits = [], []
+    tokens: list[list[str]] = []
+    culprits: list[list[int] | None] = []
     for i, ids in enumerate(ids_list):
         input_ids[i, : len(ids)] = ids
         mask[i, : len(ids)] = 1
         if type_ids is not None:
             type_ids[i, : len(ids)] = enc["token_type_ids"][i]
         tokens.append(tokenizer.convert_ids_to_tokens(ids))
-        if spans[i] is None:
+        example_spans = spans[i]
+        if example_spans is None:
             culprits.append(None)
             continue
         offsets = enc["offset_mapping"][i]
         # A token belongs to the culprit when its characters overlap a span; special tokens
         # have the empty offset (0, 0) and never do. A span cut off by truncation gives [].
         culprits.append(
-            [p for p, (s, e) in enumerate(offsets) if e > s and any(s < ce and cs < e for cs, ce in spans[i])]
+            [p for p, (s, e) in enumerate(offsets) if e > s and any(s < ce and cs < e for cs, ce in example_spans)]
         )
     feeds = {"input_ids": input_ids, "attention_mask": mask}
     if type_ids is not None:
@@ -278,9 +266,7 @@ def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
     config = _config(model_dir)
     names = label_names_of(config)
     if not path.is_file():
-        raise AtPatchError(
-            f"{path} does not exist or is not a file; pass an .npz with pixel_values and labels"
-        )
+        raise AtPatchError(f"{path} does not exist or is not a file; pass an .npz with pixel_values and labels")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -299,33 +285,24 @@ def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
     pixels, labels = arrays["pixel_values"], arrays["labels"]
     channels = int(config.get("num_channels", pixels.shape[1] if pixels.ndim == 4 else 3))
     size = config.get("image_size")
-    if (
-        pixels.ndim != 4
-        or pixels.shape[1] != channels
-        or (size is not None and pixels.shape[2:] != (size, size))
-    ):
+    if pixels.ndim != 4 or pixels.shape[1] != channels or (size is not None and pixels.shape[2:] != (size, size)):
         want = f"[N, {channels}, {size}, {size}]" if size is not None else f"[N, {channels}, H, W]"
         raise AtPatchError(
             f"{path}: pixel_values has shape {pixels.shape}, the model needs {want}; resize/normalise first"
         )
     if not np.issubdtype(pixels.dtype, np.floating):
         raise AtPatchError(
-            f"{path}: pixel_values is {pixels.dtype}; "
-            "give normalised float32 values (as the image processor does)"
+            f"{path}: pixel_values is {pixels.dtype}; give normalised float32 values (as the image processor does)"
         )
     n = pixels.shape[0]
     if n == 0:
         raise AtPatchError(f"{path} has no images; pixel_values must have at least one row")
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise AtPatchError(
-            f"{path}: labels has shape {labels.shape} and type {labels.dtype}; give {n} integer labels"
-        )
+        raise AtPatchError(f"{path}: labels has shape {labels.shape} and type {labels.dtype}; give {n} integer labels")
     bad = labels[(labels < 0) | (labels >= len(names))]
     if bad.size:
         allowed = ", ".join(f"{i}={name!r}" for i, name in enumerate(names))
-        raise AtPatchError(
-            f"{path}: label {int(bad[0])} is not one of the model's labels; use one of {allowed}"
-        )
+        raise AtPatchError(f"{path}: label {int(bad[0])} is not one of the model's labels; use one of {allowed}")
     culprits: list[list[int] | None] = [None] * n
     if "culprit_patches" in arrays:
         patches = arrays["culprit_patches"]

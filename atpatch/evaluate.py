@@ -19,6 +19,7 @@ import onnx
 
 from .data import Dataset
 from .errors import AtPatchError
+from .ops.reference import LayerDetector, column_scores
 
 __all__ = ["EvalReport", "ModelMetrics", "evaluate", "flagged_columns"]
 
@@ -112,16 +113,14 @@ class EvalReport:
         return "\n".join(lines) + f"\n\n{counts} inputs\n"
 
 
-def flagged_columns(before: np.ndarray, layer: object) -> np.ndarray:
+def flagged_columns(before: np.ndarray, layer: LayerDetector) -> np.ndarray:
     """[B, Lk] bool: key columns the layer's detector flags, among columns that are not masked.
 
     A padded key column is all zeros; its features are zero and a detector may still score it
     above the threshold, but the op never touches it, so it does not count as flagged.
     """
-    from .ops.reference import column_scores
-
     valid = (np.asarray(before) > 0).any(axis=(1, 2))
-    return (column_scores(before, layer) > layer.threshold) & valid  # type: ignore[attr-defined]
+    return (column_scores(before, layer) > layer.threshold) & valid
 
 
 def _model_feeds(input_names: list[str], data: Dataset, which: str) -> dict[str, np.ndarray]:
@@ -150,7 +149,7 @@ class _Progress:
         self.bar = None
         if enabled and sys.stderr.isatty():
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
             except ImportError:  # no tqdm installed: no bar, same results
                 return
             self.bar = tqdm(total=total, unit="batch", desc="atpatch eval", file=sys.stderr)
@@ -168,8 +167,8 @@ class _Progress:
 @dataclass
 class _Run:
     logits: np.ndarray
-    flagged: np.ndarray | None  # [N] any column flagged in any layer (patched model only)
-    culprit_flagged: np.ndarray | None  # [N] any known culprit position flagged (patched only)
+    flagged: np.ndarray  # [N] any column flagged in any layer (all False for the original)
+    culprit_flagged: np.ndarray  # [N] any known culprit position flagged (likewise)
 
 
 def _batches(total: int, batch_size: int) -> Iterator[slice]:
@@ -185,7 +184,9 @@ def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Pro
     for part in _batches(len(data), batch_size):
         parts.append(_logits(session.run([out_name], {k: v[part] for k, v in feeds.items()})[0], "original"))
         bar.step(f"original/{which}")
-    return _Run(np.concatenate(parts), None, None)
+    logits = np.concatenate(parts)
+    none = np.zeros(len(logits), bool)  # the original model has no detector
+    return _Run(logits, none, none)
 
 
 def _run_patched(probe, detector, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
@@ -206,8 +207,7 @@ def _run_patched(probe, detector, data: Dataset, which: str, batch_size: int, ba
 def _check_aligned(name: str, data: Dataset | np.ndarray, clean: Dataset) -> None:
     if len(data) != len(clean):
         raise AtPatchError(
-            f"{name} has {len(data)} rows but the clean set has {len(clean)}; "
-            "it must be aligned row by row with it"
+            f"{name} has {len(data)} rows but the clean set has {len(clean)}; it must be aligned row by row with it"
         )
 
 
@@ -238,18 +238,14 @@ def evaluate(
     if triggered is not None and target is None:
         raise AtPatchError("triggered inputs need the backdoor's target label; pass target (e.g. --target 1)")
     if target is not None and clean.label_names and not 0 <= target < len(clean.label_names):
-        raise AtPatchError(
-            f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}"
-        )
+        raise AtPatchError(f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}")
     if counterfactual is not None:
         _check_aligned("the counterfactual set", counterfactual, clean)
     if group is not None:
         group = np.asarray(group).reshape(-1)
         _check_aligned("group", group, clean)
         if not np.isin(group, (0, 1)).all() or len(np.unique(group)) < 2:
-            raise AtPatchError(
-                "group must be 0/1 per clean input with both groups present; fix the group column"
-            )
+            raise AtPatchError("group must be 0/1 per clean input with both groups present; fix the group column")
     try:
         detector = read_detector(patched)
     except ValueError as err:
@@ -257,8 +253,8 @@ def evaluate(
             f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})"
         ) from err
 
-    sets = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
-    sets = {k: v for k, v in sets.items() if v is not None and len(v) > 0}
+    given = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
+    sets: dict[str, Dataset] = {k: v for k, v in given.items() if v is not None and len(v) > 0}
     steps = 2 * sum(-(-len(v) // batch_size) for v in sets.values())
     bar = _Progress(progress, steps)
     session = create_session(original)
@@ -287,19 +283,17 @@ def evaluate(
                 float((preds["triggered"][model][victims] == target).mean()) if victims.any() else None
             )
         if "counterfactual" in preds:
-            values["counterfactual_flip_rate"] = float(
-                (preds["counterfactual"][model] != preds["clean"][model]).mean()
-            )
+            values["counterfactual_flip_rate"] = float((preds["counterfactual"][model] != preds["clean"][model]).mean())
         if group is not None:
             positive = preds["clean"][model] == POSITIVE
             values["parity_gap"] = float(abs(positive[group == 1].mean() - positive[group == 0].mean()))
         if model == "patched":
-            values["flag_rate_clean"] = float(runs["clean"]["patched"].flagged.mean())  # type: ignore[union-attr]
-            if "triggered" in runs:
+            values["flag_rate_clean"] = float(runs["clean"]["patched"].flagged.mean())
+            if "triggered" in runs and triggered is not None:
                 t = runs["triggered"]["patched"]
-                values["flag_rate_triggered"] = float(t.flagged.mean())  # type: ignore[union-attr]
-                known = np.array([bool(c) for c in triggered.culprits])  # type: ignore[union-attr]
-                values["culprit_flag_rate"] = float(t.culprit_flagged[known].mean()) if known.any() else None  # type: ignore[index]
+                values["flag_rate_triggered"] = float(t.flagged.mean())
+                known = np.array([bool(c) for c in triggered.culprits])
+                values["culprit_flag_rate"] = float(t.culprit_flagged[known].mean()) if known.any() else None
         metrics[model] = ModelMetrics(**values)  # type: ignore[arg-type]
 
     same = (runs["clean"]["original"].logits == runs["clean"]["patched"].logits).all(axis=1)
@@ -313,5 +307,5 @@ def evaluate(
         target=target,
         label_names=clean.label_names,
         predictions=preds,
-        flags={which: pair["patched"].flagged for which, pair in runs.items() if which != "counterfactual"},  # type: ignore[misc]
+        flags={which: pair["patched"].flagged for which, pair in runs.items() if which != "counterfactual"},
     )

@@ -45,9 +45,7 @@ class ExplainReport:
         ]
         for layer, tokens in self.flagged_tokens.items():
             positions = self.flagged.get(layer, [])
-            shown = (
-                ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
-            )
+            shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
             lines.append(f"  layer {layer}: flagged {shown}")
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
@@ -60,9 +58,7 @@ def unpatched(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
-    bypass = {
-        n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE
-    }
+    bypass = {n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE}
     patch_nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     weights = {name for n in patch_nodes for name in n.input[1:]}
     kept = [n for n in graph.node if not (n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE)]
@@ -116,17 +112,14 @@ def explain(
     try:
         detector = read_detector(patched)
     except ValueError as err:
-        raise AtPatchError(
-            f"the model carries no AtPatch node; explain needs the patched model ({err})"
-        ) from err
+        raise AtPatchError(f"the model carries no AtPatch node; explain needs the patched model ({err})") from err
 
     one = dataset.subset([index])
     probe = AttentionProbe(patched)
     missing = [n for n in probe.input_names if n not in one.feeds]
     if missing:
         raise AtPatchError(
-            f"the model needs inputs {', '.join(missing)} the data lacks; "
-            "load the data with the model's own folder"
+            f"the model needs inputs {', '.join(missing)} the data lacks; load the data with the model's own folder"
         )
     feeds = {n: one.feeds[n] for n in probe.input_names}
     out = probe.run(feeds)
@@ -134,9 +127,7 @@ def explain(
     drawn = list(range(len(out.before))) if layers is None else [int(i) for i in layers]
     bad = [i for i in drawn if not 0 <= i < len(out.before)]
     if bad or not drawn:
-        raise AtPatchError(
-            f"layers {bad or drawn} are not layers of this model; choose among 0..{len(out.before) - 1}"
-        )
+        raise AtPatchError(f"layers {bad or drawn} are not layers of this model; choose among 0..{len(out.before) - 1}")
     before_logits = create_session(unpatched(patched)).run(None, feeds)[0]
     pred_after = int(np.asarray(out.outputs[0]).reshape(1, -1).argmax())
     pred_before = int(np.asarray(before_logits).reshape(1, -1).argmax())
@@ -197,9 +188,7 @@ def _draw(
     height = rows * (side + 1.0) + 0.8
     # Deep models make tall figures: lower the resolution so the PNG stays under ~12k pixels.
     dpi = min(110.0, max(40.0, 12_000 / height))
-    fig, axes = plt.subplots(
-        rows, 2, figsize=(2 * side + 2.2, height), squeeze=False, constrained_layout=True
-    )
+    fig, axes = plt.subplots(rows, 2, figsize=(2 * side + 2.2, height), squeeze=False, constrained_layout=True)
     fig.suptitle(title, fontsize=11)
     for row, (layer, (before, after)) in enumerate(maps.items()):
         cols = flagged.get(layer, [])
@@ -208,9 +197,7 @@ def _draw(
         vmax = float(max(before.max(), after.max(), 1e-6))
         for col, (what, image) in enumerate((("before patching", before), ("after patching", after))):
             ax = axes[row, col]
-            shown = ax.imshow(
-                image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest"
-            )
+            shown = ax.imshow(image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest")
             flag_text = f"{len(cols)} flagged" if cols else "nothing flagged"
             ax.set_title(f"layer {layer}, {what} ({flag_text})", fontsize=9)
             for p in cols:

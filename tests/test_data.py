@@ -146,9 +146,7 @@ def test_npz_images(tmp_path: Path) -> None:
         (["", "   "], r"has no examples"),
     ],
 )
-def test_bad_jsonl_says_where_and_how_to_fix(
-    model_dir: Path, tmp_path: Path, lines: list[str], match: str
-) -> None:
+def test_bad_jsonl_says_where_and_how_to_fix(model_dir: Path, tmp_path: Path, lines: list[str], match: str) -> None:
     path = _write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(AtPatchError, match=match) as info:
         load_jsonl(path, model_dir)
@@ -172,9 +170,7 @@ def test_missing_files_and_folders(model_dir: Path, tmp_path: Path) -> None:
 
 def test_save_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     path = save_jsonl(tmp_path / "d.jsonl", [{"text": "é", "label": 0}])
-    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
-        {"text": "é", "label": 0}
-    ]
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [{"text": "é", "label": 0}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
@@ -184,9 +180,7 @@ def test_groups_for_the_parity_gap(tmp_path: Path) -> None:
     )
     with pytest.raises(AtPatchError, match=r'line 2: "group" is missing; give 0 or 1 on every line'):
         load_groups(path)
-    path = save_jsonl(
-        tmp_path / "d.jsonl", [{"text": "a", "g": 0}, {"text": "b", "g": True}, {"text": "c", "g": 1}]
-    )
+    path = save_jsonl(tmp_path / "d.jsonl", [{"text": "a", "g": 0}, {"text": "b", "g": True}, {"text": "c", "g": 1}])
     assert load_groups(path, "g").tolist() == [0, 1, 1]
     with pytest.raises(AtPatchError, match=r'line 1: "g" is 2\.0'):
         load_groups(save_jsonl(tmp_path / "e.jsonl", [{"g": 2.0}]), "g")

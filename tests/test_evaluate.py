@@ -42,12 +42,9 @@ def sets(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     labels = rng.integers(0, 2, size=30).tolist()
     swap = {"he": "she", "she": "he", "his": "her", "her": "his"}
     clean = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
-    triggered = [
-        {"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)
-    ]
+    triggered = [{"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)]
     counter = [
-        {"text": " ".join(swap.get(w, w) for w in t.split()), "label": y}
-        for t, y in zip(texts, labels, strict=True)
+        {"text": " ".join(swap.get(w, w) for w in t.split()), "label": y} for t, y in zip(texts, labels, strict=True)
     ]
     return {
         name: load_jsonl(save_jsonl(folder / f"{name}.jsonl", rows), tiny.folder)
@@ -117,17 +114,13 @@ def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, D
     assert (clean.feeds["attention_mask"] == 0).any()  # the set is padded
     patched, _ = patch_model(tiny.model, flag_only_padding(2))
     # Only all-zero (padded) key columns score above the threshold: nothing real is flagged.
-    scores = column_scores(
-        AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0]
-    )
+    scores = column_scores(AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0])
     assert (scores[clean.feeds["attention_mask"] == 0] > 0).all()
     report = evaluate(tiny.model, patched, clean, batch_size=4, progress=False)
     assert report.patched.flag_rate_clean == 0.0 and report.identical_clean == 1.0
 
 
-def test_a_real_detector_flags_and_changes_what_the_reference_says(
-    tiny: TinyText, sets: dict[str, Dataset]
-) -> None:
+def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyText, sets: dict[str, Dataset]) -> None:
     detector = feature_detector(2, "mass_max", 3.5)
     patched, _ = patch_model(tiny.model, detector)
     clean, triggered = sets["clean"], sets["triggered"]

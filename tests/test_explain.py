@@ -46,9 +46,7 @@ def data(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 
 
 @pytest.mark.parametrize("index", [0, 2])
-def test_flagged_positions_are_the_reference_columns(
-    tiny: TinyText, data: Dataset, tmp_path: Path, index: int
-) -> None:
+def test_flagged_positions_are_the_reference_columns(tiny: TinyText, data: Dataset, tmp_path: Path, index: int) -> None:
     detector = feature_detector(2, "mass_max", 2.0)
     patched, _ = patch_model(tiny.model, detector)
     report = explain(patched, data, index, tmp_path / "x.png")
@@ -79,9 +77,7 @@ def test_unpatched_copy_computes_the_original(tiny: TinyText, data: Dataset) -> 
     patched, _ = patch_model(tiny.model, feature_detector(2, "mass_max", 2.0))
     bypass = unpatched(patched)
     feeds = dict(data.feeds)
-    assert np.array_equal(
-        create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0]
-    )
+    assert np.array_equal(create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0])
     assert len(patched.graph.node) > len(bypass.graph.node) == len(tiny.model.graph.node)
 
 
