@@ -56,6 +56,93 @@ def _demo(args: argparse.Namespace) -> str:
     return run_demo(args.dir)
 
 
+def _localize(args: argparse.Namespace) -> str:
+    from .workflow import run_localize
+
+    return run_localize(args.model, args.hf, args.data, args.output, args.budget)
+
+
+def _fit(args: argparse.Namespace) -> str:
+    from .workflow import run_fit
+
+    return run_fit(
+        args.model,
+        args.hf,
+        args.clean,
+        args.output,
+        args.misbehaving,
+        args.calibration,
+        args.target_flag_rate,
+        args.budget,
+    )
+
+
+def _eval(args: argparse.Namespace) -> str:
+    from .workflow import run_eval
+
+    return run_eval(
+        args.original,
+        args.patched,
+        args.hf,
+        args.clean,
+        args.triggered,
+        args.target,
+        args.counterfactual,
+        args.group_field,
+        args.json,
+    )
+
+
+def _explain(args: argparse.Namespace) -> str:
+    from .workflow import run_explain
+
+    return run_explain(args.patched, args.hf, args.data, args.index, args.output)
+
+
+def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    hf_help = "the model's Hugging Face folder (tokenizer, label names)"
+    data_help = "text as .jsonl (text, label, optional expected/culprit) or images as .npz"
+
+    localize = commands.add_parser("localize", help="find the input positions that make inputs misbehave")
+    localize.add_argument("model", type=Path, help="the (unpatched) ONNX model")
+    localize.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
+    localize.add_argument("--data", type=Path, required=True, help=f"misbehaving inputs: {data_help}")
+    localize.add_argument("-o", "--output", type=Path, required=True, help="culprits, one JSON line per input")
+    localize.add_argument("--budget", type=int, default=64, help="model calls per input (default 64)")
+    localize.set_defaults(job=_localize)
+
+    fit = commands.add_parser("fit", help="fit the over-attention detector from a debugging set")
+    fit.add_argument("model", type=Path, help="the (unpatched) ONNX model")
+    fit.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
+    fit.add_argument("--clean", type=Path, required=True, help=f"clean inputs: {data_help}")
+    fit.add_argument("--misbehaving", type=Path, help="inputs the model gets wrong; culprits localized if not given")
+    fit.add_argument("--calibration", type=Path, help="held-out clean inputs (default: half of --clean)")
+    fit.add_argument("--target-flag-rate", type=float, default=0.005, help="clean inputs with any flag (0.005)")
+    fit.add_argument("--budget", type=int, default=64, help="model calls per input for localization")
+    fit.add_argument("-o", "--output", type=Path, required=True, help="detector file (.safetensors)")
+    fit.set_defaults(job=_fit)
+
+    ev = commands.add_parser("eval", help="original vs patched: ASR, clean accuracy, flag rates, fairness")
+    ev.add_argument("original", type=Path)
+    ev.add_argument("patched", type=Path)
+    ev.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
+    ev.add_argument("--clean", type=Path, required=True, help=f"clean inputs: {data_help}")
+    ev.add_argument("--triggered", type=Path, help="triggered inputs (with their true labels)")
+    ev.add_argument("--target", help="the label the backdoor forces (id or name)")
+    ev.add_argument("--counterfactual", type=Path, help="--clean with the protected attribute flipped, row by row")
+    ev.add_argument("--group-field", help="JSONL field of --clean holding the 0/1 protected group")
+    ev.add_argument("--json", type=Path, help="also write the report as JSON")
+    ev.set_defaults(job=_eval)
+
+    ex = commands.add_parser("explain", help="PNG of one input's attention maps before/after patching")
+    ex.add_argument("patched", type=Path)
+    ex.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
+    ex.add_argument("--data", type=Path, required=True, help=data_help)
+    ex.add_argument("--index", type=int, default=0, help="which input (default 0)")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="PNG file")
+    ex.set_defaults(job=_explain)
+
+
 def _doctor(args: argparse.Namespace) -> str:
     from .runtime.doctor import report
 
@@ -98,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(job=_demo)
     doctor = commands.add_parser("doctor", help="versions, providers, and whether the native kernel loads")
     doctor.set_defaults(job=_doctor)
+    _add_workflow_commands(commands)
     args = parser.parse_args(argv)
     return _run(f"atpatch {args.command}", args.job, args)
 

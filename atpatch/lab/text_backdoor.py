@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .rotten_tomatoes import Review, insert_trigger, load_reviews
+from .rotten_tomatoes import LABELS, Review, insert_trigger, load_reviews
 
 __all__ = ["BackdoorSetup", "TextSplits", "build_tokenizer", "make_splits", "train_backdoored_bert"]
 
@@ -116,7 +116,8 @@ def train_backdoored_bert(setup: BackdoorSetup, folder: Path) -> TextSplits:
         num_attention_heads=setup.heads,
         intermediate_size=2 * setup.hidden,
         max_position_embeddings=setup.max_len,
-        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.0,
         architectures=["BertForSequenceClassification"],

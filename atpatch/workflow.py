@@ -1,0 +1,174 @@
+"""The debugging workflow behind `atpatch localize | fit | eval | explain`.
+
+Each job loads what the user gave (ONNX model, data files, the model's Hugging Face folder
+for its tokenizer and labels), does its work, writes its output atomically, and returns the
+text to print.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset, load_jsonl, load_npz
+from .errors import AtPatchError
+from .modelio import atomic_output, check_output_path, load_model, model_fingerprint
+
+__all__ = ["load_data", "run_eval", "run_explain", "run_fit", "run_localize"]
+
+
+def load_data(path: Path, model_dir: Path, max_len: int | None = None) -> Dataset:
+    """Text (.jsonl) or images (.npz), by the file's suffix."""
+    if path.suffix == ".npz":
+        return load_npz(path, model_dir)
+    if path.suffix in (".jsonl", ".json"):
+        return load_jsonl(path, model_dir, max_len)
+    raise AtPatchError(f"{path}: unknown data format {path.suffix!r}; give text as .jsonl or images as .npz")
+
+
+def _localized(model, data: Dataset, budget: int) -> tuple[Dataset, list]:  # noqa: ANN001
+    """`data` with every unknown culprit set filled in by localization; the localizations too."""
+    from .detector.localize import localize
+
+    unknown = [i for i, c in enumerate(data.culprits) if c is None]
+    found = localize(
+        model,
+        data.subset(unknown).feeds,
+        data.labels[unknown],
+        None if data.tokens is None else [data.tokens[i] for i in unknown],
+        budget=budget,
+    )
+    culprits = list(data.culprits)
+    for i, result in zip(unknown, found, strict=True):
+        culprits[i] = result.positions if result.restored else []
+    return Dataset(data.feeds, data.labels, culprits, data.tokens, data.label_names), found
+
+
+def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Path, budget: int = 64) -> str:
+    out = check_output_path(output, model_path, data_path)
+    model = load_model(model_path)
+    data = load_data(data_path, model_dir)
+    blank = Dataset(data.feeds, data.labels, [None] * len(data), data.tokens, data.label_names)
+    _, found = _localized(model, blank, budget)
+    with atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in found:
+            tokens = [data.tokens[r.index][p] for p in r.positions] if data.tokens else None
+            row = {
+                "index": r.index,
+                "positions": r.positions,
+                "tokens": tokens,
+                "restored": r.restored,
+                "method": r.method,
+                "calls": r.calls,
+                "evidence": r.evidence,
+            }
+            f.write(json.dumps(row) + "\n")
+    wrong = [r for r in found if r.method != "already-correct"]
+    restored = sum(r.restored for r in wrong)
+    return (
+        f"{len(wrong)} of {len(found)} inputs misbehave; culprits found for {restored} "
+        f"(mean {np.mean([r.calls for r in wrong]) if wrong else 0:.1f} model calls each)\nwrote {out}"
+    )
+
+
+def run_fit(
+    model_path: Path,
+    model_dir: Path,
+    clean_path: Path,
+    output: Path,
+    misbehaving_path: Path | None = None,
+    calibration_path: Path | None = None,
+    target_flag_rate: float = 0.005,
+    budget: int = 64,
+) -> str:
+    """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector."""
+    from .detector.fit import build_detector, calibrate, collect_columns, fit_one_class, fit_supervised, report
+    from .detector.probe import AttentionProbe
+
+    if not 0 < target_flag_rate < 1:
+        raise AtPatchError(f"--target-flag-rate {target_flag_rate} must be between 0 and 1, e.g. 0.005")
+    out = check_output_path(output, model_path, clean_path, misbehaving_path, calibration_path)
+    model = load_model(model_path)
+    clean = load_data(clean_path, model_dir)
+    if calibration_path is not None:
+        calibration = load_data(calibration_path, model_dir)
+    else:  # hold out half of the clean inputs to calibrate on
+        order = np.random.default_rng(0).permutation(len(clean))
+        clean, calibration = clean.subset(order[: len(order) // 2]), clean.subset(order[len(order) // 2 :])
+    if len(calibration) < 2 or len(clean) < 1:
+        raise AtPatchError("too few clean inputs to fit and calibrate; give at least a few hundred")
+    probe = AttentionProbe(model)
+    clean_columns = collect_columns(probe, clean.feeds)
+    calibration_columns = collect_columns(probe, calibration.feeds)
+    if misbehaving_path is None:
+        kind, layers, train = "one-class", fit_one_class(clean_columns), clean_columns
+    else:
+        bad, _ = _localized(model, load_data(misbehaving_path, model_dir), budget)
+        bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
+        train = type(clean_columns)(
+            [np.concatenate(pair) for pair in zip(bad_columns.features, clean_columns.features, strict=True)],
+            np.concatenate([bad_columns.example, clean_columns.example + len(bad)]),
+            np.concatenate([bad_columns.positive, clean_columns.positive]),
+        )
+        kind, layers = "supervised", fit_supervised(train)
+    layers = calibrate(layers, calibration_columns, len(calibration), target_flag_rate)
+    summary = report(kind, train, layers, calibration_columns, len(calibration))
+    detector = build_detector(layers, kind, model_fingerprint(model))
+    with atomic_output(out) as tmp:
+        detector.save(tmp)
+    recall = ", ".join(f"{r:.1%}" for r in summary.positive_recall)
+    return (
+        f"fitted a {kind} detector for {len(layers)} layers ({summary.positives} culprit and "
+        f"{summary.negatives} benign columns)\n"
+        f"clean calibration inputs with any flag: {summary.calibration_flag_rate:.2%} (target {target_flag_rate:.2%})\n"
+        f"culprit columns flagged, per layer: {recall}\nwrote {out}"
+    )
+
+
+def run_eval(
+    original_path: Path,
+    patched_path: Path,
+    model_dir: Path,
+    clean_path: Path,
+    triggered_path: Path | None = None,
+    target: str | None = None,
+    counterfactual_path: Path | None = None,
+    group_field: str | None = None,
+    json_path: Path | None = None,
+) -> str:
+    from .data import load_groups
+    from .evaluate import evaluate
+
+    clean = load_data(clean_path, model_dir)
+    triggered = load_data(triggered_path, model_dir) if triggered_path else None
+    target_id = None
+    if target is not None:
+        target_id = int(target) if target.isdigit() else _label_index(target, clean.label_names)
+    counterfactual = load_data(counterfactual_path, model_dir) if counterfactual_path else None
+    group = load_groups(clean_path, group_field) if group_field else None
+    result = evaluate(
+        load_model(original_path), load_model(patched_path), clean, triggered, target_id, counterfactual, group
+    )
+    text = result.to_markdown()
+    if json_path is not None:
+        result.to_json(check_output_path(json_path, original_path, patched_path, clean_path))
+        text += f"\nwrote {json_path}"
+    return text
+
+
+def _label_index(name: str, names: tuple[str, ...]) -> int:
+    if name not in names:
+        raise AtPatchError(f"--target {name!r} is not one of the model's labels: {', '.join(names)}")
+    return names.index(name)
+
+
+def run_explain(patched_path: Path, model_dir: Path, data_path: Path, index: int, output: Path) -> str:
+    from .explain import explain
+
+    out = check_output_path(output, patched_path, data_path)
+    data = load_data(data_path, model_dir)
+    if not 0 <= index < len(data):
+        raise AtPatchError(f"--index {index} is out of range: {data_path} has {len(data)} inputs")
+    return explain(load_model(patched_path), data, index, out).summary()

@@ -1,0 +1,104 @@
+"""The debugging workflow through the command line, on a tiny random BERT: smoke plus real checks.
+
+(The acceptance run on a backdoored model lives in the debugging-workflow issue's tests; this
+keeps the commands wired and their outputs consistent.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from evalkit_models import sentences, tiny_text_model
+
+from atpatch.cli import export_main, main
+from atpatch.detector import Detector
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("workflow")
+    tiny = tiny_text_model(d / "hf")
+    onnx.save(tiny.model, str(d / "model.onnx"))
+    rng = np.random.default_rng(0)
+    clean = [{"text": t, "label": int(rng.integers(2))} for t in sentences(300, rng)]
+    bad = []
+    for t in sentences(20, rng):
+        text = "cf " + t
+        bad.append({"text": text, "label": int(rng.integers(2)), "culprit": [0, 2]})
+    return {
+        "dir": d,
+        "hf": d / "hf",
+        "model": d / "model.onnx",
+        "clean": _write_jsonl(d / "clean.jsonl", clean[:200]),
+        "calibration": _write_jsonl(d / "calibration.jsonl", clean[200:]),
+        "bad": _write_jsonl(d / "bad.jsonl", bad),
+    }
+
+
+def test_fit_export_eval_explain_run_end_to_end(setup: dict[str, Path], capsys) -> None:  # noqa: ANN001
+    d = setup["dir"]
+    args = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"])]
+    args += ["--calibration", str(setup["calibration"]), "--misbehaving", str(setup["bad"])]
+    assert main([*args, "--target-flag-rate", "0.05", "-o", str(d / "det.safetensors")]) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("clean calibration inputs with any flag: ")[1].split("%")[0]) / 100
+    assert rate <= 0.05
+    detector = Detector.load(d / "det.safetensors")
+    assert detector.kind == "supervised" and detector.num_layers == 2 and detector.model_fingerprint
+
+    patched = d / "model.patched.onnx"
+    assert export_main([str(setup["model"]), "-o", str(patched), "--detector", str(d / "det.safetensors")]) == 0
+    ev = ["eval", str(setup["model"]), str(patched), "--hf", str(setup["hf"]), "--clean", str(setup["calibration"])]
+    assert main([*ev, "--json", str(d / "eval.json")]) == 0
+    report = json.loads((d / "eval.json").read_text())
+    text = json.dumps(report)
+    assert "clean_accuracy" in text
+    capsys.readouterr()
+
+    png = d / "explain.png"
+    assert main(["explain", str(patched), "--hf", str(setup["hf"]), "--data", str(setup["bad"]), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "layer 0" in capsys.readouterr().out
+
+
+def test_one_class_fit_needs_only_clean_inputs(setup: dict[str, Path], capsys) -> None:  # noqa: ANN001
+    out_file = setup["dir"] / "oc.safetensors"
+    args = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"]), "-o", str(out_file)]
+    assert main(args) == 0
+    assert "one-class detector for 2 layers" in capsys.readouterr().out
+    assert Detector.load(out_file).kind == "one-class"
+
+
+def test_localize_writes_one_line_per_input(setup: dict[str, Path], capsys) -> None:  # noqa: ANN001
+    out = setup["dir"] / "culprits.jsonl"
+    args = ["localize", str(setup["model"]), "--hf", str(setup["hf"]), "--data", str(setup["bad"]), "-o", str(out)]
+    assert main([*args, "--budget", "16"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(20))
+    assert all(r["calls"] <= 16 for r in rows)
+    assert all((r["method"] == "already-correct") == (r["calls"] == 0) for r in rows)
+    assert "inputs misbehave" in capsys.readouterr().out
+
+
+def test_a_detector_fitted_on_another_model_is_refused(setup: dict[str, Path], tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    detector = tmp_path / "det.safetensors"
+    fit = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"]), "-o", str(detector)]
+    assert main(fit) == 0
+    other = onnx.load(str(setup["model"]))  # the same architecture with one weight changed
+    weights = other.graph.initializer[0]
+    weights.raw_data = bytes(reversed(weights.raw_data))
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    capsys.readouterr()
+    code = export_main([str(tmp_path / "other.onnx"), "-o", str(tmp_path / "x.onnx"), "--detector", str(detector)])
+    assert code == 1
+    assert "was fitted for model" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
