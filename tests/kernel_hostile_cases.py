@@ -106,7 +106,8 @@ CASES: dict[str, Callable[[], str]] = {
     "rank5": lambda: expect_error({"attention": uniform((1, 2, 2, 5, 5)), **detector_feeds()}, "rank 4"),
     "rank0": lambda: expect_error({"attention": np.array(0.5, F32), **detector_feeds()}, "rank 4"),
     "w1_rows": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones((3, 3), F32))}, "w1 must be [4, hidden]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones((3, 3), F32))},
+        "w1 must be [4, hidden]",
     ),
     "w1_rank": lambda: expect_error(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones(12, F32))}, "w1 must be [4, hidden]"
@@ -134,15 +135,23 @@ CASES: dict[str, Callable[[], str]] = {
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.full((4, 3), np.nan, F32))}
     ),
     "inf_weights": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w2=np.full(3, np.inf, F32), b2=np.full(1, -np.inf, F32))}
+        {
+            "attention": uniform((1, 2, 3, 3)),
+            **detector_feeds(w2=np.full(3, np.inf, F32), b2=np.full(1, -np.inf, F32)),
+        }
     ),
     "negative_and_denormal": lambda: expect_output(
-        {"attention": np.array([[[[-1.0, 1e-45, 2.0, -0.0]]]], F32), **detector_feeds(b2=np.full(1, 5.0, F32))}
+        {
+            "attention": np.array([[[[-1.0, 1e-45, 2.0, -0.0]]]], F32),
+            **detector_feeds(b2=np.full(1, 5.0, F32)),
+        }
     ),
     "all_masked_rows": lambda: expect_output(
         {"attention": np.zeros((2, 2, 3, 4), F32), **detector_feeds(b2=np.full(1, 5.0, F32))}
     ),
-    "fp16_nan_inf": lambda: expect_output({"attention": _nan_map().astype(np.float16), **detector_feeds()}, dtype=np.float16),
+    "fp16_nan_inf": lambda: expect_output(
+        {"attention": _nan_map().astype(np.float16), **detector_feeds()}, dtype=np.float16
+    ),
     "zero_batch": lambda: expect_output({"attention": uniform((0, 2, 3, 3)), **detector_feeds()}),
     "zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds()}),
     "zero_q": lambda: expect_output({"attention": uniform((2, 2, 0, 3)), **detector_feeds()}),
@@ -150,13 +159,21 @@ CASES: dict[str, Callable[[], str]] = {
     "zero_hidden": lambda: expect_output(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=0, b2=np.full(1, 1.0, F32))}
     ),
-    "wide_hidden": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=200_000)}),
-    "threshold_huge": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=3e38),
-    "threshold_inf": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("inf")),
+    "wide_hidden": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=200_000)}
+    ),
+    "threshold_huge": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=3e38
+    ),
+    "threshold_inf": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("inf")
+    ),
     "threshold_minus_inf": lambda: expect_output(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("-inf")
     ),
-    "threshold_nan": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("nan")),
+    "threshold_nan": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("nan")
+    ),
     "fp64_attention": lambda: expect_session_refused(np.float64),
 }
 

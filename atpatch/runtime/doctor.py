@@ -62,7 +62,9 @@ def _native_status() -> list[str]:
         }
         out = session.run(None, feeds)[0]
         ok = np.array_equal(out, attention)
-        lines.append("  native kernel loadable: yes" + ("" if ok else " (BUT a pass-through run changed the input)"))
+        lines.append(
+            "  native kernel loadable: yes" + ("" if ok else " (BUT a pass-through run changed the input)")
+        )
     except Exception as err:  # noqa: BLE001
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         lines.append(f"  native kernel loadable: NO ({reason})")

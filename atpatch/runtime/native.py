@@ -135,8 +135,23 @@ def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | No
 # Ops whose output has the element type of the given input: enough to see through the
 # softmax (and the exporter's NaN guard) that feeds AtPatch without shape inference.
 _SAME_TYPE_AS_INPUT = {
-    "Softmax": 0, "LogSoftmax": 0, "Identity": 0, "Where": 1, "Add": 0, "Sub": 0, "Mul": 0, "Div": 0,
-    "MatMul": 0, "Relu": 0, "Dropout": 0, "Reshape": 0, "Transpose": 0, "Exp": 0, "Neg": 0, "Max": 0, "Min": 0,
+    "Softmax": 0,
+    "LogSoftmax": 0,
+    "Identity": 0,
+    "Where": 1,
+    "Add": 0,
+    "Sub": 0,
+    "Mul": 0,
+    "Div": 0,
+    "MatMul": 0,
+    "Relu": 0,
+    "Dropout": 0,
+    "Reshape": 0,
+    "Transpose": 0,
+    "Exp": 0,
+    "Neg": 0,
+    "Max": 0,
+    "Min": 0,
 }
 
 
@@ -185,5 +200,7 @@ def coverage_problem(model: onnx.ModelProto, providers: list[str]) -> str | None
         return "the attention type of some AtPatch node cannot be determined"
     bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})
     if bad:
-        return f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
+        return (
+            f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
+        )
     return None
