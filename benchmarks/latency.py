@@ -43,8 +43,12 @@ def export_bert(cache_dir: Path) -> Path:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=NUM_LAYERS, num_attention_heads=HEADS,
-        intermediate_size=4 * HIDDEN, max_position_embeddings=512,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN,
+        max_position_embeddings=512,
     )
     config._attn_implementation = "eager"  # explicit softmax: a fused SDPA would hide the probabilities
     model = BertModel(config).eval()
@@ -63,10 +67,18 @@ def export_bert(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.onnx.export(
-        Wrapper(model), (ids, mask), str(tmp), dynamo=False, opset_version=17,
-        input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                      "last_hidden_state": {0: "batch", 1: "seq"}},
+        Wrapper(model),
+        (ids, mask),
+        str(tmp),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"},
+        },
     )
     tmp.replace(path)  # atomic: an interrupted export never leaves a broken cache entry
     return path
@@ -88,8 +100,14 @@ def flagging_detector(num_layers: int) -> Detector:
     return Detector(layers=(layer,) * num_layers, kind="benchmark-flagging")
 
 
-def paired_ratios(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], warmup: int,
-                  runs: int, budget_s: float, seed: int = 0) -> tuple[float, dict[str, float], dict[str, float]]:
+def paired_ratios(
+    sessions: dict[str, ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+    warmup: int,
+    runs: int,
+    budget_s: float,
+    seed: int = 0,
+) -> tuple[float, dict[str, float], dict[str, float]]:
     """Median unpatched ms, and per variant the median over rounds of its time / unpatched time,
     for wall-clock time and for this process's CPU time (all onnxruntime threads).
 
@@ -113,6 +131,7 @@ def paired_ratios(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np
             times[names[i]].append(time.perf_counter() - t0)
             cpu[names[i]].append(time.process_time() - c0)
         rounds += 1
+
     def ratios(samples: dict[str, list[float]]) -> dict[str, float]:
         base = np.array(samples["unpatched"])
         return {k: float(np.median(np.array(v) / base)) for k, v in samples.items()}
@@ -123,8 +142,11 @@ def paired_ratios(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seq 128 only and fewer runs")
-    p.add_argument("--cache-dir", type=Path,
-                   default=Path(os.environ.get("ATPATCH_BENCH_CACHE", Path.home() / ".cache" / "atpatch-bench")))
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("ATPATCH_BENCH_CACHE", Path.home() / ".cache" / "atpatch-bench")),
+    )
     p.add_argument("--seq", type=int, nargs="*", help="sequence lengths (default 128 512)")
     p.add_argument("--batch", type=int, nargs="*", help="batch sizes (default 1 8)")
     p.add_argument("--runs", type=int, help="timed runs per variant (minimum)")
@@ -145,45 +167,67 @@ def main(argv: list[str] | None = None) -> int:
         assert len(sites) == NUM_LAYERS, f"expected {NUM_LAYERS} attention sites, found {len(sites)}"
 
     # A second, identical unpatched session measures the noise floor of a ratio on this machine.
-    sessions = {"unpatched": create_session(base, use_native=False, threads=args.threads),
-                "control": create_session(base, use_native=False, threads=args.threads)}
+    sessions = {
+        "unpatched": create_session(base, use_native=False, threads=args.threads),
+        "control": create_session(base, use_native=False, threads=args.threads),
+    }
     for det_name in detectors:
         sessions[f"native/{det_name}"] = create_session(models[det_name], use_native=True, threads=args.threads)
         sessions[f"function/{det_name}"] = create_session(models[det_name], use_native=False, threads=args.threads)
 
-    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, threads={args.threads or 'default'}, "
-          f"BERT-base {NUM_LAYERS}x{HIDDEN}x{HEADS}; ratio = median over rounds of variant/unpatched")
-    header = (f"{'seq':>4} {'batch':>5} {'unpatched ms':>12} | {'native pass':>11} {'native flag':>11} | "
-              f"{'func pass':>9} {'func flag':>9} | {'control':>7} | CPU-time ratios: {'nat pass':>8} {'nat flag':>8} "
-              f"{'fn pass':>8} {'fn flag':>8}")
+    print(
+        f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, threads={args.threads or 'default'}, "
+        f"BERT-base {NUM_LAYERS}x{HIDDEN}x{HEADS}; ratio = median over rounds of variant/unpatched"
+    )
+    header = (
+        f"{'seq':>4} {'batch':>5} {'unpatched ms':>12} | {'native pass':>11} {'native flag':>11} | "
+        f"{'func pass':>9} {'func flag':>9} | {'control':>7} | CPU-time ratios: {'nat pass':>8} {'nat flag':>8} "
+        f"{'fn pass':>8} {'fn flag':>8}"
+    )
     print(header)
     print("-" * len(header))
     worst = {"native": 0.0, "function": 0.0}
     rng = np.random.default_rng(0)
     for seq in seqs:
         for batch in batches:
-            feeds = {"input_ids": rng.integers(0, VOCAB, (batch, seq), dtype=np.int64),
-                     "attention_mask": np.ones((batch, seq), np.int64)}
+            feeds = {
+                "input_ids": rng.integers(0, VOCAB, (batch, seq), dtype=np.int64),
+                "attention_mask": np.ones((batch, seq), np.int64),
+            }
             # Sanity: the flagging detector changes outputs, the pass-through one does not.
             ref = sessions["unpatched"].run(None, feeds)[0]
-            assert np.array_equal(sessions["native/pass"].run(None, feeds)[0], ref), "native pass-through changed output"
-            assert not np.allclose(sessions["native/flag"].run(None, feeds)[0], ref), "flagging detector flagged nothing"
+            assert np.array_equal(sessions["native/pass"].run(None, feeds)[0], ref), (
+                "native pass-through changed output"
+            )
+            assert not np.allclose(sessions["native/flag"].run(None, feeds)[0], ref), (
+                "flagging detector flagged nothing"
+            )
             cost = seq * batch / 128  # ~ relative run time; big configs get fewer rounds
             unpatched_ms, r, rc = paired_ratios(
-                sessions, feeds, warmup=1 if cost >= 4 else 2,
-                runs=max(6, round(runs / cost)), budget_s=10 if args.quick else 30)
+                sessions,
+                feeds,
+                warmup=1 if cost >= 4 else 2,
+                runs=max(6, round(runs / cost)),
+                budget_s=10 if args.quick else 30,
+            )
             worst["native"] = max(worst["native"], r["native/pass"], r["native/flag"])
             worst["function"] = max(worst["function"], r["function/pass"], r["function/flag"])
-            print(f"{seq:>4} {batch:>5} {unpatched_ms:>12.1f} | {r['native/pass']:>10.3f}x {r['native/flag']:>10.3f}x | "
-                  f"{r['function/pass']:>8.3f}x {r['function/flag']:>8.3f}x | {r['control']:>6.3f}x | {'':>16} "
-                  f"{rc['native/pass']:>7.3f}x {rc['native/flag']:>7.3f}x {rc['function/pass']:>7.3f}x "
-                  f"{rc['function/flag']:>7.3f}x", flush=True)
+            print(
+                f"{seq:>4} {batch:>5} {unpatched_ms:>12.1f} | {r['native/pass']:>10.3f}x {r['native/flag']:>10.3f}x | "
+                f"{r['function/pass']:>8.3f}x {r['function/flag']:>8.3f}x | {r['control']:>6.3f}x | {'':>16} "
+                f"{rc['native/pass']:>7.3f}x {rc['native/flag']:>7.3f}x {rc['function/pass']:>7.3f}x "
+                f"{rc['function/flag']:>7.3f}x",
+                flush=True,
+            )
     ok_native = worst["native"] <= NATIVE_TARGET
     ok_function = worst["function"] <= FUNCTION_TARGET
     print("ratios: wall-clock (left) and process CPU time (right), each the median over rounds of variant/unpatched;")
     print("control = a second unpatched session: its distance from 1.000 is this machine's noise floor")
-    print(f"worst wall-clock: native {worst['native']:.3f}x (target <= {NATIVE_TARGET}x: {'met' if ok_native else 'MISSED'}); "
-          f"function {worst['function']:.3f}x (target <= {FUNCTION_TARGET}x: {'met' if ok_function else 'MISSED'})")
+    print(
+        f"worst wall-clock: native {worst['native']:.3f}x "
+        f"(target <= {NATIVE_TARGET}x: {'met' if ok_native else 'MISSED'}); "
+        f"function {worst['function']:.3f}x (target <= {FUNCTION_TARGET}x: {'met' if ok_function else 'MISSED'})"
+    )
     return 0
 
 

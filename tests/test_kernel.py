@@ -27,9 +27,7 @@ DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 BIG_SHAPES = [(4, 12, 384, 384), (2, 12, 256, 256), (1, 12, 384, 384), (8, 4, 128, 96)]
 
 
-def session(
-    dtype: type, native_kernel: bool, threshold: float = 0.0, opset: int = 17
-) -> ort.InferenceSession:
+def session(dtype: type, native_kernel: bool, threshold: float = 0.0, opset: int = 17) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if native_kernel:
         options.register_custom_ops_library(str(LIBRARY))
@@ -229,9 +227,7 @@ def test_session_uses_the_kernel_only_when_it_covers_the_model(monkeypatch, capl
         assert session_module._choose_native(double, "cpu", cpu, None) is None
     assert "ONNX function" in caplog.text
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert "CUDAExecutionProvider" in (
-        native.coverage_problem(_softmax_then_atpatch(TensorProto.FLOAT), cuda) or ""
-    )
+    assert "CUDAExecutionProvider" in (native.coverage_problem(_softmax_then_atpatch(TensorProto.FLOAT), cuda) or "")
     assert native.coverage_problem(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), cpu)
 
 

@@ -40,9 +40,10 @@ def _native_status() -> list[str]:
     lines.append(f"  native kernel: built ({library})")
     try:
         info = native.library_info(library)
+        dtypes = info["dtypes"]
         lines.append(
             f"  native kernel contract: {info['domain']}::{info['op_type']} v{info['version']}, "
-            f"dtypes {'/'.join(info['dtypes'])}, built for ORT API {info['ort_api_version']}"
+            f"dtypes {'/'.join(map(str, dtypes)) if isinstance(dtypes, list) else dtypes}, built for ORT API {info['ort_api_version']}"
         )
     except Exception as err:  # noqa: BLE001
         lines.append(f"  native kernel contract: unreadable ({type(err).__name__}: {err})")
@@ -62,9 +63,7 @@ def _native_status() -> list[str]:
         }
         out = session.run(None, feeds)[0]
         ok = np.array_equal(out, attention)
-        lines.append(
-            "  native kernel loadable: yes" + ("" if ok else " (BUT a pass-through run changed the input)")
-        )
+        lines.append("  native kernel loadable: yes" + ("" if ok else " (BUT a pass-through run changed the input)"))
     except Exception as err:  # noqa: BLE001
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         lines.append(f"  native kernel loadable: NO ({reason})")

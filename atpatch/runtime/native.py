@@ -6,6 +6,7 @@ and does not fall back to the model's ONNX function for providers or types it la
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -122,10 +123,9 @@ def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | No
         for init in light.graph.initializer:
             init.ClearField("raw_data")
             init.ClearField("float_data")
-        try:
+        # An unreadable graph just means "unknown": the function runs.
+        with contextlib.suppress(Exception):
             types.update(_known_types(onnx.shape_inference.infer_shapes(light, strict_mode=False).graph))
-        except Exception:  # noqa: BLE001 - an unreadable graph just means "unknown"
-            pass
     found: list[int | None] = [types.get(n.input[0]) if n.input else None for n in nodes]
     if nested:
         found.append(None)
@@ -180,9 +180,9 @@ def _known_types(graph: onnx.GraphProto) -> dict[str, int]:
             types[vi.name] = vi.type.tensor_type.elem_type
     for node in graph.node:
         # AtPatch's output has its input's type: a typed output tells the input's type.
-        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE and node.output and node.input:
-            if node.output[0] in types and node.input[0] not in types:
-                types[node.input[0]] = types[node.output[0]]
+        is_atpatch = node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE and node.output and node.input
+        if is_atpatch and node.output[0] in types and node.input[0] not in types:
+            types[node.input[0]] = types[node.output[0]]
     return types
 
 
@@ -200,7 +200,5 @@ def coverage_problem(model: onnx.ModelProto, providers: list[str]) -> str | None
         return "the attention type of some AtPatch node cannot be determined"
     bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})
     if bad:
-        return (
-            f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
-        )
+        return f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
     return None

@@ -63,9 +63,7 @@ def _choose_native(
         return None  # nothing to run natively; no reason to say anything
     if problem is not None:
         if forced:
-            raise AtPatchError(
-                f"{native.ENV_VAR}=1 but {problem}; unset {native.ENV_VAR} to use the ONNX function"
-            )
+            raise AtPatchError(f"{native.ENV_VAR}=1 but {problem}; unset {native.ENV_VAR} to use the ONNX function")
         _say_once(f"atpatch: using the ONNX function because {problem}")
         return None
     return library
