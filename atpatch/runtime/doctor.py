@@ -41,9 +41,10 @@ def _native_status() -> list[str]:
     try:
         info = native.library_info(library)
         dtypes = info["dtypes"]
+        dtype_text = "/".join(map(str, dtypes)) if isinstance(dtypes, list) else str(dtypes)
         lines.append(
             f"  native kernel contract: {info['domain']}::{info['op_type']} v{info['version']}, "
-            f"dtypes {'/'.join(map(str, dtypes)) if isinstance(dtypes, list) else dtypes}, built for ORT API {info['ort_api_version']}"
+            f"dtypes {dtype_text}, built for ORT API {info['ort_api_version']}"
         )
     except Exception as err:  # noqa: BLE001
         lines.append(f"  native kernel contract: unreadable ({type(err).__name__}: {err})")
