@@ -102,23 +102,20 @@ def build_function(opset: int) -> onnx.FunctionProto:
 
     p = _Body(opset, prefix="patch/")
     p_zero, p_one = p.const(0.0), p.const(1.0)
-    # Its own cast of the input: onnxruntime drops the outer float->float Cast for float32 maps,
-    # which it cannot do while a subgraph refers to that Cast's output.
+    # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
+    # Greater+Cast), which it cannot do while a subgraph refers to their outputs.
     x = p.op("Cast", attention, to=TensorProto.FLOAT)
-    flagged = p.op("Unsqueeze", flags, p.const([1, 2], np.int64))
-    hit = p.op("And", valid, flagged)
-    kept = p.op("And", valid, p.op("Not", flagged))
-    n_kept = p.reduce("ReduceSum", p.to_float(kept), last, 1)
-    kept_sum = p.reduce("ReduceSum", p.op("Where", kept, x, p_zero), last, 1)
-    any_hit = p.op("Greater", p.reduce("ReduceSum", p.to_float(hit), last, 1), p_zero)
-    change = p.op("And", any_hit, p.op("Greater", n_kept, p_zero))
+    # Row sums over the flagged / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0,
+    # so they add nothing; maps with negative or NaN entries are not probabilities, and only
+    # there may this differ from the reference.
+    flag_col = p.op("Unsqueeze", p.to_float(flags), p.const([1, 3], np.int64))  # [B, 1, K, 1]
+    n_hit = p.op("MatMul", p.to_float(valid), flag_col)  # [B, H, Q, 1]
+    kept_sum = p.op("MatMul", x, p.op("Sub", p_one, flag_col))
+    n_kept = p.op("Sub", row_support, n_hit)
+    change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
     scale = p.op("Div", n_kept, p.op("Mul", row_support, kept_sum))
-    patched = p.op(
-        "Where",
-        hit,
-        p.op("Div", p_one, row_support),
-        p.op("Where", kept, p.op("Mul", x, scale), p_zero),
-    )
+    hit = p.op("And", valid, p.op("Unsqueeze", flags, p.const([1, 2], np.int64)))
+    patched = p.op("Where", hit, p.op("Div", p_one, row_support), p.op("Mul", x, scale))
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])
