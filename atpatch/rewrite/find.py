@@ -9,6 +9,7 @@ every export path measured here shares (see shared/notes/attention-in-onnx.md).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -101,21 +102,26 @@ def _scope(node: onnx.NodeProto) -> str:
     return node.name
 
 
-def _scores_come_from_matmul(g: _Graph, name: str) -> bool:
-    frontier, seen = [name], set()
-    for _ in range(_SEARCH_DEPTH):
-        nxt = []
+def _upstream(
+    g: _Graph, start: str, depth: int, follow: Callable[[onnx.NodeProto], Sequence[str]]
+) -> Iterator[onnx.NodeProto]:
+    """Producers of `start` breadth first, `depth` levels up, through the inputs `follow` names."""
+    frontier, seen = [start], set()
+    for _ in range(depth):
+        nxt: list[str] = []
         for tensor in frontier:
             node = g.producer.get(tensor)
             if node is None or id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in _MATMULS:
-                return True
-            if node.op_type in _SCORE_STEPS:
-                nxt.extend(node.input)
+            yield node
+            nxt.extend(follow(node))
         frontier = nxt
-    return False
+
+
+def _scores_come_from_matmul(g: _Graph, name: str) -> bool:
+    steps = _upstream(g, name, _SEARCH_DEPTH, lambda n: n.input if n.op_type in _SCORE_STEPS else ())
+    return any(node.op_type in _MATMULS for node in steps)
 
 
 def _feeds_value_matmul(g: _Graph, name: str) -> bool:
@@ -144,24 +150,17 @@ def _nan_guard(g: _Graph, probs: str) -> str | None:
 
 def _heads_from_reshape(g: _Graph, scores: str) -> int | None:
     """Best effort for graphs without static shapes: the H in a `Reshape(x, [B, S, H, Dh])` upstream."""
-    frontier, seen = [scores], set()
-    for _ in range(_SEARCH_DEPTH + 4):
-        nxt = []
-        for tensor in frontier:
-            node = g.producer.get(tensor)
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type == "Reshape":
-                shape = _constant_shape(g, node.input[1])
-                if shape is not None and len(shape) == 4 and shape[2] > 0:
-                    return shape[2]
-                width = g.dim(node.input[0], -1)
-                # view(batch, seq, -1, head_dim): heads = hidden width / head_dim
-                if shape is not None and len(shape) == 4 and shape[3] > 0 and width:
-                    return width // shape[3]
-            nxt.extend(node.input[:1] if node.op_type == "Reshape" else node.input)
-        frontier = nxt
+    for node in _upstream(g, scores, _SEARCH_DEPTH + 4, lambda n: n.input[:1] if n.op_type == "Reshape" else n.input):
+        if node.op_type != "Reshape":
+            continue
+        shape = _constant_shape(g, node.input[1])
+        if shape is None or len(shape) != 4:
+            continue
+        if shape[2] > 0:
+            return shape[2]
+        width = g.dim(node.input[0], -1)
+        if shape[3] > 0 and width:  # view(batch, seq, -1, head_dim): heads = hidden width / head_dim
+            return width // shape[3]
     return None
 
 
