@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import Dataset, load_jsonl, load_npz
+from .detector import Detector
 from .errors import AtPatchError
 from .modelio import atomic_output, check_output_path, load_model, model_fingerprint
 
@@ -84,7 +85,7 @@ def run_fit(
     budget: int = 64,
 ) -> str:
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector."""
-    from .detector.fit import build_detector, calibrate, collect_columns, fit_one_class, fit_supervised, report
+    from .detector.fit import calibrate, collect_columns, fit_one_class, fit_supervised, report
     from .detector.probe import AttentionProbe
 
     if not 0 < target_flag_rate < 1:
@@ -107,15 +108,11 @@ def run_fit(
     else:
         bad, _ = _localized(model, load_data(misbehaving_path, model_dir), budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
-        train = type(clean_columns)(
-            [np.concatenate(pair) for pair in zip(bad_columns.features, clean_columns.features, strict=True)],
-            np.concatenate([bad_columns.example, clean_columns.example + len(bad)]),
-            np.concatenate([bad_columns.positive, clean_columns.positive]),
-        )
+        train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
         kind, layers = "supervised", fit_supervised(train)
     layers = calibrate(layers, calibration_columns, len(calibration), target_flag_rate)
     summary = report(kind, train, layers, calibration_columns, len(calibration))
-    detector = build_detector(layers, kind, model_fingerprint(model))
+    detector = Detector(layers=tuple(layers), kind=kind, model_fingerprint=model_fingerprint(model))
     with atomic_output(out) as tmp:
         detector.save(tmp)
     recall = ", ".join(f"{r:.1%}" for r in summary.positive_recall)

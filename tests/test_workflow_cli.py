@@ -15,12 +15,8 @@ import pytest
 from evalkit_models import sentences, tiny_text_model
 
 from atpatch.cli import export_main, main
+from atpatch.data import save_jsonl
 from atpatch.detector import Detector
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +34,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "dir": d,
         "hf": d / "hf",
         "model": d / "model.onnx",
-        "clean": _write_jsonl(d / "clean.jsonl", clean[:200]),
-        "calibration": _write_jsonl(d / "calibration.jsonl", clean[200:]),
-        "bad": _write_jsonl(d / "bad.jsonl", bad),
+        "clean": save_jsonl(d / "clean.jsonl", clean[:200]),
+        "calibration": save_jsonl(d / "calibration.jsonl", clean[200:]),
+        "bad": save_jsonl(d / "bad.jsonl", bad),
     }
 
 

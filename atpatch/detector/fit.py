@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ops import spec
-from ..ops.reference import LayerDetector, column_features
+from ..ops.reference import LayerDetector, column_features, feature_scores
 from .probe import AttentionProbe
-from .weights import Detector
 
 __all__ = ["ColumnSet", "FitReport", "calibrate", "collect_columns", "fit_one_class", "fit_supervised"]
 
@@ -34,6 +33,14 @@ class ColumnSet:
     features: list[np.ndarray]  # per layer [n_columns, NUM_FEATURES]
     example: np.ndarray  # [n_columns] index of the input it belongs to
     positive: np.ndarray  # [n_columns] bool: a culprit column
+
+    def followed_by(self, other: ColumnSet, other_offset: int) -> ColumnSet:
+        """Both sets in one; `other`'s input indices shifted by `other_offset` to stay distinct."""
+        return ColumnSet(
+            [np.concatenate(pair) for pair in zip(self.features, other.features, strict=True)],
+            np.concatenate([self.example, other.example + other_offset]),
+            np.concatenate([self.positive, other.positive]),
+        )
 
 
 @dataclass(frozen=True)
@@ -138,16 +145,10 @@ def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
 
 
 def _max_score_per_input(columns: ColumnSet, layer: int, detector: LayerDetector, n_inputs: int) -> np.ndarray:
-    scores = _scores(columns.features[layer], detector)
+    scores = feature_scores(columns.features[layer], detector)
     best = np.full(n_inputs, -np.inf, dtype=np.float32)
     np.maximum.at(best, columns.example, scores)
     return best
-
-
-def _scores(features: np.ndarray, detector: LayerDetector) -> np.ndarray:
-    # reference.column_scores on features already computed (and flattened over inputs).
-    hidden = np.maximum(features @ detector.w1 + detector.b1, 0.0)
-    return (hidden @ detector.w2 + detector.b2).astype(np.float32)
 
 
 def calibrate(
@@ -171,7 +172,7 @@ def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration
     for layer, detector in enumerate(layers):
         flagged |= _max_score_per_input(calibration, layer, detector, n_cal) > detector.threshold
         pos = train.features[layer][train.positive]
-        recall.append(float((_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
+        recall.append(float((feature_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
     return FitReport(
         kind,
         int(train.positive.sum()),
@@ -180,7 +181,3 @@ def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration
         float(flagged.mean()),
         recall,
     )
-
-
-def build_detector(layers: list[LayerDetector], kind: str, fingerprint: str) -> Detector:
-    return Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LayerDetector", "atpatch", "column_features", "column_scores"]
+__all__ = ["LayerDetector", "atpatch", "column_features", "column_scores", "feature_scores", "patch_columns"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,12 @@ def column_features(attention: np.ndarray) -> np.ndarray:
 
 def column_scores(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:
     """Detector scores of each key column: [batch, k_len]."""
-    hidden = np.maximum(column_features(attention) @ detector.w1 + detector.b1, 0.0)
+    return feature_scores(column_features(attention), detector)
+
+
+def feature_scores(features: np.ndarray, detector: LayerDetector) -> np.ndarray:
+    """The detector's MLP on column features [..., NUM_FEATURES]: scores [...]."""
+    hidden = np.maximum(features @ detector.w1 + detector.b1, 0.0)
     return (hidden @ detector.w2 + detector.b2).astype(np.float32)
 
 
