@@ -28,10 +28,11 @@ def random_map(rng: np.random.Generator, shape: tuple[int, int, int, int], mask:
     return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def random_detector(rng: np.random.Generator) -> reference.LayerDetector:
+def random_detector(rng: np.random.Generator, heads: int) -> reference.LayerDetector:
+    """A random detector for maps with `heads` heads."""
     hidden = int(rng.integers(1, 9))
     return reference.LayerDetector(
-        w1=rng.normal(size=(spec.NUM_FEATURES, hidden)).astype(np.float32),
+        w1=rng.normal(size=(spec.num_features(heads), hidden)).astype(np.float32),
         b1=rng.normal(size=hidden).astype(np.float32),
         w2=rng.normal(size=hidden).astype(np.float32),
         b2=np.zeros(1, np.float32),

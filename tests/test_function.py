@@ -48,7 +48,7 @@ def test_function_equals_reference_on_random_maps(opset: int, rng: np.random.Gen
         shape = _random_shape(rng)
         a = random_map(rng, shape, str(rng.choice(MASKS)))
         how = str(rng.choice(list(counts)))
-        det = with_flags(a, random_detector(rng), how, rng)
+        det = with_flags(a, random_detector(rng, a.shape[1]), how, rng)
         if det is None:
             continue
         counts[how] += 1
@@ -63,14 +63,14 @@ def test_function_equals_reference_on_random_maps(opset: int, rng: np.random.Gen
 
 def test_every_column_flagged_leaves_every_row_unchanged(rng: np.random.Generator) -> None:
     a = random_map(rng, (2, 3, 8, 8), "padded")
-    det = with_flags(a, random_detector(rng), "all", rng)
+    det = with_flags(a, random_detector(rng, a.shape[1]), "all", rng)
     assert det is not None
     assert np.array_equal(_run(_session(), a, det), a)
 
 
 def test_threshold_attribute_decides_which_columns_are_flagged(rng: np.random.Generator) -> None:
     a = random_map(rng, (1, 2, 6, 6), "none")
-    det = random_detector(rng)
+    det = random_detector(rng, a.shape[1])
     scores = np.sort(reference.column_scores(a, det).ravel())
     cut = float((scores[-1] + scores[-2]) / 2) if scores[-1] - scores[-2] > 1e-3 else float(scores[-1] + 1)
     got = _run(_session(threshold=cut), a, det)
@@ -82,7 +82,7 @@ def test_fp16_maps_run_through_the_function(rng: np.random.Generator) -> None:
     session = _session(dtype=onnx.TensorProto.FLOAT16)
     for how in ("none", "some"):
         a = random_map(rng, (2, 3, 9, 9), "causal").astype(np.float16)
-        det = with_flags(a.astype(np.float32), random_detector(rng), how, rng)
+        det = with_flags(a.astype(np.float32), random_detector(rng, a.shape[1]), how, rng)
         if det is None:
             continue
         got = _run(session, a, det)

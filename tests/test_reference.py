@@ -13,7 +13,7 @@ from atpatch.ops import reference
 def test_patched_rows_sum_to_one_and_masked_entries_stay_zero(mask: str, rng: np.random.Generator) -> None:
     for _ in range(20):
         a = random_map(rng, (2, 3, 7, 9), mask)
-        det = with_flags(a, random_detector(rng), "some", rng)
+        det = with_flags(a, random_detector(rng, a.shape[1]), "some", rng)
         if det is None:
             continue
         out = reference.atpatch(a, det)
@@ -22,11 +22,12 @@ def test_patched_rows_sum_to_one_and_masked_entries_stay_zero(mask: str, rng: np
         assert np.all(out >= 0)
 
 
-def test_flagged_entries_get_the_uniform_share_and_the_rest_keep_their_proportions() -> None:
+def test_flagged_entries_get_the_smallest_unflagged_value_and_the_rest_keep_their_proportions() -> None:
     a = np.array([[[[0.1, 0.7, 0.2, 0.0]]]], dtype=np.float32)
     out = reference.patch_columns(a, np.array([[False, True, False, False]]))
-    # n = 3 unmasked keys: the flagged one gets 1/3, the other two share 2/3 in ratio 1:2.
-    np.testing.assert_allclose(out, [[[[2 / 9, 1 / 3, 4 / 9, 0.0]]]], rtol=1e-6)
+    # The flagged key takes the row's smallest unflagged value (0.1), then the row is renormalised:
+    # 0.1, 0.1, 0.2 over a total of 0.4.
+    np.testing.assert_allclose(out, [[[[0.25, 0.25, 0.5, 0.0]]]], rtol=1e-6)
 
 
 def test_no_flag_returns_the_input_bit_for_bit(rng: np.random.Generator) -> None:
@@ -39,25 +40,39 @@ def test_a_row_whose_every_unmasked_entry_is_flagged_is_left_unchanged() -> None
     a = np.array([[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]], dtype=np.float32)
     out = reference.patch_columns(a, np.array([[True, True, False]]))
     assert np.array_equal(out[0, 0, 0], a[0, 0, 0])  # nothing unflagged to take the mass
-    np.testing.assert_allclose(out[0, 0, 1], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 1], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)  # each flagged one gets 0.5
 
 
 def test_features_do_not_grow_with_sequence_length() -> None:
     for k in (4, 64, 512):
         uniform = np.full((1, 2, k, k), 1.0 / k, dtype=np.float32)
-        f = reference.column_features(uniform)
+        f = reference.column_features(uniform)  # [1, k, 3 features x 2 heads]
         # A uniform map gives every column exactly its share: mass 1, peak 1/k, every row ties at top.
-        np.testing.assert_allclose(f[0, :, 0], 1.0, rtol=1e-5)
-        np.testing.assert_allclose(f[0, :, 1], 1.0, rtol=1e-5)
-        np.testing.assert_allclose(f[0, :, 3], 1.0)
+        np.testing.assert_allclose(f[0, :, 0:2], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(f[0, :, 2:4], 1.0 / k, rtol=1e-5)
+        np.testing.assert_allclose(f[0, :, 4:6], 1.0)
 
 
 def test_a_column_that_soaks_up_attention_stands_out_in_its_features() -> None:
     k = 10
     a = np.full((1, 1, k, k), 0.02, dtype=np.float32)
     a[..., 3] = 1 - 0.02 * (k - 1)
-    f = reference.column_features(a)[0]
-    assert f[3, 0] > 5 * f[0, 0] and f[3, 3] == 1.0 and f[0, 3] == 0.0
+    f = reference.column_features(a)[0]  # one head: mass, peak, top
+    assert f[3, 0] > 5 * f[0, 0] and f[3, 2] == 1.0 and f[0, 2] == 0.0
+
+
+def test_features_are_laid_out_feature_major_then_head() -> None:
+    a = np.full((1, 2, 4, 4), 0.25, dtype=np.float32)
+    a[0, 1, :, 2] = 0.7  # head 1 over-attends to key 2
+    a[0, 1, :, [0, 1, 3]] = 0.1
+    f = reference.column_features(a)[0, 2]
+    np.testing.assert_allclose(f, [1.0, 2.8, 0.25, 0.7, 1.0, 1.0], rtol=1e-6)
+
+
+def test_a_detector_for_another_head_count_is_refused(rng: np.random.Generator) -> None:
+    a = random_map(rng, (1, 4, 5, 5), "none")
+    with pytest.raises(ValueError, match="expects 6 features per column"):
+        reference.column_scores(a, random_detector(rng, heads=2))
 
 
 def test_fp16_maps_are_patched_in_float32_and_returned_as_fp16(rng: np.random.Generator) -> None:

@@ -78,14 +78,8 @@ def build_function(opset: int) -> onnx.FunctionProto:
     is_top = g.to_float(g.op("GreaterOrEqual", x, row_max))
     top = g.op("Div", g.op("Squeeze", g.op("MatMul", ones_t, is_top), g.const(queries, np.int64)), col_rows)
 
-    per_head = [
-        g.reduce("ReduceMean", mass, heads, 0),
-        g.op("Max", g.reduce("ReduceMax", mass, heads, 0), zero),
-        g.reduce("ReduceMean", peak, heads, 0),
-        g.reduce("ReduceMean", top, heads, 0),
-    ]
-    minus_one = g.const([-1], np.int64)
-    features = g.op("Concat", *(g.op("Unsqueeze", f, minus_one) for f in per_head), axis=-1)
+    # [B, 3H, K] -> [B, K, 3H]: feature f of head h at f * H + h, as spec.py lays it out.
+    features = g.op("Transpose", g.op("Concat", mass, peak, top, axis=1), perm=[0, 2, 1])
 
     hidden = g.op("Relu", g.op("Add", g.op("MatMul", features, w1), b1))
     score = g.op("Add", g.op("MatMul", hidden, w2), b2)
@@ -113,9 +107,11 @@ def build_function(opset: int) -> onnx.FunctionProto:
     kept_sum = p.op("MatMul", x, p.op("Sub", p_one, flag_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
-    scale = p.op("Div", n_kept, p.op("Mul", row_support, kept_sum))
     hit = p.op("And", valid, p.op("Unsqueeze", flags, p.const([1, 2], np.int64)))
-    patched = p.op("Where", hit, p.op("Div", p_one, row_support), p.op("Mul", x, scale))
+    kept = p.op("And", valid, p.op("Not", hit))
+    benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unflagged entry
+    total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
+    patched = p.op("Div", p.op("Where", hit, benign, x), total)
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])

@@ -6,32 +6,37 @@ native kernel all implement exactly this contract; tests check each against it.
 Inputs
   attention  [batch, heads, q_len, k_len], float32 or float16: probabilities right
              after the attention softmax. Entries equal to 0 are treated as masked.
-  w1         [NUM_FEATURES, hidden] float32  detector: first layer
+  w1         [FEATURES_PER_HEAD * heads, hidden] float32   detector: first layer
   b1         [hidden] float32
-  w2         [hidden] float32                detector: scoring layer
+  w2         [hidden] float32                               detector: scoring layer
   b2         [1] float32
 Attributes
   threshold  float: a key column is flagged when its score is strictly greater.
 Output
   patched    same shape and type as `attention`.
 
-Column features (per batch item b and key column j, feature order fixed here):
-  for each head h, over the rows q where column j is unmasked (attention > 0):
+Column features (per batch item b and key column j), for each head h, over the rows q
+where column j is unmasked (attention > 0):
     mass[h, j] = mean_q attention[q, j] * n_q   (n_q = unmasked entries in row q:
                  1.0 means the column gets exactly a uniform share, so the
                  value does not grow or shrink with sequence length)
     peak[h, j] = max_q attention[q, j]
     top[h, j]  = fraction of those rows whose largest entry is at column j
-  features[b, j] = (mean_h mass, max_h mass, mean_h peak, mean_h top)
+  features[b, j] = (mass[0..H-1, j], peak[0..H-1, j], top[0..H-1, j]): feature f of
+  head h sits at index f * heads + h. Features are per head because a backdoor takes
+  over particular heads; averaged over heads, its columns look like salient words.
 Detector: score = w2 . relu(features @ w1 + b1) + b2; flagged = score > threshold.
 Patch, per row (b, h, q): let U be the unmasked entries, F the flagged ones among
   them. If F is empty or F == U, the row is returned unchanged (bit-identical).
-  Otherwise each flagged entry gets the row's mean unflagged value, and the row is
-  renormalised to sum 1; in closed form, with n = |U|, n_u = |U - F| and
-  S = sum of the unflagged entries:
-    flagged entries   -> 1 / n
-    unflagged entries -> attention * (n_u / (n * S))
+  Otherwise each flagged entry gets the benign value m, the row's smallest unflagged
+  entry (what a column nobody singles out receives), and the row is renormalised to
+  sum 1. In closed form, with S the sum of the unflagged entries and k = |F|:
+    flagged entries   -> m / (S + k m)
+    unflagged entries -> attention / (S + k m)
     masked entries    -> stay 0.
+  (A uniform share 1/n as the benign value leaves a trigger enough weight to keep
+  its effect: measured on a backdoored MiniLM, patching the true trigger column in
+  every layer left 13% attack success with 1/n and 2.6% with m.)
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ __all__ = [
     "FEATURE_NAMES",
     "FEATURE_VERSION",
     "INPUTS",
-    "NUM_FEATURES",
+    "FEATURES_PER_HEAD",
     "MAX_IR_VERSION",
     "MAX_OPSET",
     "MIN_OPSET",
@@ -50,6 +55,7 @@ __all__ = [
     "OUTPUTS",
     "SUPPORTED_DTYPES",
     "VERSION",
+    "num_features",
 ]
 
 DOMAIN = "ai.atpatch"
@@ -61,9 +67,14 @@ OUTPUTS = ("patched",)
 # name -> (type, default)
 ATTRIBUTES: dict[str, tuple[type, float]] = {"threshold": (float, 0.0)}
 
-FEATURE_VERSION = 1
-FEATURE_NAMES = ("mass_mean", "mass_max", "peak_mean", "top_mean")
-NUM_FEATURES = len(FEATURE_NAMES)
+FEATURE_VERSION = 2
+FEATURE_NAMES = ("mass", "peak", "top")  # each per head
+FEATURES_PER_HEAD = len(FEATURE_NAMES)
+
+
+def num_features(heads: int) -> int:
+    """Rows of w1 for a layer with `heads` attention heads."""
+    return FEATURES_PER_HEAD * heads
 
 SUPPORTED_DTYPES = ("float32", "float16")
 

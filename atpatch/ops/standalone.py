@@ -19,7 +19,7 @@ def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold:
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("attention", dtype, ["batch", "heads", "q_len", "k_len"]),
-        helper.make_tensor_value_info("w1", f, [spec.NUM_FEATURES, "hidden"]),
+        helper.make_tensor_value_info("w1", f, ["features", "hidden"]),
         helper.make_tensor_value_info("b1", f, ["hidden"]),
         helper.make_tensor_value_info("w2", f, ["hidden"]),
         helper.make_tensor_value_info("b2", f, [1]),
