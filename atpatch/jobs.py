@@ -76,11 +76,13 @@ def run_export(options: ExportOptions) -> ExportReport:
     detector = Detector.load(options.detector) if options.detector else None
     diffs: dict[str, float] = {}
     exporter = None
+    heads = None
     if options.hf is not None:
         from .exporter import export_hf
 
         result = export_hf(options.hf, opset=options.opset, dynamo=options.dynamo)
         model, diffs = result.model, result.max_abs_diff
+        heads = getattr(result.config, "num_attention_heads", None)
         exporter = "torch.onnx dynamo" if options.dynamo else "torch.onnx TorchScript"
     else:
         assert options.model is not None  # checked by ExportOptions
@@ -88,7 +90,7 @@ def run_export(options: ExportOptions) -> ExportReport:
     sites: list[AttentionSite] = []
     kind = None
     if options.patch:
-        model, sites = patch_model(model, detector)
+        model, sites = patch_model(model, detector, heads)
         kind = detector.kind if detector else "pass-through"
         onnx.checker.check_model(model, full_check=True)
     save_model(model, output)

@@ -84,17 +84,19 @@ def export_bert(cache_dir: Path) -> Path:
     return path
 
 
-def flagging_detector(num_layers: int) -> Detector:
-    """Flags columns whose max-over-heads mass exceeds 1 (a more than uniform share).
+def flagging_detector(num_layers: int, heads: int = 12) -> Detector:
+    """Flags columns whose mass exceeds 1 (a more than uniform share) in any head.
 
-    w1 = identity, b1 = 0, w2 picks feature 1 (mass_max): score = mass_max - 1. With random
-    weights the attention is near uniform, so columns just above a uniform share get flagged.
+    Hidden unit h = relu(mass_h - 1), score = their sum. With random weights the attention is
+    near uniform, so columns just above a uniform share get flagged.
     """
+    w1 = np.zeros((spec.num_features(heads), heads), np.float32)
+    w1[:heads] = np.eye(heads, dtype=np.float32)
     layer = LayerDetector(
-        w1=np.eye(spec.NUM_FEATURES, dtype=np.float32),
-        b1=np.zeros(spec.NUM_FEATURES, np.float32),
-        w2=np.array([0.0, 1.0, 0.0, 0.0], np.float32),
-        b2=np.array([-1.0], np.float32),
+        w1=w1,
+        b1=np.full(heads, -1.0, np.float32),
+        w2=np.ones(heads, np.float32),
+        b2=np.zeros(1, np.float32),
         threshold=0.0,
     )
     return Detector(layers=(layer,) * num_layers, kind="benchmark-flagging")

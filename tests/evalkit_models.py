@@ -100,28 +100,36 @@ def tiny_text_model(folder: Path) -> TinyText:
     return TinyText(folder, export_hf(folder).model)
 
 
-def _layer(w1_column: np.ndarray, bias: float, threshold: float) -> LayerDetector:
+HEADS = 4  # of tiny_text_model
+
+
+def _layer(w1: np.ndarray, bias: float, threshold: float) -> LayerDetector:
+    hidden = w1.shape[1]
     return LayerDetector(
-        w1=np.asarray(w1_column, np.float32).reshape(spec.NUM_FEATURES, 1),
-        b1=np.full(1, bias, np.float32),
-        w2=np.ones(1, np.float32),
+        w1=np.asarray(w1, np.float32),
+        b1=np.full(hidden, bias, np.float32),
+        w2=np.ones(hidden, np.float32),
         b2=np.zeros(1, np.float32),
         threshold=float(threshold),
     )
 
 
-def feature_detector(num_layers: int, feature: str, threshold: float) -> Detector:
-    """Flags a column when the named column feature is above `threshold` (score = relu(feature))."""
-    onehot = np.eye(spec.NUM_FEATURES, dtype=np.float32)[spec.FEATURE_NAMES.index(feature)]
-    return Detector(layers=(_layer(onehot, 0.0, threshold),) * num_layers, kind="test-feature")
+def feature_detector(num_layers: int, feature: str, threshold: float, heads: int = HEADS) -> Detector:
+    """Flags a column when the named feature is above `threshold` in any head (score = sum_h relu(f_h - t))."""
+    w1 = np.zeros((spec.num_features(heads), heads), np.float32)
+    first = spec.FEATURE_NAMES.index(feature) * heads
+    w1[first : first + heads] = np.eye(heads, dtype=np.float32)
+    return Detector(layers=(_layer(w1, -threshold, 0.0),) * num_layers, kind="test-feature")
 
 
-def flag_everything(num_layers: int) -> Detector:
+def flag_everything(num_layers: int, heads: int = HEADS) -> Detector:
     """Scores every column 1 > 0: all unmasked columns flagged, so by the spec no row changes."""
-    return Detector(layers=(_layer(np.zeros(spec.NUM_FEATURES), 1.0, 0.0),) * num_layers, kind="test-all")
+    w1 = np.zeros((spec.num_features(heads), 1), np.float32)
+    return Detector(layers=(_layer(w1, 1.0, 0.0),) * num_layers, kind="test-all")
 
 
-def flag_only_padding(num_layers: int) -> Detector:
-    """Scores relu(1e-6 - mass_mean): positive only for all-zero (padded) columns."""
-    w = -np.eye(spec.NUM_FEATURES, dtype=np.float32)[0]
-    return Detector(layers=(_layer(w, 1e-6, 0.0),) * num_layers, kind="test-padding")
+def flag_only_padding(num_layers: int, heads: int = HEADS) -> Detector:
+    """Scores relu(1e-6 - mass of head 0): positive only for all-zero (padded) columns."""
+    w1 = np.zeros((spec.num_features(heads), 1), np.float32)
+    w1[0, 0] = -1.0
+    return Detector(layers=(_layer(w1, 1e-6, 0.0),) * num_layers, kind="test-padding")

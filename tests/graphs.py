@@ -15,9 +15,9 @@ def parse(text: str, header: str = HEADER) -> onnx.ModelProto:
 
 
 def attention_and_classifier() -> onnx.ModelProto:
-    """One attention block (softmax over keys into P.V) and a classifier softmax."""
+    """One attention block of 3 heads (softmax over keys into P.V) and a classifier softmax."""
     return parse("""
-    g (float[B,H,S,D] q, float[B,H,S,D] k, float[B,H,S,D] v, float[B,C] cls) => (float[B,H,S,D] y, float[B,C] p) {
+    g (float[B,3,S,D] q, float[B,3,S,D] k, float[B,3,S,D] v, float[B,C] cls) => (float[B,3,S,D] y, float[B,C] p) {
         kt = Transpose<perm=[0,1,3,2]>(k)
         scores = MatMul(q, kt)
         scale = Constant<value=float {0.5}>()

@@ -83,7 +83,7 @@ def test_output_path_equal_to_input_is_refused(tmp_path: Path, capsys) -> None: 
 
 def test_detector_for_another_model_is_refused_and_nothing_written(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     model = _write(tmp_path / "m.onnx", graphs.attention_and_classifier())
-    Detector.pass_through(12).save(tmp_path / "d.safetensors")
+    Detector.pass_through([2] * 12).save(tmp_path / "d.safetensors")
     before = _snapshot(tmp_path)
     code = export_main([str(model), "-o", str(tmp_path / "out.onnx"), "--detector", str(tmp_path / "d.safetensors")])
     _assert_one_line_error(capsys, code, "12 layers but this model has 1 attention layers")

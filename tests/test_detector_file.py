@@ -15,7 +15,7 @@ from atpatch.ops import reference, spec
 def test_a_saved_detector_loads_back_equal(tmp_path: Path, rng: np.random.Generator) -> None:
     layers = tuple(
         reference.LayerDetector(
-            rng.normal(size=(spec.NUM_FEATURES, 5)).astype(np.float32),
+            rng.normal(size=(spec.num_features(2), 5)).astype(np.float32),
             rng.normal(size=5).astype(np.float32),
             rng.normal(size=5).astype(np.float32),
             rng.normal(size=1).astype(np.float32),
@@ -43,11 +43,11 @@ def test_a_file_that_is_not_a_detector_is_refused_in_one_line(tmp_path: Path) ->
 
 def test_wrong_weight_shapes_are_refused_with_the_expected_shapes() -> None:
     bad = reference.LayerDetector(
-        np.zeros((3, 2), np.float32),
+        np.zeros((4, 2), np.float32),  # not a multiple of 3 features per head
         np.zeros(2, np.float32),
         np.zeros(2, np.float32),
         np.zeros(1, np.float32),
         0.0,
     )
-    with pytest.raises(ValueError, match=r"w1 \[4, hidden\]"):
+    with pytest.raises(ValueError, match=r"w1 \[3 \* heads, hidden\]"):
         Detector(layers=(bad,))

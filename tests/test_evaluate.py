@@ -121,7 +121,7 @@ def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, D
 
 
 def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    detector = feature_detector(2, "mass_max", 3.5)
+    detector = feature_detector(2, "mass", 3.5)
     patched, _ = patch_model(tiny.model, detector)
     clean, triggered = sets["clean"], sets["triggered"]
     report = evaluate(tiny.model, patched, clean, triggered, target=1, batch_size=8, progress=False)

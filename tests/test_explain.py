@@ -47,7 +47,7 @@ def data(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 
 @pytest.mark.parametrize("index", [0, 2])
 def test_flagged_positions_are_the_reference_columns(tiny: TinyText, data: Dataset, tmp_path: Path, index: int) -> None:
-    detector = feature_detector(2, "mass_max", 2.0)
+    detector = feature_detector(2, "mass", 2.0)
     patched, _ = patch_model(tiny.model, detector)
     report = explain(patched, data, index, tmp_path / "x.png")
 
@@ -74,7 +74,7 @@ def test_flagged_positions_are_the_reference_columns(tiny: TinyText, data: Datas
 
 
 def test_unpatched_copy_computes_the_original(tiny: TinyText, data: Dataset) -> None:
-    patched, _ = patch_model(tiny.model, feature_detector(2, "mass_max", 2.0))
+    patched, _ = patch_model(tiny.model, feature_detector(2, "mass", 2.0))
     bypass = unpatched(patched)
     feeds = dict(data.feeds)
     assert np.array_equal(create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0])
@@ -85,7 +85,7 @@ def test_image_model(hf_folder, tmp_path: Path) -> None:  # noqa: ANN001 (confte
     from atpatch.exporter import export_hf
 
     model = export_hf(hf_folder("vit")).model
-    detector = feature_detector(2, "peak_mean", 0.4)
+    detector = feature_detector(2, "peak", 0.4)
     patched, _ = patch_model(model, detector)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     images = Dataset({"pixel_values": pixels}, np.array([0, 2]), [None, None], None, ("a", "b", "c"))
@@ -121,7 +121,7 @@ def test_explain_errors(tiny: TinyText, data: Dataset, tmp_path: Path) -> None:
 
 
 def test_chosen_layers_only_are_drawn(tiny: TinyText, data: Dataset, tmp_path: Path) -> None:
-    patched, _ = patch_model(tiny.model, feature_detector(2, "mass_max", 2.0))
+    patched, _ = patch_model(tiny.model, feature_detector(2, "mass", 2.0))
     both = explain(patched, data, 1, tmp_path / "both.png")
     one = explain(patched, data, 1, tmp_path / "one.png", layers=[1])
     assert one.flagged == both.flagged  # flags of every layer are reported either way

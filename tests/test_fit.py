@@ -12,7 +12,7 @@ from atpatch.ops import spec
 
 def _columns(rng: np.random.Generator, n_inputs: int, per_input: int, culprit_shift: float | None) -> ColumnSet:
     """Benign columns ~ N(1, 0.3) per feature; one culprit column per input shifted when asked."""
-    x = rng.normal(1.0, 0.3, size=(n_inputs * per_input, spec.NUM_FEATURES)).astype(np.float32)
+    x = rng.normal(1.0, 0.3, size=(n_inputs * per_input, spec.num_features(2))).astype(np.float32)
     example = np.repeat(np.arange(n_inputs), per_input)
     positive = np.zeros(len(x), dtype=bool)
     if culprit_shift is not None:

@@ -70,8 +70,9 @@ def test_one_patch_per_attention_layer_and_passthrough_outputs_are_identical(
 
 def _flagging_detector(model, inputs: dict[str, np.ndarray], kwargs: dict) -> Detector:  # noqa: ANN001
     """Per layer, a threshold in a wide gap of that layer's scores (under the earlier layers' patches)."""
-    w1 = np.zeros((spec.NUM_FEATURES, 1), np.float32)
-    w1[1, 0] = 1.0  # score = the column's largest per-head attention mass
+    heads = model.config.num_attention_heads
+    w1 = np.zeros((spec.num_features(heads), 1), np.float32)
+    w1[:heads, 0] = 1.0  # score = the column's attention mass summed over heads
     never = reference.LayerDetector(w1, np.zeros(1, np.float32), np.ones(1, np.float32), np.zeros(1, np.float32), 1e30)
     layers = [never] * NUM_LAYERS
     for i in range(NUM_LAYERS):

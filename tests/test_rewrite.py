@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from atpatch.detector import Detector
+from atpatch.detector.probe import read_detector
 from atpatch.errors import (
     AlreadyPatchedError,
     DetectorMismatchError,
@@ -17,7 +18,7 @@ from atpatch.errors import (
     NoAttentionError,
 )
 from atpatch.ops import spec
-from atpatch.rewrite import patch_model
+from atpatch.rewrite import find_attention_sites, patch_model
 
 
 def test_only_the_attention_softmax_is_patched_not_the_classifier() -> None:
@@ -72,11 +73,27 @@ def test_a_patched_model_is_not_patched_twice() -> None:
 
 def test_a_detector_for_a_different_number_of_layers_is_refused() -> None:
     with pytest.raises(DetectorMismatchError, match="1 attention layers"):
-        patch_model(graphs.attention_and_classifier(), Detector.pass_through(3))
+        patch_model(graphs.attention_and_classifier(), Detector.pass_through([2] * 3))
+
+
+def test_a_detector_for_another_head_count_is_refused() -> None:
+    with pytest.raises(DetectorMismatchError, match="layer 0 is for 2 heads, the model's has 3"):
+        patch_model(graphs.attention_and_classifier(), Detector.pass_through([2]))
+
+
+def test_a_pass_through_patch_reads_head_counts_the_graph_does_not_show(rng: np.random.Generator) -> None:
+    model = graphs.attention_and_classifier()
+    for value in (*model.graph.input[:3], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[1].dim_param = "H"  # heads symbolic, as in some exports
+    assert find_attention_sites(model)[0].heads is None
+    patched, _ = patch_model(model)
+    detector = read_detector(patched)
+    assert detector.heads == [2]  # the probe run's symbolic dims are 2
 
 
 def test_a_detector_fitted_for_another_model_is_refused() -> None:
-    other = Detector.pass_through(1)
+    sites = find_attention_sites(graphs.attention_and_classifier())
+    other = Detector.pass_through([s.heads for s in sites])
     stamped = Detector(layers=other.layers, kind="fitted", model_fingerprint="0123456789abcdef")
     with pytest.raises(DetectorMismatchError, match="fitted for model 0123456789abcdef"):
         patch_model(graphs.attention_and_classifier(), stamped)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops import spec
 from ..ops.reference import LayerDetector, column_features, feature_scores
 from .probe import AttentionProbe
 
@@ -30,7 +29,7 @@ __all__ = ["ColumnSet", "FitReport", "calibrate", "collect_columns", "fit_one_cl
 class ColumnSet:
     """Per layer: the features of every unmasked key column, which input it came from, and its label."""
 
-    features: list[np.ndarray]  # per layer [n_columns, NUM_FEATURES]
+    features: list[np.ndarray]  # per layer [n_columns, FEATURES_PER_HEAD * heads]
     example: np.ndarray  # [n_columns] index of the input it belongs to
     positive: np.ndarray  # [n_columns] bool: a culprit column
 
@@ -94,7 +93,7 @@ def _train_layer(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: i
 
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
-    lin1, lin2 = torch.nn.Linear(spec.NUM_FEATURES, hidden), torch.nn.Linear(hidden, 1)
+    lin1, lin2 = torch.nn.Linear(x.shape[1], hidden), torch.nn.Linear(hidden, 1)
     params = [*lin1.parameters(), *lin2.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     pos_weight = torch.tensor(max(1.0, float((y == 0).sum()) / max(1.0, float(y.sum()))))
@@ -139,8 +138,9 @@ def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
     layers = []
     for x in clean.features:
         mean, std = _standardise(x)
-        w1, b1 = _fold(np.eye(spec.NUM_FEATURES, dtype=np.float32), np.zeros(spec.NUM_FEATURES, np.float32), mean, std)
-        layers.append(LayerDetector(w1, b1, np.ones(spec.NUM_FEATURES, np.float32), np.zeros(1, np.float32), 0.0))
+        n = x.shape[1]
+        w1, b1 = _fold(np.eye(n, dtype=np.float32), np.zeros(n, np.float32), mean, std)
+        layers.append(LayerDetector(w1, b1, np.ones(n, np.float32), np.zeros(1, np.float32), 0.0))
     return layers
 
 

@@ -7,6 +7,7 @@ its metadata header: no pickle, readable from any language.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,12 @@ class Detector:
         for i, layer in enumerate(self.layers):
             hidden = np.shape(layer.b1)[0] if np.ndim(layer.b1) == 1 else -1
             shapes = {p: np.shape(getattr(layer, p)) for p in _PARAMS}
-            expected = {"w1": (spec.NUM_FEATURES, hidden), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
-            if hidden < 1 or shapes != expected:
+            rows = shapes["w1"][0] if len(shapes["w1"]) == 2 else -1
+            expected = {"w1": (rows, hidden), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
+            if hidden < 1 or shapes != expected or rows < 1 or rows % spec.FEATURES_PER_HEAD:
                 raise ValueError(
-                    f"detector layer {i} has weight shapes {shapes}, expected {expected} "
-                    f"(w1 [{spec.NUM_FEATURES}, hidden], b1 [hidden], w2 [hidden], b2 [1])"
+                    f"detector layer {i} has weight shapes {shapes}; expected w1 "
+                    f"[{spec.FEATURES_PER_HEAD} * heads, hidden], b1 [hidden], w2 [hidden], b2 [1]"
                 )
         if self.feature_version != spec.FEATURE_VERSION:
             raise DetectorMismatchError(
@@ -50,21 +52,29 @@ class Detector:
             )
 
     @classmethod
-    def pass_through(cls, num_layers: int) -> Detector:
-        """A detector that never flags a column: the patched model behaves as the original."""
+    def pass_through(cls, heads: Sequence[int]) -> Detector:
+        """A detector that never flags a column (layers with these head counts): outputs stay the original's."""
         zero = np.zeros(1, np.float32)
-        layer = LayerDetector(
-            w1=np.zeros((spec.NUM_FEATURES, 1), np.float32),
-            b1=zero,
-            w2=zero,
-            b2=np.full(1, -1.0, np.float32),
-            threshold=0.0,
+        layers = tuple(
+            LayerDetector(
+                w1=np.zeros((spec.num_features(h), 1), np.float32),
+                b1=zero,
+                w2=zero,
+                b2=np.full(1, -1.0, np.float32),
+                threshold=0.0,
+            )
+            for h in heads
         )
-        return cls(layers=(layer,) * num_layers, kind="pass-through")
+        return cls(layers=layers, kind="pass-through")
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def heads(self) -> list[int]:
+        """The attention heads each layer's detector was built for."""
+        return [layer.w1.shape[0] // spec.FEATURES_PER_HEAD for layer in self.layers]
 
     def describe(self) -> dict[str, object]:
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -31,6 +32,12 @@ def _check_detector(detector: Detector, sites: list[AttentionSite], fingerprint:
             f"the detector has {detector.num_layers} layers but this model has {len(sites)} attention layers; "
             f"it was fitted for another model: run atpatch fit on this model"
         )
+    for site, heads in zip(sites, detector.heads, strict=True):
+        if site.heads is not None and site.heads != heads:
+            raise DetectorMismatchError(
+                f"the detector's layer {site.layer} is for {heads} heads, the model's has {site.heads}; "
+                f"it was fitted for another model: run atpatch fit on this model"
+            )
     if detector.model_fingerprint is not None and detector.model_fingerprint != fingerprint:
         raise DetectorMismatchError(
             f"the detector was fitted for model {detector.model_fingerprint}, not this one "
@@ -38,12 +45,67 @@ def _check_detector(detector: Detector, sites: list[AttentionSite], fingerprint:
         )
 
 
+_ORT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def _heads_by_running(model: onnx.ModelProto, sites: list[AttentionSite]) -> list[int]:
+    """The head count of each attention map, read off one onnxruntime run on a tiny input.
+
+    For graphs whose shapes are all symbolic; symbolic dims become 2, token ids 1, masks 1.
+    """
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=site.tap) for site in sites)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dtype = _ORT_TYPES.get(tensor.elem_type)
+        if dtype is None:
+            raise ValueError(f"input {value.name} has a type this check cannot fill")
+        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor.shape.dim]
+        feeds[value.name] = (
+            np.random.default_rng(0).random(shape).astype(dtype)
+            if dtype in (np.float32, np.float16, np.float64)
+            else np.ones(shape, dtype)
+        )
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [int(m.shape[1]) for m in session.run(None, feeds)]
+
+
+def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int | None) -> Detector:
+    per_layer = [site.heads or heads for site in sites]
+    if any(h is None for h in per_layer):
+        try:
+            per_layer = _heads_by_running(model, sites)
+        except Exception as err:  # noqa: BLE001 - any failure means the same to the user
+            raise InvalidModelError(
+                f"cannot tell how many heads the attention layers have, which a pass-through patch needs "
+                f"({err}); give a detector fitted for this model (atpatch fit)"
+            ) from err
+    return Detector.pass_through(per_layer)  # type: ignore[arg-type]
+
+
 def patch_model(
-    model: onnx.ModelProto, detector: Detector | None = None
+    model: onnx.ModelProto, detector: Detector | None = None, heads: int | None = None
 ) -> tuple[onnx.ModelProto, list[AttentionSite]]:
     """A copy of `model` with AtPatch after each attention softmax; the input is not modified.
 
     Without a detector the patch is a pass-through: it flags nothing, so outputs are unchanged.
+    `heads` (e.g. from the model's config) stands in for layers whose head count the graph
+    does not show.
     """
     opset = _onnx_opset(model)
     if not spec.MIN_OPSET <= opset <= spec.MAX_OPSET:
@@ -52,7 +114,7 @@ def patch_model(
             f"re-export at opset 17 or 18"
         )
     sites = find_attention_sites(model)
-    detector = detector or Detector.pass_through(len(sites))
+    detector = detector or _pass_through(model, sites, heads)
     fingerprint = model_fingerprint(model)
     _check_detector(detector, sites, fingerprint)
 
