@@ -109,6 +109,11 @@ def run_fit(
         bad, _ = _localized(model, load_data(misbehaving_path, model_dir), budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
+        if not train.positive.any():
+            raise AtPatchError(
+                f"none of the {len(bad)} misbehaving inputs gave a culprit (none misbehaves, or localization ran "
+                f"out of --budget {budget}); give culprit spans, a larger --budget, or inputs the model gets wrong"
+            )
         kind, layers = "supervised", fit_supervised(train)
     layers = calibrate(layers, calibration_columns, len(calibration), target_flag_rate)
     summary = report(kind, train, layers, calibration_columns, len(calibration))

@@ -67,7 +67,9 @@ class _Tester:
             if self.calls >= self.budget:
                 raise _BudgetExhausted
             self.calls += 1
-            logits = self.probe.session.run([self.probe.model_outputs[0]], self.removed(key))[0][0]
+            logits = self.probe.session.run([self.probe.model_outputs[0]], self.probe.model_feeds(self.removed(key)))[
+                0
+            ][0]
             self.probs[key] = _softmax(logits)
         return int(np.argmax(self.probs[key])) == self.expected
 

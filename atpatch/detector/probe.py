@@ -74,8 +74,12 @@ class AttentionProbe:
         self.input_names = [i.name for i in model.graph.input]
         self.session = create_session(probe, use_native=use_native)
 
+    def model_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`feeds` less what the model does not take (exports drop unused inputs such as token_type_ids)."""
+        return {name: value for name, value in feeds.items() if name in self.input_names}
+
     def run(self, feeds: dict[str, np.ndarray]) -> ProbeOutput:
-        values = self.session.run(self._fetch, feeds)
+        values = self.session.run(self._fetch, self.model_feeds(feeds))
         n_out, n_layers = len(self.model_outputs), self.num_layers
         outputs = values[:n_out]
         before = values[n_out : n_out + n_layers]

@@ -76,6 +76,7 @@ def num_features(heads: int) -> int:
     """Rows of w1 for a layer with `heads` attention heads."""
     return FEATURES_PER_HEAD * heads
 
+
 SUPPORTED_DTYPES = ("float32", "float16")
 
 # The ONNX function is written in the model's own ai.onnx opset (a function must
