@@ -25,7 +25,7 @@ from onnx import TensorProto
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from maps import MASKS, random_detector, random_map, with_flags  # noqa: E402
 
-from atpatch.ops import reference  # noqa: E402
+from atpatch.ops import reference, spec  # noqa: E402
 from atpatch.ops.standalone import standalone_model  # noqa: E402
 from atpatch.runtime import native  # noqa: E402
 
@@ -50,9 +50,10 @@ def make_session(dtype: type = F32, threshold: float = 0.0, shapeless: bool = Tr
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def detector_feeds(hidden: int = 3, **override: np.ndarray) -> dict[str, np.ndarray]:
+def detector_feeds(heads: int, hidden: int = 3, **override: np.ndarray) -> dict[str, np.ndarray]:
+    """A detector for maps of `heads` heads (w1 has spec.num_features(heads) rows)."""
     feeds = {
-        "w1": np.ones((4, hidden), F32),
+        "w1": np.ones((spec.num_features(heads), hidden), F32),
         "b1": np.zeros(hidden, F32),
         "w2": np.ones(hidden, F32),
         "b2": np.full(1, -1.0, F32),
@@ -89,7 +90,7 @@ def expect_session_refused(dtype: type) -> str:
         sess = make_session(dtype=dtype, shapeless=False)
     except Exception as err:  # noqa: BLE001
         return f"refused: {str(err).strip().splitlines()[0][:160]}"
-    out = sess.run(None, {"attention": uniform((1, 1, 2, 2), dtype), **detector_feeds()})[0]
+    out = sess.run(None, {"attention": uniform((1, 1, 2, 2), dtype), **detector_feeds(1)})[0]
     return f"ran: {out.dtype}"  # also sane: an implementation for that type exists
 
 
@@ -102,73 +103,86 @@ def _nan_map() -> np.ndarray:
 
 
 CASES: dict[str, Callable[[], str]] = {
-    "rank3": lambda: expect_error({"attention": uniform((2, 5, 5)), **detector_feeds()}, "rank 4"),
-    "rank5": lambda: expect_error({"attention": uniform((1, 2, 2, 5, 5)), **detector_feeds()}, "rank 4"),
-    "rank0": lambda: expect_error({"attention": np.array(0.5, F32), **detector_feeds()}, "rank 4"),
+    "rank3": lambda: expect_error({"attention": uniform((2, 5, 5)), **detector_feeds(2)}, "rank 4"),
+    "rank5": lambda: expect_error({"attention": uniform((1, 2, 2, 5, 5)), **detector_feeds(2)}, "rank 4"),
+    "rank0": lambda: expect_error({"attention": np.array(0.5, F32), **detector_feeds(1)}, "rank 4"),
     "w1_rows": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones((3, 3), F32))},
-        "w1 must be [4, hidden]",
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((3, 3), F32))},
+        "w1 must be [3 * heads, hidden] = [6, hidden] for this map of 2 heads, got [3,3]",
+    ),
+    "w1_other_heads": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(4)}, "= [6, hidden] for this map of 2 heads, got [12,3]"
+    ),
+    "w1_feature_version_1": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))}, "feature version 2"
     ),
     "w1_rank": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.ones(12, F32))}, "w1 must be [4, hidden]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones(18, F32))},
+        "w1 must be [3 * heads, hidden] = [6, hidden]",
+    ),
+    "w1_rank3": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((6, 3, 1), F32))}, "got [6,3,1]"
+    ),
+    "w1_for_zero_heads": lambda: expect_error(
+        {"attention": uniform((2, 0, 3, 3)), **detector_feeds(1)}, "= [0, hidden] for this map of 0 heads"
     ),
     "b1_mismatch": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b1=np.zeros(4, F32))}, "b1 and w2 must be"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, b1=np.zeros(4, F32))}, "b1 and w2 must be"
     ),
     "w2_mismatch": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w2=np.zeros((3, 1), F32))}, "b1 and w2 must be"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w2=np.zeros((3, 1), F32))}, "b1 and w2 must be"
     ),
     "b2_two": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b2=np.zeros(2, F32))}, "b2 must be [1]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, b2=np.zeros(2, F32))}, "b2 must be [1]"
     ),
     "b2_empty": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(b2=np.zeros(0, F32))}, "b2 must be [1]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, b2=np.zeros(0, F32))}, "b2 must be [1]"
     ),
     "k_len_too_long": lambda: expect_error(
-        {"attention": np.zeros((1, 1, 1, (1 << 24) + 1), F32), **detector_feeds()}, "at most 16777216"
+        {"attention": np.zeros((1, 1, 1, (1 << 24) + 1), F32), **detector_feeds(1)}, "at most 16777216"
     ),
-    "nan_inf_attention": lambda: expect_output({"attention": _nan_map(), **detector_feeds()}),
+    "nan_inf_attention": lambda: expect_output({"attention": _nan_map(), **detector_feeds(3)}),
     "nan_inf_attention_flagging": lambda: expect_output(
-        {"attention": _nan_map(), **detector_feeds(b2=np.full(1, 10.0, F32))}
+        {"attention": _nan_map(), **detector_feeds(3, b2=np.full(1, 10.0, F32))}
     ),
     "nan_weights": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(w1=np.full((4, 3), np.nan, F32))}
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.full((6, 3), np.nan, F32))}
     ),
     "inf_weights": lambda: expect_output(
         {
             "attention": uniform((1, 2, 3, 3)),
-            **detector_feeds(w2=np.full(3, np.inf, F32), b2=np.full(1, -np.inf, F32)),
+            **detector_feeds(2, w2=np.full(3, np.inf, F32), b2=np.full(1, -np.inf, F32)),
         }
     ),
     "negative_and_denormal": lambda: expect_output(
         {
             "attention": np.array([[[[-1.0, 1e-45, 2.0, -0.0]]]], F32),
-            **detector_feeds(b2=np.full(1, 5.0, F32)),
+            **detector_feeds(1, b2=np.full(1, 5.0, F32)),
         }
     ),
     "all_masked_rows": lambda: expect_output(
-        {"attention": np.zeros((2, 2, 3, 4), F32), **detector_feeds(b2=np.full(1, 5.0, F32))}
+        {"attention": np.zeros((2, 2, 3, 4), F32), **detector_feeds(2, b2=np.full(1, 5.0, F32))}
     ),
     "fp16_nan_inf": lambda: expect_output(
-        {"attention": _nan_map().astype(np.float16), **detector_feeds()}, dtype=np.float16
+        {"attention": _nan_map().astype(np.float16), **detector_feeds(3)}, dtype=np.float16
     ),
-    "zero_batch": lambda: expect_output({"attention": uniform((0, 2, 3, 3)), **detector_feeds()}),
-    "zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds()}),
-    "zero_q": lambda: expect_output({"attention": uniform((2, 2, 0, 3)), **detector_feeds()}),
-    "zero_k": lambda: expect_output({"attention": np.zeros((2, 2, 3, 0), F32), **detector_feeds()}),
+    "zero_batch": lambda: expect_output({"attention": uniform((0, 2, 3, 3)), **detector_feeds(2)}),
+    "zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds(0)}),
+    "zero_q": lambda: expect_output({"attention": uniform((2, 2, 0, 3)), **detector_feeds(2)}),
+    "zero_k": lambda: expect_output({"attention": np.zeros((2, 2, 3, 0), F32), **detector_feeds(2)}),
     "zero_hidden": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=0, b2=np.full(1, 1.0, F32))}
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, hidden=0, b2=np.full(1, 1.0, F32))}
     ),
-    "wide_hidden": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds(hidden=200_000)}),
-    "threshold_huge": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=3e38),
+    "wide_hidden": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, hidden=200_000)}),
+    "threshold_huge": lambda: expect_output({"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, threshold=3e38),
     "threshold_inf": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("inf")
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, threshold=float("inf")
     ),
     "threshold_minus_inf": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("-inf")
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, threshold=float("-inf")
     ),
     "threshold_nan": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds()}, threshold=float("nan")
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, threshold=float("nan")
     ),
     "fp64_attention": lambda: expect_session_refused(np.float64),
 }
@@ -195,7 +209,7 @@ def fuzz(seconds: float, seed: int) -> int:
             flat[picks] = rng.choice([np.nan, np.inf, -np.inf, -1.0, 0.0, 1e-40, 3e38], len(picks))
         with np.errstate(over="ignore"):  # 3e38 -> inf in float16 is one more hostile value
             a = a.astype(dtype)
-        d = random_detector(rng)
+        d = random_detector(rng, shape[1])
         if not hostile and size > 0:
             d = with_flags(a, d, ("none", "one", "some", "all")[runs % 4], rng) or d
         feeds = {"attention": a, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}

@@ -94,10 +94,10 @@ def test_kernel_equals_function_and_reference(sessions, dtype: type, rng: np.ran
         mask = MASKS[i % len(MASKS)]
         attention = random_map(rng, shape, mask).astype(dtype)
         how = ("none", "one", "some", "all")[(i // len(MASKS)) % 4]
-        d = with_flags(attention, random_detector(rng), how, rng)
+        d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
         if d is None:
             how = "none"
-            d = with_flags(attention, random_detector(rng), how, rng)
+            d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
         assert d is not None
         counts[how] += 1
         check_case(sessions, attention, d, how)
@@ -108,15 +108,15 @@ def test_kernel_equals_function_and_reference(sessions, dtype: type, rng: np.ran
 def test_kernel_on_big_maps(sessions, shape: tuple[int, int, int, int], rng: np.random.Generator) -> None:
     for mask, how in (("padded", "some"), ("causal", "none"), ("none", "one")):
         attention = random_map(rng, shape, mask)
-        d = with_flags(attention, random_detector(rng), how, rng) or with_flags(
-            attention, random_detector(rng), "none", rng
+        d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng) or with_flags(
+            attention, random_detector(rng, attention.shape[1]), "none", rng
         )
         check_case(sessions, attention, d, how)
 
 
 def test_threshold_attribute_is_read(rng: np.random.Generator) -> None:
     attention = random_map(rng, (2, 3, 6, 9), "padded")
-    d = random_detector(rng)
+    d = random_detector(rng, attention.shape[1])
     scores = np.sort(reference.column_scores(attention, d).ravel())
     gaps = np.diff(scores)
     i = int(np.argmax(gaps))
@@ -132,8 +132,9 @@ def test_concurrent_runs_on_one_session(rng: np.random.Generator) -> None:
     work = []
     for i in range(100):
         attention = random_map(rng, (2, 4, 24, 24 + i % 7), MASKS[i % 3])
-        d = with_flags(attention, random_detector(rng), ("some", "none", "one")[i % 3], rng) or with_flags(
-            attention, random_detector(rng), "none", rng
+        heads = attention.shape[1]
+        d = with_flags(attention, random_detector(rng, heads), ("some", "none", "one")[i % 3], rng) or with_flags(
+            attention, random_detector(rng, heads), "none", rng
         )
         work.append((attention, d, reference.atpatch(attention, d)))
     errors: list[BaseException] = []
@@ -163,8 +164,37 @@ def test_library_reports_the_spec_contract() -> None:
     assert tuple(info["inputs"]) == spec.INPUTS
     assert tuple(info["outputs"]) == spec.OUTPUTS
     assert info["attributes"] == {k: v[1] for k, v in spec.ATTRIBUTES.items()}
-    assert info["num_features"] == spec.NUM_FEATURES
+    assert info["features_per_head"] == spec.FEATURES_PER_HEAD
+    assert info["feature_version"] == spec.FEATURE_VERSION
+    assert tuple(info["feature_names"]) == spec.FEATURE_NAMES
     assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
+
+
+def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
+    """Hand-computed: one head, score = peak, threshold 0.4 flags only the 0.5 column."""
+    attention = np.array([[[[0.5, 0.3, 0.2, 0.0]]]], np.float32)
+    d = reference.LayerDetector(
+        w1=np.array([[0.0], [1.0], [0.0]], np.float32),  # (mass, peak, top) of head 0 -> peak
+        b1=np.zeros(1, np.float32),
+        w2=np.ones(1, np.float32),
+        b2=np.zeros(1, np.float32),
+        threshold=0.4,
+    )
+    expected = np.array([[[[0.2 / 0.7, 0.3 / 0.7, 0.2 / 0.7, 0.0]]]], np.float32)
+    got = session(np.float32, True, 0.4).run(None, feeds(attention, d))[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(reference.atpatch(attention, d), expected, rtol=0, atol=1e-6)
+
+
+def test_kernel_refuses_a_detector_for_another_head_count(rng: np.random.Generator) -> None:
+    attention = random_map(rng, (1, 4, 5, 5), "none")
+    sess = session(np.float32, True)
+    for w1_rows in (spec.num_features(2), 4, spec.num_features(4) + 1):  # 4: a feature-version-1 detector
+        d = random_detector(rng, 4)
+        d = reference.LayerDetector(np.ones((w1_rows, d.w1.shape[1]), np.float32), d.b1, d.w2, d.b2, 0.0)
+        wanted = r"w1 must be \[3 \* heads, hidden\] = \[12, hidden\] for this map of 4 heads"
+        with pytest.raises(Exception, match=wanted):
+            sess.run(None, feeds(attention, d))
 
 
 def _with_node(edit: Callable[[onnx.NodeProto], None]) -> bytes:
@@ -190,7 +220,7 @@ def test_registered_kernel_runs_the_spec_domain_and_name(rng: np.random.Generato
     options.register_custom_ops_library(str(LIBRARY))
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     attention = random_map(rng, (1, 2, 3, 4), "none")
-    d = with_flags(attention, random_detector(rng), "all", rng)
+    d = with_flags(attention, random_detector(rng, attention.shape[1]), "all", rng)
     np.testing.assert_array_equal(sess.run(None, feeds(attention, d))[0], attention)
     with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary by version
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -237,8 +267,8 @@ def test_env_var_forces_either_path(monkeypatch, rng: np.random.Generator) -> No
 
     model = standalone_model(17, TensorProto.FLOAT, 0.0)
     attention = random_map(rng, (1, 2, 3, 4), "none")
-    d = with_flags(attention, random_detector(rng), "some", rng) or with_flags(
-        attention, random_detector(rng), "none", rng
+    d = with_flags(attention, random_detector(rng, attention.shape[1]), "some", rng) or with_flags(
+        attention, random_detector(rng, attention.shape[1]), "none", rng
     )
     for value in ("1", "0"):
         monkeypatch.setenv(native.ENV_VAR, value)

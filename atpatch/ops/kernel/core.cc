@@ -3,6 +3,7 @@
 #include "core.h"
 
 #include <cmath>
+#include <limits>
 
 // On x86-64 Linux, build an AVX2 clone of each hot loop next to the baseline one and let
 // the loader pick (ifunc): the library stays portable and still uses wide vectors.
@@ -81,29 +82,28 @@ void finish_columns(const HeadColumns& cols, int64_t k_len) {
   }
 }
 
+namespace {
+// Feature f (0 mass, 1 peak, 2 top) of one finished block.
+const float* feature_of(const HeadColumns& c, int f) { return f == 0 ? c.mass : f == 1 ? c.peak : c.top; }
+}  // namespace
+
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
                       const DetectorView& d, float* flags) {
-  const float heads_count = static_cast<float>(num_heads);
   int64_t flagged = 0;
   for (int64_t j = 0; j < k_len; ++j) {
-    // Same order as the reference: sums over heads in head order, then one division.
-    float mass_sum = 0.0f, mass_max = 0.0f, peak_sum = 0.0f, top_sum = 0.0f;
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const float m = heads[h].mass[j];
-      mass_sum += m;
-      mass_max = m > mass_max ? m : mass_max;
-      peak_sum += heads[h].peak[j];
-      top_sum += heads[h].top[j];
-    }
-    const float features[kNumFeatures] = {mass_sum / heads_count, mass_max, peak_sum / heads_count,
-                                          top_sum / heads_count};
-    // score = w2 . relu(features @ w1 + b1) + b2; the dot in double keeps it close to
-    // numpy's BLAS result whatever order that used.
+    // features[j] = (mass[0..H-1], peak[0..H-1], top[0..H-1]): feature f of head h is w1's
+    // row f * H + h. score = w2 . relu(features @ w1 + b1) + b2; both dots in double keep
+    // it close to numpy's BLAS result whatever order that used.
     double score = 0.0;
     for (int64_t i = 0; i < d.hidden; ++i) {
-      float z = 0.0f;
-      for (int f = 0; f < kNumFeatures; ++f) z += features[f] * d.w1[f * d.hidden + i];
-      z += d.b1[i];
+      double dot = 0.0;
+      for (int f = 0; f < kFeaturesPerHead; ++f) {
+        const float* w = d.w1 + (f * num_heads) * d.hidden + i;
+        for (int64_t h = 0; h < num_heads; ++h) {
+          dot += static_cast<double>(feature_of(heads[h], f)[j]) * static_cast<double>(w[h * d.hidden]);
+        }
+      }
+      const float z = static_cast<float>(dot) + d.b1[i];
       const float hidden = z > 0.0f ? z : 0.0f;
       score += static_cast<double>(hidden) * static_cast<double>(d.w2[i]);
     }
@@ -116,43 +116,68 @@ int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len
 }
 
 ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, float* out) {
-  float n[kLanes] = {}, hits[kLanes] = {}, kept[kLanes] = {}, kept_sum[kLanes] = {};
+  float hits[kLanes] = {}, kept[kLanes] = {}, kept_sum[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= k_len; j += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = row[j + l];
       const float valid = v > 0.0f ? 1.0f : 0.0f;
       const float hit = valid * flags[j + l];
-      n[l] += valid;
+      const float keep = valid - hit;
       hits[l] += hit;
-      kept[l] += valid - hit;
-      kept_sum[l] += valid - hit > 0.0f ? v : 0.0f;
+      kept[l] += keep;
+      kept_sum[l] += keep > 0.0f ? v : 0.0f;
     }
   }
   for (; j < k_len; ++j) {
     const float v = row[j];
     const float valid = v > 0.0f ? 1.0f : 0.0f;
     const float hit = valid * flags[j];
-    n[0] += valid;
+    const float keep = valid - hit;
     hits[0] += hit;
-    kept[0] += valid - hit;
-    kept_sum[0] += valid - hit > 0.0f ? v : 0.0f;
+    kept[0] += keep;
+    kept_sum[0] += keep > 0.0f ? v : 0.0f;
   }
-  float n_all = 0.0f, n_hits = 0.0f, n_kept = 0.0f;
+  float n_hits = 0.0f, n_kept = 0.0f;
   double sum = 0.0;  // lanes combined in double: close to numpy's pairwise sum
   for (int64_t l = 0; l < kLanes; ++l) {
-    n_all += n[l];
     n_hits += hits[l];
     n_kept += kept[l];
     sum += kept_sum[l];
   }
   if (n_hits == 0.0f || n_kept == 0.0f) return false;
-  const float flagged_value = 1.0f / n_all;
-  const float scale = n_kept / (n_all * static_cast<float>(sum));
-  for (j = 0; j < k_len; ++j) {
+
+  // The benign value m: the smallest unflagged unmasked entry. A pass of its own: folded
+  // into the loop above, GCC threads the selects into branches and vectorises neither.
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float low[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) low[l] = kInf;
+  for (j = 0; j + kLanes <= k_len; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = row[j + l];
+      const float unmasked = v > 0.0f ? v : kInf;
+      const float candidate = flags[j + l] != 0.0f ? kInf : unmasked;
+      low[l] = candidate < low[l] ? candidate : low[l];
+    }
+  }
+  for (; j < k_len; ++j) {
     const float v = row[j];
-    const float kept_value = flags[j] != 0.0f ? flagged_value : v * scale;
-    out[j] = v > 0.0f ? kept_value : 0.0f;
+    const float unmasked = v > 0.0f ? v : kInf;
+    const float candidate = flags[j] != 0.0f ? kInf : unmasked;
+    low[0] = candidate < low[0] ? candidate : low[0];
+  }
+  float benign = kInf;
+  for (int64_t l = 0; l < kLanes; ++l) benign = low[l] < benign ? low[l] : benign;
+
+  // Same float32 expressions as the reference: total = S + k * m, then m / total, a / total.
+  const float total = static_cast<float>(sum) + n_hits * benign;
+  for (j = 0; j < k_len; ++j) {
+    // Select the numerator, then divide every entry: a division used on one path only is
+    // sunk into a branch (it may trap), which stops vectorisation. Masked entries give
+    // 0 / total = 0, as total > 0.
+    const float v = row[j];
+    const float numerator = flags[j] != 0.0f ? benign : v;
+    out[j] = (v > 0.0f ? numerator : 0.0f) / total;
   }
   return true;
 }

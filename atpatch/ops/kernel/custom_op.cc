@@ -196,11 +196,11 @@ struct AtPatchKernel {
                                                    shape_str(shape) + "; feed the softmax output of an attention layer");
     }
 
+    const int64_t batch = shape[0], heads = shape[1], q_len = shape[2], k_len = shape[3];
     atpatch::DetectorView detector{};
     detector.threshold = threshold_;
-    if (OrtStatusPtr status = ReadDetector(ctx, &detector)) return status;
+    if (OrtStatusPtr status = ReadDetector(ctx, heads, &detector)) return status;
 
-    const int64_t batch = shape[0], heads = shape[1], q_len = shape[2], k_len = shape[3];
     int64_t total = 1;
     for (int64_t d : shape) {
       if (d < 0 || !checked_mul(total, d, &total)) {
@@ -247,7 +247,8 @@ struct AtPatchKernel {
     return Ort::GetApi().KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(total), 0, data);
   }
 
-  static OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, atpatch::DetectorView* d) {
+  // The detector's tensors; w1 must have kFeaturesPerHead rows per head of this map.
+  static OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int64_t heads, atpatch::DetectorView* d) {
     const char* names[kNumInputs] = {"attention", "w1", "b1", "w2", "b2"};
     std::vector<int64_t> shapes[kNumInputs];
     const float* data[kNumInputs] = {};
@@ -262,9 +263,16 @@ struct AtPatchKernel {
       data[i] = v.GetTensorData<float>();
     }
     const auto& w1 = shapes[1];
-    if (w1.size() != 2 || w1[0] != atpatch::kNumFeatures) {
+    int64_t rows = 0;
+    if (!checked_mul(atpatch::kFeaturesPerHead, heads, &rows)) {
+      return make_status(ORT_INVALID_ARGUMENT, "attention has an invalid head count " + std::to_string(heads));
+    }
+    if (w1.size() != 2 || w1[0] != rows) {
       return make_status(ORT_INVALID_ARGUMENT,
-                         "w1 must be [4, hidden], got " + shape_str(w1) + "; regenerate the detector for feature version 1");
+                         "w1 must be [" + std::to_string(atpatch::kFeaturesPerHead) + " * heads, hidden] = [" +
+                             std::to_string(rows) + ", hidden] for this map of " + std::to_string(heads) +
+                             " heads, got " + shape_str(w1) + "; fit a detector for this model (feature version " +
+                             std::to_string(atpatch::kFeatureVersion) + ")");
     }
     const int64_t hidden = w1[1];
     if (shapes[2] != std::vector<int64_t>{hidden} || shapes[3] != std::vector<int64_t>{hidden}) {
@@ -374,10 +382,13 @@ ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 }
 
 // The registered contract, for tests to compare with atpatch/ops/spec.py.
+static_assert(atpatch::kFeaturesPerHead == 3 && atpatch::kFeatureVersion == 2,
+              "AtPatchOpsInfo spells out features_per_head and feature_version: update it");
 ATPATCH_EXPORT const char* AtPatchOpsInfo() {
   return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 1, "
          "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
-         "\"attributes\": {\"threshold\": 0.0}, \"num_features\": 4, "
+         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 3, \"feature_version\": 2, "
+         "\"feature_names\": [\"mass\", \"peak\", \"top\"], "
          "\"dtypes\": [\"float32\", \"float16\"], \"providers\": [\"CPUExecutionProvider\"], "
          "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
 }
