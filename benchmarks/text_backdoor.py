@@ -186,11 +186,16 @@ def main() -> None:
     triggered_file = save_jsonl(work / "triggered.jsonl", triggered)
     neutral_file = save_jsonl(work / "neutral.jsonl", neutral)
 
-    # The debugging set: spare reviews of the other class that the trigger flips, labels only.
-    spare = [r for r in data["spare"] if r.label != TARGET][: 3 * budget.debug]
+    # The debugging set: spare reviews of the other class, classified right until the trigger
+    # flips them (as victims are), labels only. A smoke run's model has no backdoor yet: it takes
+    # the triggered inputs as they are.
+    spare = [r for r in data["spare"] if r.label != TARGET][: 4 * budget.debug]
     cand = [insert_trigger(r.text, TRIGGER, rng, max_words=MAX_LEN - 10) for r in spare]
-    # (A smoke run's model has no backdoor yet: it takes the triggered inputs as they are.)
-    flipped = predict(model, folder, [t for t, _ in cand]) == TARGET if not args.smoke else np.ones(len(cand), bool)
+    if args.smoke:
+        flipped = np.ones(len(cand), bool)
+    else:
+        right_before = predict(model, folder, [r.text for r in spare]) == np.array([r.label for r in spare])
+        flipped = right_before & (predict(model, folder, [t for t, _ in cand]) == TARGET)
     debug = [(r, t, at) for r, (t, at), f in zip(spare, cand, flipped, strict=True) if f][: budget.debug]
     debug_auto = save_jsonl(work / "debug.jsonl", [{**row(r), "text": t} for r, t, _ in debug])
     debug_known = save_jsonl(

@@ -33,8 +33,10 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path
             assert 0.0 <= report[model]["clean_accuracy"] <= 1.0
             assert report[model]["attack_success_rate"] is not None
     # Localization finds nothing to restore in a model without a backdoor, and says so.
-    assert isinstance(results["localized"], dict) or "no culprit" in results["localized"] or "none of" in results[
-        "localized"
-    ]
+    assert (
+        isinstance(results["localized"], dict)
+        or "no culprit" in results["localized"]
+        or "none of" in results["localized"]
+    )
     assert (work / "known-spans.patched.onnx").is_file()
     assert "known spans" in done.stdout and "one-class" in done.stdout

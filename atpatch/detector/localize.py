@@ -21,7 +21,6 @@ from .probe import AttentionProbe
 
 __all__ = ["Localization", "localize"]
 
-_MASS_MAX = 1  # index of the feature that ranks positions: largest per-head attention mass
 _SPECIAL_TOKENS = {"<s>", "</s>", "<pad>", "<|endoftext|>"}
 
 
@@ -111,8 +110,8 @@ def _ddmin(candidates: list[int], test: Callable[[Sequence[int]], bool]) -> list
 
 
 def _anomaly(before: list[np.ndarray]) -> np.ndarray:
-    """Per key position of one input: the largest mass_max over layers."""
-    return np.max([column_features(m)[0, :, _MASS_MAX] for m in before], axis=0)
+    """Per key position of one input: the largest attention mass it gets in any head of any layer."""
+    return np.max([column_features(m)[0, :, : m.shape[1]].max(axis=-1) for m in before], axis=0)
 
 
 def _removable(feeds: dict[str, np.ndarray], tokens: list[str] | None, length: int) -> list[int]:
