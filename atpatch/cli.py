@@ -32,6 +32,12 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", type=Path, metavar="FILE", help="detector weights (.safetensors)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset for --hf exports (default 17; 17..18 tested)")
     parser.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter for --hf (slower)")
+    parser.add_argument(
+        "--attention",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="attention implementation for --hf exports (default eager; sdpa's fused ops are decomposed)",
+    )
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="with --hf: write the plain export")
 
 
@@ -45,6 +51,7 @@ def _export(args: argparse.Namespace) -> str:
         detector=args.detector,
         opset=args.opset,
         dynamo=args.dynamo,
+        attention=args.attention,
         patch=args.patch,
     )
     return run_export(options).summary()

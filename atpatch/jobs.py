@@ -26,13 +26,16 @@ class ExportOptions:
     detector: Path | None = None
     opset: int = 17
     dynamo: bool = False
+    attention: str = "eager"
     patch: bool = True
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.hf is None):
             raise AtPatchError("give exactly one model: an ONNX file (atpatch-export model.onnx) or --hf FOLDER")
-        if self.model is not None and (self.dynamo or self.opset != 17):
-            raise AtPatchError("--dynamo and --opset apply to --hf exports only; an ONNX file keeps its opset")
+        if self.model is not None and (self.dynamo or self.opset != 17 or self.attention != "eager"):
+            raise AtPatchError(
+                "--dynamo, --opset and --attention apply to --hf exports only; an ONNX file keeps its own"
+            )
         if not self.patch and self.detector is not None:
             raise AtPatchError("--no-patch writes the plain export; drop --detector or drop --no-patch")
 
@@ -80,7 +83,7 @@ def run_export(options: ExportOptions) -> ExportReport:
     if options.hf is not None:
         from .exporter import export_hf
 
-        result = export_hf(options.hf, opset=options.opset, dynamo=options.dynamo)
+        result = export_hf(options.hf, opset=options.opset, dynamo=options.dynamo, attention=options.attention)
         model, diffs = result.model, result.max_abs_diff
         heads = getattr(result.config, "num_attention_heads", None)
         exporter = "torch.onnx dynamo" if options.dynamo else "torch.onnx TorchScript"

@@ -24,6 +24,9 @@ __all__ = ["ExportResult", "export_hf", "load_hf_model"]
 # TorchScript (dynamo=False) exports every family at opsets 17/18 and takes < 1 s for small
 # models; dynamo also works (GPT-2 from opset 18) and is 10x slower, so it is opt-in.
 DEFAULT_OPSET = 17
+# "eager" writes an explicit Softmax per layer; "sdpa" gives the exporter's SDPA lowering (a decomposed
+# softmax with a NaN guard, or ONNX Attention with dynamo at opset 23), which the rewrite decomposes.
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,16 @@ class ExportResult:
     config: Any  # its transformers config
 
 
-def load_hf_model(folder: str | Path) -> Any:
-    """The model in `folder` with eager attention (explicit softmax), in eval mode, offline."""
+def load_hf_model(folder: str | Path, attention: str = "eager") -> Any:
+    """The model in `folder` with `attention` ("eager": explicit softmax, or "sdpa"), in eval mode, offline."""
     try:
         import transformers
     except ImportError as err:
         raise AtPatchError(
             "exporting needs torch and transformers: pip install -c constraints.txt 'atpatch[export]'"
         ) from err
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise AtPatchError(f"unknown attention implementation {attention!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise AtPatchError(
@@ -56,7 +61,7 @@ def load_hf_model(folder: str | Path) -> Any:
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls or transformers.AutoModel
     try:
-        model = cls.from_pretrained(folder, attn_implementation="eager", local_files_only=True)
+        model = cls.from_pretrained(folder, attn_implementation=attention, local_files_only=True)
     except (OSError, ValueError) as err:
         raise AtPatchError(
             f"cannot load the model in {folder} ({str(err).splitlines()[0]}); check the folder's weights"
@@ -148,11 +153,13 @@ def validate(model: Any, onnx_model: onnx.ModelProto, family: Family, output: st
     return {output: diff}
 
 
-def export_hf(folder: str | Path, *, opset: int = DEFAULT_OPSET, dynamo: bool = False, seed: int = 0) -> ExportResult:
-    """Export the model in `folder` to ONNX (eager attention, dynamic axes) and validate it."""
+def export_hf(
+    folder: str | Path, *, opset: int = DEFAULT_OPSET, dynamo: bool = False, seed: int = 0, attention: str = "eager"
+) -> ExportResult:
+    """Export the model in `folder` to ONNX (`attention` implementation, dynamic axes) and validate it."""
     import torch
 
-    model = load_hf_model(folder)
+    model = load_hf_model(folder, attention)
     try:
         family = family_for(model.config.model_type)
     except ValueError as err:
