@@ -80,6 +80,7 @@ def run_export(options: ExportOptions) -> ExportReport:
     diffs: dict[str, float] = {}
     exporter = None
     heads = None
+    base_dir = None
     if options.hf is not None:
         from .exporter import export_hf
 
@@ -89,14 +90,15 @@ def run_export(options: ExportOptions) -> ExportReport:
         exporter = "torch.onnx dynamo" if options.dynamo else "torch.onnx TorchScript"
     else:
         assert options.model is not None  # checked by ExportOptions
-        model = load_model(options.model)
+        # Weights stay on disk: the rewrite reads the graph only, and saving streams them across.
+        model = load_model(options.model, external_data=False)
+        base_dir = options.model.parent
     sites: list[AttentionSite] = []
     kind = None
     if options.patch:
-        model, sites = patch_model(model, detector, heads)
+        model, sites = patch_model(model, detector, heads, base_dir)
         kind = detector.kind if detector else "pass-through"
-        onnx.checker.check_model(model, full_check=True)
-    save_model(model, output)
+    save_model(model, output, base_dir=base_dir, check=options.patch)
     return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter)
 
 

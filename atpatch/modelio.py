@@ -1,32 +1,120 @@
-"""Reading and writing ONNX files safely: clear errors on bad files, atomic writes."""
+"""Reading and writing ONNX files safely: clear errors on bad files, atomic writes.
+
+Models with external data (weights in side files, the only way past protobuf's 2 GiB) can be
+loaded with their weights left on disk (`load_model(..., external_data=False)`): the rewrite
+needs the graph, not the weight values, so a multi-GB model is patched in a few hundred MB
+and its weights are streamed, never held in memory, into the output's side file.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import external_data_helper
 
 from .errors import AtPatchError, InvalidModelError
 
-__all__ = ["atomic_output", "check_output_path", "load_model", "model_fingerprint", "save_model"]
+__all__ = [
+    "atomic_output",
+    "check_output_path",
+    "external_tensors",
+    "load_model",
+    "model_fingerprint",
+    "save_model",
+]
 
 # protobuf cannot serialise a single message past 2 GiB; above this, weights go to a side file.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# External tensors up to this size are read in when weights stay on disk: shape constants and
+# the like, which pattern checks read; weights are far larger.
+SMALL_TENSOR_BYTES = 64 * 1024
+_COPY_CHUNK = 16 * 1024 * 1024
+_ALIGN = 4096  # onnxruntime memory-maps external tensors whose offset is page-aligned
+# Types numpy unpacks (one value per byte) on reading, so their array bytes are not the stored bytes.
+_PACKED_TYPES = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX model (and its external data), or raise InvalidModelError saying why."""
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor that can hold weights: initializers and Constant values, subgraphs included."""
+
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for sub in attr.graphs:
+                    yield from graph_tensors(sub)
+
+    yield from graph_tensors(model.graph)
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors whose data is still in side files (not loaded)."""
+    return [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _data_range(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, checked to lie inside its file under `base_dir`."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = Path(info.location)
+    file = (base_dir / location).resolve()
+    if location.is_absolute() or not file.is_relative_to(base_dir.resolve()):
+        raise InvalidModelError(
+            f"tensor {tensor.name}'s data location {info.location!r} is outside the model's folder; "
+            f"external data must sit beside the model (re-save it with onnx.save_model(..., location=...))"
+        )
+    if not file.is_file():
+        raise InvalidModelError(
+            f"tensor {tensor.name}'s data file {file} is missing; keep the model's external data "
+            f"files beside the .onnx file"
+        )
+    size = file.stat().st_size
+    offset = int(info.offset or 0)
+    length = int(info.length) if info.length else size - offset
+    if offset < 0 or length < 0 or offset + length > size:
+        raise InvalidModelError(
+            f"tensor {tensor.name} reads bytes {offset}..{offset + length} of {file}, which has {size}; "
+            f"the external data file is truncated or belongs to another model: re-export it"
+        )
+    return file, offset, length
+
+
+def _read_small_external_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in external_tensors(model):
+        _, _, length = _data_range(tensor, base_dir)
+        if length <= SMALL_TENSOR_BYTES:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+
+
+def load_model(path: str | Path, *, external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, or raise InvalidModelError saying why.
+
+    With `external_data=False`, weights stored in side files stay there (only tensors up to
+    SMALL_TENSOR_BYTES are read): pass the model's folder as `base_dir` to `model_fingerprint`
+    and `save_model`, which stream those weights from disk.
+    """
     path = Path(path)
     if not path.is_file():
         raise InvalidModelError(f"{path} does not exist or is not a file; pass the path of an .onnx model")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=external_data)
+        if not external_data:
+            _read_small_external_tensors(model, path.parent)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InvalidModelError(
@@ -39,7 +127,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
             f"torch.onnx.export or atpatch-export --hf"
         )
     try:
-        onnx.checker.check_model(model)
+        # By path, the checker also checks side files, and handles models past 2 GiB.
+        onnx.checker.check_model(model if external_data else str(path))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise InvalidModelError(f"{path} is not a valid ONNX model ({first}); re-export it") from err
@@ -72,28 +161,114 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.remove(tmp)
 
 
-def save_model(model: onnx.ModelProto, path: str | Path) -> None:
-    """Write `model` atomically; weights go to `<name>.data` beside it only when too big for one file."""
+def save_model(
+    model: onnx.ModelProto, path: str | Path, *, base_dir: str | Path | None = None, check: bool = False
+) -> None:
+    """Write `model` atomically; weights go to `<name>.data` beside it when too big for one file.
+
+    A model loaded with its weights left on disk (`base_dir`: the folder they are relative to)
+    gets them streamed from the source side files into `<name>.data`, never all in memory. With
+    `check`, onnx's full checker runs on the written files before they are moved into place.
+    """
     path = Path(path)
-    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+    on_disk = external_tensors(model)
+    if on_disk and base_dir is None:
+        raise ValueError("the model's weights are still in side files; pass base_dir, the folder they are in")
+    if not on_disk and model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
         with atomic_output(path) as tmp:
             onnx.save_model(model, str(tmp))
+            if check:
+                onnx.checker.check_model(str(tmp), full_check=True)
         return
     data_name = path.name + ".data"
+    if on_disk:
+        _refuse_overwriting_sources(on_disk, Path(base_dir), path.parent / data_name)  # type: ignore[arg-type]
     # Both files are written in a private folder beside the target, then moved into place.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
         staged = Path(staging) / path.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
+        if on_disk:
+            _save_streaming(model, Path(base_dir), staged, data_name)  # type: ignore[arg-type]
+        else:
+            onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
+        if check:
+            onnx.checker.check_model(str(staged), full_check=True)
         os.replace(Path(staging) / data_name, path.parent / data_name)
         os.replace(staged, path)
 
 
-def model_fingerprint(model: onnx.ModelProto) -> str:
-    """A short hash of the model's weights, inputs and outputs: detectors are fitted per model."""
+def _refuse_overwriting_sources(tensors: Iterable[onnx.TensorProto], base_dir: Path, target: Path) -> None:
+    sources = {_data_range(t, base_dir)[0] for t in tensors}
+    if target.resolve() in sources:
+        raise AtPatchError(
+            f"writing {target} would replace the input model's external data file; choose another -o name "
+            f"(inputs are never overwritten)"
+        )
+
+
+def _chunks(file: Path, offset: int, length: int) -> Iterator[bytes]:
+    """`length` bytes of `file` from `offset`, in bounded chunks (never the whole tensor at once)."""
+    with open(file, "rb") as f:
+        f.seek(offset)
+        while length:
+            chunk = f.read(min(_COPY_CHUNK, length))
+            if not chunk:
+                raise InvalidModelError(f"{file} ended early while reading a weight; re-export the model")
+            yield chunk
+            length -= len(chunk)
+
+
+def _save_streaming(model: onnx.ModelProto, base_dir: Path, target: Path, data_name: str) -> None:
+    """Save a model whose weights are on disk: one new side file, filled tensor by tensor from the sources.
+
+    Tensors that are in memory and big (e.g. added after loading) go to the side file too, so
+    the .onnx file itself stays small whatever was loaded.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # small: the weights are references; the caller's model is not touched
+    with open(target.parent / data_name, "wb") as out:
+        for tensor in _all_tensors(copy):
+            on_disk = external_data_helper.uses_external_data(tensor)
+            if not on_disk and (tensor.data_type == onnx.TensorProto.STRING or tensor.ByteSize() < 1024):
+                continue
+            out.write(b"\0" * (-out.tell() % _ALIGN))
+            offset = out.tell()
+            if on_disk:
+                out.writelines(_chunks(*_data_range(tensor, base_dir)))
+            else:
+                if not tensor.HasField("raw_data"):
+                    tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
+                out.write(tensor.raw_data)
+            _point_to(tensor, data_name, offset, out.tell() - offset)
+    onnx.save_model(copy, str(target))
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        tensor.external_data.add(key=key, value=str(value))
+
+
+def model_fingerprint(model: onnx.ModelProto, base_dir: str | Path | None = None) -> str:
+    """A short hash of the model's weights, inputs and outputs: detectors are fitted per model.
+
+    Weights left on disk (`base_dir`: their folder) are hashed from their files chunk by chunk,
+    to the same hash as when loaded.
+    """
     digest = hashlib.sha256()
     for value in (*model.graph.input, *model.graph.output):
         digest.update(value.name.encode())
     for tensor in model.graph.initializer:
         digest.update(str((tensor.data_type, tuple(tensor.dims))).encode())
-        digest.update(onnx.numpy_helper.to_array(tensor).tobytes())
+        if not external_data_helper.uses_external_data(tensor):
+            digest.update(onnx.numpy_helper.to_array(tensor).tobytes())
+        elif base_dir is None:
+            raise ValueError(f"tensor {tensor.name}'s data is in a side file; pass base_dir, the folder it is in")
+        elif tensor.data_type in _PACKED_TYPES:  # small in practice; hash the unpacked values as when loaded
+            digest.update(onnx.numpy_helper.to_array(tensor, str(base_dir)).tobytes())
+        else:
+            # The stored bytes are the little-endian values, i.e. what to_array(...).tobytes() gives.
+            for chunk in _chunks(*_data_range(tensor, Path(base_dir))):
+                digest.update(chunk)
     return digest.hexdigest()[:16]

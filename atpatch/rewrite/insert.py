@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -9,7 +11,7 @@ from onnx import helper, numpy_helper
 from .. import __version__
 from ..detector import Detector
 from ..errors import DetectorMismatchError, InvalidModelError
-from ..modelio import model_fingerprint
+from ..modelio import external_tensors, model_fingerprint
 from ..ops import spec
 from ..ops.function import build_function
 from .find import AttentionSite, find_attention_sites
@@ -64,6 +66,7 @@ def _heads_by_running(model: onnx.ModelProto, sites: list[AttentionSite]) -> lis
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    _zeros_for_weights_on_disk(probe)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=site.tap) for site in sites)
     initializers = {t.name for t in model.graph.initializer}
@@ -81,8 +84,36 @@ def _heads_by_running(model: onnx.ModelProto, sites: list[AttentionSite]) -> lis
             if dtype in (np.float32, np.float16, np.float64)
             else np.ones(shape, dtype)
         )
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # No constant folding: it would turn the zero weights below into initializers all at once.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return [int(m.shape[1]) for m in session.run(None, feeds)]
+
+
+def _zeros_for_weights_on_disk(probe: onnx.ModelProto) -> None:
+    """Replace initializers still in side files by ConstantOfShape zeros of their shape and type.
+
+    Head counts depend on shapes only, so the probe runs without reading a multi-GB model's
+    weights; each zero tensor lives only while its consumer runs.
+    """
+    graph = probe.graph
+    on_disk = {id(t) for t in external_tensors(probe)}
+    kept, zeros = [], []
+    for tensor in graph.initializer:
+        if id(tensor) not in on_disk:
+            kept.append(tensor)
+            continue
+        shape = numpy_helper.from_array(np.array(tensor.dims, np.int64), f"{tensor.name}/atpatch_probe_shape")
+        value = helper.make_tensor("value", tensor.data_type, [1], [0])
+        zeros.append(helper.make_node("Constant", [], [shape.name], value=shape))
+        zeros.append(helper.make_node("ConstantOfShape", [shape.name], [tensor.name], value=value))
+    if zeros:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend([*zeros, *nodes])
 
 
 def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int | None) -> Detector:
@@ -99,13 +130,17 @@ def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int
 
 
 def patch_model(
-    model: onnx.ModelProto, detector: Detector | None = None, heads: int | None = None
+    model: onnx.ModelProto,
+    detector: Detector | None = None,
+    heads: int | None = None,
+    base_dir: str | Path | None = None,
 ) -> tuple[onnx.ModelProto, list[AttentionSite]]:
     """A copy of `model` with AtPatch after each attention softmax; the input is not modified.
 
     Without a detector the patch is a pass-through: it flags nothing, so outputs are unchanged.
     `heads` (e.g. from the model's config) stands in for layers whose head count the graph
-    does not show.
+    does not show. A model whose weights stay on disk (`load_model(..., external_data=False)`)
+    needs `base_dir`, their folder; the patched copy keeps referring to them.
     """
     opset = _onnx_opset(model)
     if not spec.MIN_OPSET <= opset <= spec.MAX_OPSET:
@@ -115,7 +150,7 @@ def patch_model(
         )
     sites = find_attention_sites(model)
     detector = detector or _pass_through(model, sites, heads)
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fingerprint(model, base_dir)
     _check_detector(detector, sites, fingerprint)
 
     patched = onnx.ModelProto()
