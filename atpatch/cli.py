@@ -20,6 +20,7 @@ examples:
   atpatch-export model.onnx -o model.patched.onnx --detector detector.safetensors
   atpatch-export --hf ./my-bert -o my-bert.patched.onnx        # export from PyTorch, then patch
   atpatch-export --hf ./my-bert -o my-bert.onnx --no-patch     # plain export, e.g. to fit on
+  atpatch-export model.onnx --detector d.safetensors --triton repo   # Triton model repository
 
 Without --detector the patch flags nothing (a pass-through): outputs equal the original's.
 """
@@ -28,7 +29,7 @@ Without --detector the patch flags nothing (a pass-through): outputs equal the o
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", type=Path, help="ONNX model to patch (or use --hf)")
     parser.add_argument("--hf", type=Path, metavar="DIR", help="Hugging Face model folder to export (offline)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the ONNX model")
+    parser.add_argument("-o", "--output", type=Path, help="where to write the ONNX model (give -o, --triton, or both)")
     parser.add_argument("--detector", type=Path, metavar="FILE", help="detector weights (.safetensors)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset for --hf exports (default 17; 17..18 tested)")
     parser.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter for --hf (slower)")
@@ -39,6 +40,14 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="attention implementation for --hf exports (default eager; sdpa's fused ops are decomposed)",
     )
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="with --hf: write the plain export")
+    triton = parser.add_argument_group("serving with Triton Inference Server")
+    triton.add_argument("--triton", type=Path, metavar="DIR", help="write a model repository to DIR (new or empty)")
+    triton.add_argument("--triton-name", metavar="NAME", help="model name in it (default: from -o or the input)")
+    triton.add_argument(
+        "--triton-mount",
+        metavar="PATH",
+        help="absolute path the server sees DIR at, e.g. in its container (default: DIR here); names the library",
+    )
 
 
 def _export(args: argparse.Namespace) -> str:
@@ -53,6 +62,9 @@ def _export(args: argparse.Namespace) -> str:
         dynamo=args.dynamo,
         attention=args.attention,
         patch=args.patch,
+        triton=args.triton,
+        triton_name=args.triton_name,
+        triton_mount=args.triton_mount,
     )
     return run_export(options).summary()
 

@@ -12,6 +12,7 @@ from .detector import Detector
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
 from .rewrite import AttentionSite, patch_model
+from .serving.triton import TritonRepository, check_root, kernel_library, model_name_for, write_repository
 
 __all__ = ["ExportOptions", "ExportReport", "run_demo", "run_export"]
 
@@ -20,7 +21,7 @@ __all__ = ["ExportOptions", "ExportReport", "run_demo", "run_export"]
 class ExportOptions:
     """What `atpatch-export` was asked to do; validates itself."""
 
-    output: Path
+    output: Path | None = None
     model: Path | None = None
     hf: Path | None = None
     detector: Path | None = None
@@ -28,8 +29,15 @@ class ExportOptions:
     dynamo: bool = False
     attention: str = "eager"
     patch: bool = True
+    triton: Path | None = None  # a Triton model repository to write
+    triton_name: str | None = None
+    triton_mount: str | None = None
 
     def __post_init__(self) -> None:
+        if self.output is None and self.triton is None:
+            raise AtPatchError("nothing to write: give -o FILE, --triton DIR, or both")
+        if self.triton is None and (self.triton_name or self.triton_mount):
+            raise AtPatchError("--triton-name and --triton-mount describe a --triton repository; add --triton DIR")
         if (self.model is None) == (self.hf is None):
             raise AtPatchError("give exactly one model: an ONNX file (atpatch-export model.onnx) or --hf FOLDER")
         if self.model is not None and (self.dynamo or self.opset != 17 or self.attention != "eager"):
@@ -42,12 +50,13 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class ExportReport:
-    output: Path
+    output: Path | None
     opset: int
     sites: list[AttentionSite] = field(default_factory=list)
     detector_kind: str | None = None
     export_diffs: dict[str, float] = field(default_factory=dict)
     exporter: str | None = None
+    triton: TritonRepository | None = None
 
     def summary(self) -> str:
         lines = []
@@ -65,7 +74,10 @@ class ExportReport:
             for s in self.sites:
                 extra = f"  [{'; '.join(s.notes)}]" if s.notes else ""
                 lines.append(f"  layer {s.layer:>2}  heads {s.heads or '?':>3}  {s.scope}{extra}")
-        lines.append(f"wrote {self.output}")
+        if self.output is not None:
+            lines.append(f"wrote {self.output}")
+        if self.triton is not None:
+            lines.append(self.triton.summary())
         return "\n".join(lines)
 
 
@@ -75,7 +87,11 @@ def _opset_of(model: onnx.ModelProto) -> int:
 
 def run_export(options: ExportOptions) -> ExportReport:
     """Load or export the model, patch it, and write it atomically; the input is never touched."""
-    output = check_output_path(options.output, options.model, options.detector)
+    output = check_output_path(options.output, options.model, options.detector) if options.output else None
+    if options.triton is not None:
+        check_root(options.triton)  # before the export, which can take minutes
+        if output is not None and options.triton.resolve() in output.resolve().parents:
+            raise AtPatchError(f"-o {output} is inside the --triton folder; write it elsewhere (the model goes in too)")
     detector = Detector.load(options.detector) if options.detector else None
     diffs: dict[str, float] = {}
     exporter = None
@@ -98,8 +114,23 @@ def run_export(options: ExportOptions) -> ExportReport:
     if options.patch:
         model, sites = patch_model(model, detector, heads, base_dir)
         kind = detector.kind if detector else "pass-through"
-    save_model(model, output, base_dir=base_dir, check=options.patch)
-    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter)
+    if output is not None:
+        save_model(model, output, base_dir=base_dir, check=options.patch)
+    triton = None
+    if options.triton is not None:
+        library, why_not = kernel_library(model)
+        name = options.triton_name or model_name_for(options.output or options.model or options.hf)  # type: ignore[arg-type]
+        triton = write_repository(
+            model,
+            options.triton,
+            name,
+            library,
+            library_note=why_not,
+            mount=options.triton_mount,
+            base_dir=base_dir,
+            check=options.patch,
+        )
+    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton)
 
 
 def run_demo(folder: Path) -> str:
