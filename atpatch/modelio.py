@@ -186,10 +186,7 @@ def save_model(
     # Both files are written in a private folder beside the target, then moved into place.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
         staged = Path(staging) / path.name
-        if on_disk:
-            _save_streaming(model, Path(base_dir), staged, data_name)  # type: ignore[arg-type]
-        else:
-            onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
+        _save_with_side_file(model, Path(base_dir or "."), staged, data_name)
         if check:
             onnx.checker.check_model(str(staged), full_check=True)
         os.replace(Path(staging) / data_name, path.parent / data_name)
@@ -217,14 +214,15 @@ def _chunks(file: Path, offset: int, length: int) -> Iterator[bytes]:
             length -= len(chunk)
 
 
-def _save_streaming(model: onnx.ModelProto, base_dir: Path, target: Path, data_name: str) -> None:
-    """Save a model whose weights are on disk: one new side file, filled tensor by tensor from the sources.
+def _save_with_side_file(model: onnx.ModelProto, base_dir: Path, target: Path, data_name: str) -> None:
+    """Save `model` with one new side file, filled tensor by tensor: from the source side files for
+    weights left on disk (streamed), from memory for in-memory tensors of 1 KiB or more.
 
-    Tensors that are in memory and big (e.g. added after loading) go to the side file too, so
-    the .onnx file itself stays small whatever was loaded.
+    The caller's model is not changed. The copy is small when the weights were left on disk; a
+    model loaded whole and past 1.8 GB is held twice here (load it with external_data=False).
     """
     copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # small: the weights are references; the caller's model is not touched
+    copy.CopyFrom(model)
     with open(target.parent / data_name, "wb") as out:
         for tensor in _all_tensors(copy):
             on_disk = external_data_helper.uses_external_data(tensor)

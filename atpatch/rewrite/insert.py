@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from .. import __version__
 from ..detector import Detector
 from ..errors import DetectorMismatchError, InvalidModelError
-from ..modelio import external_tensors, model_fingerprint
+from ..modelio import model_fingerprint
 from ..ops import spec
 from ..ops.function import build_function
+from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 
 __all__ = ["patch_model"]
@@ -98,10 +100,9 @@ def _zeros_for_weights_on_disk(probe: onnx.ModelProto) -> None:
     weights; each zero tensor lives only while its consumer runs.
     """
     graph = probe.graph
-    on_disk = {id(t) for t in external_tensors(probe)}
     kept, zeros = [], []
     for tensor in graph.initializer:
-        if id(tensor) not in on_disk:
+        if not external_data_helper.uses_external_data(tensor):
             kept.append(tensor)
             continue
         shape = numpy_helper.from_array(np.array(tensor.dims, np.int64), f"{tensor.name}/atpatch_probe_shape")
@@ -129,6 +130,14 @@ def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int
     return Detector.pass_through(per_layer)  # type: ignore[arg-type]
 
 
+def _noting_decomposed(sites: list[AttentionSite], decomposed: list[Decomposed]) -> list[AttentionSite]:
+    by_softmax = {d.softmax: d.op for d in decomposed}
+    return [
+        replace(s, notes=(*s.notes, f"decomposed from {by_softmax[s.softmax]}")) if s.softmax in by_softmax else s
+        for s in sites
+    ]
+
+
 def patch_model(
     model: onnx.ModelProto,
     detector: Detector | None = None,
@@ -137,6 +146,8 @@ def patch_model(
 ) -> tuple[onnx.ModelProto, list[AttentionSite]]:
     """A copy of `model` with AtPatch after each attention softmax; the input is not modified.
 
+    Fused attention ops (ONNX Attention, com.microsoft Attention/MultiHeadAttention) are first
+    decomposed into explicit attention (rewrite/decompose.py), so their softmax can be patched.
     Without a detector the patch is a pass-through: it flags nothing, so outputs are unchanged.
     `heads` (e.g. from the model's config) stands in for layers whose head count the graph
     does not show. A model whose weights stay on disk (`load_model(..., external_data=False)`)
@@ -148,9 +159,10 @@ def patch_model(
             f"the model uses ai.onnx opset {opset}; atpatch supports {spec.MIN_OPSET}..{spec.MAX_OPSET}: "
             f"re-export at opset 17 or 18"
         )
-    sites = find_attention_sites(model)
+    fingerprint = model_fingerprint(model, base_dir)  # of the model as given: detectors are fitted for it
+    model, decomposed = decompose_fused_attention(model)
+    sites = _noting_decomposed(find_attention_sites(model), decomposed)
     detector = detector or _pass_through(model, sites, heads)
-    fingerprint = model_fingerprint(model, base_dir)
     _check_detector(detector, sites, fingerprint)
 
     patched = onnx.ModelProto()
