@@ -17,10 +17,12 @@ from onnx import numpy_helper
 
 from ..errors import AlreadyPatchedError, FusedAttentionError, NoAttentionError
 from ..ops import spec
+from .decompose import DECOMPOSABLE_OPS
 
 __all__ = ["AttentionSite", "find_attention_sites"]
 
-# Ops that hide the attention probabilities inside one kernel: nothing to insert after.
+# Ops that hide the attention probabilities inside one kernel: nothing to insert after. patch_model
+# first decomposes ONNX Attention and com.microsoft Attention/MultiHeadAttention (decompose.py).
 FUSED_ATTENTION_OPS = {
     ("", "Attention"),
     ("com.microsoft", "Attention"),
@@ -186,9 +188,15 @@ def _refuse_fused_or_patched(model: onnx.ModelProto) -> None:
         key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
         if key in FUSED_ATTENTION_OPS:
             op = f"{key[0]}::{key[1]}" if key[0] else f"ONNX {key[1]}"
+            if key in DECOMPOSABLE_OPS:
+                raise FusedAttentionError(
+                    f"attention is fused into {op} (node {node.name or '?'}); decompose it first with "
+                    f"atpatch.rewrite.decompose_fused_attention(model) (patch_model and atpatch-export do this)"
+                )
             raise FusedAttentionError(
-                f"attention is fused into {op} (node {node.name or '?'}), so its probabilities cannot be patched; "
-                f"re-export with eager attention (attn_implementation='eager', opset 17/18, no ORT attention fusion)"
+                f"attention is fused into {op} (node {node.name or '?'}), which atpatch cannot decompose, so its "
+                f"probabilities cannot be patched; re-export with eager attention (attn_implementation='eager') "
+                f"or SDPA, without ORT's {key[1]} fusion"
             )
 
 
