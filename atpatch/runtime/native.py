@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -23,10 +25,12 @@ __all__ = [
     "COVERED_DTYPES",
     "COVERED_PROVIDERS",
     "ENV_VAR",
+    "KERNEL_PROVIDERS",
     "LIBRARY_ENV_VAR",
     "coverage_problem",
     "library_info",
     "library_path",
+    "library_providers",
     "native_requested",
 ]
 
@@ -36,8 +40,10 @@ LIBRARY_ENV_VAR = "ATPATCH_NATIVE_LIBRARY"  # an explicit library, e.g. a saniti
 _LIBRARY_NAMES = {"linux": "libatpatch_ops.so", "darwin": "libatpatch_ops.dylib", "win32": "atpatch_ops.dll"}
 _LIBRARY_NAME = _LIBRARY_NAMES.get(sys.platform, "libatpatch_ops.so")
 
-# What the kernel implements; anything else must run the ONNX function.
+# What every build of the kernel implements; anything else must run the ONNX function.
 COVERED_PROVIDERS = ("CPUExecutionProvider",)
+# What a build may add (CMake option ATPATCH_CUDA): claimed only when the library says so.
+KERNEL_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 COVERED_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
@@ -85,6 +91,30 @@ def library_info(path: Path) -> dict[str, object]:
     fn = lib.AtPatchOpsInfo
     fn.restype = ctypes.c_char_p
     return json.loads(fn().decode())
+
+
+def library_providers(path: Path) -> tuple[str, ...]:
+    """The execution providers the library registers AtPatch for (its AtPatchOpsInfo "providers").
+
+    CPU only when the library does not say, or cannot be read here: a wrong claim would send a
+    GPU session to a kernel that does not exist, with no ONNX function to fall back on.
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        return COVERED_PROVIDERS
+    return _providers_of(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _providers_of(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        reported = library_info(Path(path)).get("providers")
+    except (OSError, AttributeError, ValueError):
+        return COVERED_PROVIDERS
+    if not isinstance(reported, list):
+        return COVERED_PROVIDERS
+    return tuple(p for p in KERNEL_PROVIDERS if p in reported)
 
 
 def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | None]:
@@ -186,11 +216,19 @@ def _known_types(graph: onnx.GraphProto) -> dict[str, int]:
     return types
 
 
-def coverage_problem(model: onnx.ModelProto, providers: list[str]) -> str | None:
-    """Why the kernel does not fully cover a session of `model` on `providers`, or None if it does."""
-    extra = [p for p in providers if p not in COVERED_PROVIDERS]
+def coverage_problem(
+    model: onnx.ModelProto, providers: list[str], covered: Sequence[str] = COVERED_PROVIDERS
+) -> str | None:
+    """Why the kernel does not fully cover a session of `model` on `providers`, or None if it does.
+
+    `covered`: the providers the library implements (`library_providers`); CPU only by default.
+    """
+    extra = [p for p in providers if p not in covered]
     if extra:
-        return f"the native kernel covers only {', '.join(COVERED_PROVIDERS)}, not {', '.join(extra)}"
+        hint = ""
+        if "CUDAExecutionProvider" in extra:
+            hint = " (a library built with CMAKE_ARGS=-DATPATCH_CUDA=ON also covers CUDAExecutionProvider)"
+        return f"the native kernel covers only {', '.join(covered)}, not {', '.join(extra)}{hint}"
     types, version = _attention_types(model)
     if not types:
         return "the model has no AtPatch node"

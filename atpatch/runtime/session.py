@@ -58,7 +58,7 @@ def _choose_native(
             "Run scripts/fetch_ort_headers.sh and reinstall to build it."
         )
         return None
-    problem = native.coverage_problem(_as_proto(model), providers)
+    problem = native.coverage_problem(_as_proto(model), providers, native.library_providers(library))
     if problem == "the model has no AtPatch node":
         return None  # nothing to run natively; no reason to say anything
     if problem is not None:

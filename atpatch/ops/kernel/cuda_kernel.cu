@@ -1,0 +1,266 @@
+// AtPatch on a CUDA device: the same three phases as core.h, as four kernels on one stream.
+//   1. row_stats:  one warp per row          -> n_q (unmasked entries) and the row maximum
+//   2. columns:    one thread per (b, h, j)  -> per-head mass, peak, top (rows in order)
+//   3. scores:     one thread per (b, j)     -> flags[b, j], flagged count per item
+//   4. patch:      16 threads per row        -> the patched row, or nothing when unchanged
+// Every float operation is core.cc's, in core.cc's order, with explicit round-to-nearest
+// intrinsics (__fadd_rn, ...) so that nvcc cannot fuse a multiply-add: the result equals the
+// CPU kernel's bit for bit (see cuda_kernel.h).
+#include "cuda_kernel.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core.h"
+
+namespace atpatch {
+namespace cuda {
+namespace {
+
+// core.cc's lane count: patch_row sums a row in kLanes interleaved lanes, then combines
+// the lanes in double. The patch kernel gives each lane its own thread.
+constexpr int kLanes = 16;
+constexpr int kThreads = 256;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float load(const float* p, int64_t i) { return __ldg(p + i); }
+__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+// Round to nearest even, as Ort::Float16_t(float) in the CPU kernel.
+__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
+
+// Phase 1a: n_q and the row maximum (initial 0), as core.cc's row_stats. Both are
+// order-independent (counts of small integers; a max where NaN never wins).
+template <typename T>
+__global__ void row_stats_kernel(const T* __restrict__ in, int64_t rows, int64_t k_len, float* __restrict__ support,
+                                 float* __restrict__ row_max) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
+    const T* row = in + r * k_len;
+    float count = 0.0f, m = 0.0f;
+    for (int64_t j = lane; j < k_len; j += 32) {
+      const float v = load(row, j);
+      count += v > 0.0f ? 1.0f : 0.0f;
+      m = v > m ? v : m;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      count += __shfl_xor_sync(kFullMask, count, offset);
+      const float other = __shfl_xor_sync(kFullMask, m, offset);
+      m = other > m ? other : m;
+    }
+    if (lane == 0) {
+      support[r] = count;
+      row_max[r] = m;
+    }
+  }
+}
+
+// Phase 1b: one thread per (block, column), rows in order (core.cc's accumulate_row and
+// finish_columns). Features go to [batch, kFeaturesPerHead * heads, k_len]: feature f of head h
+// at f * heads + h, each row of columns contiguous.
+template <typename T>
+__global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t q_len, int64_t k_len,
+                               int64_t total, const float* __restrict__ support, const float* __restrict__ row_max,
+                               float* __restrict__ features) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
+    const int64_t block = t / k_len, j = t % k_len;
+    const T* column = in + block * q_len * k_len + j;
+    const float* n = support + block * q_len;
+    const float* mx = row_max + block * q_len;
+    float mass = 0.0f, peak = 0.0f, top = 0.0f, rows = 0.0f;
+    for (int64_t q = 0; q < q_len; ++q) {
+      const float v = load(column, q * k_len);
+      const float valid = v > 0.0f ? 1.0f : 0.0f;
+      mass = __fadd_rn(mass, __fmul_rn(v, __ldg(n + q)));
+      peak = v > peak ? v : peak;
+      top = __fadd_rn(top, v >= __ldg(mx + q) ? valid : 0.0f);
+      rows = __fadd_rn(rows, valid);
+    }
+    const float divisor = rows > 1.0f ? rows : 1.0f;
+    const int64_t b = block / heads, h = block % heads;
+    float* out = features + b * kFeaturesPerHead * heads * k_len + h * k_len + j;
+    out[0] = __fdiv_rn(mass, divisor);
+    out[heads * k_len] = peak;
+    out[2 * heads * k_len] = __fdiv_rn(top, divisor);
+  }
+}
+
+// Phase 2: core.cc's score_columns for one column of one item; dots in double.
+__global__ void scores_kernel(const float* __restrict__ features, int64_t batch, int64_t heads, int64_t k_len,
+                              const float* __restrict__ w1, const float* __restrict__ b1,
+                              const float* __restrict__ w2, const float* __restrict__ b2, int64_t hidden,
+                              float threshold, float* __restrict__ flags, unsigned long long* __restrict__ counts) {
+  const int64_t total = batch * k_len;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t rows = kFeaturesPerHead * heads;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
+    const int64_t b = t / k_len, j = t % k_len;
+    const float* f = features + b * rows * k_len + j;
+    double score = 0.0;
+    for (int64_t i = 0; i < hidden; ++i) {
+      double dot = 0.0;
+      for (int64_t r = 0; r < rows; ++r) {  // r = f * heads + h: core.cc's loop order
+        dot = __dadd_rn(dot, __dmul_rn(static_cast<double>(f[r * k_len]), static_cast<double>(__ldg(w1 + r * hidden + i))));
+      }
+      const float z = __fadd_rn(__double2float_rn(dot), __ldg(b1 + i));
+      const float h = z > 0.0f ? z : 0.0f;
+      score = __dadd_rn(score, __dmul_rn(static_cast<double>(h), static_cast<double>(__ldg(w2 + i))));
+    }
+    const float s = __fadd_rn(__double2float_rn(score), __ldg(b2));
+    const bool flag = s > threshold;
+    flags[t] = flag ? 1.0f : 0.0f;
+    if (flag) atomicAdd(counts + b, 1ull);
+  }
+}
+
+// Phase 3: core.cc's patch_row, one row per 16-thread group, thread l holding core.cc's lane l
+// (entries j = l, l + 16, ...; the tail after the last full group of 16 goes to lane 0).
+template <typename T>
+__global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per_item, int64_t k_len,
+                             const float* __restrict__ all_flags, const unsigned long long* __restrict__ counts) {
+  const int lane = threadIdx.x % kLanes;
+  const unsigned mask = ((threadIdx.x % 32) < kLanes) ? 0x0000ffffu : 0xffff0000u;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / kLanes);
+  const int64_t full = k_len / kLanes * kLanes;
+  constexpr float kInf = INFINITY;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes; r < rows; r += groups) {
+    const T* row = in + r * k_len;
+    T* row_out = out + r * k_len;
+    const int64_t b = r / rows_per_item;
+    const float* flags = all_flags + b * k_len;
+    bool changed = false;
+    if (counts[b] != 0) {
+      float hits = 0.0f, kept = 0.0f, kept_sum = 0.0f;
+      auto add = [&](int64_t j) {
+        const float v = load(row, j);
+        const float valid = v > 0.0f ? 1.0f : 0.0f;
+        const float hit = __fmul_rn(valid, flags[j]);
+        const float keep = __fsub_rn(valid, hit);
+        hits = __fadd_rn(hits, hit);
+        kept = __fadd_rn(kept, keep);
+        kept_sum = __fadd_rn(kept_sum, keep > 0.0f ? v : 0.0f);
+      };
+      for (int64_t j = lane; j < full; j += kLanes) add(j);
+      if (lane == 0) {
+        for (int64_t j = full; j < k_len; ++j) add(j);
+      }
+      // Counts are small integers (exact in any order); the sum is combined lane by lane in
+      // double, in lane order, as core.cc does.
+      float n_hits = 0.0f, n_kept = 0.0f;
+      double sum = 0.0;
+      for (int l = 0; l < kLanes; ++l) {
+        n_hits = __fadd_rn(n_hits, __shfl_sync(mask, hits, l, kLanes));
+        n_kept = __fadd_rn(n_kept, __shfl_sync(mask, kept, l, kLanes));
+        sum = __dadd_rn(sum, static_cast<double>(__shfl_sync(mask, kept_sum, l, kLanes)));
+      }
+      if (n_hits != 0.0f && n_kept != 0.0f) {
+        changed = true;
+        float low = kInf;
+        for (int64_t j = lane; j < k_len; j += kLanes) {
+          const float v = load(row, j);
+          const float unmasked = v > 0.0f ? v : kInf;
+          const float candidate = flags[j] != 0.0f ? kInf : unmasked;
+          low = candidate < low ? candidate : low;
+        }
+        for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+          const float other = __shfl_xor_sync(mask, low, offset, kLanes);
+          low = other < low ? other : low;
+        }
+        const float benign = low;
+        const float total = __fadd_rn(__double2float_rn(sum), __fmul_rn(n_hits, benign));
+        for (int64_t j = lane; j < k_len; j += kLanes) {
+          const float v = load(row, j);
+          const float numerator = flags[j] != 0.0f ? benign : v;
+          store(row_out, j, __fdiv_rn(v > 0.0f ? numerator : 0.0f, total));
+        }
+      }
+    }
+    if (!changed && row_out != row) {
+      // Unchanged rows are the input, bit for bit.
+      for (int64_t j = lane; j < k_len; j += kLanes) row_out[j] = row[j];
+    }
+  }
+}
+
+// Enough blocks to fill the device several times over; the kernels loop over the rest.
+unsigned grid_for(int64_t threads) {
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t{1} << 20));
+}
+
+std::string error_text(cudaError_t err, const char* what) {
+  std::string text = std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice) {
+    text += "; this kernel was built with CUDA runtime " + std::to_string(CUDART_VERSION / 1000) + "." +
+            std::to_string(CUDART_VERSION % 1000 / 10) + ", which needs a matching NVIDIA driver";
+  }
+  return text;
+}
+
+template <typename T>
+std::string run_typed(const Problem& p, cudaStream_t stream) {
+  const T* in = static_cast<const T*>(p.in);
+  T* out = static_cast<T*>(p.out);
+  const int64_t blocks = p.batch * p.heads, rows = blocks * p.q_len;
+  if (rows == 0 || p.k_len == 0) return "";
+
+  // The CUDA EP may run this thread on another device than the tensors': follow the data.
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, p.in) == cudaSuccess && attributes.type == cudaMemoryTypeDevice) {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != attributes.device) {
+      if (cudaError_t err = cudaSetDevice(attributes.device)) return error_text(err, "selecting the tensors' device");
+    }
+  }
+  (void)cudaGetLastError();  // a stale error from another library must not be reported as ours
+
+  // Workspace: n_q and row max per row, features per item, flags per item, flag counts.
+  const int64_t feature_floats = p.batch * kFeaturesPerHead * p.heads * p.k_len;
+  const size_t float_count = static_cast<size_t>(2 * rows + feature_floats + p.batch * p.k_len);
+  const size_t bytes = float_count * sizeof(float) + static_cast<size_t>(p.batch) * sizeof(unsigned long long);
+  void* workspace = nullptr;
+  if (cudaError_t err = cudaMallocAsync(&workspace, bytes, stream)) {
+    return error_text(err, "allocating the kernel's workspace");
+  }
+  auto* counts = static_cast<unsigned long long*>(workspace);  // first: 8-byte aligned
+  float* support = reinterpret_cast<float*>(counts + p.batch);
+  float* row_max = support + rows;
+  float* features = row_max + rows;
+  float* flags = features + feature_floats;
+
+  std::string error;
+  cudaError_t err = cudaMemsetAsync(counts, 0, static_cast<size_t>(p.batch) * sizeof(unsigned long long), stream);
+  if (err != cudaSuccess) error = error_text(err, "clearing the flag counts");
+  if (error.empty()) {
+    row_stats_kernel<T><<<grid_for(rows * 32), kThreads, 0, stream>>>(in, rows, p.k_len, support, row_max);
+    columns_kernel<T><<<grid_for(blocks * p.k_len), kThreads, 0, stream>>>(in, p.heads, p.q_len, p.k_len,
+                                                                            blocks * p.k_len, support, row_max,
+                                                                            features);
+    scores_kernel<<<grid_for(p.batch * p.k_len), kThreads, 0, stream>>>(features, p.batch, p.heads, p.k_len, p.w1,
+                                                                        p.b1, p.w2, p.b2, p.hidden, p.threshold,
+                                                                        flags, counts);
+    patch_kernel<T><<<grid_for(rows * kLanes), kThreads, 0, stream>>>(in, out, rows, p.heads * p.q_len, p.k_len,
+                                                                       flags, counts);
+    if ((err = cudaGetLastError()) != cudaSuccess) error = error_text(err, "launching the AtPatch kernels");
+  }
+  if ((err = cudaFreeAsync(workspace, stream)) != cudaSuccess && error.empty()) {
+    error = error_text(err, "freeing the kernel's workspace");
+  }
+  return error;
+}
+
+}  // namespace
+
+std::string run(const Problem& problem, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return problem.dtype == Dtype::kFloat32 ? run_typed<float>(problem, s) : run_typed<__half>(problem, s);
+}
+
+}  // namespace cuda
+}  // namespace atpatch

@@ -1,0 +1,41 @@
+// The AtPatch op on a CUDA device: a plain C++ interface (no CUDA types), so the ORT glue
+// (custom_op.cc, built by the host compiler) and the GPU self-test call the same entry point.
+//
+// The device code (cuda_kernel.cu) repeats core.cc's float32 arithmetic in core.cc's order:
+// per-column sums run over the rows in sequence, the row sums in core.cc's 16 lanes combined in
+// double, the detector's dots in double, and no multiply-add is fused. Its output is therefore
+// meant to equal the CPU kernel's bit for bit; the self-test checks it with the tolerances of
+// tests/test_kernel.py and reports how many entries are bit-identical.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace atpatch {
+namespace cuda {
+
+enum class Dtype { kFloat32, kFloat16 };
+
+// One AtPatch call. Every pointer is device memory. `out` may equal `in` (the op may run in
+// place); rows the spec leaves unchanged are then not written.
+struct Problem {
+  Dtype dtype;
+  const void* in;  // [batch, heads, q_len, k_len] of float or __half
+  void* out;       // same shape and type
+  int64_t batch, heads, q_len, k_len;
+  const float* w1;  // [kFeaturesPerHead * heads, hidden]
+  const float* b1;  // [hidden]
+  const float* w2;  // [hidden]
+  const float* b2;  // [1]
+  int64_t hidden;
+  float threshold;
+};
+
+// Enqueues the op on `stream` (a cudaStream_t; nullptr is the legacy default stream) and returns
+// without waiting. Its workspace comes from the stream-ordered allocator (cudaMallocAsync) and is
+// freed in stream order. Returns "" on success, else a one-line error (CUDA's own message).
+// The caller has validated shapes as custom_op.cc does (rank 4, lengths <= 2^24, no overflow).
+std::string run(const Problem& problem, void* stream);
+
+}  // namespace cuda
+}  // namespace atpatch

@@ -1,0 +1,184 @@
+"""The CUDA-enabled kernel library (CMake option ATPATCH_CUDA) builds here, loads into a CPU-only
+onnxruntime, keeps the CPU kernel's results, and says it covers CUDAExecutionProvider.
+
+The device code itself runs only on a GPU: scripts/gpu_selftest.sh. Here the self-test binary is
+built and its CPU side (case generator, CPU arithmetic, harness checks) is run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from maps import MASKS, random_detector, random_map, with_flags
+from onnx import TensorProto
+
+from atpatch.ops import reference, spec
+from atpatch.ops.standalone import standalone_model
+from atpatch.runtime import native
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = ["CPUExecutionProvider"]
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def _nvcc() -> str | None:
+    return (
+        os.environ.get("CUDACXX")
+        or shutil.which("nvcc")
+        or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+    )
+
+
+def _ort_headers() -> Path | None:
+    for d in (os.environ.get("ORT_INCLUDE_DIR"), ROOT / "third_party" / "ort" / "include"):
+        if d and (Path(d) / "onnxruntime_cxx_api.h").is_file():
+            return Path(d)
+    return None
+
+
+def _skip_reason() -> str | None:
+    if _nvcc() is None:
+        return "nvcc (CUDA toolkit) not found: the CUDA build option cannot be checked on this machine"
+    if shutil.which("cmake") is None:
+        return "cmake not found"
+    if _ort_headers() is None:
+        return "onnxruntime headers not found: run scripts/fetch_ort_headers.sh"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cmake configure + build of the library and the self-test with ATPATCH_CUDA=ON."""
+    out = tmp_path_factory.mktemp("cuda_build")
+    nvcc = _nvcc()
+    assert nvcc is not None
+    configure = [
+        "cmake", "-S", str(ROOT), "-B", str(out),
+        "-DATPATCH_CUDA=ON", "-DATPATCH_CUDA_SELFTEST=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        f"-DORT_INCLUDE_DIR={_ort_headers()}",
+    ]  # fmt: skip
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    for cmd in (configure, ["cmake", "--build", str(out), "-j", "2"]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{(result.stdout + result.stderr)[-4000:]}"
+    assert (out / "libatpatch_ops.so").is_file() and (out / "atpatch_cuda_selftest").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def library(build: Path) -> Path:
+    return build / "libatpatch_ops.so"
+
+
+def feeds(attention: np.ndarray, d: reference.LayerDetector) -> dict[str, np.ndarray]:
+    return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+
+
+def test_info_lists_both_providers_and_the_spec_contract(library: Path) -> None:
+    info = native.library_info(library)
+    assert info["providers"] == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert info["cuda_architectures"] == "90"
+    major, minor = str(info["cuda_runtime"]).split(".")
+    assert int(major) >= 11 and int(minor) >= 0
+    assert (info["domain"], info["op_type"], info["version"]) == (spec.DOMAIN, spec.OP_TYPE, spec.VERSION)
+    assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
+    assert info["feature_version"] == spec.FEATURE_VERSION
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not found")
+def test_cuda_runtime_is_linked_statically(library: Path) -> None:
+    """No libcudart / libcuda dependency: the library loads where there is no GPU or driver."""
+    dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert needed, dynamic  # the parse found the C++ runtime at least
+    assert not [n for n in needed if "cuda" in n.lower()], needed
+
+
+def test_cpu_sessions_with_the_cuda_build_match_the_reference(library: Path, rng: np.random.Generator) -> None:
+    """The CUDA build's CPU kernel is the CPU kernel: same results, untouched rows bit-identical."""
+    sessions = {}
+    for dtype, onnx_type in DTYPES.items():
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))  # loads in CPU-only onnxruntime
+        model = standalone_model(17, onnx_type, 0.0).SerializeToString()
+        sessions[dtype] = ort.InferenceSession(model, options, providers=CPU)
+    counts: dict[str, int] = {}
+    for i in range(400):
+        dtype = np.float32 if i % 4 else np.float16
+        shape = (1, 1, 1, 1 + i) if i < 3 else tuple(int(x) for x in rng.integers(1, [4, 5, 12, 40]))
+        if i % 50 == 49:
+            shape = (2, 12, 64, 77)
+        attention = random_map(rng, shape, MASKS[i % len(MASKS)]).astype(dtype)  # type: ignore[arg-type]
+        how = ("none", "one", "some", "all")[(i // 3) % 4]
+        d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
+        if d is None:
+            how = "none"
+            d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
+        assert d is not None
+        counts[how] = counts.get(how, 0) + 1
+        got = sessions[dtype].run(None, feeds(attention, d))[0]
+        expected = reference.atpatch(attention, d)
+        assert got.dtype == attention.dtype and got.shape == attention.shape
+        atol = 1e-6 if dtype is np.float32 else 1e-3
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
+        flagged = reference.column_scores(attention, d) > d.threshold
+        valid = attention.astype(np.float32) > 0
+        hit = valid & flagged[:, None, None, :]
+        same = ~(hit.any(-1) & (valid & ~hit).any(-1))
+        assert np.array_equal(got[same], attention[same]), "untouched rows must be bit-identical"
+    assert min(counts.get(h, 0) for h in ("none", "one", "some", "all")) > 20, counts
+
+
+def test_hostile_inputs_on_the_cuda_build(library: Path) -> None:
+    """The hostile-input cases (errors or sane outputs, never a crash) against this build."""
+    env = dict(os.environ, ATPATCH_NATIVE_LIBRARY=str(library), PYTHONFAULTHANDLER="1")
+    script = Path(__file__).with_name("kernel_hostile_cases.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--all"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+def test_coverage_claims_cuda_only_for_a_cuda_build(library: Path, monkeypatch) -> None:
+    from atpatch.runtime import session as session_module
+
+    model = standalone_model(17, TensorProto.FLOAT16, 0.0)
+    assert native.library_providers(library) == ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert native.coverage_problem(model, CUDA, native.library_providers(library)) is None
+    # The default claim (and so a CPU-only library) still sends CUDA sessions to the function.
+    problem = native.coverage_problem(model, CUDA)
+    assert problem is not None and "CUDAExecutionProvider" in problem and "ATPATCH_CUDA=ON" in problem
+    monkeypatch.setenv(native.LIBRARY_ENV_VAR, str(library))
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    assert session_module._choose_native(model, "cuda", CUDA, None) == library
+    assert session_module._choose_native(model, "cpu", CPU, None) == library
+    # A library that does not say which providers it covers is taken as CPU only.
+    assert native._providers_of("/nonexistent/libatpatch_ops.so", 0, 0) == native.COVERED_PROVIDERS
+
+
+def test_selftest_binary(build: Path) -> None:
+    """The self-test's CPU side passes; its GPU side runs where a GPU is, and says so where not."""
+    selftest = str(build / "atpatch_cuda_selftest")
+    cpu = subprocess.run([selftest, "--cpu-only", "--cases", "120", "--no-big"], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert cpu.returncode == 0 and "RESULT: PASSED" in cpu.stdout, cpu.stdout + cpu.stderr
+    for row in ("float32 none", "float32 one", "float32 some", "float32 all", "float16 some"):
+        assert row in cpu.stdout, cpu.stdout
+    gpu = subprocess.run([selftest, "--cases", "40", "--no-big", "--no-bench"], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    if gpu.returncode == 3:
+        assert "no usable CUDA device" in gpu.stderr, gpu.stderr
+    else:
+        assert gpu.returncode == 0 and "RESULT: PASSED" in gpu.stdout, gpu.stdout + gpu.stderr
