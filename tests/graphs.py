@@ -38,17 +38,19 @@ def decoys_only() -> onnx.ModelProto:
     }""")
 
 
-def onnx_attention_op() -> onnx.ModelProto:
+def group_query_attention_op() -> onnx.ModelProto:
+    """A fused op atpatch cannot decompose (ONNX Attention and com.microsoft Attention/MHA it can)."""
     return parse(
         """
-    g (float[B,H,S,D] q, float[B,H,S,D] k, float[B,H,S,D] v) => (float[B,H,S,D] y) {
-        y = Attention(q, k, v)
+    g (float[B,S,8] q, float[B,S,4] k, float[B,S,4] v) => (float[B,S,8] y) {
+        y = com.microsoft.GroupQueryAttention<num_heads=2, kv_num_heads=1>(q, k, v)
     }""",
-        '<ir_version: 10, opset_import: ["" : 23]>',
+        '<ir_version: 9, opset_import: ["" : 17, "com.microsoft" : 1]>',
     )
 
 
 def ms_attention_op() -> onnx.ModelProto:
+    """com.microsoft::Attention whose weights' width is unknown: refused, the Q/K/V split cannot be told."""
     return parse(
         """
     g (float[B,S,C] x, float[C,M] w, float[M] b) => (float[B,S,C] y) {

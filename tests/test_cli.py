@@ -36,9 +36,9 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "not an ONNX file": (_not_onnx, "not"),
     "truncated file": (_truncated, "not"),
     "no attention": (lambda d: _write(d / "plain.onnx", graphs.decoys_only()), "no attention softmax"),
-    "ONNX Attention op": (
-        lambda d: _write(d / "fused.onnx", graphs.onnx_attention_op()),
-        "fused into ONNX Attention",
+    "com.microsoft GroupQueryAttention op": (
+        lambda d: _write(d / "fused.onnx", graphs.group_query_attention_op()),
+        "fused into com.microsoft::GroupQueryAttention",
     ),
     "com.microsoft Attention": (
         lambda d: _write(d / "ms.onnx", graphs.ms_attention_op()),

@@ -313,12 +313,12 @@ def _ms_node_model(op_type: str, inputs: list[str], shapes: dict[str, list[int]]
                 {"x": [B, S, 8], "w": [8, 24], "b": [24], "past": [2, B, 2, 3, D]},
                 num_heads=2,
             ),
-            r"com.microsoft::Attention node .* uses input 4 \(past\), which atpatch cannot decompose; "
+            r"fused into com.microsoft::Attention \(node .*\) with input 4 \(past\), which atpatch cannot decompose; "
             r"fuse without a KV cache",
         ),
         (
             _ms_node_model("MultiHeadAttention", ["qkv"], {"qkv": [B, S, 2, 3, D]}, num_heads=2),
-            r"com.microsoft::MultiHeadAttention node .* query/key/value of ranks \(5, \?, \?\) \(packed",
+            r"fused into com.microsoft::MultiHeadAttention \(node .*\) with query/key/value of ranks \(5, \?, \?\)",
         ),
         (
             _ms_node_model(
@@ -328,7 +328,7 @@ def _ms_node_model(op_type: str, inputs: list[str], shapes: dict[str, list[int]]
                 num_heads=2,
                 kv_num_heads=1,
             ),
-            r"com.microsoft::GroupQueryAttention .* which atpatch cannot decompose.*attn_implementation='eager'",
+            r"GroupQueryAttention .* which atpatch cannot decompose.*attn_implementation='eager'",
         ),
     ],
     ids=["ms-attention-kv-cache", "mha-packed-qkv", "group-query-attention"],

@@ -57,9 +57,12 @@ def test_a_graph_without_attention_is_refused_with_each_softmax_explained() -> N
 
 @pytest.mark.parametrize(
     ("model", "op"),
-    [(graphs.onnx_attention_op, "ONNX Attention"), (graphs.ms_attention_op, "com.microsoft::Attention")],
+    [
+        (graphs.group_query_attention_op, "com.microsoft::GroupQueryAttention"),
+        (graphs.ms_attention_op, "com.microsoft::Attention"),
+    ],
 )
-def test_fused_attention_is_refused_naming_the_op(model, op: str) -> None:  # noqa: ANN001
+def test_fused_attention_that_cannot_be_decomposed_is_refused_naming_the_op(model, op: str) -> None:  # noqa: ANN001
     with pytest.raises(FusedAttentionError, match=op) as err:
         patch_model(model())
     assert "attn_implementation='eager'" in str(err.value)

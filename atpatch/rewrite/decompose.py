@@ -216,8 +216,8 @@ def _attend(b: _Nodes, c: _Core, out: str | None) -> tuple[str, str]:
 
 def _refuse(node: onnx.NodeProto, what: str, fix: str) -> FusedAttentionError:
     return FusedAttentionError(
-        f"{_op_label(node.domain, node.op_type)} node {node.name or node.output[0]} uses {what}, which atpatch "
-        f"cannot decompose; {fix}"
+        f"attention is fused into {_op_label(node.domain, node.op_type)} (node {node.name or node.output[0]}) "
+        f"with {what}, which atpatch cannot decompose; {fix}"
     )
 
 
@@ -393,7 +393,9 @@ def _ms_attention(b: _Nodes, g: _Graph, node: onnx.NodeProto) -> str:
     if not sizes:
         width = g.dim(w, 1) or (g.dim(bias_in, 0) if bias_in else None)
         if width is None:
-            raise _refuse(node, "weights of unknown width and no qkv_hidden_sizes", "set qkv_hidden_sizes")
+            raise _refuse(
+                node, "weights of unknown width and no qkv_hidden_sizes", f"set qkv_hidden_sizes, or {_REEXPORT}"
+            )
         sizes = [width // 3] * 3
     qkv = b.op("MatMul", x, w)
     if bias_in:
