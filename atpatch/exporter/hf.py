@@ -92,6 +92,22 @@ def _first_output_name(model: Any, family: Family, inputs: dict[str, np.ndarray]
     return next(iter(out.keys()))
 
 
+def _check_dynamo_opset(family: Family, opset: int, with_past: bool) -> None:
+    """Refuse the dynamo/opset pairs whose graphs onnxruntime rejects, naming a setting that works."""
+    if opset < family.dynamo_min_opset:
+        raise AtPatchError(
+            f"the dynamo exporter makes {family.name} graphs that onnxruntime rejects below opset "
+            f"{family.dynamo_min_opset}; use --opset {family.dynamo_min_opset} or the default TorchScript exporter"
+        )
+    # The generation step takes position_ids with a batch axis, so its rotary cos/sin are not fixed to batch 1.
+    if family.dynamo_max_opset is not None and opset > family.dynamo_max_opset and not with_past:
+        raise AtPatchError(
+            f"the dynamo exporter makes {family.name} graphs that onnxruntime rejects above opset "
+            f"{family.dynamo_max_opset} (a RotaryEmbedding that runs only at batch 1); use --opset 18, "
+            f"--with-past, or the default TorchScript exporter"
+        )
+
+
 def _to_onnx(
     wrapper: Any, args: tuple[Any, ...], family: Family, output: str, opset: int, dynamo: bool
 ) -> onnx.ModelProto:
@@ -99,11 +115,6 @@ def _to_onnx(
 
     names = list(family.input_names)
     if dynamo:
-        if opset < family.dynamo_min_opset:
-            raise AtPatchError(
-                f"the dynamo exporter makes {family.name} graphs that onnxruntime rejects below opset "
-                f"{family.dynamo_min_opset}; use --opset {family.dynamo_min_opset} or the default TorchScript exporter"
-            )
         dim = torch.export.Dim.DYNAMIC
         shapes = {n: {axis: dim for axis in axes} for n, axes in family.dynamic_axes.items()}
         program = torch.onnx.export(
@@ -154,9 +165,18 @@ def validate(model: Any, onnx_model: onnx.ModelProto, family: Family, output: st
 
 
 def export_hf(
-    folder: str | Path, *, opset: int = DEFAULT_OPSET, dynamo: bool = False, seed: int = 0, attention: str = "eager"
+    folder: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = False,
+    seed: int = 0,
+    attention: str = "eager",
+    with_past: bool = False,
 ) -> ExportResult:
-    """Export the model in `folder` to ONNX (`attention` implementation, dynamic axes) and validate it."""
+    """Export the model in `folder` to ONNX (`attention` implementation, dynamic axes) and validate it.
+
+    `with_past` exports a causal LM as one generation step with its KV cache (see kv_cache.py).
+    """
     import torch
 
     model = load_hf_model(folder, attention)
@@ -164,6 +184,16 @@ def export_hf(
         family = family_for(model.config.model_type)
     except ValueError as err:
         raise AtPatchError(str(err)) from err
+    if dynamo:
+        _check_dynamo_opset(family, opset, with_past)
+    if with_past:
+        from .kv_cache import export_with_past, validate_with_past
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings: the validation checks other shapes for real
+            onnx_model = export_with_past(model, family, opset, dynamo, seed)
+        diffs = validate_with_past(model, onnx_model, family, seed=seed + 1)
+        return ExportResult(onnx_model, family, diffs, Path(folder), model.config)
     example = family.make_inputs(model.config, 2, 8, np.random.default_rng(seed))
     output = _first_output_name(model, family, example)
     wrapper = _keyword_forward(model, family.input_names, family.forward_kwargs)
