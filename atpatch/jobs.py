@@ -12,7 +12,7 @@ from .detector import Detector
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
 from .rewrite import AttentionSite, patch_model
-from .serving.triton import TritonRepository, check_root, kernel_library, model_name_for, write_repository
+from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
 __all__ = ["ExportOptions", "ExportReport", "run_demo", "run_export"]
 
@@ -88,8 +88,11 @@ def _opset_of(model: onnx.ModelProto) -> int:
 def run_export(options: ExportOptions) -> ExportReport:
     """Load or export the model, patch it, and write it atomically; the input is never touched."""
     output = check_output_path(options.output, options.model, options.detector) if options.output else None
+    named_after = options.output or options.model or options.hf
+    assert named_after is not None  # checked by ExportOptions
+    triton_name = options.triton_name or model_name_for(named_after)
     if options.triton is not None:
-        check_root(options.triton)  # before the export, which can take minutes
+        check_target(options.triton, triton_name, options.triton_mount)  # before the export, which can take minutes
         if output is not None and options.triton.resolve() in output.resolve().parents:
             raise AtPatchError(f"-o {output} is inside the --triton folder; write it elsewhere (the model goes in too)")
     detector = Detector.load(options.detector) if options.detector else None
@@ -119,11 +122,10 @@ def run_export(options: ExportOptions) -> ExportReport:
     triton = None
     if options.triton is not None:
         library, why_not = kernel_library(model)
-        name = options.triton_name or model_name_for(options.output or options.model or options.hf)  # type: ignore[arg-type]
         triton = write_repository(
             model,
             options.triton,
-            name,
+            triton_name,
             library,
             library_note=why_not,
             mount=options.triton_mount,

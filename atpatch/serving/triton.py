@@ -32,7 +32,7 @@ from ..runtime import native
 __all__ = [
     "TRITON_DTYPES",
     "TritonRepository",
-    "check_root",
+    "check_target",
     "config_text",
     "kernel_library",
     "model_name_for",
@@ -156,8 +156,12 @@ def kernel_library(model: onnx.ModelProto) -> tuple[Path | None, str]:
     return (None, problem) if problem else (library, "")
 
 
-def check_root(root: Path) -> None:
-    """Refuse a repository folder that has anything in it, or whose parent is missing."""
+def check_target(root: Path, name: str, mount: str | None = None) -> None:
+    """Refuse a repository folder that has anything in it or no parent, a bad model name or mount path."""
+    if not _NAME.fullmatch(name):
+        raise AtPatchError(f"{name!r} is not a usable Triton model name; use letters, digits, '_', '-' or '.'")
+    if mount is not None and not PurePosixPath(mount).is_absolute():
+        raise AtPatchError(f"--triton-mount {mount} is not an absolute path; give where the server sees the folder")
     if root.is_file() or (root.is_dir() and any(root.iterdir())):
         raise AtPatchError(
             f"{root} exists and is not an empty folder; choose a new --triton folder (it is never overwritten)"
@@ -183,15 +187,12 @@ def write_repository(
     (default: `root`'s absolute path here). `base_dir` is where weights left on disk are read from;
     `check` runs onnx's full checker on the written model.
     """
-    if not _NAME.fullmatch(name):
-        raise AtPatchError(f"{name!r} is not a usable Triton model name; use letters, digits, '_', '-' or '.'")
-    if mount is not None and not PurePosixPath(mount).is_absolute():
-        raise AtPatchError(f"--triton-mount {mount} is not an absolute path; give where the server sees the folder")
-    check_root(root)
+    check_target(root, name, mount)
     final_root = root.resolve()
     registered = None
     if library is not None:
         registered = str(PurePosixPath(mount or final_root.as_posix()) / name / library.name)
+    config = config_text(model, name, registered)  # before the model is written: it can refuse the graph
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=final_root.parent))
     try:
         model_dir = staging / name
@@ -199,7 +200,7 @@ def write_repository(
         save_model(model, model_dir / _VERSION / MODEL_FILENAME, base_dir=base_dir, check=check)
         if library is not None:
             shutil.copy2(library, model_dir / library.name)
-        (model_dir / "config.pbtxt").write_text(config_text(model, name, registered))
+        (model_dir / "config.pbtxt").write_text(config)
         # Replaces an empty folder too (POSIX rename), so the repository appears whole or not at all.
         os.replace(staging, final_root)
     finally:
