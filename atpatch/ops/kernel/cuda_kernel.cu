@@ -27,7 +27,8 @@ constexpr int kLanes = 16;
 constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ float load(const float* p, int64_t i) { return __ldg(p + i); }
+// Plain loads (no __ldg): the patch kernel may run in place, where the map is written.
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
 __device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
 // Round to nearest even, as Ort::Float16_t(float) in the CPU kernel.

@@ -469,6 +469,7 @@ void bench(Rng& rng, const Shape& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines in order with stderr when piped into a log
   int cases = 600;
   bool big = true, do_bench = true, cpu_only = false;
   uint64_t seed = std::random_device{}() ^ (static_cast<uint64_t>(std::random_device{}()) << 32);
