@@ -179,3 +179,19 @@ def test_graphs_fused_like_optimum_are_decomposed_patched_and_match_pytorch(
     fused = _check_patched_and_passthrough(result, rng)
     assert fused == ["Attention"] * NUM_LAYERS, "the fuser should hide every layer's softmax"
     _check_flagged_matches_pytorch(result, rng)
+
+
+def test_export_command_takes_the_attention_implementation(hf_folder, tmp_path, capsys) -> None:  # noqa: ANN001
+    from atpatch.cli import export_main
+
+    out = tmp_path / "bert-sdpa.patched.onnx"
+    assert export_main(["--hf", str(hf_folder("bert")), "--attention", "sdpa", "-o", str(out)]) == 0
+    assert "patched 2 attention layers (4 heads)" in capsys.readouterr().out
+    patched = onnx.load(str(out))
+    assert sum(n.op_type == "IsNaN" for n in patched.graph.node) == NUM_LAYERS  # SDPA's NaN guard: not eager
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == NUM_LAYERS
+
+    plain = tmp_path / "plain.onnx"
+    onnx.save(patched, str(plain))
+    assert export_main([str(plain), "--attention", "sdpa", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "--attention apply to --hf exports only" in capsys.readouterr().err
