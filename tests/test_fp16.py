@@ -1,0 +1,134 @@
+"""fp16 models: a tiny BERT converted to float16, patched, run through the ONNX function and the native kernel.
+
+Tolerances: an fp16 attention map holds ~3 significant digits, so the patched map is compared
+to the numpy reference at 1e-3 (one unit in the last place near 1, as tests/test_function.py);
+logits of the fp16 model against the fp32 model with the same detector at 3e-2 (rounding
+accumulated over two layers, measured ~3e-3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from atpatch.detector import Detector
+from atpatch.ops import reference, spec
+from atpatch.ops.reference import LayerDetector
+from atpatch.rewrite import patch_model
+from atpatch.runtime import create_session, native
+
+MAP_ATOL = 1e-3
+LOGIT_ATOL = 3e-2
+PATHS = ("function", "kernel")
+
+
+@pytest.fixture(scope="module")
+def bert(exported):  # noqa: ANN001, ANN201
+    """(export result, fp32 model, fp16 model with fp32 inputs/outputs)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    result = exported("bert", False, 17)
+    half = convert_float_to_float16(result.model, keep_io_types=True)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+    return result, result.model, half
+
+
+def _use_native(path: str) -> bool:
+    if path == "kernel" and native.library_path() is None:
+        pytest.skip("the native AtPatch kernel is not built (scripts/fetch_ort_headers.sh, then pip install -e .)")
+    return path == "kernel"
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy that also returns the named tensors (AtPatch inputs and outputs)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return copy
+
+
+def _atpatch_io(model: onnx.ModelProto) -> list[str]:
+    return [name for n in model.graph.node if n.domain == spec.DOMAIN for name in (n.input[0], n.output[0])]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp16_pass_through_leaves_every_map_and_the_logits_unchanged(
+    bert,
+    path: str,
+    rng: np.random.Generator,  # noqa: ANN001
+) -> None:
+    result, _, half = bert
+    use_native = _use_native(path)
+    patched, sites = patch_model(half)
+    assert len(sites) == 2 and sum(n.domain == spec.DOMAIN for n in patched.graph.node) == 2
+    inputs = result.family.make_inputs(result.config, 3, 13, rng)
+    original = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    logits = create_session(patched, use_native=use_native).run(None, inputs)[0]
+    # Read the maps from a copy: a map that is also a graph output changes how onnxruntime casts around it.
+    probe = _with_outputs(patched, _atpatch_io(patched))
+    _, *maps = create_session(probe, use_native=use_native).run(None, inputs)
+    for before, after in zip(maps[::2], maps[1::2], strict=True):
+        assert before.dtype == after.dtype == np.float16
+        np.testing.assert_array_equal(after, before)  # each AtPatch passes its fp16 map through bit for bit
+    if use_native:
+        np.testing.assert_array_equal(logits, original)
+    else:
+        # Not bit-equal end to end: onnxruntime's CPU has no fp16 Softmax/MatMul, runs both in fp32 and,
+        # in the unpatched graph, drops the fp16 rounding between them; with the function's fp16 ops in
+        # between, P.V sees the map rounded to fp16 as the graph says. Measured difference ~2e-3.
+        np.testing.assert_allclose(logits, original, rtol=0, atol=LOGIT_ATOL)
+
+
+def _layer(w1: np.ndarray, threshold: float) -> LayerDetector:
+    heads = w1.shape[1]
+    return LayerDetector(
+        w1, np.full(heads, -threshold, np.float32), np.ones(heads, np.float32), np.zeros(1, np.float32), 0.0
+    )
+
+
+def _peak_detector(maps: np.ndarray) -> Detector:
+    """Layer 0 flags columns whose peak attention in any head exceeds a cut placed in a wide gap of
+    this input's peaks (so fp16 rounding cannot flip a flag); layer 1 flags nothing, so layer 0's map,
+    the one checked, is the same in the fp32 and fp16 runs up to rounding."""
+    heads = maps.shape[1]
+    w1 = np.zeros((spec.num_features(heads), heads), np.float32)
+    start = spec.FEATURE_NAMES.index("peak") * heads
+    w1[start : start + heads] = np.eye(heads, dtype=np.float32)
+    peaks = np.sort(np.unique(maps.astype(np.float32).max(axis=2).max(axis=1).round(4)))
+    gaps = [(peaks[i + 1] - peaks[i], i) for i in range(len(peaks) // 4, len(peaks) - 1)]
+    width, i = max(gaps)
+    assert width > 1e-2, f"no wide gap in this input's column peaks: {peaks}"
+    cut = float(peaks[i] + width / 2)
+    return Detector(layers=(_layer(w1, cut), _layer(w1, 10.0)), kind="test-peak")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fp16_flagged_columns_are_patched_as_the_reference_says(
+    bert,
+    path: str,
+    rng: np.random.Generator,  # noqa: ANN001
+) -> None:
+    result, full, half = bert
+    use_native = _use_native(path)
+    inputs = result.family.make_inputs(result.config, 3, 13, rng)
+    tap = patch_model(half)[1][0].tap
+    map0 = ort.InferenceSession(_with_outputs(half, [tap]).SerializeToString()).run(None, inputs)[1]
+    detector = _peak_detector(map0)
+
+    patched, _ = patch_model(half, detector)
+    logits, before, after = create_session(_with_outputs(patched, _atpatch_io(patched)[:2]), use_native=use_native).run(
+        None, inputs
+    )
+    assert after.dtype == np.float16
+    expected = reference.atpatch(before, detector.layers[0])
+    flagged = reference.column_scores(before, detector.layers[0]) > 0  # [batch, key]
+    assert 0 < flagged.mean() < 1, "the detector should flag some columns and leave others"
+    flagged_rows = np.any(expected != before.astype(np.float32), axis=-1)
+    np.testing.assert_allclose(after.astype(np.float32), expected, rtol=0, atol=MAP_ATOL)
+    np.testing.assert_array_equal(after[~flagged_rows], before[~flagged_rows])
+
+    full_patched, _ = patch_model(full, detector)
+    want = create_session(full_patched, use_native=use_native).run(None, inputs)[0]
+    np.testing.assert_allclose(logits, want, rtol=0, atol=LOGIT_ATOL)
