@@ -17,10 +17,10 @@ import onnx
 from ..errors import AtPatchError, ExportValidationError
 from .families import STEP_INPUT_NAMES, CacheLayout, Family, cache_layout, step_inputs
 
-__all__ = ["export_with_past", "validate_with_past"]
+__all__ = ["export_with_past", "generation_step", "validate_with_past"]
 
 
-def _step_module(model: Any, layout: CacheLayout) -> Any:
+def generation_step(model: Any, layout: CacheLayout) -> Any:
     """The model as a module of flat tensors: (ids, mask, positions, *past) -> (logits, *present)."""
     import torch
     from transformers.cache_utils import DynamicCache
@@ -66,7 +66,7 @@ def export_with_past(model: Any, family: Family, opset: int, dynamo: bool, seed:
     # A cache of 5 tokens and 3 new ones: past and sequence lengths must differ for the tracer to keep them apart.
     example = step_inputs(model.config, 2, 3, 5, np.random.default_rng(seed))
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    module = _step_module(model, layout)
+    module = generation_step(model, layout)
     if dynamo:
         dim = torch.export.Dim.DYNAMIC  # Dim arithmetic (past + seq) is not supported: every axis its own
         past_shapes = tuple({0: dim, 2: dim} for _ in layout.past_names)
@@ -128,7 +128,7 @@ def validate_with_past(model: Any, onnx_model: onnx.ModelProto, family: Family, 
     layout = cache_layout(model.config)
     names = [*STEP_INPUT_NAMES, *layout.past_names]
     outputs = ["logits", *layout.present_names]
-    module = _step_module(model, layout)
+    module = generation_step(model, layout)
     session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     diffs = dict.fromkeys(outputs, 0.0)

@@ -1,0 +1,288 @@
+"""Decoders exported with their KV cache: every step patched, and greedy generation through onnxruntime.
+
+GPT-2 and a Llama-style decoder with grouped-query attention (2 KV heads for 4 attention heads),
+exported both ways, eager and SDPA (which both exporters decompose into a Softmax at opsets 17/18),
+are exported as one generation step. The oracle is the same PyTorch model in eager mode with each
+attention softmax patched by the numpy reference (torch_reference.patched_softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from torch_reference import patched_softmax
+
+from atpatch.detector import Detector
+from atpatch.errors import AtPatchError
+from atpatch.exporter.families import cache_layout, step_inputs
+from atpatch.ops import spec
+from atpatch.ops.reference import LayerDetector
+from atpatch.rewrite import patch_model
+from atpatch.runtime.generate import greedy_generate
+
+pytest.importorskip("transformers")
+
+NUM_LAYERS = 2
+HEADS = 4
+CASES = [
+    (arch, dynamo, attention, opset)
+    for arch in ("gpt2", "llama")
+    for dynamo in (False, True)
+    for attention in ("eager", "sdpa")
+    for opset in (17, 18)
+    if not (arch == "gpt2" and dynamo and opset == 17)  # refused: see the test below
+]
+IDS = [f"{a}-{'dynamo' if d else 'legacy'}-{att}-opset{o}" for a, d, att, o in CASES]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def decoder_folder(hf_folder: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """GPT-2 from conftest; a tiny random Llama with grouped-query attention made here."""
+    import torch
+    import transformers as T
+
+    llama = tmp_path_factory.mktemp("hf") / "llama"
+    torch.manual_seed(7)
+    config = T.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        initializer_range=0.3,  # peaked attention, so a patched column changes the outputs
+        architectures=["LlamaForCausalLM"],
+    )
+    T.LlamaForCausalLM(config).save_pretrained(llama)
+    return lambda arch: llama if arch == "llama" else hf_folder(arch)
+
+
+@pytest.fixture(scope="module")
+def exported_step(decoder_folder: Callable[[str], Path]):  # noqa: ANN201
+    """A function: case -> ExportResult of one generation step, cached for the module."""
+    from atpatch.exporter import export_hf
+
+    cache: dict[tuple, object] = {}
+
+    def get(arch: str, dynamo: bool, attention: str, opset: int):  # noqa: ANN202
+        key = (arch, dynamo, attention, opset)
+        if key not in cache:
+            cache[key] = export_hf(
+                decoder_folder(arch), opset=opset, dynamo=dynamo, attention=attention, with_past=True
+            )
+        return cache[key]
+
+    return get
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _eager(result):  # noqa: ANN001, ANN202
+    """The oracle: the exported model's PyTorch twin with eager attention (its softmax can be patched)."""
+    from atpatch.exporter.hf import load_hf_model
+
+    return load_hf_model(result.folder, "eager")
+
+
+def _steps(result, rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:  # noqa: ANN001
+    """A padded prefill (empty cache, 9 tokens) and a decode step (1 token after 7 cached), batch 3."""
+    return {
+        "prefill": step_inputs(result.config, 3, 9, 0, rng),
+        "decode": step_inputs(result.config, 3, 1, 7, rng),
+    }
+
+
+def _real(name: str, step: dict[str, np.ndarray], array: np.ndarray) -> np.ndarray:
+    """The values at real positions: a padded position's logits and cache entries are undefined."""
+    mask = step["attention_mask"].astype(bool)
+    if name == "logits":
+        return array[mask[:, mask.shape[1] - step["input_ids"].shape[1] :]]
+    return np.moveaxis(array, 2, 1)[mask]
+
+
+def _peak_detector(threshold: float) -> Detector:
+    """Flags a key column when, in any head, some query puts more than `threshold` of its attention on it."""
+    w1 = np.zeros((spec.num_features(HEADS), HEADS), np.float32)
+    first = spec.FEATURE_NAMES.index("peak") * HEADS
+    w1[first : first + HEADS] = np.eye(HEADS, dtype=np.float32)
+    layer = LayerDetector(
+        w1, np.full(HEADS, -threshold, np.float32), np.ones(HEADS, np.float32), np.zeros(1, np.float32), 0.0
+    )
+    return Detector(layers=(layer,) * NUM_LAYERS, kind="test-peak")
+
+
+def _robust_peak_detector(run: Callable[[], object], changed: Callable[[object], bool]) -> Detector:
+    """A peak detector whose threshold is at least 1e-3 from every peak PyTorch's patched `run` sees.
+
+    float32 differences between PyTorch and onnxruntime (~1e-6) then cannot flip a flag; `changed`
+    says whether the patched run's result differs from the unpatched one (so the check can fail).
+    """
+    for threshold in (0.5, 0.6, 0.4, 0.7, 0.45, 0.55, 0.35, 0.65):
+        detector = _peak_detector(threshold)
+        seen: list[np.ndarray] = []
+        with patched_softmax(detector.layers, seen):
+            result = run()
+        peaks = np.concatenate([m.max(axis=-2).ravel() for m in seen])
+        if np.abs(peaks - threshold).min() > 1e-3 and (peaks > threshold).any() and changed(result):
+            return detector
+    raise AssertionError("no peak threshold flags columns, changes the result and keeps clear of every peak")
+
+
+@pytest.mark.parametrize(("arch", "dynamo", "attention", "opset"), CASES, ids=IDS)
+def test_every_step_is_patched_in_each_layer_and_pass_through_outputs_are_identical(
+    exported_step,
+    arch: str,
+    dynamo: bool,
+    attention: str,
+    opset: int,
+    rng: np.random.Generator,  # noqa: ANN001
+) -> None:
+    result = exported_step(arch, dynamo, attention, opset)
+    patched, sites = patch_model(result.model)
+    onnx.checker.check_model(patched, full_check=True)
+    patches = [n for n in patched.graph.node if n.op_type == spec.OP_TYPE]
+    assert len(patches) == len(sites) == NUM_LAYERS
+    assert [s.heads for s in sites] == [HEADS] * NUM_LAYERS  # attention heads, not the Llama's 2 KV heads
+    assert sum(n.op_type == "Softmax" for n in patched.graph.node) == NUM_LAYERS
+
+    # Read each AtPatch output too, to see the maps it patched.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(patched)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n.output[0]) for n in patches)
+    names = [o.name for o in result.model.graph.output]
+    original, probed = _session(result.model), _session(probe)
+    for step, inputs in _steps(result, rng).items():
+        before = original.run(names, inputs)
+        after = probed.run(None, inputs)
+        for name, b, a in zip(names, before, after, strict=False):
+            assert np.array_equal(b, a), f"{step}: {name} changed under a pass-through patch"
+        q, k = inputs["input_ids"].shape[1], inputs["attention_mask"].shape[1]
+        assert [m.shape for m in after[len(names) :]] == [(3, HEADS, q, k)] * NUM_LAYERS, step
+
+
+@pytest.mark.parametrize(("arch", "dynamo", "attention", "opset"), CASES, ids=IDS)
+def test_flagged_columns_give_pytorch_patched_outputs_on_prefill_and_decode_steps(
+    exported_step,
+    arch: str,
+    dynamo: bool,
+    attention: str,
+    opset: int,
+    rng: np.random.Generator,  # noqa: ANN001
+) -> None:
+    from atpatch.exporter.kv_cache import generation_step
+
+    result = exported_step(arch, dynamo, attention, opset)
+    module = generation_step(_eager(result), cache_layout(result.config))
+    names = [i.name for i in result.model.graph.input]
+    outputs = [o.name for o in result.model.graph.output]
+    original = _session(result.model)
+
+    for step, inputs in _steps(result, rng).items():
+        unpatched = original.run(outputs, inputs)
+
+        def torch_run(inputs: dict[str, np.ndarray] = inputs) -> list[np.ndarray]:
+            import torch
+
+            with torch.no_grad():
+                return [t.numpy() for t in module(*(torch.from_numpy(inputs[n]) for n in names))]
+
+        def changed(expected: list[np.ndarray], inputs=inputs, unpatched=unpatched) -> bool:  # noqa: ANN001
+            return np.abs(_real("logits", inputs, expected[0]) - _real("logits", inputs, unpatched[0])).max() > 1e-3
+
+        detector = _robust_peak_detector(torch_run, changed)
+        with patched_softmax(detector.layers):
+            expected = torch_run()
+        got = _session(patch_model(result.model, detector)[0]).run(outputs, inputs)
+        for name, g, e in zip(outputs, got, expected, strict=True):
+            np.testing.assert_allclose(
+                _real(name, inputs, g), _real(name, inputs, e), atol=2e-5, rtol=0, err_msg=f"{step}: {name}"
+            )
+
+
+def _prompts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two prompts of 7 tokens, the second left-padded by 3."""
+    ids = rng.integers(0, 97, size=(2, 7), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def _torch_generate(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+@pytest.mark.parametrize(("arch", "dynamo", "attention", "opset"), CASES, ids=IDS)
+def test_greedy_generation_through_onnxruntime_gives_pytorch_tokens_under_the_same_patch(
+    exported_step,
+    arch: str,
+    dynamo: bool,
+    attention: str,
+    opset: int,
+    rng: np.random.Generator,  # noqa: ANN001
+) -> None:
+    result = exported_step(arch, dynamo, attention, opset)
+    model = _eager(result)
+    model.generation_config.eos_token_id = None  # always NEW_TOKENS tokens: Llama's eos id is in the vocabulary
+    ids, mask = _prompts(rng)
+    unpatched = greedy_generate(_session(result.model), ids, mask, NEW_TOKENS)
+    np.testing.assert_array_equal(unpatched, _torch_generate(model, ids, mask))
+
+    detector = _robust_peak_detector(
+        lambda: _torch_generate(model, ids, mask), lambda tokens: not np.array_equal(tokens, unpatched)
+    )
+    with patched_softmax(detector.layers):
+        expected = _torch_generate(model, ids, mask)
+    got = greedy_generate(_session(patch_model(result.model, detector)[0]), ids, mask, NEW_TOKENS)
+    assert got.shape == (2, NEW_TOKENS)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_right_padded_prompts_generate_what_left_padded_ones_do(exported_step, rng: np.random.Generator) -> None:  # noqa: ANN001
+    session = _session(exported_step("llama", False, "eager", 17).model)
+    ids, mask = _prompts(rng)
+    right_ids, right_mask = ids.copy(), mask.copy()
+    right_ids[1], right_mask[1] = np.roll(ids[1], -3), np.roll(mask[1], -3)
+    assert right_mask[1, -1] == 0
+    np.testing.assert_array_equal(
+        greedy_generate(session, right_ids, right_mask, NEW_TOKENS), greedy_generate(session, ids, mask, NEW_TOKENS)
+    )
+
+
+def test_dynamo_gpt2_with_past_at_opset_17_is_refused_with_the_working_setting(decoder_folder) -> None:  # noqa: ANN001
+    from atpatch.exporter import export_hf
+
+    with pytest.raises(AtPatchError, match="--opset 18"):
+        export_hf(decoder_folder("gpt2"), opset=17, dynamo=True, with_past=True)
+
+
+def test_with_past_on_an_encoder_is_refused(hf_folder) -> None:  # noqa: ANN001
+    from atpatch.exporter import export_hf
+
+    with pytest.raises(AtPatchError, match="--with-past exports causal LMs"):
+        export_hf(hf_folder("bert"), with_past=True)
+
+
+def test_generating_with_a_model_without_a_cache_is_refused(exported) -> None:  # noqa: ANN001
+    session = _session(exported("gpt2", False, 17).model)
+    with pytest.raises(AtPatchError, match="--with-past"):
+        greedy_generate(session, np.ones((1, 3), np.int64))
