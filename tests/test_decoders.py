@@ -286,3 +286,23 @@ def test_generating_with_a_model_without_a_cache_is_refused(exported) -> None:  
     session = _session(exported("gpt2", False, 17).model)
     with pytest.raises(AtPatchError, match="--with-past"):
         greedy_generate(session, np.ones((1, 3), np.int64))
+
+
+def test_generation_with_the_native_kernel_gives_the_function_tokens(exported_step, rng: np.random.Generator) -> None:  # noqa: ANN001
+    from atpatch.runtime import create_session, native
+
+    if native.library_path() is None:
+        pytest.skip("the native AtPatch kernel is not built here (scripts/install.sh builds it)")
+    result = exported_step("llama", False, "eager", 17)
+    model = _eager(result)
+    model.generation_config.eos_token_id = None
+    ids, mask = _prompts(rng)
+    unpatched = greedy_generate(_session(result.model), ids, mask, NEW_TOKENS)
+    detector = _robust_peak_detector(
+        lambda: _torch_generate(model, ids, mask), lambda tokens: not np.array_equal(tokens, unpatched)
+    )
+    patched = patch_model(result.model, detector)[0]
+    with patched_softmax(detector.layers):
+        expected = _torch_generate(model, ids, mask)
+    np.testing.assert_array_equal(greedy_generate(create_session(patched, use_native=True), ids, mask), expected)
+    np.testing.assert_array_equal(greedy_generate(_session(patched), ids, mask), expected)
