@@ -356,3 +356,15 @@ def test_a_fully_masked_row_gives_zeros_like_the_fused_kernel() -> None:
     got = _run(patched, feeds, optimize=False)[0]
     assert np.array_equal(fused[0, :, 2], np.zeros((2, D), np.float32))
     np.testing.assert_allclose(got, fused, atol=ATOL, rtol=0)
+
+
+def test_the_probe_reads_a_fused_models_maps_from_its_explicit_form() -> None:
+    from atpatch.detector.probe import AttentionProbe
+
+    case, _ = next(c for i, c in CASES if i.startswith("ms-attention"))
+    model = case.model()
+    probe = AttentionProbe(model, use_native=False)
+    out = probe.run(case.feeds)
+    assert probe.num_layers == 1 and out.before[0].ndim == 4 and out.before[0].shape[1] == case.heads
+    np.testing.assert_allclose(out.before[0].sum(-1), 1.0, atol=1e-5)  # post-softmax rows
+    np.testing.assert_allclose(out.outputs[0], _run(model, case.feeds)[0], atol=ATOL, rtol=0)

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from ..ops import spec
 from ..ops.reference import LayerDetector
-from ..rewrite import find_attention_sites
+from ..rewrite import decompose_fused_attention, find_attention_sites
 from .weights import Detector
 
 __all__ = ["AttentionProbe", "ProbeOutput", "read_detector"]
@@ -54,9 +54,11 @@ class AttentionProbe:
     def __init__(self, model: onnx.ModelProto, *, use_native: bool | None = None) -> None:
         from ..runtime import create_session
 
+        patches = _patch_nodes(model)
+        if not patches:  # fused attention hides its map: probe the explicit form that patching inserts into
+            model = decompose_fused_attention(model)[0]
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        patches = _patch_nodes(model)
         self.patched = bool(patches)
         if self.patched:
             self.before_names = [n.input[0] for n in patches]
