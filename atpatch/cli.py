@@ -34,12 +34,22 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset for --hf exports (default 17; 17..18 tested)")
     parser.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter for --hf (slower)")
     parser.add_argument(
+        "--with-past",
+        action="store_true",
+        help="with --hf, a causal LM: export one generation step with its KV cache (past_key_values in, present out)",
+    )
+    parser.add_argument(
         "--attention",
         choices=("eager", "sdpa"),
         default="eager",
         help="attention implementation for --hf exports (default eager; sdpa's fused ops are decomposed)",
     )
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="with --hf: write the plain export")
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="apply onnxruntime's transformer fusions (LayerNorm, GELU, ...) around the patch; needs onnxruntime",
+    )
     triton = parser.add_argument_group("serving with Triton Inference Server")
     triton.add_argument("--triton", type=Path, metavar="DIR", help="write a model repository to DIR (new or empty)")
     triton.add_argument("--triton-name", metavar="NAME", help="model name in it (default: from -o or the input)")
@@ -60,8 +70,10 @@ def _export(args: argparse.Namespace) -> str:
         detector=args.detector,
         opset=args.opset,
         dynamo=args.dynamo,
+        with_past=args.with_past,
         attention=args.attention,
         patch=args.patch,
+        optimize=args.optimize,
         triton=args.triton,
         triton_name=args.triton_name,
         triton_mount=args.triton_mount,

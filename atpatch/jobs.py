@@ -12,6 +12,7 @@ from .detector import Detector
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
 from .rewrite import AttentionSite, patch_model
+from .rewrite.optimize import FusionReport, fuse_for_ort
 from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
 __all__ = ["ExportOptions", "ExportReport", "run_demo", "run_export"]
@@ -27,8 +28,10 @@ class ExportOptions:
     detector: Path | None = None
     opset: int = 17
     dynamo: bool = False
+    with_past: bool = False  # a causal LM exported as one generation step with its KV cache
     attention: str = "eager"
     patch: bool = True
+    optimize: bool = False  # ORT's transformer fusions (LayerNorm, GELU, ...) on the patched graph
     triton: Path | None = None  # a Triton model repository to write
     triton_name: str | None = None
     triton_mount: str | None = None
@@ -44,8 +47,12 @@ class ExportOptions:
             raise AtPatchError(
                 "--dynamo, --opset and --attention apply to --hf exports only; an ONNX file keeps its own"
             )
+        if self.model is not None and self.with_past:
+            raise AtPatchError("--with-past applies to --hf exports only; an ONNX file keeps its inputs")
         if not self.patch and self.detector is not None:
             raise AtPatchError("--no-patch writes the plain export; drop --detector or drop --no-patch")
+        if not self.patch and self.optimize:
+            raise AtPatchError("--optimize fuses around the AtPatch nodes of a patched model; drop --no-patch")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class ExportReport:
     export_diffs: dict[str, float] = field(default_factory=dict)
     exporter: str | None = None
     triton: TritonRepository | None = None
+    fusion: FusionReport | None = None
 
     def summary(self) -> str:
         lines = []
@@ -74,6 +82,8 @@ class ExportReport:
             for s in self.sites:
                 extra = f"  [{'; '.join(s.notes)}]" if s.notes else ""
                 lines.append(f"  layer {s.layer:>2}  heads {s.heads or '?':>3}  {s.scope}{extra}")
+        if self.fusion is not None:
+            lines.append(self.fusion.summary())
         if self.output is not None:
             lines.append(f"wrote {self.output}")
         if self.triton is not None:
@@ -100,12 +110,20 @@ def run_export(options: ExportOptions) -> ExportReport:
     exporter = None
     heads = None
     base_dir = None
+    family = "bert"
     if options.hf is not None:
         from .exporter import export_hf
 
-        result = export_hf(options.hf, opset=options.opset, dynamo=options.dynamo, attention=options.attention)
+        result = export_hf(
+            options.hf,
+            opset=options.opset,
+            dynamo=options.dynamo,
+            attention=options.attention,
+            with_past=options.with_past,
+        )
         model, diffs = result.model, result.max_abs_diff
         heads = getattr(result.config, "num_attention_heads", None)
+        family = getattr(result.config, "model_type", family)
         exporter = "torch.onnx dynamo" if options.dynamo else "torch.onnx TorchScript"
     else:
         assert options.model is not None  # checked by ExportOptions
@@ -117,6 +135,9 @@ def run_export(options: ExportOptions) -> ExportReport:
     if options.patch:
         model, sites = patch_model(model, detector, heads, base_dir)
         kind = detector.kind if detector else "pass-through"
+    fusion = None
+    if options.optimize:
+        model, fusion = fuse_for_ort(model, family)
     if output is not None:
         save_model(model, output, base_dir=base_dir, check=options.patch)
     triton = None
@@ -132,7 +153,7 @@ def run_export(options: ExportOptions) -> ExportReport:
             base_dir=base_dir,
             check=options.patch,
         )
-    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton)
+    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion)
 
 
 def run_demo(folder: Path) -> str:
