@@ -306,3 +306,35 @@ def test_generation_with_the_native_kernel_gives_the_function_tokens(exported_st
         expected = _torch_generate(model, ids, mask)
     np.testing.assert_array_equal(greedy_generate(create_session(patched, use_native=True), ids, mask), expected)
     np.testing.assert_array_equal(greedy_generate(_session(patched), ids, mask), expected)
+
+
+def test_export_command_with_past_writes_a_patched_generation_step(decoder_folder, tmp_path, capsys) -> None:  # noqa: ANN001
+    from atpatch.cli import export_main
+    from atpatch.exporter.hf import load_hf_model
+    from atpatch.runtime import create_session
+
+    out = tmp_path / "gpt2.patched.onnx"
+    assert export_main(["--hf", str(decoder_folder("gpt2")), "--with-past", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "present.1.value max |ONNX - PyTorch|" in text and "patched 2 attention layers (4 heads)" in text
+    patched = onnx.load(str(out))
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == NUM_LAYERS
+    assert [i.name for i in patched.graph.input][:4] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+    ]
+    ids, mask = _prompts(np.random.default_rng(0))
+    model = load_hf_model(decoder_folder("gpt2"))
+    np.testing.assert_array_equal(
+        greedy_generate(create_session(str(out)), ids, mask), _torch_generate(model, ids, mask)
+    )
+
+
+def test_with_past_for_an_onnx_file_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from atpatch.cli import export_main
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    assert export_main([str(tmp_path / "m.onnx"), "--with-past", "-o", str(tmp_path / "out.onnx")]) == 1
+    assert not (tmp_path / "out.onnx").exists()
