@@ -275,6 +275,13 @@ def test_dynamo_gpt2_with_past_at_opset_17_is_refused_with_the_working_setting(d
         export_hf(decoder_folder("gpt2"), opset=17, dynamo=True, with_past=True)
 
 
+def test_dynamo_llama_without_the_cache_above_opset_22_is_refused_with_the_working_settings(decoder_folder) -> None:  # noqa: ANN001
+    from atpatch.exporter import export_hf
+
+    with pytest.raises(AtPatchError, match=r"above opset 22 .*; use --opset 18, --with-past"):
+        export_hf(decoder_folder("llama"), opset=23, dynamo=True)
+
+
 def test_with_past_on_an_encoder_is_refused(hf_folder) -> None:  # noqa: ANN001
     from atpatch.exporter import export_hf
 
