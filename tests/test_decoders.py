@@ -315,7 +315,7 @@ def test_generation_with_the_native_kernel_gives_the_function_tokens(exported_st
     np.testing.assert_array_equal(greedy_generate(_session(patched), ids, mask), expected)
 
 
-def test_export_command_with_past_writes_a_patched_generation_step(decoder_folder, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_export_command_with_past_writes_a_patched_generation_step(decoder_folder, tmp_path, capsys, rng) -> None:  # noqa: ANN001
     from atpatch.cli import export_main
     from atpatch.exporter.hf import load_hf_model
     from atpatch.runtime import create_session
@@ -332,7 +332,7 @@ def test_export_command_with_past_writes_a_patched_generation_step(decoder_folde
         "position_ids",
         "past_key_values.0.key",
     ]
-    ids, mask = _prompts(np.random.default_rng(0))
+    ids, mask = _prompts(rng)
     model = load_hf_model(decoder_folder("gpt2"))
     np.testing.assert_array_equal(
         greedy_generate(create_session(str(out)), ids, mask), _torch_generate(model, ids, mask)
