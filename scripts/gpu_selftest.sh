@@ -9,8 +9,8 @@
 #   CUDAARCHS               CUDA architectures to build (default: 90, i.e. sm_90 + PTX)
 #   OUT                     when set, the whole log is also written to $OUT/gpu_selftest.log
 #
-# Exit status: 0 passed; 1 a mismatch or a sanitizer report; 3 no usable GPU here (the build
-# and the CPU side were still checked); other values: the build failed.
+# Exit status: 0 passed; 1 a mismatch or a sanitizer report; 3 no usable GPU here (the build,
+# the CPU side and the kernels on the CPU emulation of CUDA were still checked); 2 the build failed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,9 +65,13 @@ status=0
 # shellcheck disable=SC2086  # ATPATCH_SELFTEST_ARGS is a list of words
 logged "$selftest" ${ATPATCH_SELFTEST_ARGS:-} || status=$?
 if [ "$status" -eq 3 ]; then
-  say "gpu_selftest: NO GPU on this machine, so the CUDA kernel did not run. Checking the CPU side only:"
+  say "gpu_selftest: NO GPU on this machine, so the CUDA kernel did not run on a GPU. Checking the CPU side,"
+  say "gpu_selftest: then the kernels' source on the CPU emulation of CUDA (cuda_emulation.h):"
   logged "$selftest" --cpu-only --cases 300 || exit 1
-  say "gpu_selftest: build and CPU side OK; the GPU check must be run on a machine with an NVIDIA GPU"
+  cmake --build "$work" --target atpatch_cuda_selftest_emulated >>"$build_log" 2>&1 ||
+    { tail -n 40 "$build_log"; say "gpu_selftest: BUILD FAILED (emulated self-test)"; exit 2; }
+  logged "$work/atpatch_cuda_selftest_emulated" --cases 40 --small --no-bench || exit 1
+  say "gpu_selftest: build, CPU side and emulation OK; the GPU check itself needs a machine with an NVIDIA GPU"
   exit 3
 fi
 if [ "$status" -ne 0 ]; then

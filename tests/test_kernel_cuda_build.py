@@ -1,13 +1,16 @@
 """The CUDA-enabled kernel library (CMake option ATPATCH_CUDA) builds here, loads into a CPU-only
 onnxruntime, keeps the CPU kernel's results, and says it covers CUDAExecutionProvider.
 
-The device code itself runs only on a GPU: scripts/gpu_selftest.sh. Here the self-test binary is
-built and its CPU side (case generator, CPU arithmetic, harness checks) is run.
+The device code runs on a GPU only through scripts/gpu_selftest.sh. Here the self-test is built
+twice: the CUDA binary (its CPU side is run, and its GPU side where there is one), and the same
+self-test with the kernels' own source on a CPU emulation of CUDA (cuda_emulation.h), which
+checks the device code's indexing, lanes and arithmetic against the CPU kernel.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -73,7 +76,8 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for cmd in (configure, ["cmake", "--build", str(out), "-j", "2"]):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{(result.stdout + result.stderr)[-4000:]}"
-    assert (out / "libatpatch_ops.so").is_file() and (out / "atpatch_cuda_selftest").is_file()
+    for name in ("libatpatch_ops.so", "atpatch_cuda_selftest", "atpatch_cuda_selftest_emulated"):
+        assert (out / name).is_file(), name
     return out
 
 
@@ -182,3 +186,22 @@ def test_selftest_binary(build: Path) -> None:
         assert "no usable CUDA device" in gpu.stderr, gpu.stderr
     else:
         assert gpu.returncode == 0 and "RESULT: PASSED" in gpu.stdout, gpu.stdout + gpu.stderr
+
+
+def test_device_code_on_the_cpu_emulation_equals_the_cpu_kernel(build: Path) -> None:
+    """cuda_kernel.cu's kernels, run by cuda_emulation.h, against core.cc on small random maps."""
+    result = subprocess.run(
+        [str(build / "atpatch_cuda_selftest_emulated"), "--cases", "32", "--small", "--no-bench"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0 and "RESULT: PASSED" in result.stdout, report
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("float32 ", "float16 "))]
+    assert {f"{r[0]} {r[1]}" for r in rows} == {f"{d} {h}" for d in ("float32", "float16") for h in
+                                                ("none", "one", "some", "all")}, report  # fmt: skip
+    assert sum(int(r[5]) for r in rows) > 0, report  # some rows were patched
+    if platform.machine() in ("x86_64", "AMD64"):
+        # No fused multiply-add on either side here: the same operations in the same order.
+        assert all(r[7] == "100.0000" for r in rows), report

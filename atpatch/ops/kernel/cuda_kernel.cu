@@ -8,8 +8,12 @@
 // CPU kernel's bit for bit (see cuda_kernel.h).
 #include "cuda_kernel.h"
 
+#if defined(ATPATCH_CUDA_EMULATION)
+#include "cuda_emulation.h"  // the same source on the CPU, for tests without a GPU
+#else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -26,6 +30,12 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+#if defined(ATPATCH_CUDA_EMULATION)
+#define ATPATCH_LAUNCH(kernel, grid, stream, ...) atpatch_emulation::launch(grid, kThreads, kernel, __VA_ARGS__)
+#else
+#define ATPATCH_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
 
 // Plain loads (no __ldg): the patch kernel may run in place, where the map is written.
 __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
@@ -239,16 +249,19 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(counts, 0, static_cast<size_t>(p.batch) * sizeof(unsigned long long), stream);
   if (err != cudaSuccess) error = error_text(err, "clearing the flag counts");
   if (error.empty()) {
-    row_stats_kernel<T><<<grid_for(rows * 32), kThreads, 0, stream>>>(in, rows, p.k_len, support, row_max);
-    columns_kernel<T><<<grid_for(blocks * p.k_len), kThreads, 0, stream>>>(in, p.heads, p.q_len, p.k_len,
-                                                                            blocks * p.k_len, support, row_max,
-                                                                            features);
-    scores_kernel<<<grid_for(p.batch * p.k_len), kThreads, 0, stream>>>(features, p.batch, p.heads, p.k_len, p.w1,
-                                                                        p.b1, p.w2, p.b2, p.hidden, p.threshold,
-                                                                        flags, counts);
-    patch_kernel<T><<<grid_for(rows * kLanes), kThreads, 0, stream>>>(in, out, rows, p.heads * p.q_len, p.k_len,
-                                                                       flags, counts);
+    ATPATCH_LAUNCH(row_stats_kernel<T>, grid_for(rows * 32), stream, in, rows, p.k_len, support, row_max);
+    ATPATCH_LAUNCH(columns_kernel<T>, grid_for(blocks * p.k_len), stream, in, p.heads, p.q_len, p.k_len,
+                   blocks * p.k_len, support, row_max, features);
+    ATPATCH_LAUNCH(scores_kernel, grid_for(p.batch * p.k_len), stream, features, p.batch, p.heads, p.k_len, p.w1,
+                   p.b1, p.w2, p.b2, p.hidden, p.threshold, flags, counts);
+    ATPATCH_LAUNCH(patch_kernel<T>, grid_for(rows * kLanes), stream, in, out, rows, p.heads * p.q_len, p.k_len,
+                   flags, counts);
     if ((err = cudaGetLastError()) != cudaSuccess) error = error_text(err, "launching the AtPatch kernels");
+  }
+  if (error.empty() && p.features_out != nullptr) {
+    err = cudaMemcpyAsync(p.features_out, features, static_cast<size_t>(feature_floats) * sizeof(float),
+                          cudaMemcpyDeviceToDevice, stream);
+    if (err != cudaSuccess) error = error_text(err, "copying the features out");
   }
   if ((err = cudaFreeAsync(workspace, stream)) != cudaSuccess && error.empty()) {
     error = error_text(err, "freeing the kernel's workspace");

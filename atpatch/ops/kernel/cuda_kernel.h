@@ -29,6 +29,9 @@ struct Problem {
   const float* b2;  // [1]
   int64_t hidden;
   float threshold;
+  // Optional (tests): receives the column features, [batch, kFeaturesPerHead * heads, k_len],
+  // feature f of head h in row f * heads + h.
+  float* features_out = nullptr;
 };
 
 // Enqueues the op on `stream` (a cudaStream_t; nullptr is the legacy default stream) and returns

@@ -2,7 +2,7 @@
 // point (the one the CUDA custom op calls) on fresh random maps and compares it with the CPU
 // kernel's arithmetic (core.cc, driven as custom_op.cc drives it), then times both.
 //
-//   atpatch_cuda_selftest [--cases N] [--seed S] [--no-big] [--no-bench] [--cpu-only]
+//   atpatch_cuda_selftest [--cases N] [--seed S] [--no-big] [--small] [--no-bench] [--cpu-only]
 //
 // Checks, per case: |gpu - cpu| <= 1e-6 (float32) / 1e-3 (float16), the tolerances of
 // tests/test_kernel.py; rows the spec leaves unchanged are the input bit for bit; the run in
@@ -12,8 +12,12 @@
 // 1e-3, as tests/maps.py does, so rounding cannot flip a flag).
 // --cpu-only runs the case generator and the CPU side alone (for machines without a GPU).
 // Exit status: 0 all passed, 1 a mismatch, 2 bad usage, 3 no usable CUDA device.
+#if defined(ATPATCH_CUDA_EMULATION)
+#include "cuda_emulation.h"  // the self-test on the CPU (see that file)
+#else
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -182,8 +186,10 @@ void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorVie
 
 // The detector's scores per (item, column), computed from core.cc's features with the same MLP:
 // only to place the threshold in a gap (tests/maps.py's with_flags).
+// `features` (optional) gets core.cc's features in the CUDA kernel's layout [b, f * heads + h, j].
 template <typename T>
-std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const Detector& d) {
+std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const Detector& d,
+                               std::vector<float>* features = nullptr) {
   const int64_t blocks = s.b * s.h;
   std::vector<float> work(static_cast<size_t>(blocks * 4 * s.k)), row(static_cast<size_t>(s.k));
   std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
@@ -196,6 +202,18 @@ std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const 
       atpatch::accumulate_row(row.data(), s.k, atpatch::row_stats(row.data(), s.k), cols[block]);
     }
     atpatch::finish_columns(cols[block], s.k);
+  }
+  if (features) {
+    features->resize(static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k));
+    for (int64_t b = 0; b < s.b; ++b) {
+      for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
+        for (int64_t h = 0; h < s.h; ++h) {
+          const auto& c = cols[b * s.h + h];
+          const float* src = f == 0 ? c.mass : f == 1 ? c.peak : c.top;
+          std::copy(src, src + s.k, features->data() + ((b * atpatch::kFeaturesPerHead + f) * s.h + h) * s.k);
+        }
+      }
+    }
   }
   std::vector<float> scores(static_cast<size_t>(s.b * s.k));
   for (int64_t b = 0; b < s.b; ++b) {
@@ -263,8 +281,11 @@ struct Device {
 
 // Runs the CUDA kernel on host data; `in_place` uses one buffer for input and output.
 template <typename T>
-std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Detector& d, bool in_place) {
+std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Detector& d, bool in_place,
+                           std::vector<float>* features) {
   Device<T> in(map.size()), out(in_place ? 0 : map.size());
+  const size_t feature_count = static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k);
+  Device<float> feats(feature_count);
   Device<float> w1(d.w1.size()), b1(d.b1.size()), w2(d.w2.size()), b2(1);
   CUDA_OK(cudaMemcpy(in.ptr, map.data(), map.size() * sizeof(T), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(w1.ptr, d.w1.data(), d.w1.size() * sizeof(float), cudaMemcpyHostToDevice));
@@ -277,7 +298,7 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   atpatch::cuda::Problem p{std::is_same<T, float>::value ? atpatch::cuda::Dtype::kFloat32
                                                          : atpatch::cuda::Dtype::kFloat16,
                            in.ptr, in_place ? in.ptr : out.ptr, s.b, s.h, s.q, s.k,
-                           w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f};
+                           w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f, feats.ptr};
   const std::string error = atpatch::cuda::run(p, stream);
   if (!error.empty()) {
     std::fprintf(stderr, "selftest: atpatch::cuda::run failed on %s: %s\n", s.str().c_str(), error.c_str());
@@ -287,13 +308,15 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   CUDA_OK(cudaStreamDestroy(stream));
   std::vector<T> result(map.size());
   CUDA_OK(cudaMemcpy(result.data(), in_place ? in.ptr : out.ptr, map.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  features->resize(feature_count);
+  CUDA_OK(cudaMemcpy(features->data(), feats.ptr, feature_count * sizeof(float), cudaMemcpyDeviceToHost));
   return result;
 }
 
 struct Tally {
   int cases = 0, failures = 0;
   int64_t entries = 0, identical = 0, unchanged_rows = 0, patched_rows = 0;
-  double max_diff = 0.0;
+  double max_diff = 0.0, max_feature_diff = 0.0;
 };
 
 bool bits_equal(const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
@@ -306,7 +329,8 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   std::vector<T> map(map32.size());
   for (size_t i = 0; i < map.size(); ++i) map[i] = from_float<T>(map32[i]);
   Detector d = random_detector(rng, s.h);
-  const std::vector<float> scores = host_scores(map, s, d);
+  std::vector<float> cpu_features;
+  const std::vector<float> scores = host_scores(map, s, d, &cpu_features);
   int64_t expected = place_cut(scores, how, rng, &d);
   if (expected < 0) {
     how = "none";
@@ -346,9 +370,20 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   t.entries += s.size();
   if (cpu_only) return true;
 
-  const std::vector<T> gpu = gpu_atpatch(map, s, d, in_place);
+  std::vector<float> gpu_features;
+  const std::vector<T> gpu = gpu_atpatch(map, s, d, in_place, &gpu_features);
   const double tolerance = fp32 ? 1e-6 : 1e-3;
   bool ok = true;
+  // The features, before any threshold: relative 1e-6 (mass grows with the row length).
+  for (size_t i = 0; i < gpu_features.size(); ++i) {
+    const double c = cpu_features[i], diff = std::fabs(gpu_features[i] - c) / std::max(1.0, std::fabs(c));
+    if (!(diff <= 1e-6)) {
+      if (ok) fail("feature " + std::to_string(i) + ": gpu " + std::to_string(gpu_features[i]) + " vs cpu " +
+                   std::to_string(c));
+      ok = false;
+    }
+    if (diff > t.max_feature_diff) t.max_feature_diff = diff;
+  }
   for (size_t i = 0; i < gpu.size(); ++i) {
     const float g = to_float(gpu[i]), c = to_float(cpu[i]);
     const double diff = std::fabs(static_cast<double>(g) - c);
@@ -368,9 +403,9 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   return ok;
 }
 
-Shape random_shape(Rng& rng, int i) {
+Shape random_shape(Rng& rng, int i, bool small) {
   if (i < 4) return {1, 1, 1, 1 + i};  // every dimension 1 first
-  if (i % 25 == 24) return {integer(rng, 1, 4), integer(rng, 1, 13), integer(rng, 32, 129), integer(rng, 32, 129)};
+  if (i % 25 == 24 && !small) return {integer(rng, 1, 4), integer(rng, 1, 13), integer(rng, 32, 129), integer(rng, 32, 129)};
   if (i % 10 == 5) return {1, integer(rng, 1, 13), 1, integer(rng, 1, 200)};  // one query (decoding)
   return {integer(rng, 1, 4), integer(rng, 1, 5), integer(rng, 1, 10), integer(rng, 1, 40)};
 }
@@ -379,10 +414,10 @@ const char* kMasks[] = {"none", "padded", "causal", "padded_rows"};
 const char* kHows[] = {"none", "one", "some", "all"};
 
 template <typename T>
-bool run_cases(Rng& rng, int cases, bool big, bool cpu_only, std::map<std::string, Tally>* tallies) {
+bool run_cases(Rng& rng, int cases, bool big, bool small, bool cpu_only, std::map<std::string, Tally>* tallies) {
   bool ok = true;
   for (int i = 0; i < cases; ++i) {
-    const Shape s = random_shape(rng, i);
+    const Shape s = random_shape(rng, i, small);
     ok &= run_case<T>(rng, s, kMasks[i % 4], kHows[(i / 4) % 4], cpu_only, i % 2 == 1, tallies);
   }
   if (big) {
@@ -441,7 +476,7 @@ void bench(Rng& rng, const Shape& s) {
   CUDA_OK(cudaEventCreate(&stop));
   atpatch::cuda::Problem p{std::is_same<T, float>::value ? atpatch::cuda::Dtype::kFloat32
                                                          : atpatch::cuda::Dtype::kFloat16,
-                           in.ptr, dev_out.ptr, s.b, s.h, s.q, s.k, w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f};
+                           in.ptr, dev_out.ptr, s.b, s.h, s.q, s.k, w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f, nullptr};
   std::vector<double> times;
   for (int r = 0; r < 25; ++r) {
     CUDA_OK(cudaEventRecord(start, stream));
@@ -471,7 +506,7 @@ void bench(Rng& rng, const Shape& s) {
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines in order with stderr when piped into a log
   int cases = 600;
-  bool big = true, do_bench = true, cpu_only = false;
+  bool big = true, small = false, do_bench = true, cpu_only = false;
   uint64_t seed = std::random_device{}() ^ (static_cast<uint64_t>(std::random_device{}()) << 32);
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -481,12 +516,15 @@ int main(int argc, char** argv) {
       seed = std::strtoull(argv[++i], nullptr, 10);
     } else if (a == "--no-big") {
       big = false;
+    } else if (a == "--small") {  // no big maps, no medium ones either (for slow runs: emulation, sanitizers)
+      big = false;
+      small = true;
     } else if (a == "--no-bench") {
       do_bench = false;
     } else if (a == "--cpu-only") {
       cpu_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--no-big] [--no-bench] [--cpu-only]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--no-big] [--small] [--no-bench] [--cpu-only]\n", argv[0]);
       return 2;
     }
   }
@@ -516,28 +554,29 @@ int main(int argc, char** argv) {
   Rng rng(seed);
   std::map<std::string, Tally> tallies;
   const auto t0 = std::chrono::steady_clock::now();
-  bool ok = run_cases<float>(rng, cases, big, cpu_only, &tallies);
-  ok &= run_cases<__half>(rng, cases / 2, big, cpu_only, &tallies);
+  bool ok = run_cases<float>(rng, cases, big, small, cpu_only, &tallies);
+  ok &= run_cases<__half>(rng, cases / 2, big, small, cpu_only, &tallies);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %8s\n", "dtype flagged", "cases", "entries", "unchanged",
-              "patched", "max|gpu-cpu|", "bit-equal %", "failed");
+  std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %12s %7s\n", "dtype flagged", "cases", "entries", "unchanged",
+              "patched", "max|gpu-cpu|", "bit-equal %", "feature rel", "failed");
   int failures = 0;
   for (const auto& [key, t] : tallies) {
     failures += t.failures;
     if (cpu_only) {
-      std::printf("%-16s %6d %12lld %10lld %10lld %13s %12s %8d\n", key.c_str(), t.cases,
+      std::printf("%-16s %6d %12lld %10lld %10lld %13s %12s %12s %7d\n", key.c_str(), t.cases,
                   static_cast<long long>(t.entries), static_cast<long long>(t.unchanged_rows),
-                  static_cast<long long>(t.patched_rows), "-", "-", t.failures);
+                  static_cast<long long>(t.patched_rows), "-", "-", "-", t.failures);
     } else {
-      std::printf("%-16s %6d %12lld %10lld %10lld %13.3g %12.4f %8d\n", key.c_str(), t.cases,
+      std::printf("%-16s %6d %12lld %10lld %10lld %13.3g %12.4f %12.3g %7d\n", key.c_str(), t.cases,
                   static_cast<long long>(t.entries), static_cast<long long>(t.unchanged_rows),
                   static_cast<long long>(t.patched_rows), t.max_diff,
                   t.entries ? 100.0 * static_cast<double>(t.identical) / static_cast<double>(t.entries) : 100.0,
-                  t.failures);
+                  t.max_feature_diff, t.failures);
     }
   }
-  std::printf("tolerance: float32 1e-6, float16 1e-3 (absolute); unchanged rows bit-identical; %.1f s\n", seconds);
+  std::printf("tolerance: float32 1e-6, float16 1e-3 (absolute); unchanged rows bit-identical; "
+              "features 1e-6 (relative); %.1f s\n", seconds);
   // Every category must have been exercised, or the run proves less than it says.
   for (const char* dtype : {"float32", "float16"}) {
     for (const char* how : kHows) {
