@@ -29,7 +29,9 @@ logged() {
 }
 
 nvcc="${CUDACXX:-$(command -v nvcc || true)}"
-[ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc=/usr/local/cuda/bin/nvcc
+if [ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  nvcc=/usr/local/cuda/bin/nvcc
+fi
 if [ -z "$nvcc" ]; then
   say "gpu_selftest: nvcc not found; put the CUDA toolkit's bin on PATH or set CUDACXX"
   exit 2
@@ -44,7 +46,9 @@ fi
 
 work="${ATPATCH_SELFTEST_BUILD:-$(mktemp -d)}"
 generator=()
-command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
+if command -v ninja >/dev/null 2>&1; then
+  generator=(-G Ninja)
+fi
 start=$SECONDS
 say "gpu_selftest: building atpatch_cuda_selftest in $work"
 # ATPATCH_BUILD_KERNEL=OFF: the self-test needs neither onnxruntime nor its headers.
@@ -81,7 +85,9 @@ fi
 
 sanitizer="$(command -v compute-sanitizer || true)"
 for candidate in "$cuda_bin/compute-sanitizer" "$cuda_bin/../compute-sanitizer/compute-sanitizer"; do
-  [ -z "$sanitizer" ] && [ -x "$candidate" ] && sanitizer="$candidate"
+  if [ -z "$sanitizer" ] && [ -x "$candidate" ]; then
+    sanitizer="$candidate"
+  fi
 done
 if [ -z "$sanitizer" ]; then
   say "gpu_selftest: compute-sanitizer not found in this toolkit; memcheck skipped"
