@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ARCHS = ("bert", "vit", "gpt2")
+ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta")
 
 
 def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time)
@@ -28,6 +28,28 @@ def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time
             max_position_embeddings=64,
             num_labels=3,
             architectures=["BertForSequenceClassification"],
+            **common,
+        )
+    if arch == "distilbert":
+        return T.DistilBertConfig(
+            vocab_size=97,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            initializer_range=0.3,
+            num_labels=3,
+            architectures=["DistilBertForSequenceClassification"],
+        )
+    if arch == "roberta":
+        # RoBERTa numbers positions from pad_token_id + 1, hence the two extra positions.
+        return T.RobertaConfig(
+            vocab_size=97,
+            max_position_embeddings=66,
+            pad_token_id=1,
+            num_labels=3,
+            architectures=["RobertaForSequenceClassification"],
             **common,
         )
     if arch == "vit":
