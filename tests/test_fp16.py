@@ -2,8 +2,8 @@
 
 Tolerances: an fp16 attention map holds ~3 significant digits, so the patched map is compared
 to the numpy reference at 1e-3 (one unit in the last place near 1, as tests/test_function.py);
-logits of the fp16 model against the fp32 model with the same detector at 3e-2 (rounding
-accumulated over two layers, measured ~3e-3).
+logits of the function and the kernel on the same patched fp16 model at 3e-2, as those of a
+pass-through model against the original (fp16 rounding accumulated over two layers, measured ~3e-3).
 """
 
 from __future__ import annotations
@@ -104,20 +104,13 @@ def _peak_detector(maps: np.ndarray) -> Detector:
     return Detector(layers=(_layer(w1, cut), _layer(w1, 10.0)), kind="test-peak")
 
 
-# Known bug, found by this test (1 run in ~3): in an fp16 row whose smallest unflagged entry is
-# small (~1e-4), the ONNX function gives flagged entries 0 instead of m / (S + k m) (the kernel is right).
-_FUNCTION_FP16_BENIGN_BUG = pytest.mark.xfail(
-    reason="ops/function.py fp16: flagged entries get 0, not the benign value, when it is ~1e-4", strict=False
-)
-
-
-@pytest.mark.parametrize("path", [pytest.param("function", marks=_FUNCTION_FP16_BENIGN_BUG), "kernel"])
+@pytest.mark.parametrize("path", PATHS)
 def test_fp16_flagged_columns_are_patched_as_the_reference_says(
     bert,
     path: str,
     rng: np.random.Generator,  # noqa: ANN001
 ) -> None:
-    result, full, half = bert
+    result, _, half = bert
     use_native = _use_native(path)
     inputs = result.family.make_inputs(result.config, 3, 13, rng)
     tap = patch_model(half)[1][0].tap
@@ -136,6 +129,9 @@ def test_fp16_flagged_columns_are_patched_as_the_reference_says(
     np.testing.assert_allclose(after.astype(np.float32), expected, rtol=0, atol=MAP_ATOL)
     np.testing.assert_array_equal(after[~flagged_rows], before[~flagged_rows])
 
-    full_patched, _ = patch_model(full, detector)
-    want = create_session(full_patched, use_native=use_native).run(None, inputs)[0]
-    np.testing.assert_allclose(logits, want, rtol=0, atol=LOGIT_ATOL)
+    # End to end, against the op's other form on the same fp16 model. The fp32 model is no oracle
+    # here: an entry that underflows to 0 in fp16 counts as masked (spec.py), which can move a row's
+    # benign value (its smallest unflagged entry) far from the fp32 run's.
+    if native.library_path() is not None:
+        other = create_session(_with_outputs(patched, _atpatch_io(patched)[:2]), use_native=not use_native)
+        np.testing.assert_allclose(logits, other.run(None, inputs)[0], rtol=0, atol=LOGIT_ATOL)

@@ -59,7 +59,13 @@ def build_function(opset: int) -> onnx.FunctionProto:
     last, queries, heads = [-1], [-2], [1]
 
     x = g.op("Cast", attention, to=TensorProto.FLOAT)
-    valid = g.op("Greater", x, zero)
+    # onnxruntime may drop the Cast pair around a float16 Softmax it runs in float32, handing this
+    # function unrounded values: an entry that is 0 in the map's own type must still count as
+    # masked. 1 + 2^-12 survives a float32 round trip and not a float16 one; in float16 anything
+    # up to 2^-25 rounds to 0.
+    precision = g.op("Cast", g.op("CastLike", g.const(1.0 + 2.0**-12), attention), to=TensorProto.FLOAT)
+    floor = g.op("Where", g.op("Equal", precision, one), g.const(2.0**-25), zero)
+    valid = g.op("Greater", x, floor)
     valid_f = g.to_float(valid)
     row_support = g.reduce("ReduceSum", valid_f, last, 1)  # [B, H, Q, 1]
     # Sums over the query axis as [1, Q] @ [Q, K] products: a strided ReduceSum over axis -2 is
