@@ -171,7 +171,7 @@ def run_demo(folder: Path) -> str:
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=128,
-        num_labels=2,
+        num_labels=2,  # type: ignore[call-arg]  # a PretrainedConfig keyword the stubs do not list
         architectures=["BertForSequenceClassification"],
     )
     transformers.utils.logging.set_verbosity_error()
@@ -181,6 +181,7 @@ def run_demo(folder: Path) -> str:
     patched = run_export(ExportOptions(output=folder / "tiny-bert.patched.onnx", model=plain.output))
 
     inputs = family_for("bert").make_inputs(config, 4, 16, np.random.default_rng())
+    assert plain.output is not None and patched.output is not None  # set by run_export with `output` given
     before = create_session(plain.output).run(None, inputs)[0]
     after = create_session(patched.output).run(None, inputs)[0]
     same = "bit-identical" if np.array_equal(before, after) else f"DIFFERENT (max {np.abs(before - after).max():.3g})"

@@ -79,10 +79,12 @@ def _fuse(result, fuser: str):  # noqa: ANN001, ANN202
         from onnxruntime.transformers.optimizer import optimize_model
 
         config = result.config
+        original = onnx.ModelProto()
+        original.CopyFrom(result.model)  # optimize_model rewrites the model it is given: keep the shared export
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = optimize_model(
-                result.model,
+                original,
                 model_type="bert",
                 num_heads=config.num_attention_heads,
                 hidden_size=config.hidden_size,

@@ -118,16 +118,16 @@ def _zeros_for_weights_on_disk(probe: onnx.ModelProto) -> None:
 
 
 def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int | None) -> Detector:
-    per_layer = [site.heads or heads for site in sites]
-    if any(h is None for h in per_layer):
-        try:
-            per_layer = _heads_by_running(model, sites)
-        except Exception as err:  # noqa: BLE001 - any failure means the same to the user
-            raise InvalidModelError(
-                f"cannot tell how many heads the attention layers have, which a pass-through patch needs "
-                f"({err}); give a detector fitted for this model (atpatch fit)"
-            ) from err
-    return Detector.pass_through(per_layer)  # type: ignore[arg-type]
+    known = [site.heads or heads for site in sites]
+    if all(h is not None for h in known):
+        return Detector.pass_through([h for h in known if h is not None])
+    try:
+        return Detector.pass_through(_heads_by_running(model, sites))
+    except Exception as err:  # noqa: BLE001 - any failure means the same to the user
+        raise InvalidModelError(
+            f"cannot tell how many heads the attention layers have, which a pass-through patch needs "
+            f"({err}); give a detector fitted for this model (atpatch fit)"
+        ) from err
 
 
 def _noting_decomposed(sites: list[AttentionSite], decomposed: list[Decomposed]) -> list[AttentionSite]:

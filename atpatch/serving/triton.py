@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 # ONNX element type -> Triton DataType (model_config.proto).
-TRITON_DTYPES = {
+TRITON_DTYPES: dict[int, str] = {
     TensorProto.BOOL: "TYPE_BOOL",
     TensorProto.UINT8: "TYPE_UINT8",
     TensorProto.UINT16: "TYPE_UINT16",
