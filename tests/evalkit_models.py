@@ -103,6 +103,28 @@ def tiny_text_model(folder: Path) -> TinyText:
 HEADS = 4  # of tiny_text_model
 
 
+def saved_patched_pair(folder: Path) -> dict[str, Path]:
+    """tiny_text_model saved plain and patched (flagging high-mass columns), for runtimes outside Python."""
+    from atpatch.modelio import save_model
+    from atpatch.rewrite import patch_model
+
+    tiny = tiny_text_model(folder / "hf")
+    patched, sites = patch_model(tiny.model, feature_detector(2, "mass", 2.0))
+    assert len(sites) == 2
+    save_model(tiny.model, folder / "plain.onnx")
+    save_model(patched, folder / "patched.onnx")
+    return {"plain": folder / "plain.onnx", "patched": folder / "patched.onnx", "hf": folder / "hf"}
+
+
+def random_text_inputs(hf: Path, rng: np.random.Generator, batch: int = 3, seq: int = 12) -> dict[str, np.ndarray]:
+    """Random token ids for the model in `hf`, with one padded row."""
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    ids = rng.integers(1, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, rng.integers(3, seq) :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _layer(w1: np.ndarray, bias: float, threshold: float) -> LayerDetector:
     hidden = w1.shape[1]
     return LayerDetector(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from evalkit_models import feature_detector, tiny_text_model
+from evalkit_models import random_text_inputs, saved_patched_pair
 
-from atpatch.modelio import save_model
-from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session, native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,20 +75,7 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random BERT, plain and patched with a detector that flags high-mass columns."""
-    folder = tmp_path_factory.mktemp("cpp")
-    tiny = tiny_text_model(folder / "hf")
-    patched, _ = patch_model(tiny.model, feature_detector(2, "mass", 2.0))
-    save_model(tiny.model, folder / "plain.onnx")
-    save_model(patched, folder / "patched.onnx")
-    return {"plain": folder / "plain.onnx", "patched": folder / "patched.onnx", "hf": folder / "hf"}
-
-
-def _inputs(hf: Path, rng: np.random.Generator, batch: int = 3, seq: int = 12) -> dict[str, np.ndarray]:
-    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
-    ids = rng.integers(1, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones_like(ids)
-    mask[1, rng.integers(3, seq) :] = 0  # one padded row
-    return {"input_ids": ids, "attention_mask": mask}
+    return saved_patched_pair(tmp_path_factory.mktemp("cpp"))
 
 
 def _write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -129,7 +113,7 @@ def _run(program: Path, model: Path, library: str, inputs: dict[str, np.ndarray]
 def test_cpp_example_with_the_kernel_registered_equals_python_kernel(
     program: Path, models: dict[str, Path], rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    inputs = _inputs(models["hf"], rng)
+    inputs = random_text_inputs(models["hf"], rng)
     cpp = _run(program, models["patched"], str(KERNEL), inputs, tmp_path)
     python = create_session(models["patched"], use_native=True).run(None, inputs)[0]
     assert cpp.shape == python.shape == (3, 2)
@@ -142,7 +126,7 @@ def test_cpp_example_with_the_kernel_registered_equals_python_kernel(
 def test_cpp_example_without_a_library_runs_the_function_and_equals_python(
     program: Path, models: dict[str, Path], rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    inputs = _inputs(models["hf"], rng, batch=2, seq=9)
+    inputs = random_text_inputs(models["hf"], rng, batch=2, seq=9)
     cpp = _run(program, models["patched"], "-", inputs, tmp_path)
     python = create_session(models["patched"], use_native=False).run(None, inputs)[0]
     np.testing.assert_allclose(cpp, python, rtol=RTOL, atol=ATOL)

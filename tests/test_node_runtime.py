@@ -11,11 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from evalkit_models import feature_detector, tiny_text_model
+from evalkit_models import random_text_inputs, saved_patched_pair
 
-from atpatch.modelio import save_model
 from atpatch.ops import spec
-from atpatch.rewrite import patch_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"
@@ -29,21 +27,7 @@ ATOL = RTOL = 1e-5
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random BERT, plain and patched with a detector that flags high-mass columns."""
-    folder = tmp_path_factory.mktemp("node")
-    tiny = tiny_text_model(folder / "hf")
-    patched, sites = patch_model(tiny.model, feature_detector(2, "mass", 2.0))
-    assert len(sites) == 2
-    save_model(tiny.model, folder / "plain.onnx")
-    save_model(patched, folder / "patched.onnx")
-    return {"plain": folder / "plain.onnx", "patched": folder / "patched.onnx", "hf": folder / "hf"}
-
-
-def _inputs(hf: Path, rng: np.random.Generator, batch: int = 3, seq: int = 12) -> dict[str, np.ndarray]:
-    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
-    ids = rng.integers(1, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones_like(ids)
-    mask[1, rng.integers(3, seq) :] = 0  # one padded row
-    return {"input_ids": ids, "attention_mask": mask}
+    return saved_patched_pair(tmp_path_factory.mktemp("node"))
 
 
 def _run_node(model: Path, inputs: dict[str, np.ndarray], work: Path) -> dict[str, np.ndarray]:
@@ -75,7 +59,7 @@ def test_patched_model_in_node_equals_python_onnxruntime(
     assert sum(n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE for n in patched.graph.node) == 2
     assert any(f.domain == spec.DOMAIN and f.name == spec.OP_TYPE for f in patched.functions)
 
-    inputs = _inputs(models["hf"], rng)
+    inputs = random_text_inputs(models["hf"], rng)
     node = _run_node(models["patched"], inputs, tmp_path)
     python = _python(models["patched"], inputs)
 
@@ -91,6 +75,6 @@ def test_unpatched_model_in_node_equals_python_onnxruntime(
     models: dict[str, Path], rng: np.random.Generator, tmp_path: Path
 ) -> None:
     """The control: Node's onnxruntime agrees with Python's on the plain model too."""
-    inputs = _inputs(models["hf"], rng, batch=2, seq=7)
+    inputs = random_text_inputs(models["hf"], rng, batch=2, seq=7)
     node = _run_node(models["plain"], inputs, tmp_path)
     np.testing.assert_allclose(node["logits"], _python(models["plain"], inputs), rtol=RTOL, atol=ATOL)
