@@ -136,3 +136,15 @@ def test_the_readme_demo_exports_patches_and_runs_bit_identically(tmp_path: Path
     assert "patched 4 attention layers (4 heads)" in out
     assert "original vs patched logits are bit-identical" in out
     assert (tmp_path / "demo" / "tiny-bert.patched.onnx").is_file()
+
+
+def test_a_reader_that_closes_early_gets_no_traceback() -> None:
+    # `atpatch doctor | head -1`: the pipe closes before atpatch prints (python starts slower).
+    child = subprocess.Popen(
+        [sys.executable, "-m", "atpatch.cli", "doctor"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
