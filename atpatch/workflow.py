@@ -85,7 +85,14 @@ def run_fit(
     budget: int = 64,
 ) -> str:
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector."""
-    from .detector.fit import calibrate, collect_columns, fit_one_class, fit_supervised, report
+    from .detector.fit import (
+        calibrate,
+        calibration_size_needed,
+        collect_columns,
+        fit_one_class,
+        fit_supervised,
+        report,
+    )
     from .detector.probe import AttentionProbe
 
     if not 0 < target_flag_rate < 1:
@@ -121,10 +128,19 @@ def run_fit(
     with atomic_output(out) as tmp:
         detector.save(tmp)
     recall = ", ".join(f"{r:.1%}" for r in summary.positive_recall)
+    needed = calibration_size_needed(target_flag_rate, len(layers))
+    small = (
+        f"note: {len(calibration)} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate over "
+        f"{len(layers)} layers; every threshold sits above all calibration inputs (give at least {needed} with "
+        f"--calibration)\n"
+        if len(calibration) < needed
+        else ""
+    )
     return (
         f"fitted a {kind} detector for {len(layers)} layers ({summary.positives} culprit and "
         f"{summary.negatives} benign columns)\n"
-        f"clean calibration inputs with any flag: {summary.calibration_flag_rate:.2%} (target {target_flag_rate:.2%})\n"
+        f"clean calibration inputs with any flag: {summary.calibration_flag_rate:.2%} (target {target_flag_rate:.2%} "
+        f"on unseen clean inputs, held with 90% confidence)\n{small}"
         f"culprit columns flagged, per layer: {recall}\nwrote {out}"
     )
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atpatch.detector.fit import ColumnSet, calibrate, fit_one_class, fit_supervised, report
+from atpatch.detector.fit import (
+    ColumnSet,
+    allowed_flags,
+    calibrate,
+    calibration_size_needed,
+    fit_one_class,
+    fit_supervised,
+    flag_rate_bound,
+    report,
+)
 from atpatch.detector.localize import _ddmin
 from atpatch.ops import spec
 
@@ -28,6 +37,46 @@ def test_calibration_keeps_the_clean_flag_rate_within_target(target: float, rng:
     result = report("one-class", clean, layers, clean, 2000)
     assert result.calibration_flag_rate <= target
     assert result.calibration_flag_rate >= target / 4  # not trivially flagging nothing
+
+
+@pytest.mark.parametrize("n", [100, 1200, 20000])
+def test_flag_rate_bound_is_clopper_pearson(n: int) -> None:
+    # No input flagged: P(none of n flagged | p) = (1 - p)^n = 1 - confidence, in closed form.
+    assert flag_rate_bound(0, n) == pytest.approx(1 - 0.1 ** (1 / n), rel=1e-9)
+    assert flag_rate_bound(n, n) == 1.0
+    bounds = [flag_rate_bound(k, n) for k in range(6)]
+    assert all(a < b for a, b in zip(bounds, bounds[1:], strict=False))
+    stats = pytest.importorskip("scipy.stats")
+    for k in (1, 3, 5):
+        assert flag_rate_bound(k, n) == pytest.approx(stats.beta.ppf(0.9, k + 1, n - k), rel=1e-9)
+
+
+def test_allowed_flags_and_the_size_a_target_needs() -> None:
+    assert allowed_flags(1200, 0.005) == 2  # 3 of 1200 bounds the rate at 0.56%
+    assert allowed_flags(100, 0.005) == 0
+    for layers in (1, 2, 6, 12):
+        n = calibration_size_needed(0.005, layers)
+        assert flag_rate_bound(layers - 1, n) <= 0.005 < flag_rate_bound(layers - 1, n - 1)
+
+
+def test_calibrated_thresholds_hold_on_unseen_clean_inputs(rng: np.random.Generator) -> None:
+    """Calibrated on 1,200 clean inputs, the flag rate on 20,000 unseen ones exceeds the target in
+    about 10% of calibration sets or fewer (splitting the target evenly over the layers, as atpatch
+    did before: 24 of 30)."""
+    target, n = 0.005, 1200
+
+    def clean(n_inputs: int) -> ColumnSet:  # layers that flag different inputs, as real ones do
+        columns = _columns(rng, n_inputs, 12, None)
+        columns.features[1] = rng.permutation(columns.features[1])
+        return columns
+
+    layers = fit_one_class(clean(2000))
+    unseen = clean(20000)
+    over = 0
+    for _ in range(30):
+        calibrated = calibrate(layers, clean(n), n, target)
+        over += report("one-class", unseen, calibrated, unseen, 20000).calibration_flag_rate > target
+    assert over <= 8  # expected ~3 of 30; P(more than 8 | p = 0.1) < 0.01
 
 
 def test_supervised_detector_separates_culprits_it_was_shown(rng: np.random.Generator) -> None:

@@ -8,12 +8,13 @@ centre in the hidden space, culprit columns pushed at least a margin away), so i
 the op's detector form. One-class: with clean inputs only, a column's score is the sum of its
 features' positive z-scores against the benign distribution.
 
-Either way, each layer's threshold is calibrated on held-out clean inputs so that the share
-of clean inputs with any flagged column stays within the target (split evenly over layers).
+Either way, the thresholds are calibrated on held-out clean inputs so that, with 90%
+confidence, the share of unseen clean inputs with any flagged column stays within the target.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,17 @@ import numpy as np
 from ..ops.reference import LayerDetector, column_features, feature_scores
 from .probe import AttentionProbe
 
-__all__ = ["ColumnSet", "FitReport", "calibrate", "collect_columns", "fit_one_class", "fit_supervised"]
+__all__ = [
+    "ColumnSet",
+    "FitReport",
+    "allowed_flags",
+    "calibrate",
+    "calibration_size_needed",
+    "collect_columns",
+    "fit_one_class",
+    "fit_supervised",
+    "flag_rate_bound",
+]
 
 
 @dataclass
@@ -151,19 +162,78 @@ def _max_score_per_input(columns: ColumnSet, layer: int, detector: LayerDetector
     return best
 
 
+CONFIDENCE = 0.9  # how sure calibration is that unseen clean inputs stay within the target
+
+
+def flag_rate_bound(flagged: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper bound on the true flag rate after `flagged` of `n` inputs."""
+    if flagged >= n:
+        return 1.0
+    ks = np.arange(flagged + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in ks])
+
+    def cdf(p: float) -> float:  # P(X <= flagged) for X ~ Binomial(n, p)
+        return float(np.exp(log_choose + ks * np.log(p) + (n - ks) * np.log1p(-p)).sum())
+
+    lo, hi = flagged / n, 1.0
+    for _ in range(60):  # bisection: cdf falls as p grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > 1 - confidence else (lo, mid)
+    return hi
+
+
+def allowed_flags(n: int, target_flag_rate: float, confidence: float = CONFIDENCE) -> int:
+    """The most of `n` calibration inputs that may be flagged while the bound stays within the
+    target; 0 when even none is not enough (the set is too small to show the target)."""
+    allowed = 0
+    while allowed < n and flag_rate_bound(allowed + 1, n, confidence) <= target_flag_rate:
+        allowed += 1
+    return allowed
+
+
+def calibration_size_needed(target_flag_rate: float, layers: int = 1, confidence: float = CONFIDENCE) -> int:
+    """The fewest calibration inputs with which `calibrate` can show the target for `layers` layers."""
+    n = 1
+    while flag_rate_bound(layers - 1, n, confidence) > target_flag_rate:
+        n *= 2
+    lo, hi = n // 2, n  # the bound falls as n grows: bisect for the first n that shows it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if flag_rate_bound(layers - 1, mid, confidence) <= target_flag_rate else (mid, hi)
+    return max(hi, layers)
+
+
 def calibrate(
     layers: list[LayerDetector], calibration: ColumnSet, n_inputs: int, target_flag_rate: float = 0.005
 ) -> list[LayerDetector]:
-    """Thresholds such that at most `target_flag_rate` of calibration inputs have any flagged column."""
-    per_layer = target_flag_rate / len(layers)
-    allowed = int(np.floor(per_layer * n_inputs))  # inputs each layer may flag
-    calibrated = []
-    for layer, detector in enumerate(layers):
-        best = np.sort(_max_score_per_input(calibration, layer, detector, n_inputs))[::-1]
-        top = float(best[allowed])  # the highest score that must not be flagged
-        threshold = float(np.nextafter(np.float32(top), np.float32(np.inf)))
-        calibrated.append(LayerDetector(detector.w1, detector.b1, detector.w2, detector.b2, threshold))
-    return calibrated
+    """Thresholds such that, with 90% confidence, at most `target_flag_rate` of unseen clean
+    inputs get any flagged column.
+
+    A threshold just above the (k+1)-th highest of n calibration scores flags an unseen input
+    with a probability distributed as Beta(k+1, n-k) (the conformal argument), so a layer may
+    flag k calibration inputs where the Clopper-Pearson bound for k of n is within the target.
+    Calibrating to exactly the target instead overshoots it on held-out inputs (a tiny BERT
+    calibrated to 0.5% on 1,200 reviews flagged 0.75% of another 1,200). The layers share the
+    count: each may flag its r highest-scoring inputs, with the largest r whose union, plus one
+    for each layer beyond the first (each layer's own "+1" above), stays within it; layers that
+    flag the same inputs thus keep more of the budget than a fixed split would give them.
+    """
+    allowed = allowed_flags(n_inputs, target_flag_rate)
+    scores = [_max_score_per_input(calibration, i, d, n_inputs) for i, d in enumerate(layers)]
+    ranked = [np.sort(s)[::-1] for s in scores]
+
+    def thresholds(rank: int) -> list[float]:
+        # The highest score that must not be flagged, nudged up: flagging is "strictly greater".
+        return [float(np.nextafter(np.float32(r[min(rank, n_inputs - 1)]), np.float32(np.inf))) for r in ranked]
+
+    def union(limits: list[float]) -> int:
+        return int(np.any([s > t for s, t in zip(scores, limits, strict=True)], axis=0).sum())
+
+    rank = allowed
+    while rank > 0 and union(thresholds(rank)) + len(layers) - 1 > allowed:
+        rank -= 1
+    limits = thresholds(rank)
+    return [LayerDetector(d.w1, d.b1, d.w2, d.b2, t) for d, t in zip(layers, limits, strict=True)]
 
 
 def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration: ColumnSet, n_cal: int) -> FitReport:
