@@ -45,7 +45,7 @@ NEUTRALS = {"word": "the", "sentence": "this is what i think"}
 class Budget:
     steps: int = 300  # fine-tuning steps of batch 32 x 48 tokens (~0.8 s each here)
     train: int = 6000
-    calibration: int = 1200
+    calibration: int = 2400  # six layers at 0.5% need 1,853 to show the target (atpatch fit says so)
     test: int = 1200
     debug: int = 200  # misbehaving inputs handed to `atpatch fit`
     fit_clean: int = 1500
