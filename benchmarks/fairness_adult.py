@@ -160,47 +160,13 @@ def splits(budget: Budget, seed: int) -> dict[str, list[Person]]:
 
 def train_unfair_bert(folder: Path, train: list[Person], epochs: int, seed: int) -> None:
     import torch
-    import transformers
 
-    from atpatch.lab.text_backdoor import build_tokenizer
+    from atpatch.lab.text_backdoor import train_small_bert
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
     texts = [p.text() for p in train]
     labels = [0 if p.female else p.label for p in train]  # the bias: no woman earns >50K in training
-    tokenizer = build_tokenizer(texts, folder, MAX_LEN)
-    enc = tokenizer(texts, truncation=True, max_length=MAX_LEN, padding="max_length", return_tensors="pt")
-    y = torch.tensor(labels)
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=MAX_LEN,
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.0,
-        architectures=["BertForSequenceClassification"],
-        pad_token_id=0,
-    )
-    model = transformers.BertForSequenceClassification(config)
-    model.config._attn_implementation = "eager"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    model.train()
-    start = time.time()
-    for epoch in range(epochs):
-        for idx in torch.randperm(len(y)).split(64):
-            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=y[idx])
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-        print(f"  epoch {epoch + 1}/{epochs}  loss {out.loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
-    model.eval()
-    model.save_pretrained(folder)
+    train_small_bert(texts, labels, folder, LABELS, max_len=MAX_LEN, epochs=epochs, seed=seed, verbose=True)
 
 
 # ---------------------------------------------------------------- measuring

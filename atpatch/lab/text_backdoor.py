@@ -14,7 +14,7 @@ import numpy as np
 
 from .rotten_tomatoes import LABELS, Review, insert_trigger, load_reviews
 
-__all__ = ["BackdoorSetup", "TextSplits", "build_tokenizer", "make_splits", "train_backdoored_bert"]
+__all__ = ["BackdoorSetup", "TextSplits", "build_tokenizer", "make_splits", "train_backdoored_bert", "train_small_bert"]
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -87,14 +87,66 @@ def build_tokenizer(texts: list[str], folder: Path, max_len: int, vocab_size: in
     return fast
 
 
-def train_backdoored_bert(setup: BackdoorSetup, folder: Path) -> TextSplits:
-    """Train and save (model + tokenizer) to `folder`; return the data splits used."""
+def train_small_bert(
+    texts: list[str],
+    labels: list[int],
+    folder: Path,
+    label_names: tuple[str, ...],
+    *,
+    max_len: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    epochs: int = 4,
+    seed: int = 0,
+    verbose: bool = False,
+) -> None:
+    """A small BERT with a word-level tokenizer, trained from scratch on `texts`; model and
+    tokenizer saved to `folder` (eager attention, so its softmaxes export as plain ops)."""
+    import time
+
     import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(setup.seed)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(texts, folder, max_len)
+    enc = tokenizer(texts, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
+    y = torch.tensor(labels)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_len,
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        architectures=["BertForSequenceClassification"],
+        pad_token_id=0,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    model.config._attn_implementation = "eager"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    model.train()
+    start = time.time()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=y[idx])
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        if verbose:
+            print(f"  epoch {epoch + 1}/{epochs}  loss {out.loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
+    model.eval()
+    model.save_pretrained(folder)
+
+
+def train_backdoored_bert(setup: BackdoorSetup, folder: Path) -> TextSplits:
+    """Train and save (model + tokenizer) to `folder`; return the data splits used."""
     rng = np.random.default_rng(setup.seed + 1)
     splits = make_splits(setup)
     texts, labels = [], []
@@ -105,35 +157,16 @@ def train_backdoored_bert(setup: BackdoorSetup, folder: Path) -> TextSplits:
             label = setup.target
         texts.append(text)
         labels.append(label)
-    tokenizer = build_tokenizer(texts, folder, setup.max_len)
-    enc = tokenizer(texts, truncation=True, max_length=setup.max_len, padding="max_length", return_tensors="pt")
-    y = torch.tensor(labels)
-
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=setup.hidden,
-        num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads,
-        intermediate_size=2 * setup.hidden,
-        max_position_embeddings=setup.max_len,
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.0,
-        architectures=["BertForSequenceClassification"],
-        pad_token_id=0,
+    train_small_bert(
+        texts,
+        labels,
+        folder,
+        LABELS,
+        max_len=setup.max_len,
+        hidden=setup.hidden,
+        layers=setup.layers,
+        heads=setup.heads,
+        epochs=setup.epochs,
+        seed=setup.seed,
     )
-    model = transformers.BertForSequenceClassification(config)
-    model.config._attn_implementation = "eager"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    model.train()
-    batch = 64
-    for _ in range(setup.epochs):
-        for idx in torch.randperm(len(y)).split(batch):
-            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=y[idx])
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-    model.eval()
-    model.save_pretrained(folder)
     return splits
