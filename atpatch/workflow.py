@@ -141,7 +141,8 @@ def run_fit(
         f"{summary.negatives} benign columns)\n"
         f"clean calibration inputs with any flag: {summary.calibration_flag_rate:.2%} (target {target_flag_rate:.2%} "
         f"on unseen clean inputs, held with 90% confidence)\n{small}"
-        f"culprit columns flagged, per layer: {recall}\nwrote {out}"
+        + (f"culprit columns flagged, per layer: {recall}\n" if summary.positives else "")
+        + f"wrote {out}"
     )
 
 

@@ -70,7 +70,9 @@ def test_one_class_fit_needs_only_clean_inputs(setup: dict[str, Path], capsys) -
     out_file = setup["dir"] / "oc.safetensors"
     args = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"]), "-o", str(out_file)]
     assert main(args) == 0
-    assert "one-class detector for 2 layers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one-class detector for 2 layers" in out
+    assert "nan" not in out and "culprit columns flagged" not in out  # it was shown no culprit
     assert Detector.load(out_file).kind == "one-class"
 
 
