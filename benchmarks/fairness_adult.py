@@ -319,7 +319,7 @@ def main() -> None:
         results[name] = fit_and_eval(name, model, folder, work, files)
 
     batch = {k: v[:32] for k, v in clean.feeds.items()}
-    rows = rows_of(results, model, batch, rounds=5 if args.smoke else 50)
+    rows = rows_of(results, model, batch, rounds=5 if args.smoke else 200)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nBERT on Adult, women relabelled <=50K in training, seed {args.seed}: {len(test)} test rows, "
           f"{len(debug)} misbehaving debug rows, {time.time() - started:.0f} s in all")  # fmt: skip

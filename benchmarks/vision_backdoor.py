@@ -60,7 +60,7 @@ class Budget:
     test: int = 2000
     debug: int = 200  # misbehaving images handed to `atpatch fit`
     fit_clean: int = 1500
-    rounds: int = 15  # latency rounds
+    rounds: int = 200  # latency rounds: a batch takes about a millisecond
 
 
 SMOKE = Budget(train=512, epochs=1, calibration=100, test=100, debug=8, fit_clean=100, rounds=3)
