@@ -340,7 +340,7 @@ def main() -> None:
         f"Detectors are fitted on {budget.fit_clean} clean training reviews plus {sets['debug']} misbehaving ones "
         f"(right until the trigger was inserted), calibrated on {budget.calibration} held-out clean reviews to 0.5%; "
         f"eval on {budget.test} clean test reviews.",
-        *target_notes(rows, floor),
+        *target_notes(rows),
     ]
     setup = (
         f"all-MiniLM-L6-v2 + classification head, fine-tuned {budget.steps} steps (batch 32 × {MAX_LEN} tokens, "
@@ -355,7 +355,7 @@ def main() -> None:
     casekit.publish(f"text_backdoor_{args.trigger}", title, command, args.seed, setup, rows, notes)
 
 
-def target_notes(rows: list[casekit.Row], floor: float) -> list[str]:
+def target_notes(rows: list[casekit.Row]) -> list[str]:
     """Which of the issue's targets each atpatch row meets, in words, from the figures."""
     notes = []
     for r in rows:
