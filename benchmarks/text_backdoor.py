@@ -287,7 +287,8 @@ def main() -> None:
         report, patched = result["report"], result["patched"]
         agreement = casekit.native_vs_function(patched, clean.feeds)
         agreement_t = casekit.native_vs_function(patched, triggered.feeds)
-        speed = casekit.latency(model, patched, {k: v[:32] for k, v in clean.feeds.items()})
+        batch = {k: v[:32] for k, v in clean.feeds.items()}
+        speed = casekit.latency(model, patched, batch, rounds=3 if args.smoke else 200)  # smoke: wiring only
         o, p = report["original"], report["patched"]
         same = agreement.differing_predictions + agreement_t.differing_predictions == 0
         agree = (
