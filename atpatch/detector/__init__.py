@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .weights import Detector
+from ..ops.weights import Detector
 
 __all__ = ["Detector"]

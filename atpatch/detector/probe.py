@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from ..ops import spec
 from ..ops.reference import LayerDetector
 from ..rewrite import decompose_fused_attention, find_attention_sites
-from .weights import Detector
+from ..ops.weights import Detector
 
 __all__ = ["AttentionProbe", "ProbeOutput", "read_detector"]
 

@@ -10,7 +10,7 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from .. import __version__
-from ..detector import Detector
+from ..ops.weights import Detector
 from ..errors import DetectorMismatchError, InvalidModelError
 from ..modelio import model_fingerprint
 from ..ops import spec

@@ -1,5 +1,9 @@
 """Detector weights for every attention layer of one model, and their file format.
 
+They are the AtPatch op's parameters, so they live with the op: the rewrite (which puts them
+into the graph) and the detector package (which fits them) both use them without importing
+each other.
+
 The file is safetensors (tensors `layer{i}.w1|b1|w2|b2`) with the JSON description in
 its metadata header: no pickle, readable from any language.
 """
@@ -14,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DetectorMismatchError
-from ..ops import spec
-from ..ops.reference import LayerDetector
+from . import spec
+from .reference import LayerDetector
 
 __all__ = ["Detector", "FORMAT_VERSION"]
 
