@@ -21,8 +21,25 @@ def _session(opset: int = 17, dtype: int = onnx.TensorProto.FLOAT, threshold: fl
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+NOTHING_FORCED = np.zeros((1, 1), dtype=bool)
+
+
+def _run_both(
+    session: ort.InferenceSession, a: np.ndarray, det: reference.LayerDetector, forced: np.ndarray = NOTHING_FORCED
+) -> tuple[np.ndarray, np.ndarray]:
+    feeds = {"attention": a, "w1": det.w1, "b1": det.b1, "w2": det.w2, "b2": det.b2, "forced": forced}
+    patched, flags = session.run(None, feeds)
+    return patched, flags
+
+
 def _run(session: ort.InferenceSession, a: np.ndarray, det: reference.LayerDetector) -> np.ndarray:
-    return session.run(None, {"attention": a, "w1": det.w1, "b1": det.b1, "w2": det.w2, "b2": det.b2})[0]
+    return _run_both(session, a, det)[0]
+
+
+def _random_forced(rng: np.random.Generator, batch: int, keys: int) -> np.ndarray:
+    """Nothing, or some positions, in each shape `forced` may take: [1,1], [B,1], [1,K], [B,K]."""
+    shape = [(1, 1), (batch, 1), (1, keys), (batch, keys)][int(rng.integers(4))]
+    return rng.random(shape) < rng.choice([0.0, 0.2, 0.5])
 
 
 def _random_shape(rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -52,11 +69,13 @@ def test_function_equals_reference_on_random_maps(opset: int, rng: np.random.Gen
         if det is None:
             continue
         counts[how] += 1
-        expected = reference.atpatch(a, det)
-        got = _run(session, a, det)
+        forced = _random_forced(rng, shape[0], shape[3])
+        expected, expected_flags = reference.atpatch(a, det, forced)
+        got, flags = _run_both(session, a, det, forced)
         assert got.shape == a.shape and got.dtype == np.float32
-        if how == "none":
-            assert np.array_equal(got, a), f"{shape}: no flag must leave the map bit-identical"
+        assert flags.dtype == np.bool_ and np.array_equal(flags, expected_flags), f"{shape}: flags differ"
+        if how == "none" and not forced.any():
+            assert np.array_equal(got, a), f"{shape}: nothing flagged or forced must leave the map bit-identical"
         np.testing.assert_allclose(got, expected, atol=FP32_ATOL, rtol=0, err_msg=f"{shape}, {how} flagged")
     assert min(counts.values()) >= 5, counts
 
@@ -74,7 +93,7 @@ def test_threshold_attribute_decides_which_columns_are_flagged(rng: np.random.Ge
     scores = np.sort(reference.column_scores(a, det).ravel())
     cut = float((scores[-1] + scores[-2]) / 2) if scores[-1] - scores[-2] > 1e-3 else float(scores[-1] + 1)
     got = _run(_session(threshold=cut), a, det)
-    expected = reference.atpatch(a, reference.LayerDetector(det.w1, det.b1, det.w2, det.b2, cut))
+    expected, _ = reference.atpatch(a, reference.LayerDetector(det.w1, det.b1, det.w2, det.b2, cut))
     np.testing.assert_allclose(got, expected, atol=FP32_ATOL, rtol=0)
 
 
@@ -90,7 +109,7 @@ def test_fp16_maps_run_through_the_function(rng: np.random.Generator) -> None:
         if how == "none":
             assert np.array_equal(got, a)
         # fp16 keeps ~3 significant digits: compare at its resolution.
-        np.testing.assert_allclose(got.astype(np.float32), reference.atpatch(a, det).astype(np.float32), atol=1e-3)
+        np.testing.assert_allclose(got.astype(np.float32), reference.atpatch(a, det)[0].astype(np.float32), atol=1e-3)
 
 
 def test_function_is_declared_as_the_spec_says() -> None:
@@ -102,3 +121,32 @@ def test_function_is_declared_as_the_spec_says() -> None:
     used = {n.op_type for n in function.node}
     assert all(n.domain in ("", "ai.onnx") for n in function.node), "standard ops only"
     assert "Softmax" not in used
+
+
+def test_forced_columns_are_patched_although_the_detector_flags_nothing(rng: np.random.Generator) -> None:
+    a = random_map(rng, (2, 3, 8, 8), "padded")
+    det = with_flags(a, random_detector(rng, a.shape[1]), "none", rng)
+    assert det is not None
+    forced = np.zeros((2, 8), dtype=bool)
+    forced[1, 0] = True
+    got, flags = _run_both(_session(), a, det, forced)
+    assert not flags.any(), "forced positions are not the detector's flags"
+    assert np.array_equal(got[0], a[0]), "an item with nothing forced stays bit-identical"
+    np.testing.assert_allclose(got, reference.patch_columns(a, forced), atol=FP32_ATOL, rtol=0)
+    assert not np.array_equal(got[1], a[1])
+
+
+def test_padding_queries_do_not_change_flags_or_real_outputs(rng: np.random.Generator) -> None:
+    """The same 6 real tokens, padded BERT-style (keys masked, padding queries still attend) to 6..14."""
+    real = random_map(rng, (1, 2, 6, 6), "none")
+    det = with_flags(real, random_detector(rng, real.shape[1]), "some", rng)
+    assert det is not None
+    session = _session()
+    base, base_flags = _run_both(session, real, det)
+    for length in (7, 10, 14):
+        padded = np.zeros((1, 2, length, length), np.float32)
+        padded[:, :, :6, :6] = real
+        padded[:, :, 6:, :6] = random_map(rng, (1, 2, length - 6, 6), "none")  # padding queries see real keys
+        got, flags = _run_both(session, padded, det)
+        assert np.array_equal(flags[:, :6], base_flags) and not flags[:, 6:].any()
+        np.testing.assert_allclose(got[:, :, :6, :6], base, atol=FP32_ATOL, rtol=0)

@@ -16,7 +16,7 @@ def test_patched_rows_sum_to_one_and_masked_entries_stay_zero(mask: str, rng: np
         det = with_flags(a, random_detector(rng, a.shape[1]), "some", rng)
         if det is None:
             continue
-        out = reference.atpatch(a, det)
+        out, _ = reference.atpatch(a, det)
         np.testing.assert_allclose(out.sum(axis=-1), 1.0, atol=1e-5)
         assert np.all(out[a == 0] == 0)
         assert np.all(out >= 0)
@@ -82,3 +82,34 @@ def test_fp16_maps_are_patched_in_float32_and_returned_as_fp16(rng: np.random.Ge
     out16 = reference.patch_columns(a.astype(np.float16), flags)
     assert out16.dtype == np.float16
     np.testing.assert_allclose(out16, reference.patch_columns(a, flags), atol=2e-3)
+
+
+def test_a_bert_padding_query_is_not_a_real_query_but_a_decoder_step_is() -> None:
+    a = np.zeros((1, 1, 4, 4), np.float32)
+    a[0, 0, :, :3] = 1 / 3  # three real keys; query 3 is padding and still attends to them
+    assert reference.real_queries(a).tolist() == [[[True, True, True, False]]]
+    step = np.full((1, 1, 1, 5), 0.2, np.float32)  # one new token after 4 cached: its own key is the last
+    assert reference.real_queries(step).tolist() == [[[True]]]
+    cross = np.full((1, 1, 3, 2), 0.5, np.float32)  # more queries than keys: row 0 has no own key
+    cross[0, 0, 1:, 1] = 0.0  # rows 1 and 2 sit at keys 0 and 1; key 1 is masked in row 2
+    cross[0, 0, 1:, 0] = 1.0
+    assert reference.real_queries(cross).tolist() == [[[True, True, False]]]
+
+
+def test_features_ignore_padding_queries() -> None:
+    real = np.array([[[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]]], np.float32)
+    padded = np.zeros((1, 1, 5, 5), np.float32)
+    padded[..., :3, :3] = real
+    padded[..., 3:, :3] = [0.05, 0.05, 0.9]  # padding queries piling onto key 2
+    np.testing.assert_allclose(reference.column_features(padded)[:, :3], reference.column_features(real), rtol=1e-6)
+    assert not reference.attended_columns(padded)[0, 3:].any()
+
+
+def test_forced_positions_broadcast_and_are_not_reported_as_flags(rng: np.random.Generator) -> None:
+    a = random_map(rng, (3, 2, 5, 5), "none")
+    det = with_flags(a, random_detector(rng, a.shape[1]), "none", rng)
+    assert det is not None
+    forced = np.array([[False, True, False, False, False]])
+    out, flags = reference.atpatch(a, det, forced)  # [1, K] broadcasts over the batch
+    assert not flags.any()
+    assert np.array_equal(out, reference.patch_columns(a, np.repeat(forced, 3, axis=0)))

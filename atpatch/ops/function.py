@@ -53,7 +53,8 @@ def build_function(opset: int) -> onnx.FunctionProto:
             f"ai.onnx opset {opset} is outside {spec.MIN_OPSET}..{spec.MAX_OPSET}; "
             f"re-export the model at an opset in that range (17 or 18 is a safe choice)"
         )
-    attention, w1, b1, w2, b2 = spec.INPUTS
+    attention, w1, b1, w2, b2, forced = spec.INPUTS
+    patched_out, flags_out = spec.OUTPUTS
     g = _Body(opset)
     zero, one = g.const(0.0), g.const(1.0)
     last, queries, heads = [-1], [-2], [1]
@@ -68,21 +69,44 @@ def build_function(opset: int) -> onnx.FunctionProto:
     valid = g.op("Greater", x, floor)
     valid_f = g.to_float(valid)
     row_support = g.reduce("ReduceSum", valid_f, last, 1)  # [B, H, Q, 1]
+
+    # Real queries (spec.py): row q's own key sits at c = k_len - q_len + q; the row is padding when
+    # that entry is masked. One GatherElements reads the Q own entries, not the map.
+    shape = g.op("Shape", x)
+    q_len = g.op("Gather", shape, g.const([2], np.int64))
+    k_len = g.op("Gather", shape, g.const([3], np.int64))
+    own = g.op("Range", g.op("Squeeze", g.op("Sub", k_len, q_len)), g.op("Squeeze", k_len), g.const(1, np.int64))
+    own_col = g.op("Unsqueeze", own, g.const([1], np.int64))  # [Q, 1]
+    index = g.op(
+        "Expand",
+        g.op("Max", own_col, g.const(0, np.int64)),
+        g.op(
+            "Concat",
+            g.op("Slice", shape, g.const([0], np.int64), g.const([3], np.int64)),
+            g.const([1], np.int64),
+            axis=0,
+        ),
+    )
+    own_valid = g.op("Cast", g.op("GatherElements", valid, index, axis=3), to=TensorProto.BOOL)
+    real = g.op("Or", own_valid, g.op("Less", own_col, g.const(0, np.int64)))  # [B, H, Q, 1]
+    real_f = g.to_float(real)
+
     # Sums over the query axis as [1, Q] @ [Q, K] products: a strided ReduceSum over axis -2 is
-    # several times slower in onnxruntime than the GEMV it is equivalent to.
-    support_t = g.op("Transpose", row_support, perm=[0, 1, 3, 2])  # [B, H, 1, Q]
-    ones_t = g.op("Add", g.op("Mul", support_t, zero), one)
-    col_rows_raw = g.op("Squeeze", g.op("MatMul", ones_t, valid_f), g.const(queries, np.int64))  # [B, H, K]
+    # several times slower in onnxruntime than the GEMV it is equivalent to. Weighting a row by
+    # 0 drops a padding query from every sum.
+    real_t = g.op("Transpose", real_f, perm=[0, 1, 3, 2])  # [B, H, 1, Q]
+    support_t = g.op("Transpose", g.op("Mul", row_support, real_f), perm=[0, 1, 3, 2])
+    col_rows_raw = g.op("Squeeze", g.op("MatMul", real_t, valid_f), g.const(queries, np.int64))  # [B, H, K]
     col_rows = g.op("Max", col_rows_raw, one)
 
     mass_sum = g.op("Squeeze", g.op("MatMul", support_t, x), g.const(queries, np.int64))
     mass = g.op("Div", mass_sum, col_rows)
-    peak = g.op("Max", g.reduce("ReduceMax", x, queries, 0), zero)
+    peak = g.op("Max", g.reduce("ReduceMax", g.op("Mul", x, real_f), queries, 0), zero)
     # Clamping the row max to the smallest normal float makes `x >= row_max` imply `x > 0`
     # (a row's largest probability is never subnormal), so no separate mask pass is needed.
     row_max = g.op("Max", g.reduce("ReduceMax", x, last, 1), g.const(np.finfo(np.float32).tiny))
     is_top = g.to_float(g.op("GreaterOrEqual", x, row_max))
-    top = g.op("Div", g.op("Squeeze", g.op("MatMul", ones_t, is_top), g.const(queries, np.int64)), col_rows)
+    top = g.op("Div", g.op("Squeeze", g.op("MatMul", real_t, is_top), g.const(queries, np.int64)), col_rows)
 
     # [B, 3H, K] -> [B, K, 3H]: feature f of head h at f * H + h, as spec.py lays it out.
     features = g.op("Transpose", g.op("Concat", mass, peak, top, axis=1), perm=[0, 2, 1])
@@ -93,38 +117,37 @@ def build_function(opset: int) -> onnx.FunctionProto:
     g.nodes[-1].attribute.append(
         onnx.AttributeProto(name="value_float", ref_attr_name="threshold", type=onnx.AttributeProto.FLOAT)
     )
-    flags = g.op("Greater", score, threshold)  # [B, K]
+    attended = g.op("Greater", g.reduce("ReduceMax", col_rows_raw, heads, 0), zero)  # [B, K]
+    g.nodes.append(helper.make_node("And", [g.op("Greater", score, threshold), attended], [flags_out]))
+    patch = g.op("Or", flags_out, forced)  # [B, K]: forced broadcasts
 
-    # The patch itself runs only when some column that any query attends to is flagged: a clean
-    # input (the common case) then costs the features alone, and is returned as it came.
-    attended = g.op("Greater", g.reduce("ReduceMax", col_rows_raw, heads, 0), zero)
-    any_flag = g.op("Greater", g.reduce("ReduceMax", g.to_float(g.op("And", flags, attended)), [0, 1], 0), zero)
+    # The patch itself runs only when some column is to be patched: a clean input (the common
+    # case) then costs the features alone, and is returned as it came.
+    any_patch = g.op("Greater", g.reduce("ReduceMax", g.to_float(patch), [0, 1], 0), zero)
 
     p = _Body(opset, prefix="patch/")
     p_zero, p_one = p.const(0.0), p.const(1.0)
     # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
     # Greater+Cast), which it cannot do while a subgraph refers to their outputs.
     x = p.op("Cast", attention, to=TensorProto.FLOAT)
-    # Row sums over the flagged / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0,
+    # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0,
     # so they add nothing; maps with negative or NaN entries are not probabilities, and only
     # there may this differ from the reference.
-    flag_col = p.op("Unsqueeze", p.to_float(flags), p.const([1, 3], np.int64))  # [B, 1, K, 1]
-    n_hit = p.op("MatMul", p.to_float(valid), flag_col)  # [B, H, Q, 1]
-    kept_sum = p.op("MatMul", x, p.op("Sub", p_one, flag_col))
+    patch_col = p.op("Unsqueeze", p.to_float(patch), p.const([1, 3], np.int64))  # [B, 1, K, 1]
+    n_hit = p.op("MatMul", p.to_float(valid), patch_col)  # [B, H, Q, 1]
+    kept_sum = p.op("MatMul", x, p.op("Sub", p_one, patch_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
-    hit = p.op("And", valid, p.op("Unsqueeze", flags, p.const([1, 2], np.int64)))
+    hit = p.op("And", valid, p.op("Unsqueeze", patch, p.const([1, 2], np.int64)))
     kept = p.op("And", valid, p.op("Not", hit))
-    benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unflagged entry
+    benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unpatched entry
     total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
     patched = p.op("Div", p.op("Where", hit, benign, x), total)
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])
     else_branch = helper.make_graph([unchanged], "pass_through", [], [onnx.ValueInfoProto(name="unchanged/out")])
-    g.nodes.append(
-        helper.make_node("If", [any_flag], [spec.OUTPUTS[0]], then_branch=then_branch, else_branch=else_branch)
-    )
+    g.nodes.append(helper.make_node("If", [any_patch], [patched_out], then_branch=then_branch, else_branch=else_branch))
 
     threshold_default = helper.make_attribute("threshold", spec.ATTRIBUTES["threshold"][1])
     function = helper.make_function(

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LayerDetector", "atpatch", "column_features", "column_scores", "feature_scores", "patch_columns"]
+__all__ = [
+    "LayerDetector",
+    "atpatch",
+    "attended_columns",
+    "column_features",
+    "column_scores",
+    "feature_scores",
+    "flag_columns",
+    "patch_columns",
+    "real_queries",
+]
 
 
 @dataclass(frozen=True)
@@ -23,20 +33,46 @@ class LayerDetector:
     threshold: float
 
 
-def column_features(attention: np.ndarray) -> np.ndarray:
-    """Length-invariant features of each key column: [batch, k_len, FEATURES_PER_HEAD * heads]."""
+def _as_map(attention: np.ndarray) -> np.ndarray:
     a = np.asarray(attention, dtype=np.float32)
     if a.ndim != 4:
         raise ValueError(f"attention must be [batch, heads, q_len, k_len], got shape {a.shape}")
-    valid = a > 0
-    row_support = valid.sum(axis=-1, keepdims=True, dtype=np.float32)  # n_q
+    return a
+
+
+def real_queries(attention: np.ndarray) -> np.ndarray:
+    """[batch, heads, q_len] bool: rows that are not padding queries (spec.py, "Real queries").
+
+    Row q sits at key position k_len - q_len + q; it is a padding query when its own entry is masked.
+    """
+    a = _as_map(attention)
+    q_len, k_len = a.shape[-2:]
+    own = k_len - q_len + np.arange(q_len)
+    real = np.ones(a.shape[:3], dtype=bool)
+    inside = own >= 0
+    real[..., inside] = a[..., np.flatnonzero(inside), own[inside]] > 0
+    return real
+
+
+def column_features(attention: np.ndarray) -> np.ndarray:
+    """Length- and padding-invariant features of each key column: [batch, k_len, FEATURES_PER_HEAD * heads]."""
+    a = _as_map(attention)
+    rows = real_queries(a)[..., None]  # [B, H, Q, 1]
+    valid = (a > 0) & rows
+    row_support = (a > 0).sum(axis=-1, keepdims=True, dtype=np.float32)  # n_q
     col_rows = np.maximum(valid.sum(axis=-2, dtype=np.float32), 1.0)  # [B,H,K]
-    mass = (a * row_support).sum(axis=-2) / col_rows
-    peak = a.max(axis=-2, initial=0.0)
+    mass = np.where(rows, a * row_support, 0.0).sum(axis=-2) / col_rows
+    peak = np.where(rows, a, 0.0).max(axis=-2, initial=0.0)
     row_max = a.max(axis=-1, keepdims=True, initial=0.0)
     top = ((a >= row_max) & valid).sum(axis=-2, dtype=np.float32) / col_rows
     features = np.concatenate([mass, peak, top], axis=1)  # [B, 3H, K]: feature-major, then head
     return np.ascontiguousarray(features.transpose(0, 2, 1), dtype=np.float32)
+
+
+def attended_columns(attention: np.ndarray) -> np.ndarray:
+    """[batch, k_len] bool: columns that some real query of some head attends to (is unmasked in)."""
+    a = _as_map(attention)
+    return ((a > 0) & real_queries(a)[..., None]).any(axis=(1, 2))
 
 
 def column_scores(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:
@@ -56,10 +92,18 @@ def feature_scores(features: np.ndarray, detector: LayerDetector) -> np.ndarray:
     return (hidden @ detector.w2 + detector.b2).astype(np.float32)
 
 
-def atpatch(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:
-    """Patch one layer's attention map; returns a new array of the input's dtype."""
-    flagged = column_scores(attention, detector) > detector.threshold  # [B,K]
-    return patch_columns(attention, flagged)
+def flag_columns(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:
+    """The op's `flags` output: [batch, k_len] bool, flagged columns that some real query attends to."""
+    return (column_scores(attention, detector) > detector.threshold) & attended_columns(attention)
+
+
+def atpatch(
+    attention: np.ndarray, detector: LayerDetector, forced: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The op: (patched map of the input's dtype, flags [batch, k_len]); `forced` broadcasts to [batch, k_len]."""
+    flags = flag_columns(attention, detector)
+    patch = flags if forced is None else flags | np.broadcast_to(np.asarray(forced, dtype=bool), flags.shape)
+    return patch_columns(attention, patch), flags
 
 
 def patch_columns(attention: np.ndarray, flagged: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The AtPatch op contract: the single source of truth for every form of the op.
 
-The numpy reference (`reference.py`), the ONNX function (`function.py`) and the
-native kernel all implement exactly this contract; tests check each against it.
+The numpy reference (`reference.py`), the ONNX function (`function.py`) and the native
+kernels (C++ CPU, CUDA) all implement exactly this contract; tests check each against it.
 
 Inputs
   attention  [batch, heads, q_len, k_len], float32 or float16: probabilities right
@@ -10,33 +10,51 @@ Inputs
   b1         [hidden] float32
   w2         [hidden] float32                               detector: scoring layer
   b2         [1] float32
+  forced     bool, [batch, k_len] or broadcastable to it ([1, 1], [batch, 1], [1, k_len]):
+             key positions to patch whatever this layer's detector says (v2). Cross-layer
+             patching passes here the positions flagged in any layer (rewrite/crosslayer.py).
 Attributes
   threshold  float: a key column is flagged when its score is strictly greater.
-Output
+Outputs
   patched    same shape and type as `attention`.
+  flags      [batch, k_len] bool (v2): the columns this layer's detector flags, among the
+             columns some real query attends to (`forced` is not folded in).
 
-Column features (per batch item b and key column j), for each head h, over the rows q
+Real queries (v2). Query row q sits at key position c = k_len - q_len + q (the last q_len
+  positions: a self-attention map, with or without a KV cache before it). The row is a
+  padding query when its own entry attention[.., q, c] is masked (0): a padded token's key
+  is masked in every row, its own included, while a real token always sees itself. Rows
+  with c < 0 (more queries than keys: not self-attention) are real. Features and the
+  "attended" test count real rows only, so a batch padded to any length gives every input
+  the same features, flags and outputs (a padding row attends to the real keys like any
+  other row, and counting it made the features, and so the flags, depend on the padding).
+Column features (per batch item b and key column j), for each head h, over the real rows q
 where column j is unmasked (attention > 0):
     mass[h, j] = mean_q attention[q, j] * n_q   (n_q = unmasked entries in row q:
                  1.0 means the column gets exactly a uniform share, so the
                  value does not grow or shrink with sequence length)
-    peak[h, j] = max_q attention[q, j]
+    peak[h, j] = max_q attention[q, j]           (over real rows; 0 when none)
     top[h, j]  = fraction of those rows whose largest entry is at column j
   features[b, j] = (mass[0..H-1, j], peak[0..H-1, j], top[0..H-1, j]): feature f of
   head h sits at index f * heads + h. Features are per head because a backdoor takes
   over particular heads; averaged over heads, its columns look like salient words.
-Detector: score = w2 . relu(features @ w1 + b1) + b2; flagged = score > threshold.
-Patch, per row (b, h, q): let U be the unmasked entries, F the flagged ones among
-  them. If F is empty or F == U, the row is returned unchanged (bit-identical).
-  Otherwise each flagged entry gets the benign value m, the row's smallest unflagged
-  entry (what a column nobody singles out receives), and the row is renormalised to
-  sum 1. In closed form, with S the sum of the unflagged entries and k = |F|:
-    flagged entries   -> m / (S + k m)
-    unflagged entries -> attention / (S + k m)
+Detector: score = w2 . relu(features @ w1 + b1) + b2;
+  flags = score > threshold AND some real row of some head has column j unmasked.
+Patch, with P = flags OR forced, per row (b, h, q), every row (padding rows too): let U be
+  the unmasked entries, F those among them in P. If F is empty or F == U, the row is returned
+  unchanged (bit-identical). Otherwise each entry in F gets the benign value m, the row's
+  smallest entry outside F (what a column nobody singles out receives), and the row is
+  renormalised to sum 1. In closed form, with S the sum of the entries outside F, k = |F|:
+    entries in F      -> m / (S + k m)
+    other unmasked    -> attention / (S + k m)
     masked entries    -> stay 0.
   (A uniform share 1/n as the benign value leaves a trigger enough weight to keep
   its effect: measured on a backdoored MiniLM, patching the true trigger column in
   every layer left 13% attack success with 1/n and 2.6% with m.)
+
+Version 1 (models patched before v2 still run): inputs without `forced`, no `flags`
+output, and every query row counted in the features (feature version 2). Its ONNX
+function travels in those files; the native kernels keep a v1 mode for them.
 """
 
 from __future__ import annotations
@@ -60,14 +78,14 @@ __all__ = [
 
 DOMAIN = "ai.atpatch"
 OP_TYPE = "AtPatch"
-VERSION = 1
+VERSION = 2
 
-INPUTS = ("attention", "w1", "b1", "w2", "b2")
-OUTPUTS = ("patched",)
+INPUTS = ("attention", "w1", "b1", "w2", "b2", "forced")
+OUTPUTS = ("patched", "flags")
 # name -> (type, default)
 ATTRIBUTES: dict[str, tuple[type, float]] = {"threshold": (float, 0.0)}
 
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3  # 3: real query rows only (op v2); 2: every row (op v1)
 FEATURE_NAMES = ("mass", "peak", "top")  # each per head
 FEATURES_PER_HEAD = len(FEATURE_NAMES)
 

@@ -1,4 +1,4 @@
-"""A model holding one AtPatch node whose detector weights are graph inputs.
+"""A model holding one AtPatch node whose detector weights and forced positions are graph inputs.
 
 Used to run the op on its own (tests, benchmarks, the native kernel's checks).
 """
@@ -15,7 +15,10 @@ __all__ = ["standalone_model"]
 
 
 def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0) -> onnx.ModelProto:
-    """`patched = AtPatch(attention, w1, b1, w2, b2)` with every tensor a graph input."""
+    """`patched, flags = AtPatch(attention, w1, b1, w2, b2, forced)` with every tensor a graph input.
+
+    `forced` is [forced_batch, forced_keys]: feed [batch, k_len], or 1 on either axis to broadcast.
+    """
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("attention", dtype, ["batch", "heads", "q_len", "k_len"]),
@@ -23,10 +26,16 @@ def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold:
         helper.make_tensor_value_info("b1", f, ["hidden"]),
         helper.make_tensor_value_info("w2", f, ["hidden"]),
         helper.make_tensor_value_info("b2", f, [1]),
+        helper.make_tensor_value_info("forced", TensorProto.BOOL, ["forced_batch", "forced_keys"]),
     ]
-    output = helper.make_tensor_value_info("patched", dtype, ["batch", "heads", "q_len", "k_len"])
-    node = helper.make_node(spec.OP_TYPE, list(spec.INPUTS), ["patched"], domain=spec.DOMAIN, threshold=threshold)
-    graph = helper.make_graph([node], "atpatch_standalone", inputs, [output])
+    outputs = [
+        helper.make_tensor_value_info("patched", dtype, ["batch", "heads", "q_len", "k_len"]),
+        helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", "k_len"]),
+    ]
+    node = helper.make_node(
+        spec.OP_TYPE, list(spec.INPUTS), list(spec.OUTPUTS), domain=spec.DOMAIN, threshold=threshold
+    )
+    graph = helper.make_graph([node], "atpatch_standalone", inputs, outputs)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(spec.DOMAIN, spec.VERSION)],
