@@ -3,7 +3,7 @@
 Both models run on the same batches, so any difference in their outputs comes from the
 patch. Backdoor metrics: clean accuracy (CACC) and attack success rate (ASR); fairness
 metrics: counterfactual flip rate and demographic-parity gap; and, for the patched model,
-how often its detector flags anything, read from the maps going into its AtPatch nodes.
+how often its detector flags anything (in any layer), read from its AtPatch nodes' flags.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import onnx
 
 from .data import Dataset
 from .errors import AtPatchError
-from .ops.reference import LayerDetector, column_scores
 
-__all__ = ["EvalReport", "ModelMetrics", "evaluate", "flagged_columns"]
+__all__ = ["EvalReport", "ModelMetrics", "evaluate"]
 
 POSITIVE = 1  # the favourable label for the demographic-parity gap
 
@@ -113,16 +112,6 @@ class EvalReport:
         return "\n".join(lines) + f"\n\n{counts} inputs\n"
 
 
-def flagged_columns(before: np.ndarray, layer: LayerDetector) -> np.ndarray:
-    """[B, Lk] bool: key columns the layer's detector flags, among columns that are not masked.
-
-    A padded key column is all zeros; its features are zero and a detector may still score it
-    above the threshold, but the op never touches it, so it does not count as flagged.
-    """
-    valid = (np.asarray(before) > 0).any(axis=(1, 2))
-    return (column_scores(before, layer) > layer.threshold) & valid
-
-
 def _model_feeds(input_names: list[str], data: Dataset, which: str) -> dict[str, np.ndarray]:
     missing = [n for n in input_names if n not in data.feeds]
     if missing:
@@ -189,16 +178,13 @@ def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Pro
     return _Run(logits, none, none)
 
 
-def _run_patched(probe, detector, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
+def _run_patched(probe, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
     feeds = _model_feeds(probe.input_names, data, which)
     logits, flagged, culprit_hit = [], [], []
     for part, out in probe.iter_batches(feeds, batch_size):
         logits.append(_logits(out.outputs[0], "patched"))
-        cols = np.zeros(out.before[0].shape[0:1] + out.before[0].shape[-1:], bool)
-        for before, layer in zip(out.before, detector.layers, strict=True):
-            cols |= flagged_columns(before, layer)
-        flagged.append(cols.any(axis=1))
-        for row, culprit in zip(cols, data.culprits[part], strict=True):
+        flagged.append(out.union.any(axis=1))  # flagged in any layer: patched in every layer
+        for row, culprit in zip(out.union, data.culprits[part], strict=True):
             culprit_hit.append(bool(culprit) and bool(row[[p for p in culprit if p < row.shape[0]]].any()))
         bar.step(f"patched/{which}")
     return _Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool))
@@ -247,7 +233,7 @@ def evaluate(
         if not np.isin(group, (0, 1)).all() or len(np.unique(group)) < 2:
             raise AtPatchError("group must be 0/1 per clean input with both groups present; fix the group column")
     try:
-        detector = read_detector(patched)
+        read_detector(patched)  # a patched model of this op version, or a clear error
     except ValueError as err:
         raise AtPatchError(
             f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})"
@@ -264,7 +250,7 @@ def evaluate(
         for which, data in sets.items():
             runs[which] = {
                 "original": _run_original(session, data, which, batch_size, bar),
-                "patched": _run_patched(probe, detector, data, which, batch_size, bar),
+                "patched": _run_patched(probe, data, which, batch_size, bar),
             }
     finally:
         bar.close()

@@ -1,8 +1,10 @@
 """Why did the patch change (or not change) one prediction? Its attention maps, drawn.
 
 For one input, one row per attention layer: the head-averaged map going into the AtPatch
-node and the map coming out, with the key columns the detector flagged outlined and named
-on the axis, and the predictions with and without the patch in the title.
+node and the map coming out (of the pass whose outputs the input gets), with the key columns
+patched in that layer outlined: solid red where that layer's detector flagged the column,
+dashed orange where another layer did (cross-layer patching). The predictions with and
+without the patch are in the title.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from .errors import AtPatchError
 __all__ = ["ExplainReport", "explain", "unpatched"]
 
 _FLAG_COLOUR = "#d62728"
+_ELSEWHERE_COLOUR = "#ff7f0e"  # patched here because another layer flagged it
 _MAX_TICKS = 48  # beyond this many positions, only flagged columns get a tick label
 
 
 @dataclass(frozen=True)
 class ExplainReport:
     index: int
-    flagged: dict[int, list[int]]  # layer -> flagged key positions (unmasked columns only)
+    flagged: dict[int, list[int]]  # layer -> key positions its detector flagged (first pass)
     flagged_tokens: dict[int, list[str]]  # layer -> their tokens (text) or "patch k" (images)
     png: Path
+    patched: dict[int, list[int]] = field(default_factory=dict)  # layer -> key positions patched there
     prediction_before: int = -1  # the model without its AtPatch nodes
     prediction_after: int = -1  # the patched model
     label: int = -1  # the label the input should get
@@ -46,32 +50,18 @@ class ExplainReport:
         for layer, tokens in self.flagged_tokens.items():
             positions = self.flagged.get(layer, [])
             shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
-            lines.append(f"  layer {layer}: flagged {shown}")
+            elsewhere = [p for p in self.patched.get(layer, []) if p not in positions]
+            also = f"; also patched, flagged in another layer: {', '.join(map(str, elsewhere))}" if elsewhere else ""
+            lines.append(f"  layer {layer}: flagged {shown}{also}")
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
 
 
 def unpatched(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a patched model with its AtPatch nodes bypassed: the original computation."""
-    from .ops import spec
+    from .rewrite.crosslayer import unpatch_model
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    bypass = {n.output[0]: n.input[0] for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE}
-    patch_nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
-    weights = {name for n in patch_nodes for name in n.input[1:]}
-    kept = [n for n in graph.node if not (n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE)]
-    for node in kept:
-        for k, name in enumerate(node.input):
-            node.input[k] = bypass.get(name, name)
-    del graph.node[:]
-    graph.node.extend(kept)
-    # The detector's weights are now unused; onnxruntime would warn about each one.
-    initializers = [t for t in graph.initializer if t.name not in weights]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    return copy
+    return unpatch_model(model)
 
 
 def _position_names(dataset: Dataset, index: int, length: int) -> list[str]:
@@ -92,7 +82,6 @@ def explain(
     `layers` picks the layers to draw (default: all); the report lists flags of every layer.
     """
     from .detector.probe import AttentionProbe, read_detector
-    from .evaluate import flagged_columns
     from .modelio import atomic_output
     from .runtime import create_session
 
@@ -110,7 +99,7 @@ def explain(
     if not out_png.parent.resolve().is_dir():
         raise AtPatchError(f"folder {out_png.parent} does not exist; create it or choose another output path")
     try:
-        detector = read_detector(patched)
+        read_detector(patched)  # a patched model of this op version, or a clear error
     except ValueError as err:
         raise AtPatchError(f"the model carries no AtPatch node; explain needs the patched model ({err})") from err
 
@@ -135,9 +124,9 @@ def explain(
     mask = one.feeds.get("attention_mask")
     length = int(mask[0].sum()) if mask is not None else out.before[0].shape[-1]
     names = _position_names(dataset, index, length)
-    flagged: dict[int, list[int]] = {}
-    for layer, (before, det) in enumerate(zip(out.before, detector.layers, strict=True)):
-        flagged[layer] = [int(p) for p in np.flatnonzero(flagged_columns(before, det)[0]) if p < length]
+    assert out.flagged is not None and out.patched is not None
+    flagged = {layer: [int(p) for p in np.flatnonzero(f[0]) if p < length] for layer, f in enumerate(out.flagged)}
+    patched_at = {layer: [int(p) for p in np.flatnonzero(f[0]) if p < length] for layer, f in enumerate(out.patched)}
     flagged_tokens = {layer: [names[p] for p in cols] for layer, cols in flagged.items()}
 
     label_names = dataset.label_names
@@ -154,12 +143,13 @@ def explain(
         f"before patching, {title_name(pred_after)} after"
     )
     with atomic_output(out_png) as tmp:
-        _draw(maps, flagged, names, title, tmp)
+        _draw(maps, flagged, patched_at, names, title, tmp)
     return ExplainReport(
         index=index,
         flagged=flagged,
         flagged_tokens=flagged_tokens,
         png=out_png,
+        patched=patched_at,
         prediction_before=pred_before,
         prediction_after=pred_after,
         label=int(one.labels[0]),
@@ -170,6 +160,7 @@ def explain(
 def _draw(
     maps: dict[int, tuple[np.ndarray, np.ndarray]],
     flagged: dict[int, list[int]],
+    patched: dict[int, list[int]],
     names: list[str],
     title: str,
     path: Path,
@@ -191,23 +182,28 @@ def _draw(
     fig, axes = plt.subplots(rows, 2, figsize=(2 * side + 2.2, height), squeeze=False, constrained_layout=True)
     fig.suptitle(title, fontsize=11)
     for row, (layer, (before, after)) in enumerate(maps.items()):
-        cols = flagged.get(layer, [])
+        own = flagged.get(layer, [])
+        cols = sorted(set(own) | set(patched.get(layer, [])))
         # One colour scale per layer, so before and after compare directly; the power norm
         # keeps small weights visible next to the [CLS]/[SEP] sinks.
         vmax = float(max(before.max(), after.max(), 1e-6))
         for col, (what, image) in enumerate((("before patching", before), ("after patching", after))):
             ax = axes[row, col]
             shown = ax.imshow(image, cmap="viridis", norm=PowerNorm(0.5, vmin=0.0, vmax=vmax), interpolation="nearest")
-            flag_text = f"{len(cols)} flagged" if cols else "nothing flagged"
+            flag_text = f"{len(own)} flagged here" if own else "nothing flagged here"
+            if len(cols) > len(own):
+                flag_text += f", {len(cols) - len(own)} flagged elsewhere"
             ax.set_title(f"layer {layer}, {what} ({flag_text})", fontsize=9)
             for p in cols:
+                here = p in own
                 ax.add_patch(
                     Rectangle(
                         (p - 0.5, -0.5),
                         1,
                         length,
                         fill=False,
-                        edgecolor=_FLAG_COLOUR,
+                        edgecolor=_FLAG_COLOUR if here else _ELSEWHERE_COLOUR,
+                        linestyle="-" if here else "--",
                         linewidth=2.0 if length <= _MAX_TICKS else 0.8,
                         clip_on=False,
                     )
@@ -217,7 +213,7 @@ def _draw(
             ax.set_xticklabels([names[t] for t in ticks], rotation=90, fontsize=7)
             for label, t in zip(ax.get_xticklabels(), ticks, strict=True):
                 if t in cols:
-                    label.set_color(_FLAG_COLOUR)
+                    label.set_color(_FLAG_COLOUR if t in own else _ELSEWHERE_COLOUR)
                     label.set_fontweight("bold")
             if length <= _MAX_TICKS:
                 ax.set_yticks(range(length))

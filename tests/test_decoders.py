@@ -3,7 +3,8 @@
 GPT-2 and a Llama-style decoder with grouped-query attention (2 KV heads for 4 attention heads),
 exported both ways, eager and SDPA (a Softmax at opsets 17/18; dynamo's ONNX Attention at 23, decomposed),
 are exported as one generation step. The oracle is the same PyTorch model in eager mode with each
-attention softmax patched by the numpy reference (torch_reference.patched_softmax).
+attention softmax patched by the numpy reference, cross-layer, with the flagged positions carried
+from step to step (torch_reference.cross_layer_run / cross_layer_generate).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from torch_reference import patched_softmax
+from torch_reference import cross_layer_generate, cross_layer_run
 
 from atpatch.detector import Detector
 from atpatch.errors import AtPatchError
@@ -23,6 +24,7 @@ from atpatch.exporter.families import cache_layout, step_inputs
 from atpatch.ops import spec
 from atpatch.ops.reference import LayerDetector
 from atpatch.rewrite import patch_model
+from atpatch.rewrite.crosslayer import PAST_FLAGS
 from atpatch.runtime.generate import greedy_generate
 
 pytest.importorskip("transformers")
@@ -120,17 +122,19 @@ def _peak_detector(threshold: float) -> Detector:
     return Detector(layers=(layer,) * NUM_LAYERS, kind="test-peak")
 
 
-def _robust_peak_detector(run: Callable[[], object], changed: Callable[[object], bool]) -> Detector:
+def _robust_peak_detector(
+    run: Callable[[Detector, list[np.ndarray]], object], changed: Callable[[object], bool]
+) -> Detector:
     """A peak detector whose threshold is at least 1e-3 from every peak PyTorch's patched `run` sees.
 
-    float32 differences between PyTorch and onnxruntime (~1e-6) then cannot flip a flag; `changed`
-    says whether the patched run's result differs from the unpatched one (so the check can fail).
+    `run(detector, seen)` runs PyTorch patched by the reference, cross-layer, collecting every map
+    into `seen`. float32 differences between PyTorch and onnxruntime (~1e-6) then cannot flip a
+    flag; `changed` says whether the patched result differs from the unpatched one (so the check can fail).
     """
     for threshold in (0.5, 0.6, 0.4, 0.7, 0.45, 0.55, 0.35, 0.65):
         detector = _peak_detector(threshold)
         seen: list[np.ndarray] = []
-        with patched_softmax(detector.layers, seen):
-            result = run()
+        result = run(detector, seen)
         peaks = np.concatenate([m.max(axis=-2).ravel() for m in seen])
         if np.abs(peaks - threshold).min() > 1e-3 and (peaks > threshold).any() and changed(result):
             return detector
@@ -162,7 +166,7 @@ def test_every_step_is_patched_in_each_layer_and_pass_through_outputs_are_identi
     original, probed = _session(result.model), _session(probe)
     for step, inputs in _steps(result, rng).items():
         before = original.run(names, inputs)
-        after = probed.run(None, inputs)
+        after = probed.run([*names, *(n.output[0] for n in patches)], inputs)
         for name, b, a in zip(names, before, after, strict=False):
             assert np.array_equal(b, a), f"{step}: {name} changed under a pass-through patch"
         q, k = inputs["input_ids"].shape[1], inputs["attention_mask"].shape[1]
@@ -198,10 +202,14 @@ def test_flagged_columns_give_pytorch_patched_outputs_on_prefill_and_decode_step
         def changed(expected: list[np.ndarray], inputs=inputs, unpatched=unpatched) -> bool:  # noqa: ANN001
             return np.abs(_real("logits", inputs, expected[0]) - _real("logits", inputs, unpatched[0])).max() > 1e-3
 
-        detector = _robust_peak_detector(torch_run, changed)
-        with patched_softmax(detector.layers):
-            expected = torch_run()
-        got = _session(patch_model(result.model, detector)[0]).run(outputs, inputs)
+        nothing_before = np.zeros((3, inputs["attention_mask"].shape[1] - inputs["input_ids"].shape[1]), bool)
+
+        def cross_layer(detector: Detector, seen: list[np.ndarray], before: np.ndarray = nothing_before) -> list:
+            return cross_layer_run(torch_run, detector.layers, before, seen)[0]
+
+        detector = _robust_peak_detector(cross_layer, changed)
+        expected = cross_layer(detector, [])
+        got = _session(patch_model(result.model, detector)[0]).run(outputs, {**inputs, PAST_FLAGS: nothing_before})
         for name, g, e in zip(outputs, got, expected, strict=True):
             np.testing.assert_allclose(
                 _real(name, inputs, g), _real(name, inputs, e), atol=2e-5, rtol=0, err_msg=f"{step}: {name}"
@@ -214,6 +222,16 @@ def _prompts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     mask = np.ones_like(ids)
     mask[1, :3] = 0
     return ids, mask
+
+
+def _cross_layer_generate(result, ids: np.ndarray, mask: np.ndarray) -> Callable[[Detector, list], np.ndarray]:  # noqa: ANN001
+    """(detector, seen) -> greedy tokens from the eager PyTorch twin, patched cross-layer by the reference."""
+    from atpatch.exporter.kv_cache import generation_step
+
+    layout = cache_layout(result.config)
+    step = generation_step(_eager(result), layout)
+    empty = [np.zeros((len(ids), layout.kv_heads, 0, layout.head_dim), np.float32) for _ in layout.past_names]
+    return lambda detector, seen: cross_layer_generate(step, detector.layers, ids, mask, empty, NEW_TOKENS, seen)
 
 
 def _torch_generate(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # noqa: ANN001
@@ -247,11 +265,9 @@ def test_greedy_generation_through_onnxruntime_gives_pytorch_tokens_under_the_sa
     unpatched = greedy_generate(_session(result.model), ids, mask, NEW_TOKENS)
     np.testing.assert_array_equal(unpatched, _torch_generate(model, ids, mask))
 
-    detector = _robust_peak_detector(
-        lambda: _torch_generate(model, ids, mask), lambda tokens: not np.array_equal(tokens, unpatched)
-    )
-    with patched_softmax(detector.layers):
-        expected = _torch_generate(model, ids, mask)
+    generate = _cross_layer_generate(result, ids, mask)
+    detector = _robust_peak_detector(generate, lambda tokens: not np.array_equal(tokens, unpatched))
+    expected = generate(detector, [])
     got = greedy_generate(_session(patch_model(result.model, detector)[0]), ids, mask, NEW_TOKENS)
     assert got.shape == (2, NEW_TOKENS)
     np.testing.assert_array_equal(got, expected)
@@ -301,16 +317,12 @@ def test_generation_with_the_native_kernel_gives_the_function_tokens(exported_st
     if native.library_path() is None:
         pytest.skip("the native AtPatch kernel is not built here (scripts/install.sh builds it)")
     result = exported_step("llama", False, "eager", 17)
-    model = _eager(result)
-    model.generation_config.eos_token_id = None
     ids, mask = _prompts(rng)
     unpatched = greedy_generate(_session(result.model), ids, mask, NEW_TOKENS)
-    detector = _robust_peak_detector(
-        lambda: _torch_generate(model, ids, mask), lambda tokens: not np.array_equal(tokens, unpatched)
-    )
+    generate = _cross_layer_generate(result, ids, mask)
+    detector = _robust_peak_detector(generate, lambda tokens: not np.array_equal(tokens, unpatched))
     patched = patch_model(result.model, detector)[0]
-    with patched_softmax(detector.layers):
-        expected = _torch_generate(model, ids, mask)
+    expected = generate(detector, [])
     np.testing.assert_array_equal(greedy_generate(create_session(patched, use_native=True), ids, mask), expected)
     np.testing.assert_array_equal(greedy_generate(_session(patched), ids, mask), expected)
 

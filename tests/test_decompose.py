@@ -75,7 +75,7 @@ def _attention(q, k, v, bias, scale, patch=None):  # noqa: ANN001, ANN202
     probs = np.exp(scores)
     probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
     if patch is not None:
-        probs = reference.atpatch(probs, patch)
+        probs = reference.atpatch(probs, patch)[0]
     return probs @ v
 
 

@@ -20,7 +20,7 @@ from atpatch.data import Dataset, load_jsonl, save_jsonl
 from atpatch.detector.probe import AttentionProbe
 from atpatch.errors import AtPatchError
 from atpatch.evaluate import evaluate
-from atpatch.ops.reference import column_scores
+from atpatch.ops.reference import column_scores, flag_columns
 from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session
 
@@ -114,7 +114,8 @@ def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, D
     assert (clean.feeds["attention_mask"] == 0).any()  # the set is padded
     patched, _ = patch_model(tiny.model, flag_only_padding(2))
     # Only all-zero (padded) key columns score above the threshold: nothing real is flagged.
-    scores = column_scores(AttentionProbe(patched).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0])
+    first_pass, _ = patch_model(tiny.model, flag_only_padding(2), cross_layer=False)
+    scores = column_scores(AttentionProbe(first_pass).run(dict(clean.feeds)).before[0], flag_only_padding(1).layers[0])
     assert (scores[clean.feeds["attention_mask"] == 0] > 0).all()
     report = evaluate(tiny.model, patched, clean, batch_size=4, progress=False)
     assert report.patched.flag_rate_clean == 0.0 and report.identical_clean == 1.0
@@ -126,12 +127,13 @@ def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyTex
     clean, triggered = sets["clean"], sets["triggered"]
     report = evaluate(tiny.model, patched, clean, triggered, target=1, batch_size=8, progress=False)
 
+    first_pass, _ = patch_model(tiny.model, detector, cross_layer=False)  # its maps are the first pass's
+
     def flagged_by_reference(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
-        out = AttentionProbe(patched).run(dict(data.feeds))
-        mask = data.feeds["attention_mask"].astype(bool)
-        cols = np.zeros(mask.shape, bool)
+        out = AttentionProbe(first_pass).run(dict(data.feeds))
+        cols = np.zeros(data.feeds["attention_mask"].shape, bool)
         for before, layer in zip(out.before, detector.layers, strict=True):
-            cols |= (column_scores(before, layer) > layer.threshold) & mask
+            cols |= flag_columns(before, layer)  # a column flagged in any layer is patched in every layer
         return cols.any(axis=1), cols
 
     any_clean, _ = flagged_by_reference(clean)

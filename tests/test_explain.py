@@ -13,7 +13,7 @@ from atpatch.data import Dataset, load_jsonl, save_jsonl
 from atpatch.detector.probe import AttentionProbe
 from atpatch.errors import AtPatchError
 from atpatch.explain import explain, unpatched
-from atpatch.ops.reference import column_scores
+from atpatch.ops.reference import flag_columns
 from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session
 
@@ -51,14 +51,17 @@ def test_flagged_positions_are_the_reference_columns(tiny: TinyText, data: Datas
     patched, _ = patch_model(tiny.model, detector)
     report = explain(patched, data, index, tmp_path / "x.png")
 
-    # The reference: the padded batch as a whole, columns over the input's own length only.
-    before = AttentionProbe(patched).run(dict(data.feeds)).before
+    # The reference: the first pass's maps (a per-layer patch), columns over the input's own length only.
+    first_pass, _ = patch_model(tiny.model, detector, cross_layer=False)
+    before = AttentionProbe(first_pass).run(dict(data.feeds)).before
     length = int(data.feeds["attention_mask"][index].sum())
     expected = {
-        layer: np.flatnonzero(column_scores(b, det)[index, :length] > det.threshold).tolist()
+        layer: np.flatnonzero(flag_columns(b, det)[index, :length]).tolist()
         for layer, (b, det) in enumerate(zip(before, detector.layers, strict=True))
     }
     assert report.flagged == expected
+    union = sorted(set().union(*expected.values()))
+    assert report.patched == {layer: union for layer in expected}, "flagged in any layer: patched in every layer"
     assert any(expected.values()), "the threshold must flag something for the check to mean anything"
     assert report.flagged_tokens == {k: [data.tokens[index][p] for p in v] for k, v in expected.items()}
 
@@ -79,6 +82,7 @@ def test_unpatched_copy_computes_the_original(tiny: TinyText, data: Dataset) -> 
     feeds = dict(data.feeds)
     assert np.array_equal(create_session(bypass).run(None, feeds)[0], create_session(tiny.model).run(None, feeds)[0])
     assert len(patched.graph.node) > len(bypass.graph.node) == len(tiny.model.graph.node)
+    assert [i.name for i in bypass.graph.input] == [i.name for i in tiny.model.graph.input]
 
 
 def test_image_model(hf_folder, tmp_path: Path) -> None:  # noqa: ANN001 (conftest fixture)
@@ -90,9 +94,10 @@ def test_image_model(hf_folder, tmp_path: Path) -> None:  # noqa: ANN001 (confte
     pixels = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     images = Dataset({"pixel_values": pixels}, np.array([0, 2]), [None, None], None, ("a", "b", "c"))
     report = explain(patched, images, 1, tmp_path / "vit.png")
-    before = AttentionProbe(patched).run({"pixel_values": pixels[[1]]}).before
+    first_pass, _ = patch_model(model, detector, cross_layer=False)
+    before = AttentionProbe(first_pass).run({"pixel_values": pixels[[1]]}).before
     expected = {
-        i: np.flatnonzero(column_scores(b, det)[0] > det.threshold).tolist()
+        i: np.flatnonzero(flag_columns(b, det)[0]).tolist()
         for i, (b, det) in enumerate(zip(before, detector.layers, strict=True))
     }
     assert report.flagged == expected

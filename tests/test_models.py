@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from torch_reference import forward, patched_softmax
+from torch_reference import cross_layer_forward, forward, patched_softmax
 
 from atpatch.detector import Detector
 from atpatch.errors import AtPatchError
@@ -96,20 +96,28 @@ def test_flagged_columns_give_the_same_outputs_as_pytorch_patched_by_the_referen
     opset: int,
     rng: np.random.Generator,  # noqa: ANN001
 ) -> None:
+    """Cross-layer (the default) and per-layer patching both equal PyTorch patched by the reference."""
     from atpatch.exporter.hf import load_hf_model
 
     result = exported(arch, dynamo, opset)
     model = load_hf_model(result.folder)
     inputs = _inputs(result, rng, batch=3, seq=12)  # includes a padded row; GPT-2 is causal
-    detector = _flagging_detector(model, inputs, result.family.forward_kwargs)
-    patched, _ = patch_model(result.model, detector)
-
-    with patched_softmax(detector.layers):
-        expected = forward(model, inputs, **result.family.forward_kwargs)
-    (got,) = _session(patched).run(None, inputs)
+    kwargs = result.family.forward_kwargs
+    detector = _flagging_detector(model, inputs, kwargs)
     (unpatched,) = _session(result.model).run(None, inputs)
+
+    patched, _ = patch_model(result.model, detector)
+    expected, union = cross_layer_forward(model, inputs, detector.layers, **kwargs)
+    (got,) = _session(patched).run(None, inputs)
     assert np.abs(got - unpatched).max() > 1e-4, "the flagging detector should change the outputs"
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    for row in np.flatnonzero(~union.any(axis=1)):
+        assert np.array_equal(got[row], unpatched[row]), "an input with nothing flagged keeps its outputs"
+
+    per_layer, _ = patch_model(result.model, detector, cross_layer=False)
+    with patched_softmax(detector.layers):
+        expected = forward(model, inputs, **kwargs)
+    np.testing.assert_allclose(_session(per_layer).run(None, inputs)[0], expected, atol=1e-5, rtol=0)
 
 
 def test_dynamo_gpt2_at_opset_17_is_refused_with_the_working_setting(hf_folder) -> None:  # noqa: ANN001

@@ -1,12 +1,14 @@
 """PyTorch runs whose attention probabilities are patched by the numpy reference.
 
 The oracle for a patched ONNX model: the same Hugging Face model in eager mode, with each
-attention softmax's output passed through `reference.atpatch` with that layer's detector.
+attention softmax's output passed through `reference.atpatch` with that layer's detector, and
+cross-layer patching (rewrite/crosslayer.py) done the plain way: run once, collect every layer's
+flags, and run again with their union forced in every layer for the inputs that flagged anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,10 +18,16 @@ from atpatch.ops import reference
 
 
 @contextmanager
-def patched_softmax(layers: Sequence[reference.LayerDetector], seen: list[np.ndarray] | None = None) -> Iterator[None]:
+def patched_softmax(
+    layers: Sequence[reference.LayerDetector],
+    seen: list[np.ndarray] | None = None,
+    forced: np.ndarray | None = None,
+    flags: list[np.ndarray] | None = None,
+) -> Iterator[None]:
     """Within the block, the i-th attention softmax of a forward pass is patched with layers[i].
 
-    Each layer's (unpatched) probabilities are appended to `seen` when given.
+    Each layer's (unpatched) probabilities are appended to `seen`, and its own flags to `flags`,
+    when given; `forced` ([batch, key positions] bool) is patched in every layer.
     """
     original = torch.nn.functional.softmax
     calls = {"n": 0}
@@ -33,7 +41,12 @@ def patched_softmax(layers: Sequence[reference.LayerDetector], seen: list[np.nda
         array = probs.detach().numpy()
         if seen is not None:
             seen.append(array.copy())
-        return torch.from_numpy(reference.atpatch(array, layers[layer])).to(probs.dtype)
+        keys = array.shape[-1]
+        now = None if forced is None else np.pad(forced, ((0, 0), (0, max(0, keys - forced.shape[1]))))[:, :keys]
+        out, own = reference.atpatch(array, layers[layer], now)
+        if flags is not None:
+            flags.append(own)
+        return torch.from_numpy(out).to(probs.dtype)
 
     torch.nn.functional.softmax = softmax
     try:
@@ -45,3 +58,70 @@ def patched_softmax(layers: Sequence[reference.LayerDetector], seen: list[np.nda
 def forward(model: torch.nn.Module, inputs: dict[str, np.ndarray], **kwargs: object) -> np.ndarray:
     with torch.no_grad():
         return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, **kwargs)[0].numpy()
+
+
+def cross_layer_run(
+    run: Callable[[], Sequence[np.ndarray]],
+    layers: Sequence[reference.LayerDetector],
+    forced: np.ndarray | None = None,
+    seen: list[np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """`run()`'s batch-first outputs under cross-layer patching, and the union of flags [batch, keys].
+
+    `forced`: positions patched in every layer from the start (a decoder's earlier flags), padded
+    with False to the key length. `seen` collects every map of both passes.
+    """
+    flags: list[np.ndarray] = []
+    with patched_softmax(layers, seen, forced=forced, flags=flags):
+        first = [np.asarray(a) for a in run()]
+    keys = flags[0].shape[1]
+    before = np.zeros_like(flags[0]) if forced is None else np.pad(forced, ((0, 0), (0, keys - forced.shape[1])))
+    union = np.logical_or.reduce([before, *flags])
+    rows = (union & ~before).any(axis=1)
+    if not rows.any():
+        return first, union
+    with patched_softmax(layers, seen, forced=union):
+        second = [np.asarray(a) for a in run()]
+    return [np.where(rows.reshape(-1, *[1] * (a.ndim - 1)), b, a) for a, b in zip(first, second, strict=True)], union
+
+
+def cross_layer_forward(
+    model: torch.nn.Module, inputs: dict[str, np.ndarray], layers: Sequence[reference.LayerDetector], **kwargs: object
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first output with cross-layer patching, and the union of flags [batch, key positions]."""
+    outputs, union = cross_layer_run(lambda: [forward(model, inputs, **kwargs)], layers)
+    return outputs[0], union
+
+
+def cross_layer_generate(
+    step: torch.nn.Module,
+    layers: Sequence[reference.LayerDetector],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    past: list[np.ndarray],
+    new_tokens: int,
+    seen: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Greedy tokens [batch, new_tokens] from a generation-step module (exporter.kv_cache.generation_step),
+    as atpatch.runtime.generate does it, with cross-layer patching and the flagged positions carried
+    from step to step. `past`: the empty cache, one array per past_key_values input."""
+    from atpatch.exporter.families import positions
+    from atpatch.runtime.generate import left_pad
+
+    ids, mask = left_pad(input_ids, attention_mask)
+    position = positions(mask)
+    state = np.zeros((len(ids), 0), bool)
+    generated = []
+    for _ in range(new_tokens):
+        feeds = [ids, mask, position, *past]
+
+        def run(feeds: list[np.ndarray] = feeds) -> list[np.ndarray]:
+            with torch.no_grad():
+                return [t.numpy() for t in step(*(torch.from_numpy(a) for a in feeds))]
+
+        (logits, *past), state = cross_layer_run(run, layers, state, seen)
+        ids = logits[:, -1].argmax(axis=-1).astype(np.int64)[:, None]
+        generated.append(ids)
+        position = position[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+    return np.concatenate(generated, axis=1)

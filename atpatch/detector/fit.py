@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops.reference import LayerDetector, column_features, feature_scores
+from ..ops.reference import LayerDetector, attended_columns, column_features, feature_scores
 from .probe import AttentionProbe
 
 __all__ = [
@@ -73,7 +73,7 @@ def collect_columns(
     per_layer: list[list[np.ndarray]] = [[] for _ in range(probe.num_layers)]
     example, positive = [], []
     for part, out in probe.iter_batches(feeds, batch_size):
-        valid = out.before[0].max(axis=(1, 2)) > 0  # [B, K]: a column some query attends to
+        valid = attended_columns(out.before[0])  # [B, K]: a column some real query attends to
         for layer, m in enumerate(out.before):
             per_layer[layer].append(column_features(m)[valid])
         rows, cols = np.nonzero(valid)

@@ -7,43 +7,14 @@ maps too; the untouched rows are copied straight from the input (bit-identical).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from . import spec
+from .builder import NodeBuilder
 
 __all__ = ["build_function"]
-
-
-class _Body:
-    """Accumulates the function's nodes; each method returns its output's name."""
-
-    def __init__(self, opset: int, prefix: str = "") -> None:
-        self.opset = opset
-        self.prefix = prefix  # names must be unique across the function and its subgraphs
-        self.nodes: list[onnx.NodeProto] = []
-        self._count = 0
-
-    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
-        self._count += 1
-        out = f"{self.prefix}{op_type.lower()}_{self._count}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-    def const(self, value: object, dtype: type = np.float32) -> str:
-        return self.op("Constant", value=numpy_helper.from_array(np.array(value, dtype=dtype)))
-
-    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
-        # ReduceSum took axes as an input from opset 13, the other reductions from 18.
-        if op_type == "ReduceSum" or self.opset >= 18:
-            return self.op(op_type, x, self.const(axes, np.int64), keepdims=keepdims)
-        return self.op(op_type, x, axes=axes, keepdims=keepdims)
-
-    def to_float(self, x: str) -> str:
-        return self.op("Cast", x, to=TensorProto.FLOAT)
 
 
 def build_function(opset: int) -> onnx.FunctionProto:
@@ -55,7 +26,7 @@ def build_function(opset: int) -> onnx.FunctionProto:
         )
     attention, w1, b1, w2, b2, forced = spec.INPUTS
     patched_out, flags_out = spec.OUTPUTS
-    g = _Body(opset)
+    g = NodeBuilder(opset)
     zero, one = g.const(0.0), g.const(1.0)
     last, queries, heads = [-1], [-2], [1]
 
@@ -125,7 +96,7 @@ def build_function(opset: int) -> onnx.FunctionProto:
     # case) then costs the features alone, and is returned as it came.
     any_patch = g.op("Greater", g.reduce("ReduceMax", g.to_float(patch), [0, 1], 0), zero)
 
-    p = _Body(opset, prefix="patch/")
+    p = NodeBuilder(opset, prefix="patch/")
     p_zero, p_one = p.const(0.0), p.const(1.0)
     # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
     # Greater+Cast), which it cannot do while a subgraph refers to their outputs.

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from .crosslayer import unpatch_model
 from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 from .insert import patch_model
 
-__all__ = ["AttentionSite", "Decomposed", "decompose_fused_attention", "find_attention_sites", "patch_model"]
+__all__ = [
+    "AttentionSite",
+    "Decomposed",
+    "decompose_fused_attention",
+    "find_attention_sites",
+    "patch_model",
+    "unpatch_model",
+]

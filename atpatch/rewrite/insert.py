@@ -10,11 +10,12 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from .. import __version__
-from ..ops.weights import Detector
 from ..errors import DetectorMismatchError, InvalidModelError
 from ..modelio import model_fingerprint
 from ..ops import spec
 from ..ops.function import build_function
+from ..ops.weights import Detector
+from .crosslayer import add_second_pass, pass1_forced
 from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 
@@ -143,6 +144,9 @@ def patch_model(
     detector: Detector | None = None,
     heads: int | None = None,
     base_dir: str | Path | None = None,
+    *,
+    cross_layer: bool = True,
+    forced_input: bool = False,
 ) -> tuple[onnx.ModelProto, list[AttentionSite]]:
     """A copy of `model` with AtPatch after each attention softmax; the input is not modified.
 
@@ -152,6 +156,12 @@ def patch_model(
     `heads` (e.g. from the model's config) stands in for layers whose head count the graph
     does not show. A model whose weights stay on disk (`load_model(..., external_data=False)`)
     needs `base_dir`, their folder; the patched copy keeps referring to them.
+
+    `cross_layer` (default): a position flagged in any layer is patched in every layer, by a second
+    pass for the inputs that need one (rewrite/crosslayer.py); off, each layer patches only what it
+    flags itself. `forced_input` adds a graph input `atpatch_forced` (bool [batch, key positions]):
+    positions patched in every layer whatever the detector says (to measure the ideal patch).
+    A model with `past_key_values.*` inputs (a KV-cache decoder) gets the flag state input and output.
     """
     opset = _onnx_opset(model)
     if not spec.MIN_OPSET <= opset <= spec.MAX_OPSET:
@@ -169,11 +179,14 @@ def patch_model(
     patched.CopyFrom(model)
     graph = patched.graph
     by_output = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    decoder = any(value.name.startswith("past_key_values.") for value in graph.input)
+    forced, forced_nodes = pass1_forced(graph, sites[0].tap, decoder, forced_input, opset)
+    new_nodes: dict[int, list[onnx.NodeProto]] = {by_output[sites[0].tap]: forced_nodes}
+    patch_nodes = []
     for site, layer in zip(sites, detector.layers, strict=True):
         prefix = f"atpatch/layer{site.layer}"
         weights = []
-        for param in spec.INPUTS[1:]:
+        for param in spec.INPUTS[1:-1]:
             tensor = numpy_helper.from_array(getattr(layer, param), name=f"{prefix}/{param}")
             graph.initializer.append(tensor)
             weights.append(tensor.name)
@@ -184,13 +197,14 @@ def patch_model(
                     node.input[k] = out
         node = helper.make_node(
             spec.OP_TYPE,
-            [site.tap, *weights],
-            [out],
+            [site.tap, *weights, forced],
+            [out, f"{prefix}/flags"],
             name=f"{prefix}/AtPatch",
             domain=spec.DOMAIN,
             threshold=float(layer.threshold),
         )
         new_nodes.setdefault(by_output[site.tap], []).append(node)
+        patch_nodes.append(node)
 
     # Rebuild the node list with each AtPatch right after its tap's producer: stays topological.
     nodes = list(graph.node)
@@ -198,6 +212,8 @@ def patch_model(
     for i, node in enumerate(nodes):
         graph.node.append(node)
         graph.node.extend(new_nodes.get(i, []))
+    if cross_layer and len(patch_nodes) > 1:  # with one layer, pass 2 would redo pass 1
+        add_second_pass(graph, patch_nodes, forced, decoder, opset)
 
     patched.opset_import.append(helper.make_opsetid(spec.DOMAIN, spec.VERSION))
     patched.functions.append(build_function(opset))
@@ -207,6 +223,7 @@ def patch_model(
         "atpatch.layers": str(len(sites)),
         "atpatch.detector": detector.kind,
         "atpatch.source_fingerprint": fingerprint,
+        "atpatch.cross_layer": "1" if cross_layer else "0",
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
     del patched.metadata_props[:]

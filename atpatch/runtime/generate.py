@@ -3,7 +3,9 @@
 The model is one generation step (`atpatch-export --hf DIR --with-past`): input_ids,
 attention_mask, position_ids and past_key_values.{i}.key/.value in; logits and
 present.{i}.key/.value out. The prefill runs it with an empty cache, each decode step with one
-new token, so a patched model's AtPatch nodes see every step's [B, H, 1, past + 1] map.
+new token, so a patched model's AtPatch nodes see every step's [B, H, 1, past + 1] map. A patched
+model also carries the positions flagged so far (`past_atpatch_flags` in, `present_atpatch_flags`
+out), which are patched in every layer of every later step; they are fed back like the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import onnxruntime as ort
 
 from ..errors import AtPatchError
 from ..exporter.families import STEP_INPUT_NAMES, positions
+from ..rewrite.crosslayer import PAST_FLAGS, PRESENT_FLAGS
 
 __all__ = ["greedy_generate", "left_pad"]
 
@@ -33,8 +36,12 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndar
 
 def _empty_cache(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     cache = {}
-    for value in session.get_inputs():
+    state = [v for v in session.get_overridable_initializers() if v.name == PAST_FLAGS]  # fed like an input
+    for value in [*session.get_inputs(), *state]:
         if value.name in STEP_INPUT_NAMES:
+            continue
+        if value.name == PAST_FLAGS:  # nothing flagged before the prompt
+            cache[value.name] = np.zeros((batch, 0), np.bool_)
             continue
         if not value.name.startswith("past_key_values.") or len(value.shape) != 4:
             raise AtPatchError(
@@ -74,7 +81,9 @@ def greedy_generate(
     ids, mask = left_pad(input_ids, mask)
     cache = _empty_cache(session, ids.shape[0])
     past_names = list(cache)
-    present_names = [n.replace("past_key_values.", "present.", 1) for n in past_names]
+    present_names = [
+        PRESENT_FLAGS if n == PAST_FLAGS else n.replace("past_key_values.", "present.", 1) for n in past_names
+    ]
     position = positions(mask)
     generated = []
     for _ in range(max_new_tokens):

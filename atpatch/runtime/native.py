@@ -20,12 +20,14 @@ import onnx
 from onnx import TensorProto
 
 from ..ops import spec
+from ..rewrite.crosslayer import SECOND_PASS
 
 __all__ = [
     "COVERED_DTYPES",
     "COVERED_PROVIDERS",
     "ENV_VAR",
     "KERNEL_PROVIDERS",
+    "KERNEL_VERSIONS",
     "LIBRARY_ENV_VAR",
     "coverage_problem",
     "library_info",
@@ -45,6 +47,8 @@ COVERED_PROVIDERS = ("CPUExecutionProvider",)
 # What a build may add (CMake option ATPATCH_CUDA): claimed only when the library says so.
 KERNEL_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 COVERED_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+# Op versions the kernel runs: the current one, and v1 for models patched before v2.
+KERNEL_VERSIONS = (1, spec.VERSION)
 
 
 def native_requested() -> bool | None:
@@ -130,12 +134,20 @@ def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | No
         return node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
 
     nodes = [n for n in graph.node if is_atpatch(n)]
+    # Cross-layer patching's second pass (an If) re-runs the main graph's AtPatch nodes on maps of
+    # the same types; any other subgraph or function holding AtPatch is of unknown type.
     nested = any(
         is_atpatch(inner)
         for f in model.functions
         for inner in f.node
         if not (f.domain == spec.DOMAIN and f.name == spec.OP_TYPE)
-    ) or any(a.g.node or a.graphs for n in graph.node for a in n.attribute if a.type in (5, 10))
+    ) or any(
+        a.g.node or a.graphs
+        for n in graph.node
+        if not (n.op_type == "If" and n.name == SECOND_PASS)
+        for a in n.attribute
+        if a.type in (5, 10)
+    )
     if not nodes and not nested:
         return [], version
     types = _known_types(graph)
@@ -232,8 +244,9 @@ def coverage_problem(
     types, version = _attention_types(model)
     if not types:
         return "the model has no AtPatch node"
-    if version is not None and version != spec.VERSION:
-        return f"the model uses {spec.DOMAIN} version {version}; the native kernel implements version {spec.VERSION}"
+    if version is not None and version not in KERNEL_VERSIONS:
+        implemented = " and ".join(map(str, KERNEL_VERSIONS))
+        return f"the model uses {spec.DOMAIN} version {version}; the native kernel implements versions {implemented}"
     if None in types:
         return "the attention type of some AtPatch node cannot be determined"
     bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})

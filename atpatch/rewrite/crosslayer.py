@@ -1,0 +1,331 @@
+"""Cross-layer patching: a position flagged in any layer is patched in every layer.
+
+A trigger's key column often looks anomalous only in middle or late layers, after the earlier
+layers have already spread its effect into every token; patching it only where it is flagged
+comes too late. So the patched graph runs in two passes:
+
+  pass 1   the model with each layer's AtPatch patching what it flags itself (plus `forced`:
+           nothing for an encoder, the positions flagged at earlier steps for a KV-cache decoder);
+           each AtPatch also reports its flags.
+  union    the positions flagged in any layer, per input.
+  pass 2   only when some input has a newly flagged position (`If`): the part of the graph
+           downstream of the first AtPatch runs again, every AtPatch forced to patch the union;
+           inputs with a new flag take pass 2's outputs, the others keep pass 1's.
+
+Inputs with nothing flagged (the common case) run once and are bit-identical to the original.
+Pass 2 refers to the outer graph's weights and to everything upstream of the patches (the
+embeddings, layer 0's map), so the file does not double in size. Decoders carry the flagged
+positions to later generation steps as a state beside the KV cache (`past_atpatch_flags` in,
+`present_atpatch_flags` out, bool [batch, positions]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ops import spec
+from ..ops.builder import NodeBuilder
+
+__all__ = [
+    "FORCED_INPUT",
+    "PAST_FLAGS",
+    "PRESENT_FLAGS",
+    "ROWS",
+    "SECOND_PASS",
+    "UNION",
+    "add_second_pass",
+    "inline_second_pass",
+    "pass1_forced",
+    "second_pass_prefix",
+    "unpatch_model",
+]
+
+SECOND_PASS = "atpatch/second_pass"  # the If node
+UNION = "atpatch/union"  # bool [B, K]: positions flagged in any layer (or forced), per input
+ROWS = "atpatch/second_pass_rows"  # bool [B]: inputs that take pass 2's outputs
+PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
+PRESENT_FLAGS = "present_atpatch_flags"  # decoder state out: bool [B, past + new]
+FORCED_INPUT = "atpatch_forced"  # optional graph input: bool [B, K], positions to patch in every layer
+_PASS2 = "atpatch/pass2/"
+_PASS1 = "atpatch/pass1/"
+_NOTHING = "atpatch/nothing_forced"
+
+
+def second_pass_prefix() -> str:
+    """What pass 2's copies of tensor and node names start with."""
+    return _PASS2
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _uses(node: onnx.NodeProto) -> set[str]:
+    """Every outer tensor `node` reads: its inputs, and what its subgraphs take from outside."""
+    names = {n for n in node.input if n}
+    for graph in _subgraphs(node):
+        inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        for sub in graph.node:
+            names |= _uses(sub) - inner
+            inner |= set(sub.output)
+    return names
+
+
+def _rename_inputs(nodes: Iterable[onnx.NodeProto], names: dict[str, str]) -> None:
+    """Rename what `nodes` (and their subgraphs, recursively) read, by `names`."""
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            if name in names:
+                node.input[k] = names[name]
+        for graph in _subgraphs(node):
+            _rename_inputs(graph.node, names)
+            for out in graph.output:
+                if out.name in names:
+                    out.name = names[out.name]
+
+
+def _rename_outputs_inside(graph: onnx.GraphProto, prefix: str) -> dict[str, str]:
+    """Prefix every name a (copied) subgraph defines, so the copy's names stay unique; returns the map."""
+    names: dict[str, str] = {}
+    for value in graph.input:
+        names[value.name] = prefix + value.name
+        value.name = names[value.name]
+    for node in graph.node:
+        for k, out in enumerate(node.output):
+            if out:
+                names[out] = prefix + out
+                node.output[k] = names[out]
+        if node.name:
+            node.name = prefix + node.name
+        for sub in _subgraphs(node):
+            names.update(_rename_outputs_inside(sub, prefix))
+    _rename_inputs(graph.node, names)
+    for out in graph.output:
+        out.name = names.get(out.name, out.name)
+    return names
+
+
+def pass1_forced(
+    graph: onnx.GraphProto, first_tap: str, decoder: bool, forced_input: bool, opset: int
+) -> tuple[str, list[onnx.NodeProto]]:
+    """The `forced` input of pass 1's AtPatch nodes, and the nodes computing it (to be placed after
+    `first_tap`'s producer): nothing ([1, 1] False), the positions flagged at earlier decoding steps
+    (False for the new ones), and/or the `atpatch_forced` graph input. Adds the graph inputs it reads."""
+    b = NodeBuilder(opset, "atpatch/forced/")
+    parts = []
+    if decoder:
+        # An input with a default (an initializer of the same name): a caller that does not feed the
+        # state gets [1, 0], nothing flagged before, and cross-layer patching within each step.
+        graph.input.append(helper.make_tensor_value_info(PAST_FLAGS, TensorProto.BOOL, ["batch", "past_sequence"]))
+        graph.initializer.append(numpy_helper.from_array(np.zeros((1, 0), np.bool_), PAST_FLAGS))
+        shape = b.op("Shape", first_tap)
+        batch = b.op("Slice", shape, b.const([0], np.int64), b.const([1], np.int64))
+        keys = b.op("Slice", shape, b.const([3], np.int64), b.const([4], np.int64))
+        past = b.op("Slice", b.op("Shape", PAST_FLAGS), b.const([1], np.int64), b.const([2], np.int64))
+        before = b.op("Expand", PAST_FLAGS, b.op("Concat", batch, past, axis=0))
+        new = b.op("ConstantOfShape", b.op("Concat", batch, b.op("Sub", keys, past), axis=0),
+                   value=numpy_helper.from_array(np.zeros(1, np.bool_)))  # fmt: skip
+        parts.append(b.op("Concat", before, new, axis=1))
+    if forced_input:
+        graph.input.append(helper.make_tensor_value_info(FORCED_INPUT, TensorProto.BOOL, ["batch", "key_positions"]))
+        parts.append(FORCED_INPUT)
+    if not parts:
+        graph.initializer.append(numpy_helper.from_array(np.zeros((1, 1), np.bool_), _NOTHING))
+        return _NOTHING, []
+    return parts[0] if len(parts) == 1 else b.op("Or", *parts), b.nodes
+
+
+def _batch_dims(graph: onnx.GraphProto) -> set[str]:
+    initializers = {t.name for t in graph.initializer}
+    dims = set()
+    for value in graph.input:
+        shape = value.type.tensor_type.shape
+        if value.name not in initializers and value.type.HasField("tensor_type") and len(shape.dim) > 0:
+            d = shape.dim[0]
+            if d.HasField("dim_param"):
+                dims.add(d.dim_param)
+    return dims
+
+
+def _batch_first(value: onnx.ValueInfoProto, batch_dims: set[str]) -> int | None:
+    """The rank of a graph output whose first axis is the batch, else None."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) == 0 or not dims[0].HasField("dim_param") or dims[0].dim_param not in batch_dims:
+        return None
+    return len(dims)
+
+
+def add_second_pass(
+    graph: onnx.GraphProto, patch_nodes: list[onnx.NodeProto], forced: str, decoder: bool, opset: int
+) -> None:
+    """Add the union of flags, pass 2 inside an `If`, and the per-input choice of outputs (module docstring).
+
+    `patch_nodes` are pass 1's AtPatch nodes, already in `graph` (their outputs: patched, flags).
+    """
+    b = NodeBuilder(opset, "atpatch/crosslayer/")
+    union = forced
+    for node in patch_nodes:
+        union = b.op("Or", union, node.output[1])
+    b.nodes[-1].output[0] = UNION
+    b.nodes[-1].name = UNION
+    new = b.op("And", UNION, b.op("Not", forced))
+    b.any(new, [1])
+    b.nodes[-1].output[0] = ROWS
+    b.nodes[-1].name = ROWS
+    any_new = b.any(ROWS, [0])
+
+    # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map.
+    patched = {n.output[0] for n in patch_nodes}
+    tainted = set(patched)
+    copied: list[onnx.NodeProto] = []
+    for node in graph.node:
+        is_patch = node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
+        if is_patch or _uses(node) & tainted:
+            copied.append(node)
+            tainted.update(o for o in node.output if o)
+    outputs = [o for o in graph.output if o.name in tainted]
+    if not outputs:
+        graph.node.extend(b.nodes)
+        return
+
+    # The affected graph outputs become the If's: pass 1 produces them under new names.
+    rename1 = {o.name: _PASS1 + o.name for o in outputs}
+    for node in graph.node:
+        for k, out in enumerate(node.output):
+            if out in rename1:
+                node.output[k] = rename1[out]
+    _rename_inputs(graph.node, rename1)
+    for value in graph.value_info:
+        value.name = rename1.get(value.name, value.name)
+
+    branch = NodeBuilder(opset, _PASS2 + "select/")
+    rename2: dict[str, str] = {}
+    body: list[onnx.NodeProto] = []
+    for node in copied:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = _PASS2 + (node.name or node.output[0])
+        for k, out in enumerate(copy.output):
+            if out:
+                rename2[out] = _PASS2 + out
+                copy.output[k] = rename2[out]
+        for sub in _subgraphs(copy):
+            _rename_outputs_inside(sub, _PASS2)
+        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
+            copy.input[len(spec.INPUTS) - 1] = UNION
+        body.append(copy)
+    _rename_inputs(body, rename2)
+
+    batch_dims = _batch_dims(graph)
+    then_out, else_out, else_nodes = [], [], []
+    for value in outputs:
+        first = rename1[value.name]
+        second = rename2[first]
+        rank = _batch_first(value, batch_dims)
+        if rank is not None:
+            shape = branch.const([-1] + [1] * (rank - 1), np.int64)
+            second = branch.op("Where", branch.op("Reshape", ROWS, shape), second, first)
+        typed = onnx.ValueInfoProto()
+        typed.CopyFrom(value)
+        typed.name = second
+        then_out.append(typed)
+        else_name = f"atpatch/pass1_kept/{value.name}"
+        else_nodes.append(helper.make_node("Identity", [first], [else_name], name=else_name))
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(value)
+        kept.name = else_name
+        else_out.append(kept)
+    then_branch = helper.make_graph([*body, *branch.nodes], "atpatch_pass2", [], then_out)
+    else_branch = helper.make_graph(else_nodes, "atpatch_pass1", [], else_out)
+    second_pass = helper.make_node(
+        "If",
+        [any_new],
+        [o.name for o in outputs],
+        name=SECOND_PASS,
+        then_branch=then_branch,
+        else_branch=else_branch,
+    )
+    graph.node.extend([*b.nodes, second_pass])
+    if decoder:
+        graph.node.append(helper.make_node("Identity", [UNION], [PRESENT_FLAGS], name=PRESENT_FLAGS))
+        graph.output.append(helper.make_tensor_value_info(PRESENT_FLAGS, TensorProto.BOOL, ["batch", "total_sequence"]))
+
+
+def inline_second_pass(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose pass 2 always runs in the main graph, so that its maps can be read (probe, explain).
+
+    Its outputs equal the patched model's: inputs with no new flag still take pass 1's.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    nodes = list(graph.node)
+    index = next((i for i, n in enumerate(nodes) if n.op_type == "If" and n.name == SECOND_PASS), None)
+    if index is None:
+        return copy
+    node = nodes[index]
+    then_branch = next(a.g for a in node.attribute if a.name == "then_branch")
+    tail = [
+        helper.make_node("Identity", [inner.name], [outer], name=f"{_PASS2}out/{outer}")
+        for inner, outer in zip(then_branch.output, node.output, strict=True)
+    ]
+    del graph.node[:]
+    graph.node.extend([*nodes[:index], *then_branch.node, *tail, *nodes[index + 1 :]])
+    return copy
+
+
+def unpatch_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a patched model computing what the original did: AtPatch bypassed, no second pass,
+    and the inputs and outputs patching added (flag state, forced positions) gone."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    nodes = []
+    bypass: dict[str, str] = {}
+    for node in graph.node:
+        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
+            bypass[node.output[0]] = node.input[0]
+        elif node.op_type == "If" and node.name == SECOND_PASS:
+            else_branch = next(a.g for a in node.attribute if a.name == "else_branch")
+            kept = {n.output[0]: n.input[0] for n in else_branch.node}  # Identity(pass 1's output)
+            # Pass 1's outputs get their names back.
+            bypass.update(
+                {kept[inner.name]: outer for inner, outer in zip(else_branch.output, node.output, strict=True)}
+            )
+        else:
+            nodes.append(node)
+    for node in nodes:
+        for k, out in enumerate(node.output):
+            if out.startswith(_PASS1) and out in bypass:
+                node.output[k] = bypass[out]
+    _rename_inputs(nodes, bypass)
+    outputs = [o for o in graph.output if o.name != PRESENT_FLAGS]
+    needed = {o.name for o in outputs}
+    live = []
+    for node in reversed(nodes):  # dead-code elimination, from the outputs back
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed |= _uses(node)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    del graph.output[:]
+    graph.output.extend(outputs)
+    inputs = [i for i in graph.input if i.name in needed or i.name not in (PAST_FLAGS, FORCED_INPUT)]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return copy

@@ -1,0 +1,144 @@
+"""Cross-layer patching: a position flagged in any layer is patched in every layer (rewrite/crosslayer.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from torch_reference import cross_layer_forward, forward, patched_softmax
+
+from atpatch.detector.probe import AttentionProbe
+from atpatch.ops import reference, spec
+from atpatch.ops.weights import Detector
+from atpatch.rewrite import patch_model, unpatch_model
+from atpatch.rewrite.crosslayer import FORCED_INPUT, SECOND_PASS
+
+pytest.importorskip("transformers")
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _mass_detector(heads: int, threshold: float) -> reference.LayerDetector:
+    """score = the column's attention mass summed over heads."""
+    w1 = np.zeros((spec.num_features(heads), 1), np.float32)
+    w1[:heads, 0] = 1.0
+    zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
+    return reference.LayerDetector(w1, zero, one, zero, threshold)
+
+
+@pytest.fixture(scope="module")
+def bert(exported):  # noqa: ANN001, ANN201
+    from atpatch.exporter.hf import load_hf_model
+
+    result = exported("bert", False, 17)
+    return result, load_hf_model(result.folder)
+
+
+def _late_only_detector(model, inputs: dict[str, np.ndarray]) -> Detector:  # noqa: ANN001
+    """Layer 0 never flags; layer 1 flags the most-attended column of exactly one input."""
+    never = _mass_detector(4, 1e30)
+    seen: list[np.ndarray] = []
+    with patched_softmax([never, never], seen):
+        forward(model, inputs)
+    scores = np.sort(reference.column_scores(seen[1], never).ravel())[::-1]
+    assert scores[0] - scores[1] > 1e-3
+    return Detector((never, _mass_detector(4, float((scores[0] + scores[1]) / 2))), kind="test")
+
+
+def test_a_position_flagged_in_a_late_layer_is_patched_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 4, 12, rng)
+    detector = _late_only_detector(model, inputs)
+    patched, _ = patch_model(result.model, detector)
+    onnx.checker.check_model(patched, full_check=True)
+
+    expected, union = cross_layer_forward(model, inputs, detector.layers)
+    assert union.any(axis=1).sum() == 1
+    (got,) = _session(patched).run(None, inputs)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    with patched_softmax(detector.layers):
+        per_layer = forward(model, inputs)
+    flagged_row = int(np.flatnonzero(union.any(axis=1))[0])
+    assert np.abs(got[flagged_row] - per_layer[flagged_row]).max() > 1e-4, "layer 0 must be patched too"
+    (original,) = _session(result.model).run(None, inputs)
+    for row in range(len(got)):
+        if row != flagged_row:  # in the same batch as a flagged input, the others keep their exact outputs
+            assert np.array_equal(got[row], original[row])
+
+
+def test_the_second_pass_shares_the_weights_instead_of_copying_them(bert) -> None:  # noqa: ANN001
+    result, model = bert
+    patched, _ = patch_model(result.model, Detector.pass_through([4, 4]))
+    (node,) = [n for n in patched.graph.node if n.name == SECOND_PASS]
+    then_branch = next(a.g for a in node.attribute if a.name == "then_branch")
+    assert len(then_branch.initializer) == 0
+    assert sum(n.domain == spec.DOMAIN for n in then_branch.node) == 2  # both layers run again
+    weights = sum(t.ByteSize() for t in result.model.graph.initializer)
+    added = patched.ByteSize() - result.model.ByteSize()
+    assert added < 0.5 * weights, f"the patched file grew by {added} bytes for {weights} bytes of weights"
+
+
+def test_padding_changes_neither_flags_nor_outputs(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    """The same inputs, padded to different lengths, get the same flags and the same logits."""
+    result, model = bert
+    lengths = np.array([5, 9, 7, 11])
+    ids = rng.integers(5, result.config.vocab_size, size=(4, 11)).astype(np.int64)
+
+    def padded(width: int) -> dict[str, np.ndarray]:
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        full = np.zeros((4, width), np.int64)
+        full[:, :11] = ids
+        return {"input_ids": full * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
+
+    # A detector that flags something in these inputs, in layer 1 only.
+    detector = _late_only_detector(model, padded(11))
+    probe = AttentionProbe(patch_model(result.model, detector)[0])
+    runs = {width: probe.run(padded(width)) for width in (11, 12, 16, 31)}
+    base = runs[11]
+    assert base.union.any()
+    for width, out in runs.items():
+        np.testing.assert_array_equal(out.union[:, :11], base.union, err_msg=f"flags padded to {width}")
+        assert not out.union[:, 11:].any()
+        np.testing.assert_allclose(out.outputs[0], base.outputs[0], atol=1e-5, rtol=0, err_msg=f"padded to {width}")
+
+
+def test_forced_input_patches_given_positions_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 3, 10, rng)
+    forced = np.zeros((3, 10), bool)
+    forced[0, 3] = forced[2, [1, 4]] = True
+    patched, _ = patch_model(result.model, Detector.pass_through([4, 4]), forced_input=True)
+    (got,) = _session(patched).run(None, {**inputs, FORCED_INPUT: forced})
+    never = _mass_detector(4, 1e30)
+    with patched_softmax([never, never], forced=forced):
+        expected = forward(model, inputs)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    (original,) = _session(result.model).run(None, inputs)
+    assert np.array_equal(got[1], original[1]) and np.abs(got[0] - original[0]).max() > 1e-4
+
+
+def test_unpatching_gives_back_the_original_outputs(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 4, 12, rng)
+    patched, _ = patch_model(result.model, _late_only_detector(model, inputs))
+    plain = unpatch_model(patched)
+    assert not any(n.domain == spec.DOMAIN or n.op_type == "If" for n in plain.graph.node)
+    assert [i.name for i in plain.graph.input] == [i.name for i in result.model.graph.input]
+    np.testing.assert_array_equal(_session(plain).run(None, inputs)[0], _session(result.model).run(None, inputs)[0])
+
+
+def test_the_probe_reports_flags_per_layer_and_patches_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 4, 12, rng)
+    detector = _late_only_detector(model, inputs)
+    out = AttentionProbe(patch_model(result.model, detector)[0]).run(inputs)
+    row = int(np.flatnonzero(out.second_pass)[0])
+    assert not out.flagged[0].any() and out.flagged[1][row].any()
+    for layer in range(2):  # the flagged position is patched in both layers of that input's second pass
+        assert np.array_equal(out.patched[layer][row], out.union[row])
+        assert not np.array_equal(out.before[layer][row], out.after[layer][row])
+    (expected, _) = cross_layer_forward(model, inputs, detector.layers)
+    np.testing.assert_allclose(out.outputs[0], expected, atol=1e-5, rtol=0)
