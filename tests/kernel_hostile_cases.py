@@ -6,24 +6,27 @@
 
 A case passes when onnxruntime raises an error whose message contains the expected text,
 or, for inputs with no defined answer (NaN, Inf, extreme thresholds), when the run returns
-an output of the right shape and type. Anything else exits 1; a crash shows as a signal.
+outputs of the right shape and type. Anything else exits 1; a crash shows as a signal.
 The library is native.library_path(), so ATPATCH_NATIVE_LIBRARY selects e.g. a sanitizer build.
+Op v2 (with `forced` and `flags`) unless a case says v1; the fuzzing runs both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maps import MASKS, random_detector, random_map, with_flags  # noqa: E402
+from maps import FORCED_KINDS, MASKS_V2, random_detector, random_forced, random_map, with_flags  # noqa: E402
 
 from atpatch.ops import reference, spec  # noqa: E402
 from atpatch.ops.standalone import standalone_model  # noqa: E402
@@ -33,10 +36,34 @@ F32 = np.float32
 ONNX_TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
 
-def make_session(dtype: type = F32, threshold: float = 0.0, shapeless: bool = True) -> ort.InferenceSession:
-    """A native-kernel session; `shapeless` drops declared shapes so any rank reaches the kernel."""
+def make_session(
+    dtype: type = F32,
+    threshold: float = 0.0,
+    shapeless: bool = True,
+    version: int = 2,
+    forced_type: int = TensorProto.BOOL,
+    forced_absent: bool = False,
+    flags_output: bool = True,
+) -> ort.InferenceSession:
+    """A native-kernel session; `shapeless` drops declared shapes so any rank reaches the kernel.
+
+    `version` 1: the v1 node (no forced, no flags). `forced_type`: the declared type of `forced`
+    (the kernel takes any, to name the fix); `forced_absent`: the node's `forced` left empty;
+    `flags_output` False: the node drops its `flags` output.
+    """
     model = standalone_model(17, ONNX_TYPES[dtype], threshold)
     del model.functions[:]  # the kernel, never the function, must answer
+    graph, node = model.graph, model.graph.node[0]
+    graph.input[5].type.tensor_type.elem_type = forced_type
+    if version == 1 or forced_absent:
+        node.input[5] = ""
+        graph.input.pop()
+    if version == 1:
+        node.input.pop()
+        model.opset_import[1].version = 1
+    if version == 1 or not flags_output:
+        node.output.pop()
+        graph.output.pop()
     if shapeless:
         for value in (*model.graph.input, *model.graph.output):
             value.type.tensor_type.ClearField("shape")
@@ -51,12 +78,13 @@ def make_session(dtype: type = F32, threshold: float = 0.0, shapeless: bool = Tr
 
 
 def detector_feeds(heads: int, hidden: int = 3, **override: np.ndarray) -> dict[str, np.ndarray]:
-    """A detector for maps of `heads` heads (w1 has spec.num_features(heads) rows)."""
+    """A detector for maps of `heads` heads (w1 has spec.num_features(heads) rows), nothing forced."""
     feeds = {
         "w1": np.ones((spec.num_features(heads), hidden), F32),
         "b1": np.zeros(hidden, F32),
         "w2": np.ones(hidden, F32),
         "b2": np.full(1, -1.0, F32),
+        "forced": np.zeros((1, 1), bool),
     }
     feeds.update(override)
     return feeds
@@ -66,9 +94,15 @@ def uniform(shape: tuple[int, ...], dtype: type = F32) -> np.ndarray:
     return np.full(shape, 1.0 / max(shape[-1] if shape else 1, 1), dtype)
 
 
+def _inputs(feeds: dict[str, np.ndarray], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
 def expect_error(feeds: dict[str, np.ndarray], text: str, **session_args: object) -> str:
     try:
-        make_session(**session_args).run(None, feeds)  # type: ignore[arg-type]
+        session = make_session(**session_args)  # type: ignore[arg-type]
+        session.run(None, _inputs(feeds, session))
     except Exception as err:  # noqa: BLE001 - onnxruntime's error classes vary
         message = str(err)
         if text.lower() not in message.lower():
@@ -78,11 +112,25 @@ def expect_error(feeds: dict[str, np.ndarray], text: str, **session_args: object
 
 
 def expect_output(feeds: dict[str, np.ndarray], **session_args: object) -> str:
-    out = make_session(**session_args).run(None, feeds)[0]  # type: ignore[arg-type]
-    attention = feeds["attention"]
+    session = make_session(**session_args)  # type: ignore[arg-type]
+    outs = session.run(None, _inputs(feeds, session))
+    check_outputs(outs, feeds["attention"], len(session.get_outputs()))
+    return f"output {outs[0].shape} {outs[0].dtype}" + (f", flags {outs[1].shape}" if len(outs) > 1 else "")
+
+
+def check_outputs(outs: list[np.ndarray], attention: np.ndarray, expected: int) -> None:
+    out = outs[0]
+    if len(outs) != expected:
+        raise AssertionError(f"{len(outs)} outputs, expected {expected}")
     if out.shape != attention.shape or out.dtype != attention.dtype:
         raise AssertionError(f"output {out.shape} {out.dtype} for input {attention.shape} {attention.dtype}")
-    return f"output {out.shape} {out.dtype}"
+    if len(outs) > 1:
+        flags = outs[1]
+        want = (attention.shape[0], attention.shape[3])
+        if flags.shape != want or flags.dtype != np.bool_:
+            raise AssertionError(f"flags {flags.shape} {flags.dtype}, expected {want} bool")
+        if attention.size == 0 and flags.any():
+            raise AssertionError("flags set for a map with no entries")
 
 
 def expect_session_refused(dtype: type) -> str:
@@ -90,7 +138,7 @@ def expect_session_refused(dtype: type) -> str:
         sess = make_session(dtype=dtype, shapeless=False)
     except Exception as err:  # noqa: BLE001
         return f"refused: {str(err).strip().splitlines()[0][:160]}"
-    out = sess.run(None, {"attention": uniform((1, 1, 2, 2), dtype), **detector_feeds(1)})[0]
+    out = sess.run(None, _inputs({"attention": uniform((1, 1, 2, 2), dtype), **detector_feeds(1)}, sess))[0]
     return f"ran: {out.dtype}"  # also sane: an implementation for that type exists
 
 
@@ -114,7 +162,7 @@ CASES: dict[str, Callable[[], str]] = {
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(4)}, "= [6, hidden] for this map of 2 heads, got [12,3]"
     ),
     "w1_feature_version_1": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))}, "feature version 2"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))}, "feature version 3"
     ),
     "w1_rank": lambda: expect_error(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones(18, F32))},
@@ -185,23 +233,99 @@ CASES: dict[str, Callable[[], str]] = {
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, threshold=float("nan")
     ),
     "fp64_attention": lambda: expect_session_refused(np.float64),
+    # `forced` (op v2): bool, rank 2, broadcasting to [batch, k_len].
+    "forced_float": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((2, 3), F32))},
+        "forced must be bool, got float32; feed a bool mask [batch, k_len] = [2,3]",
+        forced_type=TensorProto.FLOAT,
+    ),
+    "forced_int64": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((2, 3), np.int64))},
+        "forced must be bool, got int64",
+        forced_type=TensorProto.INT64,
+    ),
+    "forced_rank1": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros(3, bool))},
+        "forced must be rank 2, got shape [3]; feed a bool mask [batch, k_len] = [2,3], or [1,1], [batch,1], [1,k_len]",
+    ),
+    "forced_rank0": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.array(True))}, "forced must be rank 2"
+    ),
+    "forced_rank3": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((1, 2, 3), bool))},
+        "forced must be rank 2, got shape [1,2,3]",
+    ),
+    "forced_wrong_batch": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((3, 3), bool))},
+        "forced of shape [3,3] does not broadcast to the map's [batch, k_len] = [2,3]",
+    ),
+    "forced_wrong_keys": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((1, 4), bool))},
+        "forced of shape [1,4] does not broadcast",
+    ),
+    "forced_no_rows": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.zeros((0, 3), bool))},
+        "forced of shape [0,3] does not broadcast",
+    ),
+    "forced_absent": lambda: expect_error(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2)}, "forced is missing", forced_absent=True
+    ),
+    "forced_all": lambda: expect_output(
+        {"attention": uniform((2, 2, 3, 3)), **detector_feeds(2, forced=np.ones((1, 1), bool))}
+    ),
+    "forced_nonzero_bytes": lambda: expect_output(
+        {  # bool bytes other than 0 and 1: any non-zero byte is true
+            "attention": uniform((2, 2, 3, 5)),
+            **detector_feeds(2, forced=np.arange(10, dtype=np.uint8).reshape(2, 5).view(bool)),
+        }
+    ),
+    "forced_for_no_heads": lambda: expect_output(
+        {"attention": uniform((2, 0, 3, 4)), **detector_feeds(0, forced=np.ones((2, 4), bool))}
+    ),
+    "forced_for_no_batch": lambda: expect_output(
+        {"attention": uniform((0, 2, 3, 4)), **detector_feeds(2, forced=np.ones((1, 1), bool))}
+    ),
+    "forced_for_no_queries": lambda: expect_output(
+        {"attention": uniform((2, 2, 0, 4)), **detector_feeds(2, forced=np.ones((2, 1), bool))}
+    ),
+    "forced_padding_rows": lambda: expect_output(
+        {"attention": np.zeros((1, 2, 4, 4), F32), **detector_feeds(2, forced=np.ones((1, 4), bool))}
+    ),
+    "without_flags_output": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, flags_output=False
+    ),
+    # Op v1 (models patched before v2): no forced, no flags; its validation is v2's.
+    "v1_runs": lambda: expect_output({"attention": _nan_map(), **detector_feeds(3)}, version=1),
+    "v1_w1_rows": lambda: expect_error(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))},
+        "for this map of 2 heads, got [4,3]; fit a detector for this model (feature version 2)",
+        version=1,
+    ),
+    "v1_zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds(0)}, version=1),
 }
+
+
+def v1_reference() -> mock._patch:
+    """The numpy reference with every query row real: op v1's features."""
+    return mock.patch.object(reference, "real_queries", lambda a: np.ones(np.shape(a)[:3], dtype=bool))
 
 
 def fuzz(seconds: float, seed: int) -> int:
     """Random maps (often hostile) through the kernel; checked against the reference when defined."""
     rng = np.random.default_rng(seed)
-    sessions = {dt: make_session(dtype=dt) for dt in (np.float32, np.float16)}
+    sessions = {(dt, v): make_session(dtype=dt, version=v) for dt in (np.float32, np.float16) for v in (1, 2)}
     end = time.monotonic() + seconds
     runs = 0
     while time.monotonic() < end:
         dtype = np.float32 if rng.random() < 0.7 else np.float16
+        version = 1 if rng.random() < 0.2 else 2
         shape = tuple(int(x) for x in rng.integers(0, [4, 5, 40, 70]))
         if rng.random() < 0.1:
             shape = tuple(int(x) for x in rng.integers(1, [3, 13, 200, 260]))
         size = int(np.prod(shape))
         # random_map needs every dimension; zero-size maps are plain zeros.
-        a = random_map(rng, shape, MASKS[runs % 3]) if min(shape) > 0 else np.zeros(shape, F32)  # type: ignore[arg-type]
+        mask = MASKS_V2[runs % len(MASKS_V2)]
+        a = random_map(rng, shape, mask) if min(shape) > 0 else np.zeros(shape, F32)  # type: ignore[arg-type]
         hostile = rng.random() < 0.3 and size > 0
         if hostile:
             flat = a.reshape(-1)
@@ -210,15 +334,21 @@ def fuzz(seconds: float, seed: int) -> int:
         with np.errstate(over="ignore"):  # 3e38 -> inf in float16 is one more hostile value
             a = a.astype(dtype)
         d = random_detector(rng, shape[1])
-        if not hostile and size > 0:
-            d = with_flags(a, d, ("none", "one", "some", "all")[runs % 4], rng) or d
-        feeds = {"attention": a, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
-        out = sessions[dtype].run(None, feeds)[0]
-        assert out.shape == a.shape and out.dtype == a.dtype, (out.shape, a.shape)
-        if not hostile and size > 0 and d.b2[0] != 0.0:  # flags placed in a score gap: defined answer
-            expected = reference.atpatch(a, d)
-            atol = 1e-6 if dtype is np.float32 else 1e-3
-            np.testing.assert_allclose(out.astype(F32), expected.astype(F32), rtol=0, atol=atol)
+        with v1_reference() if version == 1 else contextlib.nullcontext():
+            if not hostile and size > 0:
+                d = with_flags(a, d, ("none", "one", "some", "all")[runs % 4], rng) or d
+            forced = random_forced(rng, shape[0], shape[3], FORCED_KINDS[runs % len(FORCED_KINDS)])
+            feeds = {"attention": a, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+            if version == 2:
+                feeds["forced"] = np.zeros((1, 1), bool) if forced is None else forced
+            outs = sessions[dtype, version].run(None, feeds)
+            check_outputs(outs, a, 1 if version == 1 else 2)
+            if not hostile and size > 0 and d.b2[0] != 0.0:  # flags placed in a score gap: defined answer
+                expected, expected_flags = reference.atpatch(a, d, None if version == 1 else forced)
+                atol = 1e-6 if dtype is np.float32 else 1e-3
+                np.testing.assert_allclose(outs[0].astype(F32), expected.astype(F32), rtol=0, atol=atol)
+                if version == 2:
+                    np.testing.assert_array_equal(outs[1], expected_flags)
         runs += 1
     print(f"fuzz: {runs} runs in {seconds:.0f} s, seed {seed}: no failure")
     return 0

@@ -7,6 +7,11 @@ import numpy as np
 from atpatch.ops import reference, spec
 
 MASKS = ("none", "padded", "causal")
+# Op v2 also tells real query rows from padding ones. "padded" already has padding rows when
+# q_len == k_len (BERT: padded keys masked in every row, padded queries still attend the real
+# keys); "padded_rows" zeroes the padded query rows too, as some exporters do.
+MASKS_V2 = (*MASKS, "padded_rows")
+FORCED_KINDS = ("none", "[B,K]", "[B,1]", "[1,K]", "[1,1]")
 
 
 def random_map(rng: np.random.Generator, shape: tuple[int, int, int, int], mask: str) -> np.ndarray:
@@ -22,10 +27,40 @@ def random_map(rng: np.random.Generator, shape: tuple[int, int, int, int], mask:
     elif mask == "causal":
         allowed &= np.tril(np.ones((q, k), dtype=bool), k=k - q)[None, None]
         allowed[..., 0] = True  # a query with no visible key would be a fully masked row
+    elif mask == "padded_rows":
+        for i in range(b):
+            allowed[i, ..., k - int(rng.integers(0, k)) :] = False
     scores = np.where(allowed, scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
-    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
+    if mask == "padded_rows":
+        for i in range(b):
+            probs[i, :, q - int(rng.integers(0, q)) :] = 0.0  # keeps >= 1 row; all-zero rows are padding
+    return probs
+
+
+def random_forced(rng: np.random.Generator, batch: int, k_len: int, kind: str) -> np.ndarray | None:
+    """A random `forced` mask of shape `kind` (FORCED_KINDS; None for "none"), ~20% positions set."""
+    if kind == "none":
+        return None
+    shape = {"[B,K]": (batch, k_len), "[B,1]": (batch, 1), "[1,K]": (1, k_len), "[1,1]": (1, 1)}[kind]
+    return rng.random(shape) < 0.2
+
+
+def pad_batch_item(rng: np.random.Generator, attention: np.ndarray, length: int) -> np.ndarray:
+    """A self-attention map [1, heads, n, n] padded BERT-style to [1, heads, length, length].
+
+    The padded keys are masked in every row; the padded query rows attend the real keys (a
+    random softmax over them), as a padded token's query does in BERT.
+    """
+    _, h, n, k = attention.shape
+    assert n == k <= length, attention.shape
+    out = np.zeros((1, h, length, length), attention.dtype)
+    out[:, :, :n, :n] = attention
+    pad = np.exp(rng.normal(size=(1, h, length - n, n)))
+    out[:, :, n:, :n] = (pad / pad.sum(-1, keepdims=True)).astype(attention.dtype)
+    return out
 
 
 def random_detector(rng: np.random.Generator, heads: int) -> reference.LayerDetector:

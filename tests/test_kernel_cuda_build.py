@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from maps import MASKS, random_detector, random_map, with_flags
+from maps import FORCED_KINDS, MASKS_V2, random_detector, random_forced, random_map, with_flags
 from onnx import TensorProto
 
 from atpatch.ops import reference, spec
@@ -86,8 +86,16 @@ def library(build: Path) -> Path:
     return build / "libatpatch_ops.so"
 
 
-def feeds(attention: np.ndarray, d: reference.LayerDetector) -> dict[str, np.ndarray]:
-    return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+def feeds(attention: np.ndarray, d: reference.LayerDetector, forced: np.ndarray | None) -> dict[str, np.ndarray]:
+    nothing = np.zeros((1, 1), bool)
+    return {
+        "attention": attention,
+        "w1": d.w1,
+        "b1": d.b1,
+        "w2": d.w2,
+        "b2": d.b2,
+        "forced": nothing if forced is None else forced,
+    }
 
 
 def test_info_lists_both_providers_and_the_spec_contract(library: Path) -> None:
@@ -97,6 +105,8 @@ def test_info_lists_both_providers_and_the_spec_contract(library: Path) -> None:
     major, minor = str(info["cuda_runtime"]).split(".")
     assert int(major) >= 11 and int(minor) >= 0
     assert (info["domain"], info["op_type"], info["version"]) == (spec.DOMAIN, spec.OP_TYPE, spec.VERSION)
+    assert info["versions"] == [1, spec.VERSION]
+    assert (tuple(info["inputs"]), tuple(info["outputs"])) == (spec.INPUTS, spec.OUTPUTS)
     assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
     assert info["feature_version"] == spec.FEATURE_VERSION
 
@@ -124,7 +134,7 @@ def test_cpu_sessions_with_the_cuda_build_match_the_reference(library: Path, rng
         shape = (1, 1, 1, 1 + i) if i < 3 else tuple(int(x) for x in rng.integers(1, [4, 5, 12, 40]))
         if i % 50 == 49:
             shape = (2, 12, 64, 77)
-        attention = random_map(rng, shape, MASKS[i % len(MASKS)]).astype(dtype)  # type: ignore[arg-type]
+        attention = random_map(rng, shape, MASKS_V2[i % len(MASKS_V2)]).astype(dtype)  # type: ignore[arg-type]
         how = ("none", "one", "some", "all")[(i // 3) % 4]
         d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
         if d is None:
@@ -132,17 +142,35 @@ def test_cpu_sessions_with_the_cuda_build_match_the_reference(library: Path, rng
             d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
         assert d is not None
         counts[how] = counts.get(how, 0) + 1
-        got = sessions[dtype].run(None, feeds(attention, d))[0]
-        expected = reference.atpatch(attention, d)
+        forced = random_forced(rng, shape[0], shape[3], FORCED_KINDS[i % len(FORCED_KINDS)])
+        got, flags = sessions[dtype].run(None, feeds(attention, d, forced))
+        expected, expected_flags = reference.atpatch(attention, d, forced)
         assert got.dtype == attention.dtype and got.shape == attention.shape
         atol = 1e-6 if dtype is np.float32 else 1e-3
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
-        flagged = reference.column_scores(attention, d) > d.threshold
+        np.testing.assert_array_equal(flags, expected_flags)
+        flagged = expected_flags if forced is None else expected_flags | np.broadcast_to(forced, expected_flags.shape)
         valid = attention.astype(np.float32) > 0
         hit = valid & flagged[:, None, None, :]
         same = ~(hit.any(-1) & (valid & ~hit).any(-1))
         assert np.array_equal(got[same], attention[same]), "untouched rows must be bit-identical"
     assert min(counts.get(h, 0) for h in ("none", "one", "some", "all")) > 20, counts
+
+
+def test_v1_models_on_the_cuda_build(library: Path) -> None:
+    """The CUDA build registers v1 as well: the v1-patched BERT runs on its CPU kernel."""
+    import onnx
+
+    data = ROOT / "tests" / "data"
+    model = onnx.load(str(data / "v1_patched_bert.onnx"))
+    del model.functions[:]  # only the kernel can run it
+    with np.load(data / "v1_patched_bert.npz", allow_pickle=False) as z:
+        saved = {k: z[k] for k in z.files}
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
+    logits = sess.run(None, {"input_ids": saved["input_ids"], "attention_mask": saved["attention_mask"]})[0]
+    np.testing.assert_allclose(logits, saved["logits"], rtol=0, atol=1e-5)
 
 
 def test_hostile_inputs_on_the_cuda_build(library: Path) -> None:
@@ -178,7 +206,7 @@ def test_selftest_binary(build: Path) -> None:
     cpu = subprocess.run([selftest, "--cpu-only", "--cases", "120", "--no-big"], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert cpu.returncode == 0 and "RESULT: PASSED" in cpu.stdout, cpu.stdout + cpu.stderr
-    for row in ("float32 none", "float32 one", "float32 some", "float32 all", "float16 some"):
+    for row in ("float32 none", "float32 one", "float32 some", "float32 all", "float16 some", "coverage: forced"):
         assert row in cpu.stdout, cpu.stdout
     gpu = subprocess.run([selftest, "--cases", "40", "--no-big", "--no-bench"], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
@@ -202,6 +230,8 @@ def test_device_code_on_the_cpu_emulation_equals_the_cpu_kernel(build: Path) -> 
     assert {f"{r[0]} {r[1]}" for r in rows} == {f"{d} {h}" for d in ("float32", "float16") for h in
                                                 ("none", "one", "some", "all")}, report  # fmt: skip
     assert sum(int(r[5]) for r in rows) > 0, report  # some rows were patched
+    # forced of every broadcast shape, op v1 and padding query rows were run (else it fails itself)
+    assert "coverage: forced [1,1]" in result.stdout and "op v1" in result.stdout, report
     if platform.machine() in ("x86_64", "AMD64"):
         # No fused multiply-add on either side here: the same operations in the same order.
         assert all(r[7] == "100.0000" for r in rows), report

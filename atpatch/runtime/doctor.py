@@ -62,6 +62,7 @@ def _native_status() -> list[str]:
             "b1": np.zeros(1, np.float32),
             "w2": np.zeros(1, np.float32),
             "b2": np.full(1, -1.0, np.float32),
+            "forced": np.zeros((1, 1), bool),
         }
         out = session.run(None, feeds)[0]
         ok = np.array_equal(out, attention)

@@ -66,7 +66,7 @@ ATPATCH_HOT void accumulate_row(const float* row, int64_t k_len, RowStats stats,
   for (int64_t j = 0; j < k_len; ++j) {
     const float v = row[j];
     const float valid = v > 0.0f ? 1.0f : 0.0f;
-    // The reference sums attention * n_q over every row, masked ones included.
+    // The reference sums attention * n_q over every counted row, masked entries included (they add 0).
     mass[j] += v * n_q;
     peak[j] = v > peak[j] ? v : peak[j];
     top[j] += v >= row_max ? valid : 0.0f;
@@ -88,41 +88,48 @@ const float* feature_of(const HeadColumns& c, int f) { return f == 0 ? c.mass : 
 }  // namespace
 
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
-                      const DetectorView& d, float* flags) {
-  int64_t flagged = 0;
+                      const DetectorView& d, const ColumnMasks& out) {
+  int64_t patched = 0;
   for (int64_t j = 0; j < k_len; ++j) {
-    // features[j] = (mass[0..H-1], peak[0..H-1], top[0..H-1]): feature f of head h is w1's
-    // row f * H + h. score = w2 . relu(features @ w1 + b1) + b2; both dots in double keep
-    // it close to numpy's BLAS result whatever order that used.
-    double score = 0.0;
-    for (int64_t i = 0; i < d.hidden; ++i) {
-      double dot = 0.0;
-      for (int f = 0; f < kFeaturesPerHead; ++f) {
-        const float* w = d.w1 + (f * num_heads) * d.hidden + i;
-        for (int64_t h = 0; h < num_heads; ++h) {
-          dot += static_cast<double>(feature_of(heads[h], f)[j]) * static_cast<double>(w[h * d.hidden]);
+    bool attended = false;
+    for (int64_t h = 0; h < num_heads; ++h) attended |= heads[h].peak[j] > 0.0f;
+    bool flag = false;
+    if (attended) {  // an unattended column cannot be flagged: its score is not needed
+      // features[j] = (mass[0..H-1], peak[0..H-1], top[0..H-1]): feature f of head h is w1's
+      // row f * H + h. score = w2 . relu(features @ w1 + b1) + b2; both dots in double keep
+      // it close to numpy's BLAS result whatever order that used.
+      double score = 0.0;
+      for (int64_t i = 0; i < d.hidden; ++i) {
+        double dot = 0.0;
+        for (int f = 0; f < kFeaturesPerHead; ++f) {
+          const float* w = d.w1 + (f * num_heads) * d.hidden + i;
+          for (int64_t h = 0; h < num_heads; ++h) {
+            dot += static_cast<double>(feature_of(heads[h], f)[j]) * static_cast<double>(w[h * d.hidden]);
+          }
         }
+        const float z = static_cast<float>(dot) + d.b1[i];
+        const float hidden = z > 0.0f ? z : 0.0f;
+        score += static_cast<double>(hidden) * static_cast<double>(d.w2[i]);
       }
-      const float z = static_cast<float>(dot) + d.b1[i];
-      const float hidden = z > 0.0f ? z : 0.0f;
-      score += static_cast<double>(hidden) * static_cast<double>(d.w2[i]);
+      const float s = static_cast<float>(score) + d.b2;
+      flag = s > d.threshold;
     }
-    const float s = static_cast<float>(score) + d.b2;
-    const bool flag = s > d.threshold;
-    flags[j] = flag ? 1.0f : 0.0f;
-    flagged += flag ? 1 : 0;
+    const bool patch = flag || (out.forced != nullptr && out.forced[j * out.forced_stride] != 0);
+    if (out.flags != nullptr) out.flags[j] = flag ? 1 : 0;
+    out.patch[j] = patch ? 1.0f : 0.0f;
+    patched += patch ? 1 : 0;
   }
-  return flagged;
+  return patched;
 }
 
-ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, float* out) {
+ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* patch, float* out) {
   float hits[kLanes] = {}, kept[kLanes] = {}, kept_sum[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= k_len; j += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = row[j + l];
       const float valid = v > 0.0f ? 1.0f : 0.0f;
-      const float hit = valid * flags[j + l];
+      const float hit = valid * patch[j + l];
       const float keep = valid - hit;
       hits[l] += hit;
       kept[l] += keep;
@@ -132,7 +139,7 @@ ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, 
   for (; j < k_len; ++j) {
     const float v = row[j];
     const float valid = v > 0.0f ? 1.0f : 0.0f;
-    const float hit = valid * flags[j];
+    const float hit = valid * patch[j];
     const float keep = valid - hit;
     hits[0] += hit;
     kept[0] += keep;
@@ -147,7 +154,7 @@ ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, 
   }
   if (n_hits == 0.0f || n_kept == 0.0f) return false;
 
-  // The benign value m: the smallest unflagged unmasked entry. A pass of its own: folded
+  // The benign value m: the smallest unmasked entry outside P. A pass of its own: folded
   // into the loop above, GCC threads the selects into branches and vectorises neither.
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float low[kLanes];
@@ -156,14 +163,14 @@ ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, 
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = row[j + l];
       const float unmasked = v > 0.0f ? v : kInf;
-      const float candidate = flags[j + l] != 0.0f ? kInf : unmasked;
+      const float candidate = patch[j + l] != 0.0f ? kInf : unmasked;
       low[l] = candidate < low[l] ? candidate : low[l];
     }
   }
   for (; j < k_len; ++j) {
     const float v = row[j];
     const float unmasked = v > 0.0f ? v : kInf;
-    const float candidate = flags[j] != 0.0f ? kInf : unmasked;
+    const float candidate = patch[j] != 0.0f ? kInf : unmasked;
     low[0] = candidate < low[0] ? candidate : low[0];
   }
   float benign = kInf;
@@ -176,7 +183,7 @@ ATPATCH_HOT bool patch_row(const float* row, int64_t k_len, const float* flags, 
     // sunk into a branch (it may trap), which stops vectorisation. Masked entries give
     // 0 / total = 0, as total > 0.
     const float v = row[j];
-    const float numerator = flags[j] != 0.0f ? benign : v;
+    const float numerator = patch[j] != 0.0f ? benign : v;
     out[j] = (v > 0.0f ? numerator : 0.0f) / total;
   }
   return true;

@@ -1,7 +1,7 @@
 // AtPatch on a CUDA device: the same three phases as core.h, as four kernels on one stream.
-//   1. row_stats:  one warp per row          -> n_q (unmasked entries) and the row maximum
-//   2. columns:    one thread per (b, h, j)  -> per-head mass, peak, top (rows in order)
-//   3. scores:     one thread per (b, j)     -> flags[b, j], flagged count per item
+//   1. row_stats:  one warp per row          -> whether the row counts; n_q and the row maximum
+//   2. columns:    one thread per (b, h, j)  -> per-head mass, peak, top (counted rows in order)
+//   3. scores:     one thread per (b, j)     -> flags[b, j], P = flags OR forced, P's size per item
 //   4. patch:      16 threads per row        -> the patched row, or nothing when unchanged
 // Every float operation is core.cc's, in core.cc's order, with explicit round-to-nearest
 // intrinsics (__fadd_rn, ...) so that nvcc cannot fuse a multiply-add: the result equals the
@@ -44,15 +44,28 @@ __device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; 
 // Round to nearest even, as Ort::Float16_t(float) in the CPU kernel.
 __device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 
-// Phase 1a: n_q and the row maximum (initial 0), as core.cc's row_stats. Both are
-// order-independent (counts of small integers; a max where NaN never wins).
+// n_q of a row that phase 1 does not count (a padding query, core.h's counts_row): the
+// columns kernel skips such rows, as core.cc does.
+constexpr float kSkippedRow = -1.0f;
+
+// Phase 1a: whether the row counts (one entry read, by every lane alike), then n_q and the row
+// maximum (initial 0), as core.cc's row_stats. Both are order-independent (counts of small
+// integers; a max where NaN never wins).
 template <typename T>
-__global__ void row_stats_kernel(const T* __restrict__ in, int64_t rows, int64_t k_len, float* __restrict__ support,
-                                 float* __restrict__ row_max) {
+__global__ void row_stats_kernel(const T* __restrict__ in, int64_t rows, int64_t q_len, int64_t k_len,
+                                 bool count_every_row, float* __restrict__ support, float* __restrict__ row_max) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
     const T* row = in + r * k_len;
+    const int64_t own = k_len - q_len + r % q_len;  // the row's key position (core.h's counts_row)
+    if (!count_every_row && own >= 0 && !(load(row, own) > 0.0f)) {
+      if (lane == 0) {
+        support[r] = kSkippedRow;
+        row_max[r] = 0.0f;
+      }
+      continue;  // the same for the whole warp: r and `own` are
+    }
     float count = 0.0f, m = 0.0f;
     for (int64_t j = lane; j < k_len; j += 32) {
       const float v = load(row, j);
@@ -71,7 +84,7 @@ __global__ void row_stats_kernel(const T* __restrict__ in, int64_t rows, int64_t
   }
 }
 
-// Phase 1b: one thread per (block, column), rows in order (core.cc's accumulate_row and
+// Phase 1b: one thread per (block, column), counted rows in order (core.cc's accumulate_row and
 // finish_columns). Features go to [batch, kFeaturesPerHead * heads, k_len]: feature f of head h
 // at f * heads + h, each row of columns contiguous.
 template <typename T>
@@ -86,9 +99,11 @@ __global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t 
     const float* mx = row_max + block * q_len;
     float mass = 0.0f, peak = 0.0f, top = 0.0f, rows = 0.0f;
     for (int64_t q = 0; q < q_len; ++q) {
+      const float n_q = __ldg(n + q);
+      if (n_q == kSkippedRow) continue;
       const float v = load(column, q * k_len);
       const float valid = v > 0.0f ? 1.0f : 0.0f;
-      mass = __fadd_rn(mass, __fmul_rn(v, __ldg(n + q)));
+      mass = __fadd_rn(mass, __fmul_rn(v, n_q));
       peak = v > peak ? v : peak;
       top = __fadd_rn(top, v >= __ldg(mx + q) ? valid : 0.0f);
       rows = __fadd_rn(rows, valid);
@@ -102,31 +117,41 @@ __global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t 
   }
 }
 
-// Phase 2: core.cc's score_columns for one column of one item; dots in double.
+// Phase 2: core.cc's score_columns for one column of one item; dots in double. Writes the
+// `flags` output (when wanted) and P = flags OR forced as the float mask the patch reads.
 __global__ void scores_kernel(const float* __restrict__ features, int64_t batch, int64_t heads, int64_t k_len,
                               const float* __restrict__ w1, const float* __restrict__ b1,
                               const float* __restrict__ w2, const float* __restrict__ b2, int64_t hidden,
-                              float threshold, float* __restrict__ flags, unsigned long long* __restrict__ counts) {
+                              float threshold, const uint8_t* __restrict__ forced, int64_t forced_batch_stride,
+                              int64_t forced_key_stride, uint8_t* __restrict__ flags_out, float* __restrict__ patch,
+                              unsigned long long* __restrict__ counts) {
   const int64_t total = batch * k_len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t rows = kFeaturesPerHead * heads;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
     const int64_t b = t / k_len, j = t % k_len;
     const float* f = features + b * rows * k_len + j;
-    double score = 0.0;
-    for (int64_t i = 0; i < hidden; ++i) {
-      double dot = 0.0;
-      for (int64_t r = 0; r < rows; ++r) {  // r = f * heads + h: core.cc's loop order
-        dot = __dadd_rn(dot, __dmul_rn(static_cast<double>(f[r * k_len]), static_cast<double>(__ldg(w1 + r * hidden + i))));
+    bool attended = false;  // some head's peak > 0: some counted row has the column unmasked
+    for (int64_t h = 0; h < heads; ++h) attended |= f[(heads + h) * k_len] > 0.0f;
+    bool flag = false;
+    if (attended) {
+      double score = 0.0;
+      for (int64_t i = 0; i < hidden; ++i) {
+        double dot = 0.0;
+        for (int64_t r = 0; r < rows; ++r) {  // r = f * heads + h: core.cc's loop order
+          dot = __dadd_rn(dot, __dmul_rn(static_cast<double>(f[r * k_len]), static_cast<double>(__ldg(w1 + r * hidden + i))));
+        }
+        const float z = __fadd_rn(__double2float_rn(dot), __ldg(b1 + i));
+        const float h = z > 0.0f ? z : 0.0f;
+        score = __dadd_rn(score, __dmul_rn(static_cast<double>(h), static_cast<double>(__ldg(w2 + i))));
       }
-      const float z = __fadd_rn(__double2float_rn(dot), __ldg(b1 + i));
-      const float h = z > 0.0f ? z : 0.0f;
-      score = __dadd_rn(score, __dmul_rn(static_cast<double>(h), static_cast<double>(__ldg(w2 + i))));
+      const float s = __fadd_rn(__double2float_rn(score), __ldg(b2));
+      flag = s > threshold;
     }
-    const float s = __fadd_rn(__double2float_rn(score), __ldg(b2));
-    const bool flag = s > threshold;
-    flags[t] = flag ? 1.0f : 0.0f;
-    if (flag) atomicAdd(counts + b, 1ull);
+    const bool in_p = flag || (forced != nullptr && forced[b * forced_batch_stride + j * forced_key_stride] != 0);
+    if (flags_out != nullptr) flags_out[t] = flag ? 1 : 0;
+    patch[t] = in_p ? 1.0f : 0.0f;
+    if (in_p) atomicAdd(counts + b, 1ull);
   }
 }
 
@@ -134,7 +159,7 @@ __global__ void scores_kernel(const float* __restrict__ features, int64_t batch,
 // (entries j = l, l + 16, ...; the tail after the last full group of 16 goes to lane 0).
 template <typename T>
 __global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per_item, int64_t k_len,
-                             const float* __restrict__ all_flags, const unsigned long long* __restrict__ counts) {
+                             const float* __restrict__ all_patch, const unsigned long long* __restrict__ counts) {
   const int lane = threadIdx.x % kLanes;
   const unsigned mask = ((threadIdx.x % 32) < kLanes) ? 0x0000ffffu : 0xffff0000u;
   const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / kLanes);
@@ -144,14 +169,14 @@ __global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per
     const T* row = in + r * k_len;
     T* row_out = out + r * k_len;
     const int64_t b = r / rows_per_item;
-    const float* flags = all_flags + b * k_len;
+    const float* in_p = all_patch + b * k_len;  // P: flags OR forced
     bool changed = false;
     if (counts[b] != 0) {
       float hits = 0.0f, kept = 0.0f, kept_sum = 0.0f;
       auto add = [&](int64_t j) {
         const float v = load(row, j);
         const float valid = v > 0.0f ? 1.0f : 0.0f;
-        const float hit = __fmul_rn(valid, flags[j]);
+        const float hit = __fmul_rn(valid, in_p[j]);
         const float keep = __fsub_rn(valid, hit);
         hits = __fadd_rn(hits, hit);
         kept = __fadd_rn(kept, keep);
@@ -176,7 +201,7 @@ __global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per
         for (int64_t j = lane; j < k_len; j += kLanes) {
           const float v = load(row, j);
           const float unmasked = v > 0.0f ? v : kInf;
-          const float candidate = flags[j] != 0.0f ? kInf : unmasked;
+          const float candidate = in_p[j] != 0.0f ? kInf : unmasked;
           low = candidate < low ? candidate : low;
         }
         for (int offset = kLanes / 2; offset > 0; offset /= 2) {
@@ -187,7 +212,7 @@ __global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per
         const float total = __fadd_rn(__double2float_rn(sum), __fmul_rn(n_hits, benign));
         for (int64_t j = lane; j < k_len; j += kLanes) {
           const float v = load(row, j);
-          const float numerator = flags[j] != 0.0f ? benign : v;
+          const float numerator = in_p[j] != 0.0f ? benign : v;
           store(row_out, j, __fdiv_rn(v > 0.0f ? numerator : 0.0f, total));
         }
       }
@@ -219,19 +244,25 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   const T* in = static_cast<const T*>(p.in);
   T* out = static_cast<T*>(p.out);
   const int64_t blocks = p.batch * p.heads, rows = blocks * p.q_len;
-  if (rows == 0 || p.k_len == 0) return "";
+  const bool empty = rows == 0 || p.k_len == 0;
+  if (empty && (p.flags == nullptr || p.batch * p.k_len == 0)) return "";
 
   // The CUDA EP may run this thread on another device than the tensors': follow the data.
   cudaPointerAttributes attributes{};
-  if (cudaPointerGetAttributes(&attributes, p.in) == cudaSuccess && attributes.type == cudaMemoryTypeDevice) {
+  const void* data = empty ? static_cast<const void*>(p.flags) : p.in;
+  if (cudaPointerGetAttributes(&attributes, data) == cudaSuccess && attributes.type == cudaMemoryTypeDevice) {
     int current = -1;
     if (cudaGetDevice(&current) == cudaSuccess && current != attributes.device) {
       if (cudaError_t err = cudaSetDevice(attributes.device)) return error_text(err, "selecting the tensors' device");
     }
   }
   (void)cudaGetLastError();  // a stale error from another library must not be reported as ours
+  if (empty) {  // no entries (no heads or no queries): no column is attended, none flagged
+    const cudaError_t err = cudaMemsetAsync(p.flags, 0, static_cast<size_t>(p.batch * p.k_len), stream);
+    return err == cudaSuccess ? "" : error_text(err, "clearing the flags");
+  }
 
-  // Workspace: n_q and row max per row, features per item, flags per item, flag counts.
+  // Workspace: n_q and row max per row, features per item, P per item, P's size per item.
   const int64_t feature_floats = p.batch * kFeaturesPerHead * p.heads * p.k_len;
   const size_t float_count = static_cast<size_t>(2 * rows + feature_floats + p.batch * p.k_len);
   const size_t bytes = float_count * sizeof(float) + static_cast<size_t>(p.batch) * sizeof(unsigned long long);
@@ -243,19 +274,21 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   float* support = reinterpret_cast<float*>(counts + p.batch);
   float* row_max = support + rows;
   float* features = row_max + rows;
-  float* flags = features + feature_floats;
+  float* patch = features + feature_floats;
 
   std::string error;
   cudaError_t err = cudaMemsetAsync(counts, 0, static_cast<size_t>(p.batch) * sizeof(unsigned long long), stream);
   if (err != cudaSuccess) error = error_text(err, "clearing the flag counts");
   if (error.empty()) {
-    ATPATCH_LAUNCH(row_stats_kernel<T>, grid_for(rows * 32), stream, in, rows, p.k_len, support, row_max);
+    ATPATCH_LAUNCH(row_stats_kernel<T>, grid_for(rows * 32), stream, in, rows, p.q_len, p.k_len, p.count_every_row,
+                   support, row_max);
     ATPATCH_LAUNCH(columns_kernel<T>, grid_for(blocks * p.k_len), stream, in, p.heads, p.q_len, p.k_len,
                    blocks * p.k_len, support, row_max, features);
     ATPATCH_LAUNCH(scores_kernel, grid_for(p.batch * p.k_len), stream, features, p.batch, p.heads, p.k_len, p.w1,
-                   p.b1, p.w2, p.b2, p.hidden, p.threshold, flags, counts);
+                   p.b1, p.w2, p.b2, p.hidden, p.threshold, p.forced, p.forced_batch_stride, p.forced_key_stride,
+                   p.flags, patch, counts);
     ATPATCH_LAUNCH(patch_kernel<T>, grid_for(rows * kLanes), stream, in, out, rows, p.heads * p.q_len, p.k_len,
-                   flags, counts);
+                   patch, counts);
     if ((err = cudaGetLastError()) != cudaSuccess) error = error_text(err, "launching the AtPatch kernels");
   }
   if (error.empty() && p.features_out != nullptr) {

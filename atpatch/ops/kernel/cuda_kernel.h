@@ -29,6 +29,12 @@ struct Problem {
   const float* b2;  // [1]
   int64_t hidden;
   float threshold;
+  bool count_every_row = false;  // op v1: every query row counts in the features, not the real ones only
+  // `forced` (op v2; nullptr: none), bool bytes read at b * forced_batch_stride + j * forced_key_stride
+  // (a stride is 0 on an axis it broadcasts over).
+  const uint8_t* forced = nullptr;
+  int64_t forced_batch_stride = 0, forced_key_stride = 0;
+  uint8_t* flags = nullptr;  // the `flags` output [batch, k_len] (op v2), or nullptr
   // Optional (tests): receives the column features, [batch, kFeaturesPerHead * heads, k_len],
   // feature f of head h in row f * heads + h.
   float* features_out = nullptr;
@@ -38,6 +44,7 @@ struct Problem {
 // without waiting. Its workspace comes from the stream-ordered allocator (cudaMallocAsync) and is
 // freed in stream order. Returns "" on success, else a one-line error (CUDA's own message).
 // The caller has validated shapes as custom_op.cc does (rank 4, lengths <= 2^24, no overflow).
+// A map with no entries (heads or q_len 0) still writes `flags`, all false.
 std::string run(const Problem& problem, void* stream);
 
 }  // namespace cuda

@@ -5,11 +5,13 @@
 //   atpatch_cuda_selftest [--cases N] [--seed S] [--no-big] [--small] [--no-bench] [--cpu-only]
 //
 // Checks, per case: |gpu - cpu| <= 1e-6 (float32) / 1e-3 (float16), the tolerances of
-// tests/test_kernel.py; rows the spec leaves unchanged are the input bit for bit; the run in
-// place (output == input, as onnxruntime may ask) gives the same. Cases cover batch 1, one
-// query, k_len not a multiple of 16, padded keys, padded (all-zero) query rows, causal masks,
-// and none / one / some / all columns flagged (the cut sits in a gap of the scores wider than
-// 1e-3, as tests/maps.py does, so rounding cannot flip a flag).
+// tests/test_kernel.py; the `flags` output equal; rows the spec leaves unchanged are the input
+// bit for bit; the run in place (output == input, as onnxruntime may ask) gives the same. Cases
+// cover batch 1, one query, more queries than keys, k_len not a multiple of 16, padded keys
+// (BERT-style: padding query rows still attend the real keys), padded all-zero query rows,
+// causal masks, none / one / some / all columns flagged (the cut sits in a gap of the scores
+// wider than 1e-3, as tests/maps.py does, so rounding cannot flip a flag), random `forced` masks
+// of every broadcast shape, and op v1 (every query row counted, no forced, no flags).
 // --cpu-only runs the case generator and the CPU side alone (for machines without a GPU).
 // Exit status: 0 all passed, 1 a mismatch, 2 bad usage, 3 no usable CUDA device.
 #if defined(ATPATCH_CUDA_EMULATION)
@@ -35,231 +37,9 @@
 
 #include "core.h"
 #include "cuda_kernel.h"
+#include "cuda_selftest_cases.h"
 
 namespace {
-
-struct Shape {
-  int64_t b, h, q, k;
-  int64_t size() const { return b * h * q * k; }
-  std::string str() const {
-    return std::to_string(b) + "x" + std::to_string(h) + "x" + std::to_string(q) + "x" + std::to_string(k);
-  }
-};
-
-struct Detector {
-  std::vector<float> w1, b1, w2;
-  float b2 = 0.0f;
-  int64_t hidden = 0;
-  atpatch::DetectorView view() const { return {w1.data(), b1.data(), w2.data(), b2, hidden, 0.0f}; }
-};
-
-using Rng = std::mt19937_64;
-
-double normal(Rng& rng) { return std::normal_distribution<double>(0.0, 1.0)(rng); }
-double uniform(Rng& rng, double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
-int64_t integer(Rng& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi - 1)(rng); }
-
-// tests/maps.py's random_map: a softmax of random scores, sometimes one column that soaks up
-// attention, masked entries exactly 0. "padded_rows" also zeroes the last query rows of
-// each item, as exporters that mask padded queries do.
-std::vector<float> random_map(Rng& rng, const Shape& s, const std::string& mask) {
-  std::vector<float> map(static_cast<size_t>(s.size()));
-  const double scale = uniform(rng, 0.5, 4.0);
-  const int64_t hot = s.k > 1 && uniform(rng, 0, 1) < 0.5 ? integer(rng, 0, s.k) : -1;
-  const double hot_boost = uniform(rng, 2.0, 8.0);
-  std::vector<double> row(static_cast<size_t>(s.k));
-  for (int64_t b = 0; b < s.b; ++b) {
-    const int64_t keys = mask == "padded" || mask == "padded_rows" ? s.k - integer(rng, 0, s.k) : s.k;
-    const int64_t queries = mask == "padded_rows" ? s.q - integer(rng, 0, s.q) : s.q;
-    for (int64_t h = 0; h < s.h; ++h) {
-      for (int64_t q = 0; q < s.q; ++q) {
-        float* out = map.data() + ((b * s.h + h) * s.q + q) * s.k;
-        if (q >= queries) {
-          std::fill(out, out + s.k, 0.0f);
-          continue;
-        }
-        double top = -INFINITY;
-        for (int64_t j = 0; j < s.k; ++j) {
-          bool allowed = j < keys;
-          if (mask == "causal") allowed = j == 0 || j <= q + (s.k - s.q);
-          row[j] = allowed ? normal(rng) * scale + (j == hot ? hot_boost : 0.0) : -INFINITY;
-          top = std::max(top, row[j]);
-        }
-        double sum = 0.0;
-        for (int64_t j = 0; j < s.k; ++j) sum += (row[j] = std::exp(row[j] - top));
-        for (int64_t j = 0; j < s.k; ++j) out[j] = static_cast<float>(row[j] / sum);
-      }
-    }
-  }
-  return map;
-}
-
-Detector random_detector(Rng& rng, int64_t heads) {
-  Detector d;
-  d.hidden = integer(rng, 0, 4) == 0 ? 32 : integer(rng, 1, 9);
-  d.w1.resize(static_cast<size_t>(atpatch::kFeaturesPerHead * heads * d.hidden));
-  d.b1.resize(static_cast<size_t>(d.hidden));
-  d.w2.resize(static_cast<size_t>(d.hidden));
-  for (float& x : d.w1) x = static_cast<float>(normal(rng));
-  for (float& x : d.b1) x = static_cast<float>(normal(rng));
-  for (float& x : d.w2) x = static_cast<float>(normal(rng));
-  return d;
-}
-
-template <typename T>
-float to_float(T v);
-template <>
-float to_float(float v) { return v; }
-template <>
-float to_float(__half v) { return __half2float(v); }
-template <typename T>
-T from_float(float v);
-template <>
-float from_float(float v) { return v; }
-template <>
-__half from_float(float v) { return __float2half_rn(v); }  // RNE, as Ort::Float16_t(float)
-
-void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
-  if (threads <= 1 || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      for (int64_t i = t; i < n; i += threads) fn(i);
-    });
-  }
-  for (auto& th : pool) th.join();
-}
-
-// The CPU kernel as custom_op.cc runs it: phase 1 per block, phase 2 per item, phase 3 per
-// block (float16 rows converted to float scratch, converted back only when changed).
-// `changed` (optional) gets one byte per row: 1 when the row was patched.
-template <typename T>
-void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorView& d, int threads,
-                 std::vector<uint8_t>* changed, std::vector<int64_t>* flagged_per_item) {
-  const int64_t blocks = s.b * s.h;
-  std::vector<float> work(static_cast<size_t>(blocks * 5 * s.k));
-  std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
-  for (int64_t i = 0; i < blocks; ++i) {
-    float* base = work.data() + i * 5 * s.k;
-    cols[i] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
-  }
-  auto scratch = [&](int64_t block) { return work.data() + (block * 5 + 4) * s.k; };
-  parallel_for(blocks, threads, [&](int64_t block) {
-    atpatch::clear_columns(cols[block], s.k);
-    for (int64_t q = 0; q < s.q; ++q) {
-      const T* src = in + (block * s.q + q) * s.k;
-      float* row = scratch(block);
-      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
-      atpatch::accumulate_row(row, s.k, atpatch::row_stats(row, s.k), cols[block]);
-    }
-    atpatch::finish_columns(cols[block], s.k);
-  });
-  std::vector<float> flags(static_cast<size_t>(s.b * s.k));
-  std::vector<int64_t> flagged(static_cast<size_t>(s.b));
-  parallel_for(s.b, threads, [&](int64_t b) {
-    flagged[b] = atpatch::score_columns(cols.data() + b * s.h, s.h, s.k, d, flags.data() + b * s.k);
-  });
-  if (changed) changed->assign(static_cast<size_t>(blocks * s.q), 0);
-  parallel_for(blocks, threads, [&](int64_t block) {
-    const int64_t b = block / s.h;
-    for (int64_t q = 0; q < s.q; ++q) {
-      const T* src = in + (block * s.q + q) * s.k;
-      T* dst = out + (block * s.q + q) * s.k;
-      bool patched = false;
-      if (flagged[b] != 0) {
-        float* row = scratch(block);
-        for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
-        patched = atpatch::patch_row(row, s.k, flags.data() + b * s.k, row);
-        if (patched) {
-          for (int64_t j = 0; j < s.k; ++j) dst[j] = from_float<T>(row[j]);
-        }
-      }
-      if (!patched && dst != src) std::memcpy(dst, src, static_cast<size_t>(s.k) * sizeof(T));
-      if (changed) (*changed)[block * s.q + q] = patched ? 1 : 0;
-    }
-  });
-  if (flagged_per_item) *flagged_per_item = flagged;
-}
-
-// The detector's scores per (item, column), computed from core.cc's features with the same MLP:
-// only to place the threshold in a gap (tests/maps.py's with_flags).
-// `features` (optional) gets core.cc's features in the CUDA kernel's layout [b, f * heads + h, j].
-template <typename T>
-std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const Detector& d,
-                               std::vector<float>* features = nullptr) {
-  const int64_t blocks = s.b * s.h;
-  std::vector<float> work(static_cast<size_t>(blocks * 4 * s.k)), row(static_cast<size_t>(s.k));
-  std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
-  for (int64_t block = 0; block < blocks; ++block) {
-    float* base = work.data() + block * 4 * s.k;
-    cols[block] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
-    atpatch::clear_columns(cols[block], s.k);
-    for (int64_t q = 0; q < s.q; ++q) {
-      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(map[(block * s.q + q) * s.k + j]);
-      atpatch::accumulate_row(row.data(), s.k, atpatch::row_stats(row.data(), s.k), cols[block]);
-    }
-    atpatch::finish_columns(cols[block], s.k);
-  }
-  if (features) {
-    features->resize(static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k));
-    for (int64_t b = 0; b < s.b; ++b) {
-      for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
-        for (int64_t h = 0; h < s.h; ++h) {
-          const auto& c = cols[b * s.h + h];
-          const float* src = f == 0 ? c.mass : f == 1 ? c.peak : c.top;
-          std::copy(src, src + s.k, features->data() + ((b * atpatch::kFeaturesPerHead + f) * s.h + h) * s.k);
-        }
-      }
-    }
-  }
-  std::vector<float> scores(static_cast<size_t>(s.b * s.k));
-  for (int64_t b = 0; b < s.b; ++b) {
-    for (int64_t j = 0; j < s.k; ++j) {
-      double score = 0.0;
-      for (int64_t i = 0; i < d.hidden; ++i) {
-        double dot = 0.0;
-        for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
-          for (int64_t h = 0; h < s.h; ++h) {
-            const auto& c = cols[b * s.h + h];
-            const float v = f == 0 ? c.mass[j] : f == 1 ? c.peak[j] : c.top[j];
-            dot += static_cast<double>(v) * d.w1[(f * s.h + h) * d.hidden + i];
-          }
-        }
-        const float z = static_cast<float>(dot) + d.b1[i];
-        score += static_cast<double>(z > 0.0f ? z : 0.0f) * d.w2[i];
-      }
-      scores[b * s.k + j] = static_cast<float>(score) + d.b2;
-    }
-  }
-  return scores;
-}
-
-// b2 shifted so that `how` (none/one/some/all) columns score above 0; returns how many columns
-// that flags, or -1 when the scores leave no gap wider than 1e-3 for one/some.
-int64_t place_cut(const std::vector<float>& raw_scores, const std::string& how, Rng& rng, Detector* d) {
-  std::vector<float> scores = raw_scores;
-  std::sort(scores.begin(), scores.end(), std::greater<float>());
-  scores.erase(std::unique(scores.begin(), scores.end()), scores.end());
-  double cut;
-  if (how == "none") {
-    cut = scores.front() + 1.0;
-  } else if (how == "all") {
-    cut = scores.back() - 1.0;
-  } else {
-    std::vector<size_t> gaps;
-    for (size_t i = 0; i + 1 < scores.size() && (how == "some" || i == 0); ++i) {
-      if (static_cast<double>(scores[i]) - scores[i + 1] > 1e-3) gaps.push_back(i);
-    }
-    if (gaps.empty()) return -1;
-    const size_t i = gaps[static_cast<size_t>(integer(rng, 0, static_cast<int64_t>(gaps.size())))];
-    cut = (static_cast<double>(scores[i]) + scores[i + 1]) / 2;
-  }
-  d->b2 = static_cast<float>(d->b2 - cut);
-  return std::count_if(raw_scores.begin(), raw_scores.end(), [&](float x) { return x > cut; });
-}
 
 #define CUDA_OK(call)                                                                                   \
   do {                                                                                                  \
@@ -281,9 +61,12 @@ struct Device {
 
 // Runs the CUDA kernel on host data; `in_place` uses one buffer for input and output.
 template <typename T>
-std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Detector& d, bool in_place,
-                           std::vector<float>* features) {
+std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Detector& d, const Variant& v,
+                           bool in_place, std::vector<float>* features, std::vector<uint8_t>* flags) {
   Device<T> in(map.size()), out(in_place ? 0 : map.size());
+  Device<uint8_t> forced(v.forced.size()), flags_dev(static_cast<size_t>(s.b * s.k));
+  if (!v.forced.empty()) CUDA_OK(cudaMemcpy(forced.ptr, v.forced.data(), v.forced.size(), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(flags_dev.ptr, 0xee, static_cast<size_t>(s.b * s.k)));  // unwritten flags show
   const size_t feature_count = static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k);
   Device<float> feats(feature_count);
   Device<float> w1(d.w1.size()), b1(d.b1.size()), w2(d.w2.size()), b2(1);
@@ -298,7 +81,13 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   atpatch::cuda::Problem p{std::is_same<T, float>::value ? atpatch::cuda::Dtype::kFloat32
                                                          : atpatch::cuda::Dtype::kFloat16,
                            in.ptr, in_place ? in.ptr : out.ptr, s.b, s.h, s.q, s.k,
-                           w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f, feats.ptr};
+                           w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f};
+  p.features_out = feats.ptr;
+  p.count_every_row = v.v1;
+  p.forced = v.forced.empty() ? nullptr : forced.ptr;
+  p.forced_batch_stride = v.batch_stride();
+  p.forced_key_stride = v.key_stride();
+  p.flags = v.v1 ? nullptr : flags_dev.ptr;
   const std::string error = atpatch::cuda::run(p, stream);
   if (!error.empty()) {
     std::fprintf(stderr, "selftest: atpatch::cuda::run failed on %s: %s\n", s.str().c_str(), error.c_str());
@@ -310,6 +99,8 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   CUDA_OK(cudaMemcpy(result.data(), in_place ? in.ptr : out.ptr, map.size() * sizeof(T), cudaMemcpyDeviceToHost));
   features->resize(feature_count);
   CUDA_OK(cudaMemcpy(features->data(), feats.ptr, feature_count * sizeof(float), cudaMemcpyDeviceToHost));
+  flags->assign(static_cast<size_t>(s.b * s.k), 0);
+  if (!v.v1) CUDA_OK(cudaMemcpy(flags->data(), flags_dev.ptr, flags->size(), cudaMemcpyDeviceToHost));
   return result;
 }
 
@@ -319,18 +110,46 @@ struct Tally {
   double max_diff = 0.0, max_feature_diff = 0.0;
 };
 
+// What the cases exercised beyond dtype x flagged, so that a run proves what it says.
+struct Coverage {
+  std::map<std::string, int> counts;  // "forced [B,K]", ..., "op v1", "padding query rows", ...
+  void add(const std::string& what) { ++counts[what]; }
+};
+
 bool bits_equal(const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
+
+// Variant `kind` (0-5): op v1; v2 with nothing forced; v2 with forced of shape [B,K], [B,1],
+// [1,K] or [1,1], each position forced with probability 0.2.
+constexpr int kVariants = 6;
+Variant make_variant(Rng& rng, const Shape& s, int kind, Coverage* coverage) {
+  Variant v;
+  if (kind == 0) {
+    v.v1 = true;
+    coverage->add("op v1");
+    return v;
+  }
+  if (kind == 1) return v;
+  static const char* kNames[] = {"forced [B,K]", "forced [B,1]", "forced [1,K]", "forced [1,1]"};
+  const int shape = kind - 2;
+  v.fb = shape == 0 || shape == 1 ? s.b : 1;
+  v.fk = shape == 0 || shape == 2 ? s.k : 1;
+  v.forced.resize(static_cast<size_t>(v.fb * v.fk));
+  for (uint8_t& x : v.forced) x = uniform(rng, 0, 1) < 0.2 ? 1 : 0;
+  coverage->add(kNames[shape]);
+  return v;
+}
 
 // One case: CPU side always; GPU side unless cpu_only. Returns false on a failed check.
 template <typename T>
-bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how, bool cpu_only, bool in_place,
-              std::map<std::string, Tally>* tallies) {
+bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how, int variant, bool cpu_only,
+              bool in_place, std::map<std::string, Tally>* tallies, Coverage* coverage) {
   const std::vector<float> map32 = random_map(rng, s, mask);
   std::vector<T> map(map32.size());
   for (size_t i = 0; i < map.size(); ++i) map[i] = from_float<T>(map32[i]);
+  const Variant v = make_variant(rng, s, variant, coverage);
   Detector d = random_detector(rng, s.h);
   std::vector<float> cpu_features;
-  const std::vector<float> scores = host_scores(map, s, d, &cpu_features);
+  const std::vector<float> scores = host_scores(map, s, d, v.v1, &cpu_features);
   int64_t expected = place_cut(scores, how, rng, &d);
   if (expected < 0) {
     how = "none";
@@ -340,25 +159,37 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   Tally& t = (*tallies)[std::string(fp32 ? "float32" : "float16") + " " + how];
   ++t.cases;
   auto fail = [&](const std::string& what) {
-    std::fprintf(stderr, "FAIL %s %s mask=%s flagged=%s%s: %s\n", fp32 ? "float32" : "float16", s.str().c_str(),
-                 mask.c_str(), how.c_str(), in_place ? " in-place" : "", what.c_str());
+    std::fprintf(stderr, "FAIL %s %s mask=%s flagged=%s%s%s: %s\n", fp32 ? "float32" : "float16", s.str().c_str(),
+                 mask.c_str(), how.c_str(), v.v1 ? " v1" : v.forced.empty() ? "" : " forced",
+                 in_place ? " in-place" : "", what.c_str());
     ++t.failures;
     return false;
   };
+  int64_t attended = 0, padding_rows = 0;
+  for (float x : scores) attended += std::isnan(x) ? 0 : 1;
+  for (int64_t r = 0; !v.v1 && r < s.b * s.h * s.q; ++r) {
+    const T* src = map.data() + r * s.k;
+    padding_rows += atpatch::counts_row(false, r % s.q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); }) ? 0 : 1;
+  }
+  if (padding_rows) coverage->add("padding query rows");
+  if (s.q > s.k) coverage->add("q_len > k_len");
 
   std::vector<T> cpu(map.size());
-  std::vector<uint8_t> changed;
-  std::vector<int64_t> flagged;
-  cpu_atpatch(map.data(), cpu.data(), s, d.view(), 1, &changed, &flagged);
+  std::vector<uint8_t> changed, cpu_flags;
+  std::vector<int64_t> patched;
+  cpu_atpatch(map.data(), cpu.data(), s, d.view(), v, 1, &changed, &patched, v.v1 ? nullptr : &cpu_flags);
   // The harness's own checks: the cut flags what was asked, unchanged rows are the input.
-  int64_t total_flagged = 0;
-  for (int64_t f : flagged) total_flagged += f;
+  int64_t total_flagged = 0, total_patched = 0;
+  for (uint8_t f : cpu_flags) total_flagged += f;
+  for (int64_t f : patched) total_patched += f;
+  if (v.v1) total_flagged = total_patched;  // v1 has no flags output: P is its flags
   const bool count_ok = how == "none"  ? expected == 0
-                        : how == "all" ? expected == s.b * s.k
-                                       : expected >= 1 && (how == "one" || expected < s.b * s.k);
-  if (!count_ok || total_flagged != expected) {
-    return fail("the CPU kernel flagged " + std::to_string(total_flagged) + " columns, the cut " +
-                std::to_string(expected));
+                        : how == "all" ? expected == attended
+                                       : expected >= 1 && (how == "one" || expected < attended);
+  const bool p_ok = v.forced.empty() ? total_patched == total_flagged : total_patched >= total_flagged;
+  if (!count_ok || total_flagged != expected || !p_ok) {
+    return fail("the CPU kernel flagged " + std::to_string(total_flagged) + " columns (" +
+                std::to_string(total_patched) + " patched), the cut " + std::to_string(expected));
   }
   const size_t row_bytes = static_cast<size_t>(s.k) * sizeof(T);
   for (size_t r = 0; r < changed.size(); ++r) {
@@ -371,9 +202,11 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   if (cpu_only) return true;
 
   std::vector<float> gpu_features;
-  const std::vector<T> gpu = gpu_atpatch(map, s, d, in_place, &gpu_features);
+  std::vector<uint8_t> gpu_flags;
+  const std::vector<T> gpu = gpu_atpatch(map, s, d, v, in_place, &gpu_features, &gpu_flags);
   const double tolerance = fp32 ? 1e-6 : 1e-3;
   bool ok = true;
+  if (!v.v1 && gpu_flags != cpu_flags) ok = fail("the flags output differs from the CPU kernel's");
   // The features, before any threshold: relative 1e-6 (mass grows with the row length).
   for (size_t i = 0; i < gpu_features.size(); ++i) {
     const double c = cpu_features[i], diff = std::fabs(gpu_features[i] - c) / std::max(1.0, std::fabs(c));
@@ -407,6 +240,7 @@ Shape random_shape(Rng& rng, int i, bool small) {
   if (i < 4) return {1, 1, 1, 1 + i};  // every dimension 1 first
   if (i % 25 == 24 && !small) return {integer(rng, 1, 4), integer(rng, 1, 13), integer(rng, 32, 129), integer(rng, 32, 129)};
   if (i % 10 == 5) return {1, integer(rng, 1, 13), 1, integer(rng, 1, 200)};  // one query (decoding)
+  if (i % 10 == 7) return {integer(rng, 1, 4), integer(rng, 1, 5), integer(rng, 5, 12), integer(rng, 1, 5)};  // q > k
   return {integer(rng, 1, 4), integer(rng, 1, 5), integer(rng, 1, 10), integer(rng, 1, 40)};
 }
 
@@ -414,11 +248,14 @@ const char* kMasks[] = {"none", "padded", "causal", "padded_rows"};
 const char* kHows[] = {"none", "one", "some", "all"};
 
 template <typename T>
-bool run_cases(Rng& rng, int cases, bool big, bool small, bool cpu_only, std::map<std::string, Tally>* tallies) {
+bool run_cases(Rng& rng, int cases, bool big, bool small, bool cpu_only, std::map<std::string, Tally>* tallies,
+               Coverage* coverage) {
   bool ok = true;
   for (int i = 0; i < cases; ++i) {
     const Shape s = random_shape(rng, i, small);
-    ok &= run_case<T>(rng, s, kMasks[i % 4], kHows[(i / 4) % 4], cpu_only, i % 2 == 1, tallies);
+    // (i + i / 4) % kVariants: every variant within 16 cases, with every mask.
+    ok &= run_case<T>(rng, s, kMasks[i % 4], kHows[(i / 4) % 4], (i + i / 4) % kVariants, cpu_only, i % 2 == 1,
+                      tallies, coverage);
   }
   if (big) {
     const Shape shapes[] = {{4, 12, 384, 384}, {1, 12, 384, 384}, {2, 12, 256, 256},
@@ -429,7 +266,8 @@ bool run_cases(Rng& rng, int cases, bool big, bool small, bool cpu_only, std::ma
       for (const auto& c : combos) {
         ++n;
         if (!std::is_same<T, float>::value && n % 2) continue;  // float16: half the big cases
-        ok &= run_case<T>(rng, s, c[0], c[1], cpu_only, n % 3 == 0, tallies);
+        ok &= run_case<T>(rng, s, c[0], c[1], static_cast<int>(integer(rng, 0, kVariants)), cpu_only, n % 3 == 0,
+                          tallies, coverage);
       }
     }
   }
@@ -447,15 +285,17 @@ void bench(Rng& rng, const Shape& s) {
   std::vector<T> map(map32.size());
   for (size_t i = 0; i < map.size(); ++i) map[i] = from_float<T>(map32[i]);
   Detector d = random_detector(rng, s.h);
-  const std::vector<float> scores = host_scores(map, s, d);
+  const std::vector<float> scores = host_scores(map, s, d, false);
   if (place_cut(scores, "some", rng, &d) < 0) place_cut(scores, "none", rng, &d);
+  Variant v;  // v2, nothing forced: the detector's flags alone
+  std::vector<uint8_t> flags;
   std::vector<T> out(map.size());
   const int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   auto cpu_ms = [&](int n_threads, int reps) {
     std::vector<double> times;
     for (int r = 0; r < reps; ++r) {
       const auto t0 = std::chrono::steady_clock::now();
-      cpu_atpatch(map.data(), out.data(), s, d.view(), n_threads, nullptr, nullptr);
+      cpu_atpatch(map.data(), out.data(), s, d.view(), v, n_threads, nullptr, nullptr, &flags);
       times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     }
     return median(times);
@@ -474,9 +314,11 @@ void bench(Rng& rng, const Shape& s) {
   cudaEvent_t start, stop;
   CUDA_OK(cudaEventCreate(&start));
   CUDA_OK(cudaEventCreate(&stop));
+  Device<uint8_t> dev_flags(static_cast<size_t>(s.b * s.k));
   atpatch::cuda::Problem p{std::is_same<T, float>::value ? atpatch::cuda::Dtype::kFloat32
                                                          : atpatch::cuda::Dtype::kFloat16,
-                           in.ptr, dev_out.ptr, s.b, s.h, s.q, s.k, w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f, nullptr};
+                           in.ptr, dev_out.ptr, s.b, s.h, s.q, s.k, w1.ptr, b1.ptr, w2.ptr, b2.ptr, d.hidden, 0.0f};
+  p.flags = dev_flags.ptr;
   std::vector<double> times;
   for (int r = 0; r < 25; ++r) {
     CUDA_OK(cudaEventRecord(start, stream));
@@ -553,9 +395,10 @@ int main(int argc, char** argv) {
 
   Rng rng(seed);
   std::map<std::string, Tally> tallies;
+  Coverage coverage;
   const auto t0 = std::chrono::steady_clock::now();
-  bool ok = run_cases<float>(rng, cases, big, small, cpu_only, &tallies);
-  ok &= run_cases<__half>(rng, cases / 2, big, small, cpu_only, &tallies);
+  bool ok = run_cases<float>(rng, cases, big, small, cpu_only, &tallies, &coverage);
+  ok &= run_cases<__half>(rng, cases / 2, big, small, cpu_only, &tallies, &coverage);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %12s %7s\n", "dtype flagged", "cases", "entries", "unchanged",
@@ -577,7 +420,17 @@ int main(int argc, char** argv) {
   }
   std::printf("tolerance: float32 1e-6, float16 1e-3 (absolute); unchanged rows bit-identical; "
               "features 1e-6 (relative); %.1f s\n", seconds);
+  std::printf("coverage:");
+  for (const auto& [what, n] : coverage.counts) std::printf(" %s %d;", what.c_str(), n);
+  std::printf("\n");
   // Every category must have been exercised, or the run proves less than it says.
+  for (const char* what : {"forced [B,K]", "forced [B,1]", "forced [1,K]", "forced [1,1]", "op v1",
+                           "padding query rows", "q_len > k_len"}) {
+    if (coverage.counts[what] == 0) {
+      std::fprintf(stderr, "FAIL: no case with %s; raise --cases\n", what);
+      ok = false;
+    }
+  }
   for (const char* dtype : {"float32", "float16"}) {
     for (const char* how : kHows) {
       const auto it = tallies.find(std::string(dtype) + " " + how);

@@ -1,4 +1,6 @@
-// onnxruntime custom-op glue for AtPatch: validation, threading, registration.
+// onnxruntime custom-op glue for AtPatch: threading, registration (validation: check.cc).
+// Op versions 1 and 2 are both registered, on one code path: version 1 (models patched before
+// v2) counts every query row in the features and has no `forced` input and no `flags` output.
 //
 // Links nothing from onnxruntime: the API table comes from the OrtApiBase handed to
 // RegisterCustomOps (ORT_API_MANUAL_INIT), so headers of ORT 1.21 (API 21) serve any
@@ -19,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check.h"
 #include "core.h"
 #if defined(ATPATCH_WITH_CUDA)
 #include "cuda_kernel.h"
@@ -35,46 +38,25 @@
 
 namespace {
 
-// Must match atpatch/ops/spec.py; tests compare them through AtPatchOpsInfo().
-constexpr const char* kDomain = "ai.atpatch";
-constexpr const char* kOpType = "AtPatch";
-constexpr int kVersion = 1;
-constexpr size_t kNumInputs = 5;  // attention, w1, b1, w2, b2
-constexpr const char* kThresholdAttr = "threshold";
-constexpr float kThresholdDefault = 0.0f;
-// Counts are kept in float32, exact up to 2^24: longer rows/columns would change results.
-constexpr int64_t kMaxLen = int64_t{1} << 24;
+using atpatch::checked_mul;
+using atpatch::make_status;
+using atpatch::shape_str;
+
 // Workspace floats per (batch, head) block and key column: 4 accumulators + 1 row scratch.
 constexpr int64_t kBlockFloats = 5;
-
-OrtStatus* make_status(OrtErrorCode code, const std::string& message) {
-  return Ort::GetApi().CreateStatus(code, ("AtPatch: " + message).c_str());
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-// a * b, or false when it would overflow int64.
-bool checked_mul(int64_t a, int64_t b, int64_t* out) {
-  if (a < 0 || b < 0) return false;
-  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) return false;
-  *out = a * b;
-  return true;
-}
 
 template <typename T>
 struct Element;
 template <>
 struct Element<float> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  static float one(float v) { return v; }
   static void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 };
 template <>
 struct Element<Ort::Float16_t> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  static float one(Ort::Float16_t v) { return v.ToFloat(); }
   static void to_float(const Ort::Float16_t* src, int64_t n, float* dst) {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i].ToFloat();
   }
@@ -83,107 +65,6 @@ struct Element<Ort::Float16_t> {
   }
 };
 
-// The detector's tensors; w1 must have kFeaturesPerHead rows per head of this map.
-OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int64_t heads, atpatch::DetectorView* d, const float** b2) {
-  const char* names[kNumInputs] = {"attention", "w1", "b1", "w2", "b2"};
-  std::vector<int64_t> shapes[kNumInputs];
-  const float* data[kNumInputs] = {};
-  for (size_t i = 1; i < kNumInputs; ++i) {
-    Ort::ConstValue v = ctx.GetInput(i);
-    if (!v || !v.IsTensor()) return make_status(ORT_INVALID_ARGUMENT, std::string(names[i]) + " must be a tensor");
-    auto info = v.GetTensorTypeAndShapeInfo();
-    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      return make_status(ORT_INVALID_ARGUMENT, std::string(names[i]) + " must be float32");
-    }
-    shapes[i] = info.GetShape();
-    data[i] = v.GetTensorData<float>();
-  }
-  const auto& w1 = shapes[1];
-  int64_t rows = 0;
-  if (!checked_mul(atpatch::kFeaturesPerHead, heads, &rows)) {
-    return make_status(ORT_INVALID_ARGUMENT, "attention has an invalid head count " + std::to_string(heads));
-  }
-  if (w1.size() != 2 || w1[0] != rows) {
-    return make_status(ORT_INVALID_ARGUMENT,
-                       "w1 must be [" + std::to_string(atpatch::kFeaturesPerHead) + " * heads, hidden] = [" +
-                           std::to_string(rows) + ", hidden] for this map of " + std::to_string(heads) +
-                           " heads, got " + shape_str(w1) + "; fit a detector for this model (feature version " +
-                           std::to_string(atpatch::kFeatureVersion) + ")");
-  }
-  const int64_t hidden = w1[1];
-  if (shapes[2] != std::vector<int64_t>{hidden} || shapes[3] != std::vector<int64_t>{hidden}) {
-    return make_status(ORT_INVALID_ARGUMENT, "b1 and w2 must be [hidden] = [" + std::to_string(hidden) + "], got " +
-                                                 shape_str(shapes[2]) + " and " + shape_str(shapes[3]) +
-                                                 "; the detector file is inconsistent");
-  }
-  if (shapes[4] != std::vector<int64_t>{1}) {
-    return make_status(ORT_INVALID_ARGUMENT, "b2 must be [1], got " + shape_str(shapes[4]) + "; the detector file is inconsistent");
-  }
-  d->w1 = data[1];
-  d->b1 = data[2];
-  d->w2 = data[3];
-  *b2 = data[4];  // not read here: on the CUDA provider it is device memory
-  d->hidden = hidden;
-  return nullptr;
-}
-
-// A validated call: shapes, data pointers (host or device memory, as the provider placed them)
-// and the output, allocated. Shared by the CPU and CUDA kernels, so both refuse the same inputs
-// with the same messages, in the same order.
-template <typename T>
-struct Checked {
-  std::vector<int64_t> shape;
-  int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, total = 0;
-  atpatch::DetectorView detector{};  // b2 left 0: see the b2 pointer
-  const float* b2 = nullptr;
-  const T* in = nullptr;
-  T* out = nullptr;
-};
-
-template <typename T>
-OrtStatusPtr Check(Ort::KernelContext& ctx, float threshold, Checked<T>* c) {
-  if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
-    return make_status(ORT_INVALID_ARGUMENT, "expects 5 inputs (attention, w1, b1, w2, b2) and 1 output");
-  }
-  Ort::ConstValue attention = ctx.GetInput(0);
-  auto info = attention.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() != Element<T>::type) {
-    return make_status(ORT_INVALID_ARGUMENT, "attention must be float32 or float16");
-  }
-  const std::vector<int64_t> shape = info.GetShape();
-  if (shape.size() != 4) {
-    return make_status(ORT_INVALID_ARGUMENT, "attention must be rank 4 [batch, heads, q_len, k_len], got shape " +
-                                                 shape_str(shape) + "; feed the softmax output of an attention layer");
-  }
-
-  const int64_t batch = shape[0], heads = shape[1], q_len = shape[2], k_len = shape[3];
-  c->detector.threshold = threshold;
-  if (OrtStatusPtr status = ReadDetector(ctx, heads, &c->detector, &c->b2)) return status;
-
-  int64_t total = 1;
-  for (int64_t d : shape) {
-    if (d < 0 || !checked_mul(total, d, &total)) {
-      return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(shape) + " is invalid or too large");
-    }
-  }
-  Ort::UnownedValue output = ctx.GetOutput(0, shape.data(), shape.size());
-  c->shape = shape;
-  c->batch = batch;
-  c->heads = heads;
-  c->q_len = q_len;
-  c->k_len = k_len;
-  c->total = total;
-  if (total == 0) return nullptr;  // zero-size dims: the empty output is the answer
-
-  if (q_len > kMaxLen || k_len > kMaxLen) {
-    return make_status(ORT_INVALID_ARGUMENT, "q_len and k_len must be at most 16777216 (float32 counts), got " +
-                                                 shape_str(shape) + "; split the sequence");
-  }
-  c->in = attention.GetTensorData<T>();
-  c->out = output.GetTensorMutableData<T>();
-  return nullptr;
-}
-
 // Everything one Compute call shares with its parallel tasks (read-only except the
 // per-block / per-item slices each task owns).
 template <typename T>
@@ -191,10 +72,14 @@ struct Job {
   const T* in;
   T* out;
   int64_t batch, heads, q_len, k_len;
+  bool count_every_row;  // op v1
   atpatch::DetectorView detector;
-  float* workspace;         // [batch*heads, kBlockFloats, k_len]
-  float* flags;             // [batch, k_len], 1.0 = flagged
-  std::vector<int64_t> flagged;  // per batch item: flagged columns
+  float* workspace;  // [batch*heads, kBlockFloats, k_len]
+  float* patch;      // [batch, k_len], 1.0 = in P (flags OR forced)
+  const uint8_t* forced;  // v2: see atpatch::Checked; nullptr for v1
+  int64_t forced_batch_stride, forced_key_stride;
+  uint8_t* flags;  // v2: the flags output [batch, k_len], or nullptr
+  std::vector<int64_t> patched;  // per batch item: columns in P
   std::vector<atpatch::HeadColumns> head_columns;  // per block, views into workspace
 
   atpatch::HeadColumns columns(int64_t block) const {
@@ -206,7 +91,7 @@ struct Job {
   T* block_out(int64_t block) const { return out + block * q_len * k_len; }
 };
 
-// Phase 1: one (batch, head) block -> its column features.
+// Phase 1: one (batch, head) block -> its column features, over the rows it counts.
 template <typename T>
 void features_task(void* data, size_t block_index) {
   const auto& job = *static_cast<const Job<T>*>(data);
@@ -216,11 +101,14 @@ void features_task(void* data, size_t block_index) {
   const T* rows = job.block_in(block);
   float* scratch = job.scratch(block);
   for (int64_t q = 0; q < job.q_len; ++q) {
+    const T* src = rows + q * job.k_len;
+    const auto entry = [src](int64_t j) { return Element<T>::one(src[j]); };
+    if (!atpatch::counts_row(job.count_every_row, q, job.q_len, job.k_len, entry)) continue;  // a padding query
     const float* row;
     if constexpr (std::is_same_v<T, float>) {
-      row = rows + q * job.k_len;
+      row = src;
     } else {
-      Element<T>::to_float(rows + q * job.k_len, job.k_len, scratch);
+      Element<T>::to_float(src, job.k_len, scratch);
       row = scratch;
     }
     atpatch::accumulate_row(row, job.k_len, atpatch::row_stats(row, job.k_len), cols);
@@ -228,16 +116,19 @@ void features_task(void* data, size_t block_index) {
   atpatch::finish_columns(cols, job.k_len);
 }
 
-// Phase 2: one batch item -> flagged columns (its heads' blocks are contiguous).
+// Phase 2: one batch item -> flags and P (its heads' blocks are contiguous).
 template <typename T>
 void score_task(void* data, size_t item) {
   auto& job = *static_cast<Job<T>*>(data);
   const auto b = static_cast<int64_t>(item);
-  job.flagged[b] = atpatch::score_columns(job.head_columns.data() + b * job.heads, job.heads, job.k_len,
-                                          job.detector, job.flags + b * job.k_len);
+  const atpatch::ColumnMasks masks{job.forced ? job.forced + b * job.forced_batch_stride : nullptr,
+                                   job.forced_key_stride, job.flags ? job.flags + b * job.k_len : nullptr,
+                                   job.patch + b * job.k_len};
+  job.patched[b] = atpatch::score_columns(job.head_columns.data() + b * job.heads, job.heads, job.k_len,
+                                          job.detector, masks);
 }
 
-// Phase 3: one (batch, head) block -> output rows.
+// Phase 3: one (batch, head) block -> output rows, every row (padding queries too).
 template <typename T>
 void patch_task(void* data, size_t block_index) {
   const auto& job = *static_cast<const Job<T>*>(data);
@@ -246,22 +137,22 @@ void patch_task(void* data, size_t block_index) {
   const T* in = job.block_in(block);
   T* out = job.block_out(block);
   const size_t block_bytes = static_cast<size_t>(job.q_len * job.k_len) * sizeof(T);
-  if (job.flagged[b] == 0) {
-    // Nothing flagged for this item: the block is the input, bit for bit.
+  if (job.patched[b] == 0) {
+    // Nothing to patch for this item: the block is the input, bit for bit.
     if (out != in) std::memcpy(out, in, block_bytes);
     return;
   }
-  const float* flags = job.flags + b * job.k_len;
+  const float* patch = job.patch + b * job.k_len;
   float* scratch = job.scratch(block);
   for (int64_t q = 0; q < job.q_len; ++q) {
     const T* row_in = in + q * job.k_len;
     T* row_out = out + q * job.k_len;
     bool changed;
     if constexpr (std::is_same_v<T, float>) {
-      changed = atpatch::patch_row(row_in, job.k_len, flags, row_out);
+      changed = atpatch::patch_row(row_in, job.k_len, patch, row_out);
     } else {
       Element<T>::to_float(row_in, job.k_len, scratch);
-      changed = atpatch::patch_row(scratch, job.k_len, flags, scratch);
+      changed = atpatch::patch_row(scratch, job.k_len, patch, scratch);
       if (changed) Element<T>::from_float(scratch, job.k_len, row_out);
     }
     if (!changed && row_out != row_in) std::memcpy(row_out, row_in, job.k_len * sizeof(T));
@@ -288,7 +179,7 @@ template <typename T>
 struct AtPatchKernel {
   using Elem = T;
   static constexpr const char* kProvider = "CPUExecutionProvider";
-  explicit AtPatchKernel(float threshold) : threshold_(threshold) {}
+  AtPatchKernel(float threshold, int version) : threshold_(threshold), version_(version) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
     return guarded([&] { return Compute(context); });
@@ -297,31 +188,38 @@ struct AtPatchKernel {
  private:
   OrtStatusPtr Compute(OrtKernelContext* raw) const {
     Ort::KernelContext ctx(raw);
-    Checked<T> c;
-    if (OrtStatusPtr status = Check(ctx, threshold_, &c)) return status;
-    if (c.total == 0) return nullptr;  // zero-size dims: the empty output is the answer
-    const int64_t batch = c.batch, heads = c.heads, q_len = c.q_len, k_len = c.k_len;
+    atpatch::Checked c;
+    if (OrtStatusPtr status = atpatch::Check(ctx, version_, Element<T>::type, threshold_, &c)) return status;
+    if (c.total == 0) {  // zero-size dims: the empty output is the answer, and nothing is flagged
+      if (c.flag_count > 0) std::memset(c.flags, 0, static_cast<size_t>(c.flag_count));
+      return nullptr;
+    }
+    const int64_t batch = c.batch, heads = c.heads, k_len = c.k_len;
     atpatch::DetectorView detector = c.detector;
     detector.b2 = c.b2[0];
-    const std::vector<int64_t>& shape = c.shape;
-    int64_t blocks = 0, work = 0, flag_count = 0;
+    int64_t blocks = 0, work = 0, patch_count = 0;
     if (!checked_mul(batch, heads, &blocks) || !checked_mul(blocks, kBlockFloats * k_len, &work) ||
-        !checked_mul(batch, k_len, &flag_count) ||
+        !checked_mul(batch, k_len, &patch_count) ||
         static_cast<uint64_t>(work) > std::numeric_limits<size_t>::max() / sizeof(float)) {
-      return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(shape) + " is too large for the workspace");
+      return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(c.shape) + " is too large for the workspace");
     }
 
     std::vector<float> workspace(static_cast<size_t>(work));
-    std::vector<float> flags(static_cast<size_t>(flag_count));
-    Job<T> job{c.in,
-               c.out,
+    std::vector<float> patch(static_cast<size_t>(patch_count));
+    Job<T> job{static_cast<const T*>(c.in),
+               static_cast<T*>(c.out),
                batch,
                heads,
-               q_len,
+               c.q_len,
                k_len,
+               version_ == atpatch::kVersionV1,
                detector,
                workspace.data(),
-               flags.data(),
+               patch.data(),
+               c.forced,
+               c.forced_batch_stride,
+               c.forced_key_stride,
+               c.flags,
                std::vector<int64_t>(static_cast<size_t>(batch), 0),
                {}};
     job.head_columns.reserve(static_cast<size_t>(blocks));
@@ -349,18 +247,20 @@ struct AtPatchKernel {
     return Ort::GetApi().KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(total), 0, data);
   }
 
-  const float threshold_;  // read-only after construction: Compute runs concurrently
+  // Read-only after construction: Compute runs concurrently.
+  const float threshold_;
+  const int version_;
 };
 
 #if defined(ATPATCH_WITH_CUDA)
-// The op on onnxruntime's CUDA provider: every input and the output are device memory (the
-// default memory type of a CUDA custom op); the four kernels are enqueued on onnxruntime's
-// compute stream and not waited for, as the provider's own kernels do.
+// The op on onnxruntime's CUDA provider: every input and output is device memory (the default
+// memory type of a CUDA custom op), `forced` and `flags` included; the four kernels are
+// enqueued on onnxruntime's compute stream and not waited for, as the provider's own kernels do.
 template <typename T>
 struct AtPatchCudaKernel {
   using Elem = T;
   static constexpr const char* kProvider = "CUDAExecutionProvider";
-  explicit AtPatchCudaKernel(float threshold) : threshold_(threshold) {}
+  AtPatchCudaKernel(float threshold, int version) : threshold_(threshold), version_(version) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
     return guarded([&] { return Compute(context); });
@@ -369,9 +269,9 @@ struct AtPatchCudaKernel {
  private:
   OrtStatusPtr Compute(OrtKernelContext* raw) const {
     Ort::KernelContext ctx(raw);
-    Checked<T> c;
-    if (OrtStatusPtr status = Check(ctx, threshold_, &c)) return status;
-    if (c.total == 0) return nullptr;
+    atpatch::Checked c;
+    if (OrtStatusPtr status = atpatch::Check(ctx, version_, Element<T>::type, threshold_, &c)) return status;
+    if (c.total == 0 && c.flag_count == 0) return nullptr;  // else the flags are still to be cleared
     void* stream = ctx.GetGPUComputeStream();
     if (stream == nullptr) {
       return make_status(ORT_FAIL, "onnxruntime gave no CUDA compute stream; run the model with ATPATCH_NATIVE=0");
@@ -382,7 +282,7 @@ struct AtPatchCudaKernel {
     p.in = c.in;
     p.out = c.out;
     p.batch = c.batch;
-    p.heads = c.heads;
+    p.heads = c.total == 0 ? 0 : c.heads;  // zero-size map: only the flags are written
     p.q_len = c.q_len;
     p.k_len = c.k_len;
     p.w1 = c.detector.w1;
@@ -391,47 +291,68 @@ struct AtPatchCudaKernel {
     p.b2 = c.b2;
     p.hidden = c.detector.hidden;
     p.threshold = threshold_;
+    p.count_every_row = version_ == atpatch::kVersionV1;
+    p.forced = c.forced;
+    p.forced_batch_stride = c.forced_batch_stride;
+    p.forced_key_stride = c.forced_key_stride;
+    p.flags = c.flags;
     const std::string error = atpatch::cuda::run(p, stream);
     return error.empty() ? nullptr : make_status(ORT_FAIL, "CUDA kernel: " + error);
   }
 
   const float threshold_;
+  const int version_;
 };
 #endif
 
+// One registration of the op: a kernel type (provider, dtype) for op versions 1 and 2 (see
+// check.h for why one registration serves both): kNumInputs inputs and kNumOutputs outputs, the
+// last of each optional, as a v1 node has neither.
 template <typename Kernel>
 struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/true> {
   using T = typename Kernel::Elem;
   AtPatchOp() {
-    this->start_ver_ = kVersion;
-    this->end_ver_ = kVersion;
+    this->start_ver_ = atpatch::kFirstVersion;
+    this->end_ver_ = atpatch::kLastVersion;
     // The output may reuse the attention buffer: then untouched rows cost nothing.
     OrtCustomOp::GetMayInplace = &MayInplace;
     OrtCustomOp::ReleaseMayInplace = &ReleaseMayInplace;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
-    float threshold = kThresholdDefault;
-    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, kThresholdAttr, &threshold)) {
+    int version = 0;
+    if (OrtStatusPtr status = atpatch::NodeVersion(api, info, &version)) return status;
+    float threshold = atpatch::kThresholdDefault;
+    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, atpatch::kThresholdAttr, &threshold)) {
       api.ReleaseStatus(missing);  // absent: the spec's default
-      threshold = kThresholdDefault;
+      threshold = atpatch::kThresholdDefault;
     }
     try {
-      *kernel = new Kernel(threshold);
+      *kernel = new Kernel(threshold, version);
     } catch (const std::bad_alloc&) {
       return make_status(ORT_FAIL, "out of memory creating the kernel");
     }
     return nullptr;
   }
 
-  const char* GetName() const { return kOpType; }
+  const char* GetName() const { return atpatch::kOpType; }
   const char* GetExecutionProviderType() const { return Kernel::kProvider; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
+  size_t GetInputTypeCount() const { return atpatch::kNumInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 0 ? Element<T>::type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (index == 0) return Element<T>::type;
+    // `forced` takes any type here so that a wrong one reaches Check, which names the fix.
+    return index == atpatch::kForcedInput ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return Element<T>::type; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == atpatch::kForcedInput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return atpatch::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == atpatch::kFlagsOutput ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : Element<T>::type;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == atpatch::kFlagsOutput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 
   static size_t ORT_API_CALL MayInplace(int** input_index, int** output_index) {
     *input_index = new (std::nothrow) int[1]{0};
@@ -463,7 +384,7 @@ OrtCustomOpDomain* shared_domain(const OrtApi& api, OrtStatus** status) {
   static OrtCustomOpDomain* domain = nullptr;
   std::call_once(once, [&] {
     OrtCustomOpDomain* d = nullptr;
-    if ((*status = api.CreateCustomOpDomain(kDomain, &d))) return;
+    if ((*status = api.CreateCustomOpDomain(atpatch::kDomain, &d))) return;
     if ((*status = api.CustomOpDomain_Add(d, &op_float))) return;
     if ((*status = api.CustomOpDomain_Add(d, &op_half))) return;
 #if defined(ATPATCH_WITH_CUDA)
@@ -496,7 +417,8 @@ ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 }
 
 // The registered contract, for tests to compare with atpatch/ops/spec.py. "providers" is what
-// atpatch.runtime.native reads to decide which sessions the library covers.
+// atpatch.runtime.native reads to decide which sessions the library covers; "versions" lists
+// the op versions registered, "v1" what version 1 differs in.
 #if defined(ATPATCH_WITH_CUDA)
 #define ATPATCH_PROVIDERS_JSON                                                             \
   "\"providers\": [\"CPUExecutionProvider\", \"CUDAExecutionProvider\"], \"cuda_runtime\": \"" \
@@ -504,13 +426,16 @@ ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 #else
 #define ATPATCH_PROVIDERS_JSON "\"providers\": [\"CPUExecutionProvider\"], "
 #endif
-static_assert(atpatch::kFeaturesPerHead == 3 && atpatch::kFeatureVersion == 2,
-              "AtPatchOpsInfo spells out features_per_head and feature_version: update it");
+static_assert(atpatch::kFeaturesPerHead == 3 && atpatch::kFeatureVersion == 3 && atpatch::kFeatureVersionEveryRow == 2 &&
+                  atpatch::kVersion == 2 && atpatch::kVersionV1 == 1,
+              "AtPatchOpsInfo spells out the versions, features_per_head and feature_version: update it");
 ATPATCH_EXPORT const char* AtPatchOpsInfo() {
-  return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 1, "
-         "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
-         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 3, \"feature_version\": 2, "
+  return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 2, \"versions\": [1, 2], "
+         "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"patched\", \"flags\"], "
+         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 3, \"feature_version\": 3, "
          "\"feature_names\": [\"mass\", \"peak\", \"top\"], "
+         "\"v1\": {\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
+         "\"feature_version\": 2}, "
          "\"dtypes\": [\"float32\", \"float16\"], " ATPATCH_PROVIDERS_JSON
          "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
 }

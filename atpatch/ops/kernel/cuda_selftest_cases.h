@@ -1,0 +1,275 @@
+// The host side of the CUDA self-test (cuda_selftest.cu): random cases, and the CPU kernel's
+// arithmetic (core.cc) driven as custom_op.cc drives it, to compare the device code with.
+// For cuda_selftest.cu only (one translation unit): hence the unnamed namespace.
+#pragma once
+
+#if defined(ATPATCH_CUDA_EMULATION)
+#include "cuda_emulation.h"  // __half on the CPU emulation
+#else
+#include <cuda_fp16.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core.h"
+
+namespace {
+
+struct Shape {
+  int64_t b, h, q, k;
+  int64_t size() const { return b * h * q * k; }
+  std::string str() const {
+    return std::to_string(b) + "x" + std::to_string(h) + "x" + std::to_string(q) + "x" + std::to_string(k);
+  }
+};
+
+// What a case runs besides the map: op v1 or v2, and v2's forced mask ([fb, fk], broadcast).
+struct Variant {
+  bool v1 = false;              // count every query row; no forced, no flags
+  std::vector<uint8_t> forced;  // empty: nothing forced
+  int64_t fb = 0, fk = 0;
+  const uint8_t* forced_ptr() const { return forced.empty() ? nullptr : forced.data(); }
+  int64_t batch_stride() const { return fb == 1 ? 0 : fk; }
+  int64_t key_stride() const { return fk == 1 ? 0 : 1; }
+};
+
+struct Detector {
+  std::vector<float> w1, b1, w2;
+  float b2 = 0.0f;
+  int64_t hidden = 0;
+  atpatch::DetectorView view() const { return {w1.data(), b1.data(), w2.data(), b2, hidden, 0.0f}; }
+};
+
+using Rng = std::mt19937_64;
+
+double normal(Rng& rng) { return std::normal_distribution<double>(0.0, 1.0)(rng); }
+double uniform(Rng& rng, double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+int64_t integer(Rng& rng, int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi - 1)(rng); }
+
+// tests/maps.py's random_map: a softmax of random scores, sometimes one column that soaks up
+// attention, masked entries exactly 0. "padded" masks the last keys in every row, as BERT
+// does: rows whose own key is padded are padding queries that still attend the real keys.
+// "padded_rows" also zeroes the last query rows of each item, as exporters that mask padded
+// queries do.
+std::vector<float> random_map(Rng& rng, const Shape& s, const std::string& mask) {
+  std::vector<float> map(static_cast<size_t>(s.size()));
+  const double scale = uniform(rng, 0.5, 4.0);
+  const int64_t hot = s.k > 1 && uniform(rng, 0, 1) < 0.5 ? integer(rng, 0, s.k) : -1;
+  const double hot_boost = uniform(rng, 2.0, 8.0);
+  std::vector<double> row(static_cast<size_t>(s.k));
+  for (int64_t b = 0; b < s.b; ++b) {
+    const int64_t keys = mask == "padded" || mask == "padded_rows" ? s.k - integer(rng, 0, s.k) : s.k;
+    const int64_t queries = mask == "padded_rows" ? s.q - integer(rng, 0, s.q) : s.q;
+    for (int64_t h = 0; h < s.h; ++h) {
+      for (int64_t q = 0; q < s.q; ++q) {
+        float* out = map.data() + ((b * s.h + h) * s.q + q) * s.k;
+        if (q >= queries) {
+          std::fill(out, out + s.k, 0.0f);
+          continue;
+        }
+        double top = -INFINITY;
+        for (int64_t j = 0; j < s.k; ++j) {
+          bool allowed = j < keys;
+          if (mask == "causal") allowed = j == 0 || j <= q + (s.k - s.q);
+          row[j] = allowed ? normal(rng) * scale + (j == hot ? hot_boost : 0.0) : -INFINITY;
+          top = std::max(top, row[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < s.k; ++j) sum += (row[j] = std::exp(row[j] - top));
+        for (int64_t j = 0; j < s.k; ++j) out[j] = static_cast<float>(row[j] / sum);
+      }
+    }
+  }
+  return map;
+}
+
+Detector random_detector(Rng& rng, int64_t heads) {
+  Detector d;
+  d.hidden = integer(rng, 0, 4) == 0 ? 32 : integer(rng, 1, 9);
+  d.w1.resize(static_cast<size_t>(atpatch::kFeaturesPerHead * heads * d.hidden));
+  d.b1.resize(static_cast<size_t>(d.hidden));
+  d.w2.resize(static_cast<size_t>(d.hidden));
+  for (float& x : d.w1) x = static_cast<float>(normal(rng));
+  for (float& x : d.b1) x = static_cast<float>(normal(rng));
+  for (float& x : d.w2) x = static_cast<float>(normal(rng));
+  return d;
+}
+
+template <typename T>
+float to_float(T v);
+template <>
+float to_float(float v) { return v; }
+template <>
+float to_float(__half v) { return __half2float(v); }
+template <typename T>
+T from_float(float v);
+template <>
+float from_float(float v) { return v; }
+template <>
+__half from_float(float v) { return __float2half_rn(v); }  // RNE, as Ort::Float16_t(float)
+
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
+  if (threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (int64_t i = t; i < n; i += threads) fn(i);
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+// The CPU kernel as custom_op.cc runs it: phase 1 per block, phase 2 per item, phase 3 per
+// block (float16 rows converted to float scratch, converted back only when changed).
+// `changed` (optional) gets one byte per row: 1 when the row was patched.
+template <typename T>
+void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorView& d, const Variant& v, int threads,
+                 std::vector<uint8_t>* changed, std::vector<int64_t>* patched_per_item, std::vector<uint8_t>* flags_out) {
+  const int64_t blocks = s.b * s.h;
+  std::vector<float> work(static_cast<size_t>(blocks * 5 * s.k));
+  std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
+  for (int64_t i = 0; i < blocks; ++i) {
+    float* base = work.data() + i * 5 * s.k;
+    cols[i] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
+  }
+  auto scratch = [&](int64_t block) { return work.data() + (block * 5 + 4) * s.k; };
+  parallel_for(blocks, threads, [&](int64_t block) {
+    atpatch::clear_columns(cols[block], s.k);
+    for (int64_t q = 0; q < s.q; ++q) {
+      const T* src = in + (block * s.q + q) * s.k;
+      if (!atpatch::counts_row(v.v1, q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); })) continue;
+      float* row = scratch(block);
+      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
+      atpatch::accumulate_row(row, s.k, atpatch::row_stats(row, s.k), cols[block]);
+    }
+    atpatch::finish_columns(cols[block], s.k);
+  });
+  std::vector<float> flags(static_cast<size_t>(s.b * s.k));  // P: flags OR forced
+  std::vector<int64_t> flagged(static_cast<size_t>(s.b));
+  if (flags_out) flags_out->assign(static_cast<size_t>(s.b * s.k), 0);
+  parallel_for(s.b, threads, [&](int64_t b) {
+    const atpatch::ColumnMasks masks{v.forced_ptr() ? v.forced_ptr() + b * v.batch_stride() : nullptr, v.key_stride(),
+                                     flags_out ? flags_out->data() + b * s.k : nullptr, flags.data() + b * s.k};
+    flagged[b] = atpatch::score_columns(cols.data() + b * s.h, s.h, s.k, d, masks);
+  });
+  if (changed) changed->assign(static_cast<size_t>(blocks * s.q), 0);
+  parallel_for(blocks, threads, [&](int64_t block) {
+    const int64_t b = block / s.h;
+    for (int64_t q = 0; q < s.q; ++q) {
+      const T* src = in + (block * s.q + q) * s.k;
+      T* dst = out + (block * s.q + q) * s.k;
+      bool patched = false;
+      if (flagged[b] != 0) {
+        float* row = scratch(block);
+        for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
+        patched = atpatch::patch_row(row, s.k, flags.data() + b * s.k, row);
+        if (patched) {
+          for (int64_t j = 0; j < s.k; ++j) dst[j] = from_float<T>(row[j]);
+        }
+      }
+      if (!patched && dst != src) std::memcpy(dst, src, static_cast<size_t>(s.k) * sizeof(T));
+      if (changed) (*changed)[block * s.q + q] = patched ? 1 : 0;
+    }
+  });
+  if (patched_per_item) *patched_per_item = flagged;
+}
+
+// The detector's scores per (item, column), computed from core.cc's features with the same MLP:
+// only to place the threshold in a gap (tests/maps.py's with_flags). Columns no counted row
+// attends cannot be flagged: they get NaN, which place_cut leaves out.
+// `features` (optional) gets core.cc's features in the CUDA kernel's layout [b, f * heads + h, j].
+template <typename T>
+std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const Detector& d, bool v1,
+                               std::vector<float>* features = nullptr) {
+  const int64_t blocks = s.b * s.h;
+  std::vector<float> work(static_cast<size_t>(blocks * 4 * s.k)), row(static_cast<size_t>(s.k));
+  std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
+  for (int64_t block = 0; block < blocks; ++block) {
+    float* base = work.data() + block * 4 * s.k;
+    cols[block] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
+    atpatch::clear_columns(cols[block], s.k);
+    for (int64_t q = 0; q < s.q; ++q) {
+      const T* src = map.data() + (block * s.q + q) * s.k;
+      if (!atpatch::counts_row(v1, q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); })) continue;
+      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
+      atpatch::accumulate_row(row.data(), s.k, atpatch::row_stats(row.data(), s.k), cols[block]);
+    }
+    atpatch::finish_columns(cols[block], s.k);
+  }
+  if (features) {
+    features->resize(static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k));
+    for (int64_t b = 0; b < s.b; ++b) {
+      for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
+        for (int64_t h = 0; h < s.h; ++h) {
+          const auto& c = cols[b * s.h + h];
+          const float* src = f == 0 ? c.mass : f == 1 ? c.peak : c.top;
+          std::copy(src, src + s.k, features->data() + ((b * atpatch::kFeaturesPerHead + f) * s.h + h) * s.k);
+        }
+      }
+    }
+  }
+  std::vector<float> scores(static_cast<size_t>(s.b * s.k));
+  for (int64_t b = 0; b < s.b; ++b) {
+    for (int64_t j = 0; j < s.k; ++j) {
+      double score = 0.0;
+      for (int64_t i = 0; i < d.hidden; ++i) {
+        double dot = 0.0;
+        for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
+          for (int64_t h = 0; h < s.h; ++h) {
+            const auto& c = cols[b * s.h + h];
+            const float v = f == 0 ? c.mass[j] : f == 1 ? c.peak[j] : c.top[j];
+            dot += static_cast<double>(v) * d.w1[(f * s.h + h) * d.hidden + i];
+          }
+        }
+        const float z = static_cast<float>(dot) + d.b1[i];
+        score += static_cast<double>(z > 0.0f ? z : 0.0f) * d.w2[i];
+      }
+      bool attended = false;
+      for (int64_t h = 0; h < s.h; ++h) attended |= cols[b * s.h + h].peak[j] > 0.0f;
+      scores[b * s.k + j] = attended ? static_cast<float>(score) + d.b2 : NAN;
+    }
+  }
+  return scores;
+}
+
+// b2 shifted so that `how` (none/one/some/all) of the attended columns (scores not NaN) score
+// above 0; returns how many columns that flags, or -1 when the scores leave no gap wider than
+// 1e-3 for one/some (or there is no attended column).
+int64_t place_cut(const std::vector<float>& raw_scores, const std::string& how, Rng& rng, Detector* d) {
+  std::vector<float> scores;
+  for (float x : raw_scores) {
+    if (!std::isnan(x)) scores.push_back(x);
+  }
+  if (scores.empty()) return how == "none" || how == "all" ? 0 : -1;
+  std::sort(scores.begin(), scores.end(), std::greater<float>());
+  scores.erase(std::unique(scores.begin(), scores.end()), scores.end());
+  double cut;
+  if (how == "none") {
+    cut = scores.front() + 1.0;
+  } else if (how == "all") {
+    cut = scores.back() - 1.0;
+  } else {
+    std::vector<size_t> gaps;
+    for (size_t i = 0; i + 1 < scores.size() && (how == "some" || i == 0); ++i) {
+      if (static_cast<double>(scores[i]) - scores[i + 1] > 1e-3) gaps.push_back(i);
+    }
+    if (gaps.empty()) return -1;
+    const size_t i = gaps[static_cast<size_t>(integer(rng, 0, static_cast<int64_t>(gaps.size())))];
+    cut = (static_cast<double>(scores[i]) + scores[i + 1]) / 2;
+  }
+  d->b2 = static_cast<float>(d->b2 - cut);
+  return std::count_if(raw_scores.begin(), raw_scores.end(), [&](float x) { return x > cut; });
+}
+
+}  // namespace
