@@ -74,6 +74,27 @@ def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Pat
     )
 
 
+def _fixed(model, detector: Detector, data: Dataset) -> tuple[int, int]:  # noqa: ANN001
+    """(inputs the patched model gets right, of those the original gets wrong) on `data`."""
+    from .rewrite import patch_model
+    from .runtime import create_session
+
+    def predict(session) -> np.ndarray:  # noqa: ANN001
+        names = {i.name for i in session.get_inputs()}
+        feeds = {k: v for k, v in data.feeds.items() if k in names}
+        n = len(data)
+        return np.concatenate(
+            [session.run(None, {k: v[s : s + 64] for k, v in feeds.items()})[0] for s in range(0, n, 64)]
+        ).argmax(1)
+
+    wrong = predict(create_session(model)) != data.labels
+    patched = predict(create_session(patch_model(model, detector)[0]))
+    return int((wrong & (patched == data.labels)).sum()), int(wrong.sum())
+
+
+_LARGER_BUDGETS = (0.01, 0.02, 0.05)
+
+
 def run_fit(
     model_path: Path,
     model_dir: Path,
@@ -84,15 +105,11 @@ def run_fit(
     target_flag_rate: float = 0.005,
     budget: int = 64,
 ) -> str:
-    """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector."""
-    from .detector.fit import (
-        calibrate,
-        calibration_size_needed,
-        collect_columns,
-        fit_one_class,
-        fit_supervised,
-        report,
-    )
+    """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
+    misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more."""
+    from .detector.calibrate import NEVER, calibrate, calibration_size_needed
+    from .detector.columns import collect_columns
+    from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.probe import AttentionProbe
 
     if not 0 < target_flag_rate < 1:
@@ -110,8 +127,9 @@ def run_fit(
     probe = AttentionProbe(model)
     clean_columns = collect_columns(probe, clean.feeds)
     calibration_columns = collect_columns(probe, calibration.feeds)
+    bad, bad_columns = None, None
     if misbehaving_path is None:
-        kind, layers, train = "one-class", fit_one_class(clean_columns), clean_columns
+        kind, trained, train = "one-class", fit_one_class(clean_columns), clean_columns
     else:
         bad, _ = _localized(model, load_data(misbehaving_path, model_dir), budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
@@ -121,13 +139,16 @@ def run_fit(
                 f"none of the {len(bad)} misbehaving inputs gave a culprit (none misbehaves, or localization ran "
                 f"out of --budget {budget}); give culprit spans, a larger --budget, or inputs the model gets wrong"
             )
-        kind, layers = "supervised", fit_supervised(train)
-    layers = calibrate(layers, calibration_columns, len(calibration), target_flag_rate)
+        kind, trained = "supervised", fit_supervised(train)
+    layers = calibrate(trained, calibration_columns, len(calibration), target_flag_rate, bad_columns)
     summary = report(kind, train, layers, calibration_columns, len(calibration))
-    detector = Detector(layers=tuple(layers), kind=kind, model_fingerprint=model_fingerprint(model))
+    fingerprint = model_fingerprint(model)
+    detector = Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)
     with atomic_output(out) as tmp:
         detector.save(tmp)
-    recall = ", ".join(f"{r:.1%}" for r in summary.positive_recall)
+    recall = ", ".join(
+        "off" if lay.threshold == NEVER else f"{r:.1%}" for r, lay in zip(summary.positive_recall, layers, strict=True)
+    )
     needed = calibration_size_needed(target_flag_rate, len(layers))
     small = (
         f"note: {len(calibration)} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate over "
@@ -136,14 +157,29 @@ def run_fit(
         if len(calibration) < needed
         else ""
     )
-    return (
+    text = (
         f"fitted a {kind} detector for {len(layers)} layers ({summary.positives} culprit and "
         f"{summary.negatives} benign columns)\n"
         f"clean calibration inputs with any flag: {summary.calibration_flag_rate:.2%} (target {target_flag_rate:.2%} "
         f"on unseen clean inputs, held with 90% confidence)\n{small}"
-        + (f"culprit columns flagged, per layer: {recall}\n" if summary.positives else "")
-        + f"wrote {out}"
     )
+    if bad is not None:
+        text += f"culprit columns flagged, per layer (off: the layer flags nothing): {recall}\n"
+        fixed, wrong = _fixed(model, detector, bad)
+        text += f"misbehaving inputs fixed by the patched model: {fixed} of {wrong} ({fixed / max(wrong, 1):.1%})\n"
+        if wrong and fixed < 0.9 * wrong:
+            larger = []
+            for rate in (r for r in _LARGER_BUDGETS if r > target_flag_rate):
+                more = calibrate(trained, calibration_columns, len(calibration), rate, bad_columns)
+                more_fixed, _ = _fixed(model, Detector(tuple(more), kind, fingerprint), bad)
+                larger.append(f"{more_fixed} at --target-flag-rate {rate:g}")
+            text += (
+                "to fix more: "
+                + (f"a larger clean-flag budget fixes {', '.join(larger)}; " if larger else "")
+                + 'culprit spans in the misbehaving file (JSONL "culprit"), more misbehaving inputs, or a larger '
+                "--budget for localization may also help\n"
+            )
+    return text + f"wrote {out}"
 
 
 def run_eval(

@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atpatch.detector.fit import (
-    ColumnSet,
-    allowed_flags,
-    calibrate,
-    calibration_size_needed,
-    fit_one_class,
-    fit_supervised,
-    flag_rate_bound,
-    report,
-)
+from atpatch.detector.calibrate import NEVER, allowed_flags, calibrate, calibration_size_needed, flag_rate_bound
+from atpatch.detector.columns import ColumnSet
+from atpatch.detector.fit import fit_one_class, fit_supervised, report
 from atpatch.detector.localize import _ddmin
 from atpatch.ops import spec
 
@@ -99,3 +92,24 @@ def test_ddmin_shrinks_a_restoring_set_to_the_true_culprits() -> None:
 
     assert sorted(_ddmin(list(range(16)), restores)) == [3, 11]
     assert len(calls) <= 64  # within localize()'s default budget
+
+
+def test_the_flag_budget_goes_to_the_layers_that_separate_culprits(rng: np.random.Generator) -> None:
+    """Layer 0 scores culprits like benign columns, layer 1 separates them (but not by far): the
+    budget allocation switches layer 0 off and gives layer 1 the whole count, flagging more
+    culprits than an equal share does, at the same clean flag rate bound."""
+    pytest.importorskip("torch")
+    n = 2400
+    train = _columns(rng, 300, 10, culprit_shift=None)
+    train.positive[::10] = True
+    train.features[1][train.positive] += 0.45  # separates in layer 1 only, with overlap
+    calibration = _columns(rng, n, 10, None)
+    layers = fit_supervised(train, epochs=10)
+    allocated = calibrate(layers, calibration, n, 0.005, culprits=train)
+    shared = calibrate(layers, calibration, n, 0.005)
+    assert allocated[0].threshold == NEVER and allocated[1].threshold < NEVER
+    by_allocation = report("supervised", train, allocated, calibration, n)
+    by_share = report("supervised", train, shared, calibration, n)
+    assert by_allocation.positive_recall[1] > by_share.positive_recall[1]
+    # The same bound holds: at most `allowed` calibration inputs flagged, plus one per extra active layer.
+    assert by_allocation.calibration_flag_rate * n <= allowed_flags(n, 0.005)

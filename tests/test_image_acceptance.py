@@ -32,7 +32,7 @@ pytest.importorskip("sklearn", reason="the digits ship in scikit-learn: pip inst
 
 from atpatch.cli import export_main, main  # noqa: E402
 from atpatch.data import load_npz  # noqa: E402
-from atpatch.detector.fit import calibration_size_needed  # noqa: E402
+from atpatch.detector.calibrate import calibration_size_needed  # noqa: E402
 from atpatch.evaluate import evaluate  # noqa: E402
 from atpatch.runtime import create_session  # noqa: E402
 

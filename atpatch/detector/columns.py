@@ -1,0 +1,55 @@
+"""The key columns of a set of inputs, as the detector sees them: per layer, each column's features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ops.reference import attended_columns, column_features
+from .probe import AttentionProbe
+
+__all__ = ["ColumnSet", "collect_columns"]
+
+
+@dataclass
+class ColumnSet:
+    """Per layer: the features of every unmasked key column, which input it came from, and its label."""
+
+    features: list[np.ndarray]  # per layer [n_columns, FEATURES_PER_HEAD * heads]
+    example: np.ndarray  # [n_columns] index of the input it belongs to
+    positive: np.ndarray  # [n_columns] bool: a culprit column
+
+    def followed_by(self, other: ColumnSet, other_offset: int) -> ColumnSet:
+        """Both sets in one; `other`'s input indices shifted by `other_offset` to stay distinct."""
+        return ColumnSet(
+            [np.concatenate(pair) for pair in zip(self.features, other.features, strict=True)],
+            np.concatenate([self.example, other.example + other_offset]),
+            np.concatenate([self.positive, other.positive]),
+        )
+
+
+def collect_columns(
+    probe: AttentionProbe,
+    feeds: dict[str, np.ndarray],
+    culprits: Sequence[Sequence[int] | None] | None = None,
+    batch_size: int = 64,
+) -> ColumnSet:
+    """Features of every unmasked key column of every input, batch by batch (maps are not kept)."""
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(probe.num_layers)]
+    example, positive = [], []
+    for part, out in probe.iter_batches(feeds, batch_size):
+        valid = attended_columns(out.before[0])  # [B, K]: a column some real query attends to
+        for layer, m in enumerate(out.before):
+            per_layer[layer].append(column_features(m)[valid])
+        rows, cols = np.nonzero(valid)
+        example.append(rows + part.start)
+        flags = np.zeros(valid.shape, dtype=bool)
+        for r in range(valid.shape[0]):
+            given = culprits[part.start + r] if culprits is not None else None
+            for p in given or ():
+                if p < valid.shape[1]:
+                    flags[r, p] = True
+        positive.append(flags[rows, cols])
+    return ColumnSet([np.concatenate(f) for f in per_layer], np.concatenate(example), np.concatenate(positive))
