@@ -142,3 +142,46 @@ def test_the_probe_reports_flags_per_layer_and_patches_in_every_layer(bert, rng:
         assert not np.array_equal(out.before[layer][row], out.after[layer][row])
     (expected, _) = cross_layer_forward(model, inputs, detector.layers)
     np.testing.assert_allclose(out.outputs[0], expected, atol=1e-5, rtol=0)
+
+
+def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    """With spread 2, the second pass patches every position within 2 of a flagged one, in every layer."""
+    from dataclasses import replace
+
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 4, 12, rng)
+    detector = replace(_late_only_detector(model, inputs), spread=2)
+    out = AttentionProbe(patch_model(result.model, detector)[0]).run(inputs)
+    row = int(np.flatnonzero(out.second_pass)[0])
+    (flagged,) = np.flatnonzero(out.flagged[1][row])
+    widened = np.zeros(12, bool)
+    widened[max(0, flagged - 2) : flagged + 3] = True
+    assert np.array_equal(out.union[row], widened)
+    assert np.array_equal(out.patched[0][row], widened)
+    forced = np.zeros((4, 12), bool)
+    forced[row] = widened
+    never = _mass_detector(4, 1e30)
+    with patched_softmax([never, detector.layers[1]], forced=forced):
+        expected = forward(model, inputs)
+    np.testing.assert_allclose(out.outputs[0][row], expected[row], atol=1e-5, rtol=0)
+
+
+def test_spread_on_an_image_follows_the_patch_grid(exported, rng: np.random.Generator) -> None:  # noqa: ANN001
+    """A ViT's 16 patches form a 4 x 4 grid after [CLS]: spread 1 patches the 3 x 3 block around a flagged patch."""
+    from dataclasses import replace
+
+    result = exported("vit", False, 17)
+    pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    plain = AttentionProbe(patch_model(result.model, Detector.pass_through([4, 4]), cross_layer=False)[0])
+    before = plain.run({"pixel_values": pixels}).before[1]
+    scores = reference.column_scores(before, _mass_detector(4, 0.0))
+    scores[:, 0] = -np.inf  # never [CLS]
+    top = np.sort(scores.ravel())[::-1]
+    detector = Detector((_mass_detector(4, 1e30), _mass_detector(4, float((top[0] + top[1]) / 2))), spread=1)
+    out = AttentionProbe(patch_model(result.model, detector)[0]).run({"pixel_values": pixels})
+    row = int(np.flatnonzero(out.second_pass)[0])
+    (position,) = np.flatnonzero(out.flagged[1][row])
+    r, c = divmod(position - 1, 4)
+    block = np.zeros((4, 4), bool)
+    block[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2] = True
+    assert np.array_equal(out.union[row], np.concatenate([[False], block.ravel()]))

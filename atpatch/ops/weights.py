@@ -35,6 +35,9 @@ class Detector:
     kind: str = "fitted"
     model_fingerprint: str | None = None
     feature_version: int = spec.FEATURE_VERSION
+    # Positions around each flagged one that cross-layer patching patches too (along the sequence,
+    # or on an image's patch grid): a trigger spanning several positions may be flagged at one.
+    spread: int = 0
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -49,6 +52,8 @@ class Detector:
                     f"detector layer {i} has weight shapes {shapes}; expected w1 "
                     f"[{spec.FEATURES_PER_HEAD} * heads, hidden], b1 [hidden], w2 [hidden], b2 [1]"
                 )
+        if not isinstance(self.spread, int) or self.spread < 0:
+            raise ValueError(f"spread must be a whole number of positions >= 0, got {self.spread!r}")
         if self.feature_version != spec.FEATURE_VERSION:
             raise DetectorMismatchError(
                 f"detector uses column features v{self.feature_version}, this atpatch computes "
@@ -88,6 +93,7 @@ class Detector:
             "num_layers": self.num_layers,
             "thresholds": [float(layer.threshold) for layer in self.layers],
             "model_fingerprint": self.model_fingerprint,
+            "spread": self.spread,
         }
 
     def save(self, path: str | Path) -> None:
@@ -133,6 +139,7 @@ class Detector:
                 kind=str(meta.get("kind", "fitted")),
                 model_fingerprint=meta.get("model_fingerprint"),
                 feature_version=int(meta["feature_version"]),
+                spread=int(meta.get("spread", 0)),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise DetectorMismatchError(

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 SECOND_PASS = "atpatch/second_pass"  # the If node
-UNION = "atpatch/union"  # bool [B, K]: positions flagged in any layer (or forced), per input
+UNION = "atpatch/union"  # bool [B, K]: positions flagged in any layer (or forced), spread, per input
 ROWS = "atpatch/second_pass_rows"  # bool [B]: inputs that take pass 2's outputs
 PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
 PRESENT_FLAGS = "present_atpatch_flags"  # decoder state out: bool [B, past + new]
@@ -167,24 +167,56 @@ def _batch_first(value: onnx.ValueInfoProto, batch_dims: set[str]) -> int | None
     return len(dims)
 
 
+def _spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
+    """`flags` [B, K] widened by `radius` positions: along the sequence, or over an image's patch grid.
+
+    A grid map holds `lead` special positions ([CLS], a distillation token) before G x G patches,
+    with G = floor(sqrt(K)); the special positions are left as they are.
+    """
+    size = 2 * radius + 1
+    x = b.to_float(flags)
+    if not grid:
+        pooled = b.op("MaxPool", b.op("Unsqueeze", x, b.const([1], np.int64)), kernel_shape=[size], pads=[radius] * 2)
+        return b.op("Cast", b.op("Squeeze", pooled, b.const([1], np.int64)), to=TensorProto.BOOL)
+    keys = b.op("Slice", b.op("Shape", x), b.const([1], np.int64), b.const([2], np.int64))
+    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
+    lead = b.op("Sub", keys, b.op("Mul", side, side))
+    head = b.op("Slice", x, b.const([0], np.int64), lead, b.const([1], np.int64))
+    patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
+    image = b.op("Reshape", patches, b.op("Concat", b.const([-1, 1], np.int64), side, side, axis=0))
+    pooled = b.op("MaxPool", image, kernel_shape=[size, size], pads=[radius] * 4)
+    back = b.op("Reshape", pooled, b.const([0, -1], np.int64))
+    return b.op("Cast", b.op("Concat", head, back, axis=1), to=TensorProto.BOOL)
+
+
 def add_second_pass(
-    graph: onnx.GraphProto, patch_nodes: list[onnx.NodeProto], forced: str, decoder: bool, opset: int
+    graph: onnx.GraphProto,
+    patch_nodes: list[onnx.NodeProto],
+    forced: str,
+    decoder: bool,
+    opset: int,
+    spread: int = 0,
+    grid: bool = False,
 ) -> None:
     """Add the union of flags, pass 2 inside an `If`, and the per-input choice of outputs (module docstring).
 
     `patch_nodes` are pass 1's AtPatch nodes, already in `graph` (their outputs: patched, flags).
+    `spread` > 0 widens what pass 2 patches by that many positions around each flagged one (along
+    the sequence, or on the patch grid with `grid`): a trigger spanning several positions is often
+    flagged at one of them only.
     """
     b = NodeBuilder(opset, "atpatch/crosslayer/")
     union = forced
     for node in patch_nodes:
         union = b.op("Or", union, node.output[1])
-    b.nodes[-1].output[0] = UNION
-    b.nodes[-1].name = UNION
-    new = b.op("And", UNION, b.op("Not", forced))
+    new = b.op("And", union, b.op("Not", forced))
     b.any(new, [1])
     b.nodes[-1].output[0] = ROWS
     b.nodes[-1].name = ROWS
     any_new = b.any(ROWS, [0])
+    if spread > 0:
+        union = _spread(b, union, spread, grid)
+    b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 
     # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map.
     patched = {n.output[0] for n in patch_nodes}

@@ -212,8 +212,9 @@ def patch_model(
     for i, node in enumerate(nodes):
         graph.node.append(node)
         graph.node.extend(new_nodes.get(i, []))
-    if cross_layer and len(patch_nodes) > 1:  # with one layer, pass 2 would redo pass 1
-        add_second_pass(graph, patch_nodes, forced, decoder, opset)
+    if cross_layer and (len(patch_nodes) > 1 or detector.spread):  # one layer, no spread: pass 2 = pass 1
+        grid = any(value.name == "pixel_values" for value in graph.input)
+        add_second_pass(graph, patch_nodes, forced, decoder, opset, detector.spread, grid)
 
     patched.opset_import.append(helper.make_opsetid(spec.DOMAIN, spec.VERSION))
     patched.functions.append(build_function(opset))
@@ -224,6 +225,7 @@ def patch_model(
         "atpatch.detector": detector.kind,
         "atpatch.source_fingerprint": fingerprint,
         "atpatch.cross_layer": "1" if cross_layer else "0",
+        "atpatch.spread": str(detector.spread),
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
     del patched.metadata_props[:]
