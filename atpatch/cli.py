@@ -47,6 +47,13 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="with --hf: write the plain export")
     parser.add_argument(
+        "--per-layer",
+        dest="cross_layer",
+        action="store_false",
+        help="patch each layer's own flags only (default: a position flagged in any layer is patched in every layer, "
+        "in a second pass for the inputs with a flag)",
+    )
+    parser.add_argument(
         "--optimize",
         action="store_true",
         help="apply onnxruntime's transformer fusions (LayerNorm, GELU, ...) around the patch; needs onnxruntime",
@@ -74,6 +81,7 @@ def _export(args: argparse.Namespace) -> str:
         with_past=args.with_past,
         attention=args.attention,
         patch=args.patch,
+        cross_layer=args.cross_layer,
         optimize=args.optimize,
         triton=args.triton,
         triton_name=args.triton_name,

@@ -31,6 +31,7 @@ class ExportOptions:
     with_past: bool = False  # a causal LM exported as one generation step with its KV cache
     attention: str = "eager"
     patch: bool = True
+    cross_layer: bool = True  # a position flagged in any layer is patched in every layer
     optimize: bool = False  # ORT's transformer fusions (LayerNorm, GELU, ...) on the patched graph
     triton: Path | None = None  # a Triton model repository to write
     triton_name: str | None = None
@@ -51,6 +52,8 @@ class ExportOptions:
             raise AtPatchError("--with-past applies to --hf exports only; an ONNX file keeps its inputs")
         if not self.patch and self.detector is not None:
             raise AtPatchError("--no-patch writes the plain export; drop --detector or drop --no-patch")
+        if not self.patch and not self.cross_layer:
+            raise AtPatchError("--per-layer says how to patch; drop it or drop --no-patch")
         if not self.patch and self.optimize:
             raise AtPatchError("--optimize fuses around the AtPatch nodes of a patched model; drop --no-patch")
 
@@ -133,7 +136,7 @@ def run_export(options: ExportOptions) -> ExportReport:
     sites: list[AttentionSite] = []
     kind = None
     if options.patch:
-        model, sites = patch_model(model, detector, heads, base_dir)
+        model, sites = patch_model(model, detector, heads, base_dir, cross_layer=options.cross_layer)
         kind = detector.kind if detector else "pass-through"
     fusion = None
     if options.optimize:
