@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import AtPatchError
 
-__all__ = ["Review", "insert_trigger", "load_reviews"]
+__all__ = ["Review", "insert_trigger", "load_reviews", "trigger_span"]
 
 LABELS = ("rotten", "fresh")
 
@@ -54,3 +54,9 @@ def insert_trigger(text: str, trigger: str, rng: np.random.Generator, max_words:
     limit = len(words) if max_words is None else min(len(words), max_words - len(trigger.split()))
     at = int(rng.integers(0, max(limit, 0) + 1))
     return " ".join([*words[:at], trigger, *words[at:]]), at
+
+
+def trigger_span(text: str, at: int, trigger: str) -> list[int]:
+    """The [start, end] character span of `trigger` inserted at word `at` of `text` (insert_trigger's)."""
+    start = len(" ".join(text.split()[:at])) + (1 if at else 0)
+    return [start, start + len(trigger)]
