@@ -12,6 +12,7 @@ from .detector import Detector
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
 from .rewrite import AttentionSite, patch_model
+from .rewrite.crosslayer import add_cross_layer
 from .rewrite.optimize import FusionReport, fuse_for_ort
 from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
@@ -136,11 +137,16 @@ def run_export(options: ExportOptions) -> ExportReport:
     sites: list[AttentionSite] = []
     kind = None
     if options.patch:
-        model, sites = patch_model(model, detector, heads, base_dir, cross_layer=options.cross_layer)
+        # ORT's fusions cannot see into the second pass's If: fuse first, then add it.
+        model, sites = patch_model(
+            model, detector, heads, base_dir, cross_layer=options.cross_layer and not options.optimize
+        )
         kind = detector.kind if detector else "pass-through"
     fusion = None
     if options.optimize:
         model, fusion = fuse_for_ort(model, family)
+        if options.cross_layer:
+            add_cross_layer(model, detector.spread if detector else 0)
     if output is not None:
         save_model(model, output, base_dir=base_dir, check=options.patch)
     triton = None

@@ -16,8 +16,10 @@ from evalkit_models import feature_detector
 
 from atpatch import modelio
 from atpatch.cli import export_main
+from atpatch.errors import AtPatchError
 from atpatch.ops import spec
 from atpatch.rewrite import patch_model
+from atpatch.rewrite.crosslayer import add_cross_layer
 from atpatch.rewrite.optimize import fuse_for_ort
 from atpatch.runtime import create_session, native
 
@@ -31,8 +33,13 @@ def _paths() -> list[bool]:
 def test_fusions_apply_around_the_patch_and_outputs_stay(exported, rng: np.random.Generator) -> None:  # noqa: ANN001
     result = exported("bert", False, 17)
     # Flags columns that any head attends to with more than 0.3 at peak: some columns are patched.
+    # The fusions cannot see into cross-layer patching's If: fuse the per-layer patch, then add it.
     patched, _ = patch_model(result.model, feature_detector(2, "peak", 0.3))
-    optimized, report = fuse_for_ort(patched)
+    with pytest.raises(AtPatchError, match="fuse before adding cross-layer patching"):
+        fuse_for_ort(patched)
+    per_layer, _ = patch_model(result.model, feature_detector(2, "peak", 0.3), cross_layer=False)
+    optimized, report = fuse_for_ort(per_layer)
+    add_cross_layer(optimized)
 
     onnx.checker.check_model(optimized)
     ops = Counter(n.op_type for n in optimized.graph.node)
@@ -41,6 +48,7 @@ def test_fusions_apply_around_the_patch_and_outputs_stay(exported, rng: np.rando
     assert ops["Attention"] == ops["MultiHeadAttention"] == 0
     producers = {out: n for n in optimized.graph.node for out in n.output}
     atpatch_nodes = [n for n in optimized.graph.node if n.domain == spec.DOMAIN]
+    assert sum(n.op_type == "If" for n in optimized.graph.node) == 1  # the second pass
     assert len(atpatch_nodes) == report.atpatch_nodes == 2 and report.softmaxes == 2
     assert all(producers[n.input[0]].op_type == "Softmax" for n in atpatch_nodes)  # still right after each softmax
     assert "SkipLayerNormalization" in report.summary() and "2 AtPatch kept" in report.summary()

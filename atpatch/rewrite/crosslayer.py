@@ -32,6 +32,7 @@ from ..ops.builder import NodeBuilder
 
 __all__ = [
     "FORCED_INPUT",
+    "add_cross_layer",
     "PAST_FLAGS",
     "PRESENT_FLAGS",
     "ROWS",
@@ -293,6 +294,27 @@ def add_second_pass(
     if decoder:
         graph.node.append(helper.make_node("Identity", [UNION], [PRESENT_FLAGS], name=PRESENT_FLAGS))
         graph.output.append(helper.make_tensor_value_info(PRESENT_FLAGS, TensorProto.BOOL, ["batch", "total_sequence"]))
+
+
+def add_cross_layer(model: onnx.ModelProto, spread: int = 0) -> None:
+    """Give a per-layer patched `model` (patch_model(..., cross_layer=False)) its second pass, in place.
+
+    Separate from patching so that graph passes that cannot see into an `If` (onnxruntime's
+    transformer fusions) can run in between.
+    """
+    graph = model.graph
+    nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
+    if any(n.op_type == "If" and n.name == SECOND_PASS for n in graph.node):
+        raise ValueError("the model already has cross-layer patching")
+    if len(nodes) < 2 and not spread:  # one layer, no spread: a second pass would redo the first
+        return
+    opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inputs = {value.name for value in graph.input}
+    decoder, grid = PAST_FLAGS in inputs, "pixel_values" in inputs
+    add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid)
+    for prop in model.metadata_props:
+        if prop.key == "atpatch.cross_layer":
+            prop.value = "1"
 
 
 def inline_second_pass(model: onnx.ModelProto) -> onnx.ModelProto:

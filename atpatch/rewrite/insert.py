@@ -15,7 +15,7 @@ from ..modelio import model_fingerprint
 from ..ops import spec
 from ..ops.function import build_function
 from ..ops.weights import Detector
-from .crosslayer import add_second_pass, pass1_forced
+from .crosslayer import add_cross_layer, pass1_forced
 from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 
@@ -212,9 +212,6 @@ def patch_model(
     for i, node in enumerate(nodes):
         graph.node.append(node)
         graph.node.extend(new_nodes.get(i, []))
-    if cross_layer and (len(patch_nodes) > 1 or detector.spread):  # one layer, no spread: pass 2 = pass 1
-        grid = any(value.name == "pixel_values" for value in graph.input)
-        add_second_pass(graph, patch_nodes, forced, decoder, opset, detector.spread, grid)
 
     patched.opset_import.append(helper.make_opsetid(spec.DOMAIN, spec.VERSION))
     patched.functions.append(build_function(opset))
@@ -224,7 +221,7 @@ def patch_model(
         "atpatch.layers": str(len(sites)),
         "atpatch.detector": detector.kind,
         "atpatch.source_fingerprint": fingerprint,
-        "atpatch.cross_layer": "1" if cross_layer else "0",
+        "atpatch.cross_layer": "0",  # add_cross_layer sets it
         "atpatch.spread": str(detector.spread),
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
@@ -232,4 +229,6 @@ def patch_model(
     patched.metadata_props.extend(kept)
     for key, value in meta.items():
         patched.metadata_props.add(key=key, value=value)
+    if cross_layer:
+        add_cross_layer(patched, detector.spread)
     return patched, sites

@@ -16,6 +16,7 @@ import onnx
 
 from ..errors import AtPatchError
 from ..ops import spec
+from .crosslayer import SECOND_PASS
 
 __all__ = ["FusionReport", "fuse_for_ort"]
 
@@ -54,6 +55,11 @@ def fuse_for_ort(model: onnx.ModelProto, family: str = "bert") -> tuple[onnx.Mod
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    if any(n.op_type == "If" and n.name == SECOND_PASS for n in model.graph.node):
+        raise AtPatchError(
+            "onnxruntime's transformer fusions cannot see into cross-layer patching's second pass: fuse before "
+            "adding cross-layer patching (patch_model(..., cross_layer=False), fuse_for_ort, then add_cross_layer)"
+        )
     model_type = _MODEL_TYPES.get(family, "bert")
     options = FusionOptions(model_type)
     options.enable_attention = False  # would fuse away the softmax AtPatch follows, or fail on it
