@@ -51,6 +51,7 @@ def test_features_do_not_grow_with_sequence_length() -> None:
         np.testing.assert_allclose(f[0, :, 0:2], 1.0, rtol=1e-5)
         np.testing.assert_allclose(f[0, :, 2:4], 1.0 / k, rtol=1e-5)
         np.testing.assert_allclose(f[0, :, 4:6], 1.0)
+        np.testing.assert_allclose(f[0, :, 6:12], 1.0, rtol=1e-5)  # each token attends uniformly
 
 
 def test_a_column_that_soaks_up_attention_stands_out_in_its_features() -> None:
@@ -66,12 +67,14 @@ def test_features_are_laid_out_feature_major_then_head() -> None:
     a[0, 1, :, 2] = 0.7  # head 1 over-attends to key 2
     a[0, 1, :, [0, 1, 3]] = 0.1
     f = reference.column_features(a)[0, 2]
-    np.testing.assert_allclose(f, [1.0, 2.8, 0.25, 0.7, 1.0, 1.0], rtol=1e-6)
+    # mass, peak, top, then key 2's own row (row 2): self, opeak, ofocus; each head 0 then head 1.
+    expected = [1.0, 2.8, 0.25, 0.7, 1.0, 1.0, 1.0, 2.8, 1.0, 2.8, 1.0, (0.49 + 3 * 0.01) * 4]
+    np.testing.assert_allclose(f, expected, rtol=1e-6)
 
 
 def test_a_detector_for_another_head_count_is_refused(rng: np.random.Generator) -> None:
     a = random_map(rng, (1, 4, 5, 5), "none")
-    with pytest.raises(ValueError, match="expects 6 features per column"):
+    with pytest.raises(ValueError, match="expects 12 features per column"):
         reference.column_scores(a, random_detector(rng, heads=2))
 
 
@@ -113,3 +116,12 @@ def test_forced_positions_broadcast_and_are_not_reported_as_flags(rng: np.random
     out, flags = reference.atpatch(a, det, forced)  # [1, K] broadcasts over the batch
     assert not flags.any()
     assert np.array_equal(out, reference.patch_columns(a, np.repeat(forced, 3, axis=0)))
+
+
+def test_own_row_features_sit_on_each_query_s_own_key() -> None:
+    """Two new tokens after two cached ones: keys 2 and 3 get rows 0 and 1's features, keys 0 and 1 none."""
+    a = np.array([[[[0.1, 0.2, 0.7, 0.0], [0.25, 0.25, 0.25, 0.25]]]], np.float32)
+    f = reference.column_features(a)[0]  # one head: mass, peak, top, self, opeak, ofocus
+    np.testing.assert_allclose(f[:2, 3:], 0.0)
+    np.testing.assert_allclose(f[2, 3:], [0.7 * 3, 0.7 * 3, (0.01 + 0.04 + 0.49) * 3], rtol=1e-6)
+    np.testing.assert_allclose(f[3, 3:], [1.0, 1.0, 1.0], rtol=1e-6)

@@ -79,8 +79,30 @@ def build_function(opset: int) -> onnx.FunctionProto:
     is_top = g.to_float(g.op("GreaterOrEqual", x, row_max))
     top = g.op("Div", g.op("Squeeze", g.op("MatMul", real_t, is_top), g.const(queries, np.int64)), col_rows)
 
-    # [B, 3H, K] -> [B, K, 3H]: feature f of head h at f * H + h, as spec.py lays it out.
-    features = g.op("Transpose", g.op("Concat", mass, peak, top, axis=1), perm=[0, 2, 1])
+    # How each column's own query row attends (self, opeak, ofocus), computed per row and moved to
+    # the key axis: row o belongs to column o + (k_len - q_len); rows before column 0 are dropped,
+    # columns before row 0 get 0.
+    uniform = g.op("Mul", row_support, real_f)  # n_o on real rows, 0 on padding rows
+    own_x = g.op("GatherElements", x, index, axis=3)
+    sum_sq = g.reduce("ReduceSumSquare", x, last, 1)
+    per_row = g.op("Mul", g.op("Concat", own_x, row_max, sum_sq, axis=3), uniform)  # [B, H, Q, 3]
+    per_row = g.op("Transpose", per_row, perm=[0, 1, 3, 2])  # [B, H, 3, Q]
+    offset = g.op("Sub", k_len, q_len)
+    zero_i = g.const([0], np.int64)
+    dropped = g.op("Max", g.op("Neg", offset), zero_i)
+    kept_rows = g.op("Slice", per_row, dropped, g.op("Add", q_len, k_len), g.const([3], np.int64))
+    pads = g.op(
+        "Concat", g.const([0, 0, 0], np.int64), g.op("Max", offset, zero_i), g.const([0, 0, 0, 0], np.int64), axis=0
+    )
+    own_cols = g.op("Pad", kept_rows, pads)  # [B, H, 3, K]
+    own_features = g.op(
+        "Reshape",
+        g.op("Transpose", own_cols, perm=[0, 2, 1, 3]),
+        g.op("Concat", g.op("Slice", shape, zero_i, g.const([1], np.int64)), g.const([-1], np.int64), k_len, axis=0),
+    )  # [B, 3H, K]: feature-major, then head
+
+    # [B, 6H, K] -> [B, K, 6H]: feature f of head h at f * H + h, as spec.py lays it out.
+    features = g.op("Transpose", g.op("Concat", mass, peak, top, own_features, axis=1), perm=[0, 2, 1])
 
     hidden = g.op("Relu", g.op("Add", g.op("MatMul", features, w1), b1))
     score = g.op("Add", g.op("MatMul", hidden, w2), b2)

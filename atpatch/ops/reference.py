@@ -57,6 +57,7 @@ def real_queries(attention: np.ndarray) -> np.ndarray:
 def column_features(attention: np.ndarray) -> np.ndarray:
     """Length- and padding-invariant features of each key column: [batch, k_len, FEATURES_PER_HEAD * heads]."""
     a = _as_map(attention)
+    q_len, k_len = a.shape[-2:]
     rows = real_queries(a)[..., None]  # [B, H, Q, 1]
     valid = (a > 0) & rows
     row_support = (a > 0).sum(axis=-1, keepdims=True, dtype=np.float32)  # n_q
@@ -65,8 +66,17 @@ def column_features(attention: np.ndarray) -> np.ndarray:
     peak = np.where(rows, a, 0.0).max(axis=-2, initial=0.0)
     row_max = a.max(axis=-1, keepdims=True, initial=0.0)
     top = ((a >= row_max) & valid).sum(axis=-2, dtype=np.float32) / col_rows
-    features = np.concatenate([mass, peak, top], axis=1)  # [B, 3H, K]: feature-major, then head
-    return np.ascontiguousarray(features.transpose(0, 2, 1), dtype=np.float32)
+    # The column's own query row o = j - (k_len - q_len), where that row is in this map and real.
+    own = np.zeros((*a.shape[:2], 3, k_len), np.float32)  # self, opeak, ofocus
+    offset = k_len - q_len
+    for o in range(max(0, -offset), q_len):
+        j, row, n = o + offset, a[:, :, o, :], row_support[:, :, o, 0]
+        real = rows[:, :, o, 0]
+        own[:, :, 0, j] = np.where(real, row[..., j] * n, 0.0)
+        own[:, :, 1, j] = np.where(real, row_max[:, :, o, 0] * n, 0.0)
+        own[:, :, 2, j] = np.where(real, (row * row).sum(axis=-1) * n, 0.0)
+    features = np.concatenate([mass, peak, top, own[:, :, 0], own[:, :, 1], own[:, :, 2]], axis=1)
+    return np.ascontiguousarray(features.transpose(0, 2, 1), dtype=np.float32)  # [B, K, 6H]: feature-major, then head
 
 
 def attended_columns(attention: np.ndarray) -> np.ndarray:

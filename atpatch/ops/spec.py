@@ -28,16 +28,25 @@ Real queries (v2). Query row q sits at key position c = k_len - q_len + q (the l
   "attended" test count real rows only, so a batch padded to any length gives every input
   the same features, flags and outputs (a padding row attends to the real keys like any
   other row, and counting it made the features, and so the flags, depend on the padding).
-Column features (per batch item b and key column j), for each head h, over the real rows q
-where column j is unmasked (attention > 0):
+Column features (per batch item b and key column j), for each head h. Over the real rows q
+where column j is unmasked (attention > 0), what the column receives:
     mass[h, j] = mean_q attention[q, j] * n_q   (n_q = unmasked entries in row q:
                  1.0 means the column gets exactly a uniform share, so the
                  value does not grow or shrink with sequence length)
     peak[h, j] = max_q attention[q, j]           (over real rows; 0 when none)
     top[h, j]  = fraction of those rows whose largest entry is at column j
-  features[b, j] = (mass[0..H-1, j], peak[0..H-1, j], top[0..H-1, j]): feature f of
-  head h sits at index f * heads + h. Features are per head because a backdoor takes
-  over particular heads; averaged over heads, its columns look like salient words.
+  and, from the column's own query row o = j - (k_len - q_len) (when 0 <= o < q_len and that
+  row is real; else all three are 0), how that token attends:
+    self[h, j]  = attention[o, j] * n_o              (its weight on itself, uniform-relative)
+    opeak[h, j] = max_k attention[o, k] * n_o        (how peaked its row is: 1 uniform .. n_o)
+    ofocus[h, j] = sum_k attention[o, k]^2 * n_o     (how concentrated: 1 uniform .. n_o one-hot)
+  A trigger token stands out as much by how it attends as by how it is attended to: on a
+  from-scratch backdoored BERT, a layer's trigger columns flagged at a 0.5% clean flag rate
+  went from 39% (first three features) to 86% (all six), measured (feature version 4).
+  features[b, j] = (mass[0..H-1, j], peak[..], top[..], self[..], opeak[..], ofocus[..]):
+  feature f of head h sits at index f * heads + h. Features are per head because a
+  backdoor takes over particular heads; averaged over heads, its columns look like
+  salient words.
 Detector: score = w2 . relu(features @ w1 + b1) + b2;
   flags = score > threshold AND some real row of some head has column j unmasked.
 Patch, with P = flags OR forced, per row (b, h, q), every row (padding rows too): let U be
@@ -53,7 +62,7 @@ Patch, with P = flags OR forced, per row (b, h, q), every row (padding rows too)
   every layer left 13% attack success with 1/n and 2.6% with m.)
 
 Version 1 (models patched before v2 still run): inputs without `forced`, no `flags`
-output, and every query row counted in the features (feature version 2). Its ONNX
+output, every query row counted, and the first three features only (feature version 2). Its ONNX
 function travels in those files; the native kernels keep a v1 mode for them.
 """
 
@@ -85,8 +94,8 @@ OUTPUTS = ("patched", "flags")
 # name -> (type, default)
 ATTRIBUTES: dict[str, tuple[type, float]] = {"threshold": (float, 0.0)}
 
-FEATURE_VERSION = 3  # 3: real query rows only (op v2); 2: every row (op v1)
-FEATURE_NAMES = ("mass", "peak", "top")  # each per head
+FEATURE_VERSION = 4  # 4: own-row features (op v2); 2: every row, first three features (op v1)
+FEATURE_NAMES = ("mass", "peak", "top", "self", "opeak", "ofocus")  # each per head
 FEATURES_PER_HEAD = len(FEATURE_NAMES)
 
 
