@@ -19,14 +19,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from maps import FORCED_KINDS, MASKS_V2, random_detector, random_forced, random_map, with_flags  # noqa: E402
+from maps import (  # noqa: E402
+    FORCED_KINDS,
+    MASKS_V2,
+    V1_FEATURES_PER_HEAD,
+    random_detector,
+    random_detector_v1,
+    random_forced,
+    random_map,
+    v1_reference,
+    with_flags,
+)
 
 from atpatch.ops import reference, spec  # noqa: E402
 from atpatch.ops.standalone import standalone_model  # noqa: E402
@@ -77,10 +86,11 @@ def make_session(
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def detector_feeds(heads: int, hidden: int = 3, **override: np.ndarray) -> dict[str, np.ndarray]:
-    """A detector for maps of `heads` heads (w1 has spec.num_features(heads) rows), nothing forced."""
+def detector_feeds(heads: int, hidden: int = 3, version: int = 2, **override: np.ndarray) -> dict[str, np.ndarray]:
+    """A detector for maps of `heads` heads (w1 has spec.num_features(heads) rows, v1's 3 per head), nothing forced."""
+    rows = V1_FEATURES_PER_HEAD * heads if version == 1 else spec.num_features(heads)
     feeds = {
-        "w1": np.ones((spec.num_features(heads), hidden), F32),
+        "w1": np.ones((rows, hidden), F32),
         "b1": np.zeros(hidden, F32),
         "w2": np.ones(hidden, F32),
         "b2": np.full(1, -1.0, F32),
@@ -156,20 +166,25 @@ CASES: dict[str, Callable[[], str]] = {
     "rank0": lambda: expect_error({"attention": np.array(0.5, F32), **detector_feeds(1)}, "rank 4"),
     "w1_rows": lambda: expect_error(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((3, 3), F32))},
-        "w1 must be [3 * heads, hidden] = [6, hidden] for this map of 2 heads, got [3,3]",
+        "w1 must be [6 * heads, hidden] = [12, hidden] for this map of 2 heads, got [3,3]",
     ),
     "w1_other_heads": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(4)}, "= [6, hidden] for this map of 2 heads, got [12,3]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(4)}, "= [12, hidden] for this map of 2 heads, got [24,3]"
     ),
     "w1_feature_version_1": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))}, "feature version 3"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))}, "feature version 4"
+    ),
+    "w1_feature_version_3": lambda: expect_error(  # three features per head: a detector fitted before v4
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, version=1)},
+        "w1 must be [6 * heads, hidden] = [12, hidden] for this map of 2 heads, got [6,3]; "
+        "fit a detector for this model (feature version 4)",
     ),
     "w1_rank": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones(18, F32))},
-        "w1 must be [3 * heads, hidden] = [6, hidden]",
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones(36, F32))},
+        "w1 must be [6 * heads, hidden] = [12, hidden]",
     ),
     "w1_rank3": lambda: expect_error(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((6, 3, 1), F32))}, "got [6,3,1]"
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((12, 3, 1), F32))}, "got [12,3,1]"
     ),
     "w1_for_zero_heads": lambda: expect_error(
         {"attention": uniform((2, 0, 3, 3)), **detector_feeds(1)}, "= [0, hidden] for this map of 0 heads"
@@ -194,7 +209,7 @@ CASES: dict[str, Callable[[], str]] = {
         {"attention": _nan_map(), **detector_feeds(3, b2=np.full(1, 10.0, F32))}
     ),
     "nan_weights": lambda: expect_output(
-        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.full((6, 3), np.nan, F32))}
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.full((12, 3), np.nan, F32))}
     ),
     "inf_weights": lambda: expect_output(
         {
@@ -295,19 +310,25 @@ CASES: dict[str, Callable[[], str]] = {
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, flags_output=False
     ),
     # Op v1 (models patched before v2): no forced, no flags; its validation is v2's.
-    "v1_runs": lambda: expect_output({"attention": _nan_map(), **detector_feeds(3)}, version=1),
+    "v1_runs": lambda: expect_output({"attention": _nan_map(), **detector_feeds(3, version=1)}, version=1),
+    "v1_runs_uniform": lambda: expect_output(
+        {"attention": uniform((2, 2, 5, 5)), **detector_feeds(2, version=1)}, version=1
+    ),
     "v1_w1_rows": lambda: expect_error(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2, w1=np.ones((4, 3), F32))},
         "for this map of 2 heads, got [4,3]; fit a detector for this model (feature version 2)",
         version=1,
     ),
-    "v1_zero_heads": lambda: expect_output({"attention": uniform((2, 0, 3, 3)), **detector_feeds(0)}, version=1),
+    "v1_w1_v2_detector": lambda: expect_error(  # v1 keeps its three features per head
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)},
+        "w1 must be [3 * heads, hidden] = [6, hidden] for this map of 2 heads, got [12,3]; "
+        "fit a detector for this model (feature version 2)",
+        version=1,
+    ),
+    "v1_zero_heads": lambda: expect_output(
+        {"attention": uniform((2, 0, 3, 3)), **detector_feeds(0, version=1)}, version=1
+    ),
 }
-
-
-def v1_reference() -> mock._patch:
-    """The numpy reference with every query row real: op v1's features."""
-    return mock.patch.object(reference, "real_queries", lambda a: np.ones(np.shape(a)[:3], dtype=bool))
 
 
 def fuzz(seconds: float, seed: int) -> int:
@@ -333,7 +354,7 @@ def fuzz(seconds: float, seed: int) -> int:
             flat[picks] = rng.choice([np.nan, np.inf, -np.inf, -1.0, 0.0, 1e-40, 3e38], len(picks))
         with np.errstate(over="ignore"):  # 3e38 -> inf in float16 is one more hostile value
             a = a.astype(dtype)
-        d = random_detector(rng, shape[1])
+        d = random_detector_v1(rng, shape[1]) if version == 1 else random_detector(rng, shape[1])
         with v1_reference() if version == 1 else contextlib.nullcontext():
             if not hostile and size > 0:
                 d = with_flags(a, d, ("none", "one", "some", "all")[runs % 4], rng) or d

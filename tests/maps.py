@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from unittest import mock
+
 import numpy as np
 
 from atpatch.ops import reference, spec
@@ -99,3 +103,63 @@ def with_flags(
     return reference.LayerDetector(
         detector.w1, detector.b1, detector.w2, (detector.b2 - np.float32(cut)).astype(np.float32), 0.0
     )
+
+
+# Op v1 (models patched before v2): every query row counted, and the first three features only.
+V1_FEATURES_PER_HEAD = 3
+
+
+def random_detector_v1(rng: np.random.Generator, heads: int) -> reference.LayerDetector:
+    """A random detector for op v1 maps with `heads` heads: w1 [3 * heads, hidden]."""
+    d = random_detector(rng, heads)
+    return reference.LayerDetector(
+        np.ascontiguousarray(d.w1[: V1_FEATURES_PER_HEAD * heads]), d.b1, d.w2, d.b2, d.threshold
+    )
+
+
+@contextlib.contextmanager
+def v1_reference() -> Iterator[None]:
+    """The numpy reference as op v1: every query row real, the first three features of each head.
+
+    (v1's output does not depend on v2's "attended" condition, as an unattended column has no
+    unmasked entry to patch.)
+    """
+    v2_features = reference.column_features
+
+    def v1_features(attention: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(v2_features(attention)[..., : V1_FEATURES_PER_HEAD * np.shape(attention)[1]])
+
+    every_row = mock.patch.object(reference, "real_queries", lambda a: np.ones(np.shape(a)[:3], dtype=bool))
+    with every_row, mock.patch.object(reference, "column_features", v1_features):
+        yield
+
+
+def own_row_map(dtype: type = np.float32) -> tuple[np.ndarray, reference.LayerDetector, np.ndarray]:
+    """A map where only the own-row features tell the query keys apart, a detector reading `self` of
+    head 0 alone, and the flags it must give ([batch, k_len]); the CUDA self-test's own_row_case.
+
+    [2, 2, 7, 9]: two cache keys get 0.05 in every row; row o of head h gives query key 2 + k the
+    value p[(k + o + h) % 7] * 0.9, p = (1..7) / 28 (reversed in item 1). Every query key receives
+    the same values and every row has the same ones, so mass, peak, top, opeak and ofocus are equal
+    across the query keys; self (key 2 + o: p[(2 o + h) % 7] * 0.9 * 9) is not. Flagged: the query
+    keys whose self of head 0 is above 1.0, written out by hand.
+    """
+    b, h, q, k = 2, 2, 7, 9
+    cache = k - q
+    p = np.arange(1, q + 1, dtype=np.float32) / np.float32(28)
+    a = np.empty((b, h, q, k), np.float32)
+    a[..., :cache] = 0.05
+    for item in range(b):
+        values = p if item == 0 else p[::-1]
+        for head in range(h):
+            for o in range(q):
+                a[item, head, o, cache:] = values[(np.arange(q) + o + head) % q] * np.float32(0.9)
+    w1 = np.zeros((spec.num_features(h), 1), np.float32)
+    w1[spec.FEATURE_NAMES.index("self") * h + 0, 0] = 1.0
+    d = reference.LayerDetector(w1, np.zeros(1, np.float32), np.ones(1, np.float32), np.full(1, -1.0, np.float32), 0.0)
+    # self of head 0 at key 2 + o: item 0 (2 o % 7 + 1) / 28 * 8.1, above 1 for 2 o % 7 >= 3, so
+    # o = 2, 3, 5, 6; item 1 (7 - 2 o % 7) / 28 * 8.1, above 1 for 2 o % 7 <= 3, so o = 0, 1, 4, 5.
+    flags = np.zeros((b, k), bool)
+    flags[0, [cache + o for o in (2, 3, 5, 6)]] = True
+    flags[1, [cache + o for o in (0, 1, 4, 5)]] = True
+    return a.astype(dtype), d, flags

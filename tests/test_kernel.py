@@ -12,7 +12,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from maps import FORCED_KINDS, MASKS, MASKS_V2, pad_batch_item, random_detector, random_forced, random_map, with_flags
+from maps import (
+    FORCED_KINDS,
+    MASKS,
+    MASKS_V2,
+    own_row_map,
+    pad_batch_item,
+    random_detector,
+    random_forced,
+    random_map,
+    with_flags,
+)
 from onnx import TensorProto
 
 from atpatch.ops import reference, spec
@@ -197,14 +207,19 @@ def test_library_reports_the_spec_contract() -> None:
     assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
     # Version 1 stays registered for models patched before v2 (test_kernel_v1.py).
     assert info["versions"] == [1, spec.VERSION]
-    assert info["v1"] == {"inputs": list(spec.INPUTS[:5]), "outputs": list(spec.OUTPUTS[:1]), "feature_version": 2}
+    assert info["v1"] == {
+        "inputs": list(spec.INPUTS[:5]),
+        "outputs": list(spec.OUTPUTS[:1]),
+        "features_per_head": 3,
+        "feature_version": 2,
+    }
 
 
 def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
     """Hand-computed: one head, score = peak, threshold 0.4 flags only the 0.5 column."""
     attention = np.array([[[[0.2, 0.3, 0.0, 0.5]]]], np.float32)  # its own key (the last) is unmasked: real
     d = reference.LayerDetector(
-        w1=np.array([[0.0], [1.0], [0.0]], np.float32),  # (mass, peak, top) of head 0 -> peak
+        w1=np.array([[0.0], [1.0], [0.0], [0.0], [0.0], [0.0]], np.float32),  # head 0's six features -> peak
         b1=np.zeros(1, np.float32),
         w2=np.ones(1, np.float32),
         b2=np.zeros(1, np.float32),
@@ -231,6 +246,42 @@ def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
     got, flags = sess.run(None, feeds(padding, d, np.array([[True, False, False, False]])))
     np.testing.assert_allclose(got, [[[[0.2 / 0.7, 0.3 / 0.7, 0.2 / 0.7, 0.0]]]], rtol=0, atol=1e-6)
     assert not flags.any()
+
+
+def test_own_row_features_alone_flag_what_the_reference_flags(rng: np.random.Generator) -> None:
+    """A map where only the own-row features (self, opeak, ofocus) tell the query keys apart: a
+    detector reading `self` flags exactly the keys the reference (and the hand count) says. The
+    CUDA self-test runs the same case on the device code (own_row_case)."""
+    sess = session(np.float32, True)
+    attention, d, want = own_row_map()
+    features = reference.column_features(attention)
+    heads, query_keys = attention.shape[1], slice(2, None)
+    received = features[:, query_keys, : 3 * heads]  # mass, peak, top: the same for every query key
+    np.testing.assert_allclose(received, received[:, :1].repeat(received.shape[1], 1), rtol=1e-6)
+    np.testing.assert_array_equal(reference.flag_columns(attention, d), want)
+    for dtype in (np.float32, np.float16):
+        got, flags = session(dtype, True).run(None, feeds(attention.astype(dtype), d))
+        np.testing.assert_array_equal(flags, want)
+        expected = reference.atpatch(attention.astype(dtype), d)[0]
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=1e-3)
+    # Each own-row feature, alone, moves the flags as the reference says: a column's weight on
+    # itself, how peaked its row is and how concentrated, on random maps (padding rows included).
+    for name in ("self", "opeak", "ofocus"):
+        f, checked = spec.FEATURE_NAMES.index(name), 0
+        for i in range(40):
+            attention = random_map(rng, (2, 3, 6 + i % 4, 6 + i % 5), MASKS_V2[i % len(MASKS_V2)])
+            base = random_detector(rng, 3)
+            w1 = np.zeros_like(base.w1)
+            w1[f * 3 : (f + 1) * 3] = base.w1[f * 3 : (f + 1) * 3]  # this feature of every head, nothing else
+            d = with_flags(attention, reference.LayerDetector(w1, base.b1, base.w2, base.b2, 0.0), "some", rng)
+            if d is None:
+                continue
+            expected, expected_flags = reference.atpatch(attention, d)
+            got, flags = sess.run(None, feeds(attention, d))
+            np.testing.assert_array_equal(flags, expected_flags)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+            checked += 1
+        assert checked >= 20, (name, checked)
 
 
 def test_padding_changes_no_flag_and_no_real_row(rng: np.random.Generator) -> None:
@@ -296,10 +347,11 @@ def test_output_in_place_of_a_softmax(rng: np.random.Generator) -> None:
 def test_kernel_refuses_a_detector_for_another_head_count(rng: np.random.Generator) -> None:
     attention = random_map(rng, (1, 4, 5, 5), "none")
     sess = session(np.float32, True)
-    for w1_rows in (spec.num_features(2), 4, spec.num_features(4) + 1):  # 4: a feature-version-1 detector
+    # 4: a feature-version-1 detector; 12: three features per head (feature versions 2 and 3)
+    for w1_rows in (spec.num_features(2), 4, 12, spec.num_features(4) + 1):
         d = random_detector(rng, 4)
         d = reference.LayerDetector(np.ones((w1_rows, d.w1.shape[1]), np.float32), d.b1, d.w2, d.b2, 0.0)
-        wanted = r"w1 must be \[3 \* heads, hidden\] = \[12, hidden\] for this map of 4 heads"
+        wanted = rf"w1 must be \[6 \* heads, hidden\] = \[24, hidden\] for this map of 4 heads, got \[{w1_rows},"
         with pytest.raises(Exception, match=wanted):
             sess.run(None, feeds(attention, d))
 

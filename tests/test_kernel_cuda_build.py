@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from maps import FORCED_KINDS, MASKS_V2, random_detector, random_forced, random_map, with_flags
+from maps import FORCED_KINDS, MASKS_V2, own_row_map, random_detector, random_forced, random_map, with_flags
 from onnx import TensorProto
 
 from atpatch.ops import reference, spec
@@ -109,6 +109,9 @@ def test_info_lists_both_providers_and_the_spec_contract(library: Path) -> None:
     assert (tuple(info["inputs"]), tuple(info["outputs"])) == (spec.INPUTS, spec.OUTPUTS)
     assert tuple(info["dtypes"]) == spec.SUPPORTED_DTYPES
     assert info["feature_version"] == spec.FEATURE_VERSION
+    assert info["features_per_head"] == spec.FEATURES_PER_HEAD
+    assert tuple(info["feature_names"]) == spec.FEATURE_NAMES
+    assert (info["v1"]["features_per_head"], info["v1"]["feature_version"]) == (3, 2)
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) not found")
@@ -208,6 +211,7 @@ def test_selftest_binary(build: Path) -> None:
     assert cpu.returncode == 0 and "RESULT: PASSED" in cpu.stdout, cpu.stdout + cpu.stderr
     for row in ("float32 none", "float32 one", "float32 some", "float32 all", "float16 some", "coverage: forced"):
         assert row in cpu.stdout, cpu.stdout
+    assert "own-row case 2;" in cpu.stdout, cpu.stdout  # the targeted case, float32 and float16
     gpu = subprocess.run([selftest, "--cases", "40", "--no-big", "--no-bench"], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     if gpu.returncode == 3:
@@ -217,7 +221,8 @@ def test_selftest_binary(build: Path) -> None:
 
 
 def test_device_code_on_the_cpu_emulation_equals_the_cpu_kernel(build: Path) -> None:
-    """cuda_kernel.cu's kernels, run by cuda_emulation.h, against core.cc on small random maps."""
+    """cuda_kernel.cu's kernels, run by cuda_emulation.h, against core.cc on small random maps
+    (all six features of op v2, three of v1, compared before the threshold too)."""
     result = subprocess.run(
         [str(build / "atpatch_cuda_selftest_emulated"), "--cases", "32", "--small", "--no-bench"],
         capture_output=True,
@@ -232,6 +237,13 @@ def test_device_code_on_the_cpu_emulation_equals_the_cpu_kernel(build: Path) -> 
     assert sum(int(r[5]) for r in rows) > 0, report  # some rows were patched
     # forced of every broadcast shape, op v1 and padding query rows were run (else it fails itself)
     assert "coverage: forced [1,1]" in result.stdout and "op v1" in result.stdout, report
+    # Op v2's own-row features: detectors that read only them, and the targeted case where they
+    # alone tell the columns apart (the device code's flags are the hand-counted ones, float32
+    # and float16; tests/maps.py's own_row_map, checked against the reference in test_kernel.py).
+    assert "own-row-only detector" in result.stdout and "own-row case 2;" in result.stdout, report
+    want = " ".join("".join("1" if x else "0" for x in item) for item in own_row_map()[2])
+    for dtype in ("float32", "float16"):
+        assert f"own-row case {dtype}: flags {want} (CPU and GPU)" in result.stdout, report
     if platform.machine() in ("x86_64", "AMD64"):
         # No fused multiply-add on either side here: the same operations in the same order.
         assert all(r[7] == "100.0000" for r in rows), report

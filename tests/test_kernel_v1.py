@@ -9,13 +9,12 @@ no `forced`, no `flags`. The oracle is the v1 function travelling in tests/data/
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from maps import MASKS_V2, random_detector, random_map, with_flags
+from maps import MASKS_V2, random_detector, random_detector_v1, random_map, v1_reference, with_flags
 from onnx import TensorProto, helper
 
 from atpatch.ops import reference, spec
@@ -77,12 +76,6 @@ def standalone_v1(
     return model
 
 
-def v1_reference() -> mock._patch:
-    """The reference with every query row real: v1's features (its output does not depend on
-    v2's "attended" condition, as an unattended column has no unmasked entry to patch)."""
-    return mock.patch.object(reference, "real_queries", lambda a: np.ones(np.shape(a)[:3], dtype=bool))
-
-
 def test_v1_bert_runs_on_the_kernel_as_its_function_did() -> None:
     saved = _saved()
     inputs = {"input_ids": saved["input_ids"], "attention_mask": saved["attention_mask"]}
@@ -110,10 +103,10 @@ def test_v1_kernel_equals_the_v1_function(dtype: type, rng: np.random.Generator)
         padding_rows += int((~reference.real_queries(attention)).sum())
         how = ("none", "one", "some", "all")[(i // len(MASKS_V2)) % 4]
         with v1_reference():
-            d = with_flags(attention, random_detector(rng, shape[1]), how, rng)
+            d = with_flags(attention, random_detector_v1(rng, shape[1]), how, rng)
             if d is None:
                 how = "none"
-                d = with_flags(attention, random_detector(rng, shape[1]), how, rng)
+                d = with_flags(attention, random_detector_v1(rng, shape[1]), how, rng)
             assert d is not None
             expected = reference.atpatch(attention, d)[0]
             flagged = reference.column_scores(attention, d) > d.threshold
@@ -133,38 +126,69 @@ def test_v1_kernel_equals_the_v1_function(dtype: type, rng: np.random.Generator)
     assert padding_rows > cases // 2, padding_rows  # where v1 and v2 differ
 
 
-def _v1_v2_disagree(rng: np.random.Generator, dtype: type) -> tuple[np.ndarray, reference.LayerDetector]:
-    """A map with padding query rows and a detector that v1 and v2 flag differently on it."""
+def _v1_v2_disagree(
+    rng: np.random.Generator, dtype: type
+) -> tuple[np.ndarray, reference.LayerDetector, reference.LayerDetector]:
+    """A map with padding query rows and detectors that v1 and v2 flag differently on it: v1's
+    detector, and the same for v2 with its own-row features weighted 0, so that only the rows
+    counted differ."""
     for _ in range(200):
         attention = random_map(rng, (2, 3, 8, 8), "padded").astype(dtype)
-        d = with_flags(attention, random_detector(rng, 3), "some", rng)
-        if d is None:
-            continue
         with v1_reference():
-            v1_patched = reference.atpatch(attention, d)[0]
-        if not np.array_equal(v1_patched, reference.atpatch(attention, d)[0]):
-            return attention, d
+            d1 = with_flags(attention, random_detector_v1(rng, 3), "some", rng)
+        if d1 is None:
+            continue
+        w1 = np.zeros((spec.num_features(3), d1.w1.shape[1]), np.float32)
+        w1[: d1.w1.shape[0]] = d1.w1
+        d2 = reference.LayerDetector(w1, d1.b1, d1.w2, d1.b2, d1.threshold)
+        scores = reference.column_scores(attention, d2)[reference.attended_columns(attention)]
+        if np.abs(scores - d2.threshold).min() < 1e-3:
+            continue  # v2's flags must not hang on rounding either
+        with v1_reference():
+            v1_patched = reference.atpatch(attention, d1)[0]
+        if not np.array_equal(v1_patched, reference.atpatch(attention, d2)[0]):
+            return attention, d1, d2
     pytest.fail("no map and detector where v1 and v2 patch differently")
 
 
 def test_v1_and_v2_models_run_side_by_side(rng: np.random.Generator) -> None:
     """One library, one process: each model gets its own version's semantics, for both dtypes."""
     for dtype, onnx_type in DTYPES.items():
-        a, d = _v1_v2_disagree(rng, dtype)
+        a, d1, d2 = _v1_v2_disagree(rng, dtype)
         v1 = _session(standalone_v1(onnx_type, with_function=False), True)
         v2_model = standalone_model(17, onnx_type, 0.0)
         del v2_model.functions[:]
         v2 = _session(v2_model, True)
         atol = 1e-6 if dtype is np.float32 else 1e-3
-        feeds = {"attention": a, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2}
+        feeds_v1 = {"attention": a, "w1": d1.w1, "b1": d1.b1, "w2": d1.w2, "b2": d1.b2}
+        feeds_v2 = {"attention": a, "w1": d2.w1, "b1": d2.b1, "w2": d2.w2, "b2": d2.b2}
         with v1_reference():
-            want_v1 = reference.atpatch(a, d)[0]
+            want_v1 = reference.atpatch(a, d1)[0]
         for forced in (np.zeros((1, 1), bool), np.ones((2, 1), bool), np.zeros((1, 1), bool)):  # interleaved
-            want_v2, want_flags = reference.atpatch(a, d, forced)
-            np.testing.assert_allclose(v1.run(None, feeds)[0].astype(np.float32), want_v1.astype(np.float32), atol=atol)
-            got_v2, flags = v2.run(None, {**feeds, "forced": forced})
+            want_v2, want_flags = reference.atpatch(a, d2, forced)
+            got_v1 = v1.run(None, feeds_v1)[0]
+            np.testing.assert_allclose(got_v1.astype(np.float32), want_v1.astype(np.float32), atol=atol)
+            got_v2, flags = v2.run(None, {**feeds_v2, "forced": forced})
             np.testing.assert_allclose(got_v2.astype(np.float32), want_v2.astype(np.float32), atol=atol)
             np.testing.assert_array_equal(flags, want_flags)
+
+
+def test_v1_and_v2_refuse_each_others_detectors(rng: np.random.Generator) -> None:
+    """w1 has 3 rows per head for a v1 node (feature version 2), 6 for a v2 node (feature version 4)."""
+    a = random_map(rng, (1, 2, 4, 4), "none")
+    d1 = random_detector_v1(rng, 2)
+    d2 = random_detector(rng, 2)
+    v1 = _session(standalone_v1(with_function=False), True)
+    v2_model = standalone_model(17, TensorProto.FLOAT, 0.0)
+    del v2_model.functions[:]
+    v2 = _session(v2_model, True)
+    v1_wants = r"w1 must be \[3 \* heads, hidden\] = \[6, hidden\] .* got \[12,.*feature version 2"
+    with pytest.raises(Exception, match=v1_wants):
+        v1.run(None, {"attention": a, "w1": d2.w1, "b1": d2.b1, "w2": d2.w2, "b2": d2.b2})
+    v2_wants = r"w1 must be \[6 \* heads, hidden\] = \[12, hidden\] .* got \[6,.*feature version 4"
+    with pytest.raises(Exception, match=v2_wants):
+        nothing = np.zeros((1, 1), bool)
+        v2.run(None, {"attention": a, "w1": d1.w1, "b1": d1.b1, "w2": d1.w2, "b2": d1.b2, "forced": nothing})
 
 
 def test_v1_node_with_v2_arity_is_refused() -> None:

@@ -44,7 +44,8 @@ std::string counts_str(size_t inputs, size_t outputs) {
          (outputs == 1 ? " output" : " outputs");
 }
 
-// The detector's tensors; w1 must have kFeaturesPerHead rows per head of this map.
+// The detector's tensors; w1 must have the version's features per head (kFeaturesPerHead for v2,
+// kFeaturesPerHeadV1 for v1) rows per head of this map.
 OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, Checked* c) {
   const char* names[] = {"attention", "w1", "b1", "w2", "b2"};
   std::vector<int64_t> shapes[5];
@@ -60,14 +61,16 @@ OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, C
     data[i] = v.GetTensorData<float>();
   }
   const auto& w1 = shapes[1];
+  const bool v1 = version == kVersionV1;
+  const int features_per_head = v1 ? kFeaturesPerHeadV1 : kFeaturesPerHead;
   int64_t rows = 0;
-  if (!checked_mul(kFeaturesPerHead, heads, &rows)) {
+  if (!checked_mul(features_per_head, heads, &rows)) {
     return make_status(ORT_INVALID_ARGUMENT, "attention has an invalid head count " + std::to_string(heads));
   }
   if (w1.size() != 2 || w1[0] != rows) {
-    const int feature_version = version == kVersionV1 ? kFeatureVersionEveryRow : kFeatureVersion;
+    const int feature_version = v1 ? kFeatureVersionEveryRow : kFeatureVersion;
     return make_status(ORT_INVALID_ARGUMENT,
-                       "w1 must be [" + std::to_string(kFeaturesPerHead) + " * heads, hidden] = [" +
+                       "w1 must be [" + std::to_string(features_per_head) + " * heads, hidden] = [" +
                            std::to_string(rows) + ", hidden] for this map of " + std::to_string(heads) +
                            " heads, got " + shape_str(w1) + "; fit a detector for this model (feature version " +
                            std::to_string(feature_version) + ")");
@@ -86,6 +89,7 @@ OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, C
   c->detector.w2 = data[3];
   c->b2 = data[4];
   c->detector.hidden = hidden;
+  c->detector.features_per_head = features_per_head;
   return nullptr;
 }
 

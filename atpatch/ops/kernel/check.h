@@ -51,7 +51,7 @@ OrtStatusPtr NodeVersion(const OrtApi& api, const OrtKernelInfo* info, int* vers
 struct Checked {
   std::vector<int64_t> shape;
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, total = 0;
-  DetectorView detector{};  // b2 left 0: see the b2 pointer
+  DetectorView detector{};  // b2 left 0: see the b2 pointer; features_per_head: the node version's
   const float* b2 = nullptr;  // not read here: on the CUDA provider it is device memory
   const void* in = nullptr;   // nullptr when total == 0
   void* out = nullptr;

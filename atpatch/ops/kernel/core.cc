@@ -24,35 +24,43 @@ namespace atpatch {
 constexpr int64_t kLanes = 16;
 
 ATPATCH_HOT RowStats row_stats(const float* row, int64_t k_len) {
+  // One pass: n_q, the row maximum and the sum of squares (own-row features, op v2) together.
   float support[kLanes] = {};
   float max[kLanes] = {};
+  float squares[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= k_len; j += kLanes) {
+    // Kept a loop: fully unrolled, its 48 accumulators become scalars that GCC (12) does not
+    // vectorise; as a loop over the lane arrays it does (8 lanes at a time with AVX2).
+#pragma GCC unroll 1
     for (int64_t l = 0; l < kLanes; ++l) {
       const float v = row[j + l];
       support[l] += v > 0.0f ? 1.0f : 0.0f;
       max[l] = v > max[l] ? v : max[l];
+      squares[l] += v * v;
     }
   }
   for (; j < k_len; ++j) {
     const float v = row[j];
     support[0] += v > 0.0f ? 1.0f : 0.0f;
     max[0] = v > max[0] ? v : max[0];
+    squares[0] += v * v;
   }
   float total = 0.0f, m = 0.0f;
+  double sum = 0.0;  // lanes combined in double, in lane order: close to numpy's pairwise sum
   for (int64_t l = 0; l < kLanes; ++l) {
     total += support[l];
     m = max[l] > m ? max[l] : m;
+    sum += squares[l];
   }
-  return {total, m};
+  return {total, m, static_cast<float>(sum)};
 }
 
 void clear_columns(const HeadColumns& cols, int64_t k_len) {
-  for (int64_t j = 0; j < k_len; ++j) {
-    cols.mass[j] = 0.0f;
-    cols.peak[j] = 0.0f;
-    cols.top[j] = 0.0f;
-    cols.rows[j] = 0.0f;
+  float* const all[] = {cols.mass, cols.peak, cols.top, cols.rows, cols.self, cols.opeak, cols.ofocus};
+  for (float* c : all) {
+    if (c == nullptr) continue;  // op v1: no own-row features
+    for (int64_t j = 0; j < k_len; ++j) c[j] = 0.0f;
   }
 }
 
@@ -83,8 +91,13 @@ void finish_columns(const HeadColumns& cols, int64_t k_len) {
 }
 
 namespace {
-// Feature f (0 mass, 1 peak, 2 top) of one finished block.
-const float* feature_of(const HeadColumns& c, int f) { return f == 0 ? c.mass : f == 1 ? c.peak : c.top; }
+// Feature f (spec.FEATURE_NAMES order: mass, peak, top, self, opeak, ofocus) of one finished block.
+const float* feature_of(const HeadColumns& c, int f) {
+  const float* const all[] = {c.mass, c.peak, c.top, c.self, c.opeak, c.ofocus};
+  return all[f];
+}
+// Hidden units scored together (a stack buffer of doubles).
+constexpr int64_t kScoreChunk = 64;
 }  // namespace
 
 int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len,
@@ -95,21 +108,29 @@ int64_t score_columns(const HeadColumns* heads, int64_t num_heads, int64_t k_len
     for (int64_t h = 0; h < num_heads; ++h) attended |= heads[h].peak[j] > 0.0f;
     bool flag = false;
     if (attended) {  // an unattended column cannot be flagged: its score is not needed
-      // features[j] = (mass[0..H-1], peak[0..H-1], top[0..H-1]): feature f of head h is w1's
-      // row f * H + h. score = w2 . relu(features @ w1 + b1) + b2; both dots in double keep
-      // it close to numpy's BLAS result whatever order that used.
+      // features[j] = (mass[0..H-1], peak[..], top[..], self[..], opeak[..], ofocus[..]): feature
+      // f of head h is w1's row r = f * H + h (op v1: the first three only). score = w2 .
+      // relu(features @ w1 + b1) + b2; both dots in double keep it close to numpy's BLAS result
+      // whatever order that used. Each hidden unit's dot sums over r in order (as the CUDA kernel
+      // does), the units kScoreChunk at a time so that the loop reads w1's rows contiguously and
+      // vectorises over the units, with no allocation.
       double score = 0.0;
-      for (int64_t i = 0; i < d.hidden; ++i) {
-        double dot = 0.0;
-        for (int f = 0; f < kFeaturesPerHead; ++f) {
-          const float* w = d.w1 + (f * num_heads) * d.hidden + i;
+      for (int64_t i0 = 0; i0 < d.hidden; i0 += kScoreChunk) {
+        const int64_t n = d.hidden - i0 < kScoreChunk ? d.hidden - i0 : kScoreChunk;
+        double dot[kScoreChunk];
+        for (int64_t i = 0; i < n; ++i) dot[i] = 0.0;
+        for (int f = 0; f < d.features_per_head; ++f) {
           for (int64_t h = 0; h < num_heads; ++h) {
-            dot += static_cast<double>(feature_of(heads[h], f)[j]) * static_cast<double>(w[h * d.hidden]);
+            const double x = feature_of(heads[h], f)[j];
+            const float* w = d.w1 + (f * num_heads + h) * d.hidden + i0;
+            for (int64_t i = 0; i < n; ++i) dot[i] += x * static_cast<double>(w[i]);
           }
         }
-        const float z = static_cast<float>(dot) + d.b1[i];
-        const float hidden = z > 0.0f ? z : 0.0f;
-        score += static_cast<double>(hidden) * static_cast<double>(d.w2[i]);
+        for (int64_t i = 0; i < n; ++i) {
+          const float z = static_cast<float>(dot[i]) + d.b1[i0 + i];
+          const float hidden = z > 0.0f ? z : 0.0f;
+          score += static_cast<double>(hidden) * static_cast<double>(d.w2[i0 + i]);
+        }
       }
       const float s = static_cast<float>(score) + d.b2;
       flag = s > d.threshold;

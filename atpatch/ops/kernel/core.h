@@ -1,16 +1,18 @@
 // The AtPatch arithmetic, free of any onnxruntime type: see atpatch/ops/spec.py.
 //
 // The kernel glue (custom_op.cc) splits the work into three parallel phases:
-//   1. per (batch, head) block: per-head column features     -> accumulate_row()
-//      over the counted query rows (counts_row())
+//   1. per (batch, head) block: per-head column features     -> row_stats(), accumulate_row(),
+//      over the counted query rows (counts_row()), and the       own_row()
+//      own-row features each counted row gives its own column
 //   2. per batch item: gather per-head features, score, flag  -> score_columns()
 //   3. per (batch, head) block: patch each row                -> patch_row()
 // Arithmetic follows atpatch/ops/reference.py in float32 (same reduction order where
 // numpy's is sequential), so results agree with the oracle to rounding.
 //
-// Op v1 (models patched before v2) differs only in which rows phase 1 counts: every row
-// (count_every_row) instead of the real ones. It has no `forced` and no `flags` output; the
-// phases, and so the arithmetic, are the same.
+// Op v1 (models patched before v2) differs in which rows phase 1 counts: every row
+// (count_every_row) instead of the real ones, and in its features: the first three only
+// (kFeaturesPerHeadV1, no own-row features). It has no `forced` and no `flags` output; the
+// phases, and so the arithmetic of those three, are the same.
 #pragma once
 
 #include <cstddef>
@@ -18,11 +20,13 @@
 
 namespace atpatch {
 
-// spec.FEATURES_PER_HEAD: mass, peak, top, each per head. A column's feature vector has
+// spec.FEATURES_PER_HEAD: mass, peak, top (what the column receives), self, opeak, ofocus (how
+// the column's own query row attends), each per head. A column's feature vector has
 // kFeaturesPerHead * heads entries, feature f of head h at index f * heads + h.
-constexpr int kFeaturesPerHead = 3;
-constexpr int kFeatureVersion = 3;          // spec.FEATURE_VERSION: real query rows only (op v2)
-constexpr int kFeatureVersionEveryRow = 2;  // op v1: every query row counted
+constexpr int kFeaturesPerHead = 6;
+constexpr int kFeaturesPerHeadV1 = 3;       // op v1: mass, peak, top
+constexpr int kFeatureVersion = 4;          // spec.FEATURE_VERSION: real query rows, own-row features (op v2)
+constexpr int kFeatureVersionEveryRow = 2;  // op v1: every query row counted, the first three features
 
 // Per-(batch, head) column accumulators, each k_len floats, laid out contiguously.
 struct HeadColumns {
@@ -30,7 +34,16 @@ struct HeadColumns {
   float* peak;  // max_q attention over counted rows (initial 0)
   float* top;   // rows whose maximum is at this column, then divided likewise
   float* rows;  // unmasked counted rows of this column
+  // The column's own query row o (key position k_len - q_len + o == j), when it is counted;
+  // else 0. nullptr for op v1, which has no such features.
+  float* self;    // attention[o, j] * n_o
+  float* opeak;   // max_k attention[o, k] * n_o
+  float* ofocus;  // sum_k attention[o, k]^2 * n_o
 };
+
+// The key position of query row q: k_len - q_len + q; negative when the row has no key of its
+// own (more queries than keys). Always below k_len.
+inline int64_t own_key(int64_t q, int64_t q_len, int64_t k_len) { return k_len - q_len + q; }
 
 // Whether phase 1 counts query row q of a block (spec.py, "Real queries"). The row sits at key
 // position c = k_len - q_len + q (the last q_len keys belong to the queries, whatever KV cache
@@ -40,34 +53,44 @@ struct HeadColumns {
 template <typename Entry>
 inline bool counts_row(bool count_every_row, int64_t q, int64_t q_len, int64_t k_len, Entry entry) {
   if (count_every_row) return true;  // op v1
-  const int64_t own = k_len - q_len + q;
+  const int64_t own = own_key(q, q_len, k_len);
   return own < 0 || entry(own) > 0.0f;
 }
 
-// Row statistics of a counted row, for its features.
+// Row statistics of a counted row, for its features: one pass over the row.
 struct RowStats {
   float support;  // n_q: unmasked (> 0) entries
   float max;      // max entry, initial 0
+  float squares;  // sum of the squared entries (masked ones add 0): lanes in float32, combined in double
 };
 
 RowStats row_stats(const float* row, int64_t k_len);
 
-// Zero the accumulators of one block.
+// Zero the accumulators of one block (the own-row ones too, when there are).
 void clear_columns(const HeadColumns& cols, int64_t k_len);
 
 // Add one counted row to the block's accumulators.
 void accumulate_row(const float* row, int64_t k_len, RowStats stats, const HeadColumns& cols);
 
+// Op v2: the own-row features of column `own` (own_key() of a counted row, 0 <= own < k_len),
+// from that row and its statistics. Columns whose own row is not counted keep their 0.
+inline void own_row(const float* row, int64_t own, RowStats stats, const HeadColumns& cols) {
+  cols.self[own] = row[own] * stats.support;
+  cols.opeak[own] = stats.max * stats.support;
+  cols.ofocus[own] = stats.squares * stats.support;
+}
+
 // Turn the sums of a block into the per-head mass and top features (in place).
 void finish_columns(const HeadColumns& cols, int64_t k_len);
 
 struct DetectorView {
-  const float* w1;  // [kFeaturesPerHead * heads, hidden]
+  const float* w1;  // [features_per_head * heads, hidden]
   const float* b1;  // [hidden]
   const float* w2;  // [hidden]
   float b2;
   int64_t hidden;
   float threshold;
+  int features_per_head;  // kFeaturesPerHead (op v2) or kFeaturesPerHeadV1: the first ones of HeadColumns
 };
 
 // Phase 2's outputs for one batch item.
@@ -79,7 +102,7 @@ struct ColumnMasks {
 };
 
 // Phase 2 for one batch item: heads[h] are that item's finished blocks (num_heads of them,
-// matching w1's kFeaturesPerHead * num_heads rows). A column is flagged when its score is above
+// matching w1's features_per_head * num_heads rows). A column is flagged when its score is above
 // the threshold and some counted row of some head has it unmasked (some head's peak > 0: the
 // peak starts at 0 and only an entry > 0 raises it). Op v1 had no such condition; it changes no
 // v1 output, as no row has an unmasked entry in such a column to patch. Returns |P|.

@@ -1,6 +1,8 @@
 // AtPatch on a CUDA device: the same three phases as core.h, as four kernels on one stream.
-//   1. row_stats:  one warp per row          -> whether the row counts; n_q and the row maximum
-//   2. columns:    one thread per (b, h, j)  -> per-head mass, peak, top (counted rows in order)
+//   1. row_stats:  16 threads per row        -> whether the row counts; n_q, the row maximum and
+//                                               the sum of squares (core.cc's row_stats lanes)
+//   2. columns:    one thread per (b, h, j)  -> per-head mass, peak, top (counted rows in order),
+//                                               and (op v2) self, opeak, ofocus from row j's own
 //   3. scores:     one thread per (b, j)     -> flags[b, j], P = flags OR forced, P's size per item
 //   4. patch:      16 threads per row        -> the patched row, or nothing when unchanged
 // Every float operation is core.cc's, in core.cc's order, with explicit round-to-nearest
@@ -25,11 +27,10 @@ namespace atpatch {
 namespace cuda {
 namespace {
 
-// core.cc's lane count: patch_row sums a row in kLanes interleaved lanes, then combines
-// the lanes in double. The patch kernel gives each lane its own thread.
+// core.cc's lane count: row_stats and patch_row sum a row in kLanes interleaved lanes, then
+// combine the lanes in double. The row_stats and patch kernels give each lane its own thread.
 constexpr int kLanes = 16;
 constexpr int kThreads = 256;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 #if defined(ATPATCH_CUDA_EMULATION)
 #define ATPATCH_LAUNCH(kernel, grid, stream, ...) atpatch_emulation::launch(grid, kThreads, kernel, __VA_ARGS__)
@@ -48,50 +49,69 @@ __device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __
 // columns kernel skips such rows, as core.cc does.
 constexpr float kSkippedRow = -1.0f;
 
-// Phase 1a: whether the row counts (one entry read, by every lane alike), then n_q and the row
-// maximum (initial 0), as core.cc's row_stats. Both are order-independent (counts of small
-// integers; a max where NaN never wins).
+// Phase 1a: whether the row counts (one entry read, by every lane alike), then core.cc's
+// row_stats, one row per 16-thread group, thread l holding core.cc's lane l (entries j = l,
+// l + 16, ...; the tail after the last full group of 16 goes to lane 0): n_q and the row maximum
+// (initial 0), order-independent (counts of small integers; a max where NaN never wins), and the
+// sum of squares, whose lanes are combined in double in lane order, as core.cc does.
 template <typename T>
 __global__ void row_stats_kernel(const T* __restrict__ in, int64_t rows, int64_t q_len, int64_t k_len,
-                                 bool count_every_row, float* __restrict__ support, float* __restrict__ row_max) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += warps) {
+                                 bool count_every_row, float* __restrict__ support, float* __restrict__ row_max,
+                                 float* __restrict__ row_squares) {
+  const int lane = threadIdx.x % kLanes;
+  const unsigned mask = ((threadIdx.x % 32) < kLanes) ? 0x0000ffffu : 0xffff0000u;
+  const int64_t groups = static_cast<int64_t>(gridDim.x) * (blockDim.x / kLanes);
+  const int64_t full = k_len / kLanes * kLanes;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes; r < rows; r += groups) {
     const T* row = in + r * k_len;
-    const int64_t own = k_len - q_len + r % q_len;  // the row's key position (core.h's counts_row)
+    const int64_t own = k_len - q_len + r % q_len;  // the row's key position (core.h's own_key)
     if (!count_every_row && own >= 0 && !(load(row, own) > 0.0f)) {
       if (lane == 0) {
         support[r] = kSkippedRow;
         row_max[r] = 0.0f;
+        row_squares[r] = 0.0f;
       }
-      continue;  // the same for the whole warp: r and `own` are
+      continue;  // the same for the whole group: r and `own` are
     }
-    float count = 0.0f, m = 0.0f;
-    for (int64_t j = lane; j < k_len; j += 32) {
+    float count = 0.0f, m = 0.0f, squares = 0.0f;
+    auto add = [&](int64_t j) {
       const float v = load(row, j);
-      count += v > 0.0f ? 1.0f : 0.0f;
+      count = __fadd_rn(count, v > 0.0f ? 1.0f : 0.0f);
       m = v > m ? v : m;
+      squares = __fadd_rn(squares, __fmul_rn(v, v));
+    };
+    for (int64_t j = lane; j < full; j += kLanes) add(j);
+    if (lane == 0) {
+      for (int64_t j = full; j < k_len; ++j) add(j);
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      count += __shfl_xor_sync(kFullMask, count, offset);
-      const float other = __shfl_xor_sync(kFullMask, m, offset);
-      m = other > m ? other : m;
+    float n = 0.0f, mx = 0.0f;
+    double sum = 0.0;
+    for (int l = 0; l < kLanes; ++l) {
+      n = __fadd_rn(n, __shfl_sync(mask, count, l, kLanes));
+      const float other = __shfl_sync(mask, m, l, kLanes);
+      mx = other > mx ? other : mx;
+      sum = __dadd_rn(sum, static_cast<double>(__shfl_sync(mask, squares, l, kLanes)));
     }
     if (lane == 0) {
-      support[r] = count;
-      row_max[r] = m;
+      support[r] = n;
+      row_max[r] = mx;
+      row_squares[r] = __double2float_rn(sum);
     }
   }
 }
 
 // Phase 1b: one thread per (block, column), counted rows in order (core.cc's accumulate_row and
-// finish_columns). Features go to [batch, kFeaturesPerHead * heads, k_len]: feature f of head h
-// at f * heads + h, each row of columns contiguous.
+// finish_columns), then (op v2, `own_features`) the column's own row's features (core.h's
+// own_row): column j's own row is o = j - (k_len - q_len), when 0 <= o and that row is counted.
+// Features go to [batch, features_per_head * heads, k_len]: feature f of head h at f * heads + h,
+// each row of columns contiguous.
 template <typename T>
 __global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t q_len, int64_t k_len,
-                               int64_t total, const float* __restrict__ support, const float* __restrict__ row_max,
+                               int64_t total, bool own_features, const float* __restrict__ support,
+                               const float* __restrict__ row_max, const float* __restrict__ row_squares,
                                float* __restrict__ features) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int features_per_head = own_features ? kFeaturesPerHead : kFeaturesPerHeadV1;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
     const int64_t block = t / k_len, j = t % k_len;
     const T* column = in + block * q_len * k_len + j;
@@ -110,24 +130,39 @@ __global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t 
     }
     const float divisor = rows > 1.0f ? rows : 1.0f;
     const int64_t b = block / heads, h = block % heads;
-    float* out = features + b * kFeaturesPerHead * heads * k_len + h * k_len + j;
+    float* out = features + b * features_per_head * heads * k_len + h * k_len + j;
     out[0] = __fdiv_rn(mass, divisor);
     out[heads * k_len] = peak;
     out[2 * heads * k_len] = __fdiv_rn(top, divisor);
+    if (own_features) {
+      float self = 0.0f, opeak = 0.0f, ofocus = 0.0f;
+      const int64_t o = j - (k_len - q_len);  // < q_len, as j < k_len
+      if (o >= 0) {
+        const float n_o = __ldg(n + o);
+        if (n_o != kSkippedRow) {
+          self = __fmul_rn(load(column, o * k_len), n_o);
+          opeak = __fmul_rn(__ldg(mx + o), n_o);
+          ofocus = __fmul_rn(__ldg(row_squares + block * q_len + o), n_o);
+        }
+      }
+      out[3 * heads * k_len] = self;
+      out[4 * heads * k_len] = opeak;
+      out[5 * heads * k_len] = ofocus;
+    }
   }
 }
 
 // Phase 2: core.cc's score_columns for one column of one item; dots in double. Writes the
 // `flags` output (when wanted) and P = flags OR forced as the float mask the patch reads.
 __global__ void scores_kernel(const float* __restrict__ features, int64_t batch, int64_t heads, int64_t k_len,
-                              const float* __restrict__ w1, const float* __restrict__ b1,
+                              int features_per_head, const float* __restrict__ w1, const float* __restrict__ b1,
                               const float* __restrict__ w2, const float* __restrict__ b2, int64_t hidden,
                               float threshold, const uint8_t* __restrict__ forced, int64_t forced_batch_stride,
                               int64_t forced_key_stride, uint8_t* __restrict__ flags_out, float* __restrict__ patch,
                               unsigned long long* __restrict__ counts) {
   const int64_t total = batch * k_len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t rows = kFeaturesPerHead * heads;
+  const int64_t rows = features_per_head * heads;  // w1's rows
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
     const int64_t b = t / k_len, j = t % k_len;
     const float* f = features + b * rows * k_len + j;
@@ -262,9 +297,11 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
     return err == cudaSuccess ? "" : error_text(err, "clearing the flags");
   }
 
-  // Workspace: n_q and row max per row, features per item, P per item, P's size per item.
-  const int64_t feature_floats = p.batch * kFeaturesPerHead * p.heads * p.k_len;
-  const size_t float_count = static_cast<size_t>(2 * rows + feature_floats + p.batch * p.k_len);
+  // Workspace: n_q, row max and sum of squares per row, features per item, P per item, P's size
+  // per item. Op v1 has the first three features only.
+  const int features_per_head = p.count_every_row ? kFeaturesPerHeadV1 : kFeaturesPerHead;
+  const int64_t feature_floats = p.batch * features_per_head * p.heads * p.k_len;
+  const size_t float_count = static_cast<size_t>(3 * rows + feature_floats + p.batch * p.k_len);
   const size_t bytes = float_count * sizeof(float) + static_cast<size_t>(p.batch) * sizeof(unsigned long long);
   void* workspace = nullptr;
   if (cudaError_t err = cudaMallocAsync(&workspace, bytes, stream)) {
@@ -273,20 +310,21 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   auto* counts = static_cast<unsigned long long*>(workspace);  // first: 8-byte aligned
   float* support = reinterpret_cast<float*>(counts + p.batch);
   float* row_max = support + rows;
-  float* features = row_max + rows;
+  float* row_squares = row_max + rows;
+  float* features = row_squares + rows;
   float* patch = features + feature_floats;
 
   std::string error;
   cudaError_t err = cudaMemsetAsync(counts, 0, static_cast<size_t>(p.batch) * sizeof(unsigned long long), stream);
   if (err != cudaSuccess) error = error_text(err, "clearing the flag counts");
   if (error.empty()) {
-    ATPATCH_LAUNCH(row_stats_kernel<T>, grid_for(rows * 32), stream, in, rows, p.q_len, p.k_len, p.count_every_row,
-                   support, row_max);
+    ATPATCH_LAUNCH(row_stats_kernel<T>, grid_for(rows * kLanes), stream, in, rows, p.q_len, p.k_len,
+                   p.count_every_row, support, row_max, row_squares);
     ATPATCH_LAUNCH(columns_kernel<T>, grid_for(blocks * p.k_len), stream, in, p.heads, p.q_len, p.k_len,
-                   blocks * p.k_len, support, row_max, features);
-    ATPATCH_LAUNCH(scores_kernel, grid_for(p.batch * p.k_len), stream, features, p.batch, p.heads, p.k_len, p.w1,
-                   p.b1, p.w2, p.b2, p.hidden, p.threshold, p.forced, p.forced_batch_stride, p.forced_key_stride,
-                   p.flags, patch, counts);
+                   blocks * p.k_len, !p.count_every_row, support, row_max, row_squares, features);
+    ATPATCH_LAUNCH(scores_kernel, grid_for(p.batch * p.k_len), stream, features, p.batch, p.heads, p.k_len,
+                   features_per_head, p.w1, p.b1, p.w2, p.b2, p.hidden, p.threshold, p.forced,
+                   p.forced_batch_stride, p.forced_key_stride, p.flags, patch, counts);
     ATPATCH_LAUNCH(patch_kernel<T>, grid_for(rows * kLanes), stream, in, out, rows, p.heads * p.q_len, p.k_len,
                    patch, counts);
     if ((err = cudaGetLastError()) != cudaSuccess) error = error_text(err, "launching the AtPatch kernels");

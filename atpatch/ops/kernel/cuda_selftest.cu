@@ -11,7 +11,9 @@
 // (BERT-style: padding query rows still attend the real keys), padded all-zero query rows,
 // causal masks, none / one / some / all columns flagged (the cut sits in a gap of the scores
 // wider than 1e-3, as tests/maps.py does, so rounding cannot flip a flag), random `forced` masks
-// of every broadcast shape, and op v1 (every query row counted, no forced, no flags).
+// of every broadcast shape, and op v1 (every query row counted, no forced, no flags). Op v2's
+// features are all six (v1's the first three); a quarter of the v2 detectors read only the
+// own-row ones, and a targeted case (own_row_case) checks that those alone flag what they should.
 // --cpu-only runs the case generator and the CPU side alone (for machines without a GPU).
 // Exit status: 0 all passed, 1 a mismatch, 2 bad usage, 3 no usable CUDA device.
 #if defined(ATPATCH_CUDA_EMULATION)
@@ -67,7 +69,7 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   Device<uint8_t> forced(v.forced.size()), flags_dev(static_cast<size_t>(s.b * s.k));
   if (!v.forced.empty()) CUDA_OK(cudaMemcpy(forced.ptr, v.forced.data(), v.forced.size(), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(flags_dev.ptr, 0xee, static_cast<size_t>(s.b * s.k)));  // unwritten flags show
-  const size_t feature_count = static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k);
+  const size_t feature_count = static_cast<size_t>(s.b * d.features_per_head * s.h * s.k);
   Device<float> feats(feature_count);
   Device<float> w1(d.w1.size()), b1(d.b1.size()), w2(d.w2.size()), b2(1);
   CUDA_OK(cudaMemcpy(in.ptr, map.data(), map.size() * sizeof(T), cudaMemcpyHostToDevice));
@@ -147,7 +149,12 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   std::vector<T> map(map32.size());
   for (size_t i = 0; i < map.size(); ++i) map[i] = from_float<T>(map32[i]);
   const Variant v = make_variant(rng, s, variant, coverage);
-  Detector d = random_detector(rng, s.h);
+  Detector d = random_detector(rng, s.h, v.v1);
+  if (!v.v1 && uniform(rng, 0, 1) < 0.25) {
+    // A detector that reads only the own-row features (self, opeak, ofocus): their flags.
+    std::fill(d.w1.begin(), d.w1.begin() + atpatch::kFeaturesPerHeadV1 * s.h * d.hidden, 0.0f);
+    coverage->add("own-row-only detector");
+  }
   std::vector<float> cpu_features;
   const std::vector<float> scores = host_scores(map, s, d, v.v1, &cpu_features);
   int64_t expected = place_cut(scores, how, rng, &d);
@@ -236,6 +243,82 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   return ok;
 }
 
+// Targeted: a map where only the own-row features tell the columns apart, and a detector that
+// reads `self` alone (tests/maps.py's own_row_map, and test_kernel.py's test on it). Query row o
+// of head h gives its i-th cache key c = 0.05 and its keys 2 + k the values p[(k + o + h) % 7] *
+// 0.9 (p = (1..7) / 28, reversed in item 1): every query key receives the same values, each row
+// has the same ones, so mass, peak, top, opeak and ofocus are equal across the query keys (and
+// the cache keys have no own row); self, p[(2 o + h) % 7] * 0.9 * 9 at key 2 + o, is not. The
+// flags must be exactly the keys whose self of head 0 is above the cut, on the CPU and the device.
+template <typename T>
+bool own_row_case(bool cpu_only, Coverage* coverage) {
+  const Shape s{2, 2, 7, 9};
+  const int64_t cache = s.k - s.q;
+  const float c = 0.05f, rest = 1.0f - static_cast<float>(cache) * c;
+  auto p = [&](int64_t b, int64_t i) { return static_cast<float>(b == 0 ? i + 1 : s.q - i) / 28.0f; };
+  std::vector<T> map(static_cast<size_t>(s.size()));
+  for (int64_t b = 0; b < s.b; ++b) {
+    for (int64_t h = 0; h < s.h; ++h) {
+      for (int64_t o = 0; o < s.q; ++o) {
+        T* row = map.data() + ((b * s.h + h) * s.q + o) * s.k;
+        for (int64_t j = 0; j < s.k; ++j) {
+          row[j] = from_float<T>(j < cache ? c : p(b, (j - cache + o + h) % s.q) * rest);
+        }
+      }
+    }
+  }
+  Detector d;
+  d.hidden = 1;
+  d.w1.assign(static_cast<size_t>(atpatch::kFeaturesPerHead * s.h), 0.0f);
+  d.w1[3 * s.h + 0] = 1.0f;  // self of head 0
+  d.b1 = {0.0f};
+  d.w2 = {1.0f};
+  const float cut = 1.0f;
+  d.b2 = -cut;
+  std::vector<uint8_t> expected(static_cast<size_t>(s.b * s.k), 0);
+  int64_t flagged = 0;
+  for (int64_t b = 0; b < s.b; ++b) {
+    for (int64_t o = 0; o < s.q; ++o) {
+      const double self = static_cast<double>(p(b, (2 * o) % s.q)) * rest * static_cast<double>(s.k);
+      expected[b * s.k + cache + o] = self > cut ? 1 : 0;
+      flagged += expected[b * s.k + cache + o];
+    }
+  }
+  const bool fp32 = std::is_same<T, float>::value;
+  auto fail = [&](const char* who, const std::vector<uint8_t>& got) {
+    std::string text;
+    for (uint8_t x : got) text += x ? '1' : '0';
+    std::fprintf(stderr, "FAIL own-row case %s (%s): flags %s\n", fp32 ? "float32" : "float16", who, text.c_str());
+    return false;
+  };
+  if (flagged == 0 || flagged == s.b * s.q) return fail("the case itself flags none or all", expected);
+  const Variant v;  // op v2, nothing forced
+  std::vector<T> out(map.size());
+  std::vector<uint8_t> cpu_flags;
+  cpu_atpatch(map.data(), out.data(), s, d.view(), v, 1, nullptr, nullptr, &cpu_flags);
+  if (cpu_flags != expected) return fail("CPU", cpu_flags);
+  if (!cpu_only) {
+    std::vector<float> features;
+    std::vector<uint8_t> gpu_flags;
+    const std::vector<T> gpu = gpu_atpatch(map, s, d, v, false, &features, &gpu_flags);
+    if (gpu_flags != expected) return fail("GPU", gpu_flags);
+    for (size_t i = 0; i < gpu.size(); ++i) {
+      if (!(std::fabs(static_cast<double>(to_float(gpu[i])) - to_float(out[i])) <= (fp32 ? 1e-6 : 1e-3))) {
+        return fail("GPU output differs from the CPU's", gpu_flags);
+      }
+    }
+  }
+  std::string text;
+  for (int64_t b = 0; b < s.b; ++b) {
+    text += b ? " " : "";
+    for (int64_t j = 0; j < s.k; ++j) text += expected[b * s.k + j] ? '1' : '0';
+  }
+  std::printf("own-row case %s: flags %s (%s)\n", fp32 ? "float32" : "float16", text.c_str(),
+              cpu_only ? "CPU" : "CPU and GPU");
+  coverage->add("own-row case");
+  return true;
+}
+
 Shape random_shape(Rng& rng, int i, bool small) {
   if (i < 4) return {1, 1, 1, 1 + i};  // every dimension 1 first
   if (i % 25 == 24 && !small) return {integer(rng, 1, 4), integer(rng, 1, 13), integer(rng, 32, 129), integer(rng, 32, 129)};
@@ -284,7 +367,7 @@ void bench(Rng& rng, const Shape& s) {
   const std::vector<float> map32 = random_map(rng, s, "padded");
   std::vector<T> map(map32.size());
   for (size_t i = 0; i < map.size(); ++i) map[i] = from_float<T>(map32[i]);
-  Detector d = random_detector(rng, s.h);
+  Detector d = random_detector(rng, s.h, false);
   const std::vector<float> scores = host_scores(map, s, d, false);
   if (place_cut(scores, "some", rng, &d) < 0) place_cut(scores, "none", rng, &d);
   Variant v;  // v2, nothing forced: the detector's flags alone
@@ -399,6 +482,8 @@ int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   bool ok = run_cases<float>(rng, cases, big, small, cpu_only, &tallies, &coverage);
   ok &= run_cases<__half>(rng, cases / 2, big, small, cpu_only, &tallies, &coverage);
+  ok &= own_row_case<float>(cpu_only, &coverage);
+  ok &= own_row_case<__half>(cpu_only, &coverage);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %12s %7s\n", "dtype flagged", "cases", "entries", "unchanged",
@@ -425,6 +510,7 @@ int main(int argc, char** argv) {
   std::printf("\n");
   // Every category must have been exercised, or the run proves less than it says.
   for (const char* what : {"forced [B,K]", "forced [B,1]", "forced [1,K]", "forced [1,1]", "op v1",
+                           "own-row-only detector", "own-row case",
                            "padding query rows", "q_len > k_len"}) {
     if (coverage.counts[what] == 0) {
       std::fprintf(stderr, "FAIL: no case with %s; raise --cases\n", what);

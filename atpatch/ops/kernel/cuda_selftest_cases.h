@@ -42,10 +42,13 @@ struct Variant {
 };
 
 struct Detector {
-  std::vector<float> w1, b1, w2;
+  std::vector<float> w1, b1, w2;  // w1: [features_per_head * heads, hidden]
   float b2 = 0.0f;
   int64_t hidden = 0;
-  atpatch::DetectorView view() const { return {w1.data(), b1.data(), w2.data(), b2, hidden, 0.0f}; }
+  int features_per_head = atpatch::kFeaturesPerHead;  // kFeaturesPerHeadV1 for op v1
+  atpatch::DetectorView view() const {
+    return {w1.data(), b1.data(), w2.data(), b2, hidden, 0.0f, features_per_head};
+  }
 };
 
 using Rng = std::mt19937_64;
@@ -91,10 +94,12 @@ std::vector<float> random_map(Rng& rng, const Shape& s, const std::string& mask)
   return map;
 }
 
-Detector random_detector(Rng& rng, int64_t heads) {
+// A detector for maps of `heads` heads: op v2's features, or op v1's first three (`v1`).
+Detector random_detector(Rng& rng, int64_t heads, bool v1) {
   Detector d;
+  d.features_per_head = v1 ? atpatch::kFeaturesPerHeadV1 : atpatch::kFeaturesPerHead;
   d.hidden = integer(rng, 0, 4) == 0 ? 32 : integer(rng, 1, 9);
-  d.w1.resize(static_cast<size_t>(atpatch::kFeaturesPerHead * heads * d.hidden));
+  d.w1.resize(static_cast<size_t>(d.features_per_head * heads * d.hidden));
   d.b1.resize(static_cast<size_t>(d.hidden));
   d.w2.resize(static_cast<size_t>(d.hidden));
   for (float& x : d.w1) x = static_cast<float>(normal(rng));
@@ -130,30 +135,44 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t)>& fn
   for (auto& th : pool) th.join();
 }
 
+// Workspace floats per (batch, head) block and key column, as custom_op.cc lays them out: the
+// accumulators (4, plus 3 own-row features for op v2) and one row of float scratch.
+int64_t block_floats(bool v1) { return v1 ? 5 : 8; }
+atpatch::HeadColumns columns_at(float* base, int64_t k, bool v1) {
+  if (v1) return {base, base + k, base + 2 * k, base + 3 * k, nullptr, nullptr, nullptr};
+  return {base, base + k, base + 2 * k, base + 3 * k, base + 4 * k, base + 5 * k, base + 6 * k};
+}
+
+// Phase 1 for one block, as custom_op.cc's features_task: the counted rows (float16 converted
+// to the float scratch `row`), their own-row features (op v2), then the finished features.
+template <typename T>
+void block_features(const T* block_in, const Shape& s, bool v1, float* row, const atpatch::HeadColumns& cols) {
+  atpatch::clear_columns(cols, s.k);
+  for (int64_t q = 0; q < s.q; ++q) {
+    const T* src = block_in + q * s.k;
+    if (!atpatch::counts_row(v1, q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); })) continue;
+    for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
+    const atpatch::RowStats stats = atpatch::row_stats(row, s.k);
+    atpatch::accumulate_row(row, s.k, stats, cols);
+    const int64_t own = atpatch::own_key(q, s.q, s.k);
+    if (!v1 && own >= 0) atpatch::own_row(row, own, stats, cols);
+  }
+  atpatch::finish_columns(cols, s.k);
+}
+
 // The CPU kernel as custom_op.cc runs it: phase 1 per block, phase 2 per item, phase 3 per
 // block (float16 rows converted to float scratch, converted back only when changed).
 // `changed` (optional) gets one byte per row: 1 when the row was patched.
 template <typename T>
 void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorView& d, const Variant& v, int threads,
                  std::vector<uint8_t>* changed, std::vector<int64_t>* patched_per_item, std::vector<uint8_t>* flags_out) {
-  const int64_t blocks = s.b * s.h;
-  std::vector<float> work(static_cast<size_t>(blocks * 5 * s.k));
+  const int64_t blocks = s.b * s.h, floats = block_floats(v.v1);
+  std::vector<float> work(static_cast<size_t>(blocks * floats * s.k));
   std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
-  for (int64_t i = 0; i < blocks; ++i) {
-    float* base = work.data() + i * 5 * s.k;
-    cols[i] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
-  }
-  auto scratch = [&](int64_t block) { return work.data() + (block * 5 + 4) * s.k; };
+  for (int64_t i = 0; i < blocks; ++i) cols[i] = columns_at(work.data() + i * floats * s.k, s.k, v.v1);
+  auto scratch = [&](int64_t block) { return work.data() + ((block + 1) * floats - 1) * s.k; };
   parallel_for(blocks, threads, [&](int64_t block) {
-    atpatch::clear_columns(cols[block], s.k);
-    for (int64_t q = 0; q < s.q; ++q) {
-      const T* src = in + (block * s.q + q) * s.k;
-      if (!atpatch::counts_row(v.v1, q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); })) continue;
-      float* row = scratch(block);
-      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
-      atpatch::accumulate_row(row, s.k, atpatch::row_stats(row, s.k), cols[block]);
-    }
-    atpatch::finish_columns(cols[block], s.k);
+    block_features(in + block * s.q * s.k, s, v.v1, scratch(block), cols[block]);
   });
   std::vector<float> flags(static_cast<size_t>(s.b * s.k));  // P: flags OR forced
   std::vector<int64_t> flagged(static_cast<size_t>(s.b));
@@ -188,33 +207,31 @@ void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorVie
 // The detector's scores per (item, column), computed from core.cc's features with the same MLP:
 // only to place the threshold in a gap (tests/maps.py's with_flags). Columns no counted row
 // attends cannot be flagged: they get NaN, which place_cut leaves out.
-// `features` (optional) gets core.cc's features in the CUDA kernel's layout [b, f * heads + h, j].
+// `features` (optional) gets core.cc's features in the CUDA kernel's layout [b, f * heads + h, j]
+// (d.features_per_head features per head: op v2's six, or op v1's three).
 template <typename T>
 std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const Detector& d, bool v1,
                                std::vector<float>* features = nullptr) {
-  const int64_t blocks = s.b * s.h;
-  std::vector<float> work(static_cast<size_t>(blocks * 4 * s.k)), row(static_cast<size_t>(s.k));
+  const int64_t blocks = s.b * s.h, floats = block_floats(v1);
+  const int per_head = v1 ? atpatch::kFeaturesPerHeadV1 : atpatch::kFeaturesPerHead;
+  std::vector<float> work(static_cast<size_t>(blocks * floats * s.k)), row(static_cast<size_t>(s.k));
   std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
   for (int64_t block = 0; block < blocks; ++block) {
-    float* base = work.data() + block * 4 * s.k;
-    cols[block] = {base, base + s.k, base + 2 * s.k, base + 3 * s.k};
-    atpatch::clear_columns(cols[block], s.k);
-    for (int64_t q = 0; q < s.q; ++q) {
-      const T* src = map.data() + (block * s.q + q) * s.k;
-      if (!atpatch::counts_row(v1, q, s.q, s.k, [src](int64_t j) { return to_float(src[j]); })) continue;
-      for (int64_t j = 0; j < s.k; ++j) row[j] = to_float(src[j]);
-      atpatch::accumulate_row(row.data(), s.k, atpatch::row_stats(row.data(), s.k), cols[block]);
-    }
-    atpatch::finish_columns(cols[block], s.k);
+    cols[block] = columns_at(work.data() + block * floats * s.k, s.k, v1);
+    block_features(map.data() + block * s.q * s.k, s, v1, row.data(), cols[block]);
   }
+  auto feature = [&](int64_t b, int f, int64_t h) {
+    const auto& c = cols[b * s.h + h];
+    const float* const all[] = {c.mass, c.peak, c.top, c.self, c.opeak, c.ofocus};
+    return all[f];
+  };
   if (features) {
-    features->resize(static_cast<size_t>(s.b * atpatch::kFeaturesPerHead * s.h * s.k));
+    features->resize(static_cast<size_t>(s.b * per_head * s.h * s.k));
     for (int64_t b = 0; b < s.b; ++b) {
-      for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
+      for (int f = 0; f < per_head; ++f) {
         for (int64_t h = 0; h < s.h; ++h) {
-          const auto& c = cols[b * s.h + h];
-          const float* src = f == 0 ? c.mass : f == 1 ? c.peak : c.top;
-          std::copy(src, src + s.k, features->data() + ((b * atpatch::kFeaturesPerHead + f) * s.h + h) * s.k);
+          const float* src = feature(b, f, h);
+          std::copy(src, src + s.k, features->data() + ((b * per_head + f) * s.h + h) * s.k);
         }
       }
     }
@@ -225,11 +242,9 @@ std::vector<float> host_scores(const std::vector<T>& map, const Shape& s, const 
       double score = 0.0;
       for (int64_t i = 0; i < d.hidden; ++i) {
         double dot = 0.0;
-        for (int f = 0; f < atpatch::kFeaturesPerHead; ++f) {
+        for (int f = 0; f < per_head; ++f) {
           for (int64_t h = 0; h < s.h; ++h) {
-            const auto& c = cols[b * s.h + h];
-            const float v = f == 0 ? c.mass[j] : f == 1 ? c.peak[j] : c.top[j];
-            dot += static_cast<double>(v) * d.w1[(f * s.h + h) * d.hidden + i];
+            dot += static_cast<double>(feature(b, f, h)[j]) * d.w1[(f * s.h + h) * d.hidden + i];
           }
         }
         const float z = static_cast<float>(dot) + d.b1[i];

@@ -42,8 +42,10 @@ using atpatch::checked_mul;
 using atpatch::make_status;
 using atpatch::shape_str;
 
-// Workspace floats per (batch, head) block and key column: 4 accumulators + 1 row scratch.
-constexpr int64_t kBlockFloats = 5;
+// Workspace floats per (batch, head) block and key column: 4 accumulators, 3 own-row features
+// (op v2 only) and 1 row scratch.
+constexpr int64_t kBlockFloats = 8;
+constexpr int64_t kBlockFloatsV1 = 5;
 
 template <typename T>
 struct Element;
@@ -72,9 +74,9 @@ struct Job {
   const T* in;
   T* out;
   int64_t batch, heads, q_len, k_len;
-  bool count_every_row;  // op v1
+  bool count_every_row;  // op v1: also no own-row features (detector.features_per_head 3)
   atpatch::DetectorView detector;
-  float* workspace;  // [batch*heads, kBlockFloats, k_len]
+  float* workspace;  // [batch*heads, block_floats(), k_len]
   float* patch;      // [batch, k_len], 1.0 = in P (flags OR forced)
   const uint8_t* forced;  // v2: see atpatch::Checked; nullptr for v1
   int64_t forced_batch_stride, forced_key_stride;
@@ -82,11 +84,14 @@ struct Job {
   std::vector<int64_t> patched;  // per batch item: columns in P
   std::vector<atpatch::HeadColumns> head_columns;  // per block, views into workspace
 
+  int64_t block_floats() const { return count_every_row ? kBlockFloatsV1 : kBlockFloats; }
   atpatch::HeadColumns columns(int64_t block) const {
-    float* base = workspace + block * kBlockFloats * k_len;
-    return {base, base + k_len, base + 2 * k_len, base + 3 * k_len};
+    float* base = workspace + block * block_floats() * k_len;
+    float* const own = count_every_row ? nullptr : base + 4 * k_len;  // op v1: no own-row features
+    return {base, base + k_len, base + 2 * k_len, base + 3 * k_len,
+            own, own ? own + k_len : nullptr, own ? own + 2 * k_len : nullptr};
   }
-  float* scratch(int64_t block) const { return workspace + (block * kBlockFloats + 4) * k_len; }
+  float* scratch(int64_t block) const { return workspace + ((block + 1) * block_floats() - 1) * k_len; }
   const T* block_in(int64_t block) const { return in + block * q_len * k_len; }
   T* block_out(int64_t block) const { return out + block * q_len * k_len; }
 };
@@ -111,7 +116,11 @@ void features_task(void* data, size_t block_index) {
       Element<T>::to_float(src, job.k_len, scratch);
       row = scratch;
     }
-    atpatch::accumulate_row(row, job.k_len, atpatch::row_stats(row, job.k_len), cols);
+    const atpatch::RowStats stats = atpatch::row_stats(row, job.k_len);
+    atpatch::accumulate_row(row, job.k_len, stats, cols);
+    // Op v2: a counted row is a real one; it gives its own column (if it has one) the own-row features.
+    const int64_t own = atpatch::own_key(q, job.q_len, job.k_len);
+    if (!job.count_every_row && own >= 0) atpatch::own_row(row, own, stats, cols);
   }
   atpatch::finish_columns(cols, job.k_len);
 }
@@ -197,8 +206,10 @@ struct AtPatchKernel {
     const int64_t batch = c.batch, heads = c.heads, k_len = c.k_len;
     atpatch::DetectorView detector = c.detector;
     detector.b2 = c.b2[0];
+    const bool v1 = version_ == atpatch::kVersionV1;
+    const int64_t block_floats = v1 ? kBlockFloatsV1 : kBlockFloats;
     int64_t blocks = 0, work = 0, patch_count = 0;
-    if (!checked_mul(batch, heads, &blocks) || !checked_mul(blocks, kBlockFloats * k_len, &work) ||
+    if (!checked_mul(batch, heads, &blocks) || !checked_mul(blocks, block_floats * k_len, &work) ||
         !checked_mul(batch, k_len, &patch_count) ||
         static_cast<uint64_t>(work) > std::numeric_limits<size_t>::max() / sizeof(float)) {
       return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(c.shape) + " is too large for the workspace");
@@ -212,7 +223,7 @@ struct AtPatchKernel {
                heads,
                c.q_len,
                k_len,
-               version_ == atpatch::kVersionV1,
+               v1,
                detector,
                workspace.data(),
                patch.data(),
@@ -426,16 +437,16 @@ ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 #else
 #define ATPATCH_PROVIDERS_JSON "\"providers\": [\"CPUExecutionProvider\"], "
 #endif
-static_assert(atpatch::kFeaturesPerHead == 3 && atpatch::kFeatureVersion == 3 && atpatch::kFeatureVersionEveryRow == 2 &&
-                  atpatch::kVersion == 2 && atpatch::kVersionV1 == 1,
+static_assert(atpatch::kFeaturesPerHead == 6 && atpatch::kFeaturesPerHeadV1 == 3 && atpatch::kFeatureVersion == 4 &&
+                  atpatch::kFeatureVersionEveryRow == 2 && atpatch::kVersion == 2 && atpatch::kVersionV1 == 1,
               "AtPatchOpsInfo spells out the versions, features_per_head and feature_version: update it");
 ATPATCH_EXPORT const char* AtPatchOpsInfo() {
   return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 2, \"versions\": [1, 2], "
          "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"patched\", \"flags\"], "
-         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 3, \"feature_version\": 3, "
-         "\"feature_names\": [\"mass\", \"peak\", \"top\"], "
+         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 6, \"feature_version\": 4, "
+         "\"feature_names\": [\"mass\", \"peak\", \"top\", \"self\", \"opeak\", \"ofocus\"], "
          "\"v1\": {\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
-         "\"feature_version\": 2}, "
+         "\"features_per_head\": 3, \"feature_version\": 2}, "
          "\"dtypes\": [\"float32\", \"float16\"], " ATPATCH_PROVIDERS_JSON
          "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
 }
