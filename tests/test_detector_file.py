@@ -43,11 +43,11 @@ def test_a_file_that_is_not_a_detector_is_refused_in_one_line(tmp_path: Path) ->
 
 def test_wrong_weight_shapes_are_refused_with_the_expected_shapes() -> None:
     bad = reference.LayerDetector(
-        np.zeros((4, 2), np.float32),  # not a multiple of 3 features per head
+        np.zeros((spec.FEATURES_PER_HEAD + 1, 2), np.float32),  # not a whole number of heads
         np.zeros(2, np.float32),
         np.zeros(2, np.float32),
         np.zeros(1, np.float32),
         0.0,
     )
-    with pytest.raises(ValueError, match=r"w1 \[3 \* heads, hidden\]"):
+    with pytest.raises(ValueError, match=rf"w1 \[{spec.FEATURES_PER_HEAD} \* heads, hidden\]"):
         Detector(layers=(bad,))
