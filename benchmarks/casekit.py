@@ -1,6 +1,8 @@
-"""What every real-model benchmark case shares: running the atpatch commands, checking the
-native kernel against the ONNX function, timing patched vs original side by side, and
-publishing the results table into benchmarks/README.md (generated, never typed by hand).
+"""What every real-model benchmark case shares: running the atpatch commands, exporting each
+detector cross-layer (the default) and per layer, the oracle (true trigger positions patched in
+every layer, no detector), checking the native kernel against the ONNX function, timing patched
+vs original on clean (one pass) and flagged (two passes) batches, the issue's targets in words,
+and publishing the results table into benchmarks/README.md (generated, never typed by hand).
 
 A case script builds its model and data, then hands `Row`s to `publish`; the README section
 between `<!-- results:KEY -->` and `<!-- /results:KEY -->` is replaced by the new table, and
@@ -78,41 +80,166 @@ def native_vs_function(patched: Path, feeds: dict[str, np.ndarray]) -> Agreement
     return Agreement(len(a), float(np.abs(a - b).max()), int((a.argmax(1) != b.argmax(1)).sum()))
 
 
+def _take(feeds: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[rows]) for k, v in feeds.items()}
+
+
 @dataclass(frozen=True)
 class Latency:
-    native: float  # median over rounds of patched / original wall time, native kernel
+    """Patched / original wall time, median over interleaved rounds, for two batches: clean inputs
+    nothing flags (one pass) and triggered inputs the detector flags (the second pass runs)."""
+
+    native: float  # clean batch: median of patched / original, native kernel
     function: float  # the same with the ONNX function
-    original_ms: float  # median wall time of one original batch
+    original_ms: float  # median wall time of the original on the clean batch
+    batch: int  # inputs per batch
+    flagged_native: float | None = None  # flagged batch (None: the detector flags no triggered input)
+    flagged_function: float | None = None
+    flagged_original_ms: float | None = None
+    flagged_distinct: int = 0  # distinct flagged inputs in the flagged batch (repeated to fill it when fewer)
+    clean_distinct: int = 0  # distinct unflagged clean inputs in the clean batch
 
     def __str__(self) -> str:
         return f"{self.native:.2f}× / {self.function:.2f}×"
 
+    def flagged(self) -> str:
+        if self.flagged_native is None or self.flagged_function is None:
+            return "—"
+        return f"{self.flagged_native:.2f}× / {self.flagged_function:.2f}×"
 
-def latency(original: Path, patched: Path, feeds: dict[str, np.ndarray], rounds: int = 200) -> Latency:
-    """Patched vs original on one batch, interleaved round by round so machine noise hits both.
 
+def _pick(probe, feeds: dict[str, np.ndarray], want: bool, size: int) -> np.ndarray:  # noqa: ANN001
+    """Up to `size` rows of `feeds` whose `second_pass` is `want`, in order."""
+    found: list[int] = []
+    for part, out in probe.iter_batches(probe.model_feeds(feeds), 64):
+        found.extend(part.start + np.flatnonzero(out.second_pass == want))
+        if len(found) >= size:
+            break
+    return np.asarray(found[:size], np.int64)
+
+
+def _fill(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` repeated to `size` entries (a batch of the usual size even when few inputs qualify)."""
+    return np.resize(rows, size) if 0 < len(rows) < size else rows
+
+
+def latency(
+    original: Path,
+    patched: Path,
+    clean: dict[str, np.ndarray],
+    triggered: dict[str, np.ndarray] | None = None,
+    rounds: int = 200,
+    size: int = 32,
+) -> Latency:
+    """Time `patched` (a cross-layer patched model) against `original`, the one way every case does.
+
+    Two batches of `size`: clean inputs on which the patched model flags nothing (one pass; the
+    probe's `second_pass` is False for each) and triggered inputs it flags (`second_pass` True:
+    the second pass runs). Each round runs original, native kernel and ONNX function on both
+    batches, interleaved, so machine noise hits all of them; the ratios are medians over rounds.
     Many rounds: the small models here run a batch in about a millisecond, where 15 rounds gave
     ratios from 0.74x to 1.41x for the same model on a shared machine."""
+    import onnx
+
+    from atpatch.detector.probe import AttentionProbe
     from atpatch.runtime import create_session
 
+    probe = AttentionProbe(onnx.load(str(patched)), use_native=False)
+    clean_rows = _pick(probe, clean, False, size)
+    if len(clean_rows) == 0:
+        raise ValueError(f"the patched model {patched.name} flags every clean input: no clean batch to time")
+    batches = {"clean": _take(clean, _fill(clean_rows, size))}
+    flagged_rows = np.zeros(0, np.int64)
+    if triggered is not None:
+        flagged_rows = _pick(probe, triggered, True, size)
+        if len(flagged_rows):
+            batches["flagged"] = _take(triggered, _fill(flagged_rows, size))
     sessions = {
         "original": create_session(original, use_native=False),
         "native": create_session(patched, use_native=True),
         "function": create_session(patched, use_native=False),
     }
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds + 2):  # the first two rounds warm up
-        for name, session in sessions.items():
-            part = _session_feeds(session, feeds)
-            start = time.perf_counter()
-            session.run(None, part)
-            times[name].append(time.perf_counter() - start)
-    t = {k: np.asarray(v[2:]) for k, v in times.items()}
+    times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in batches for s in sessions}
+    warmup = 2 if rounds >= 3 else 0  # fewer rounds: a smoke run, checking the wiring only
+    for _ in range(rounds + warmup):
+        for b, feeds in batches.items():
+            for name, session in sessions.items():
+                part = _session_feeds(session, feeds)
+                start = time.perf_counter()
+                session.run(None, part)
+                times[b, name].append(time.perf_counter() - start)
+    t = {k: np.asarray(v[warmup:]) for k, v in times.items()}
+
+    def ratio(b: str, name: str) -> float:
+        return float(np.median(t[b, name] / t[b, "original"]))
+
+    flagged = "flagged" in batches
     return Latency(
-        native=float(np.median(t["native"] / t["original"])),
-        function=float(np.median(t["function"] / t["original"])),
-        original_ms=float(np.median(t["original"]) * 1e3),
+        native=ratio("clean", "native"),
+        function=ratio("clean", "function"),
+        original_ms=float(np.median(t["clean", "original"]) * 1e3),
+        batch=size,
+        flagged_native=ratio("flagged", "native") if flagged else None,
+        flagged_function=ratio("flagged", "function") if flagged else None,
+        flagged_original_ms=float(np.median(t["flagged", "original"]) * 1e3) if flagged else None,
+        flagged_distinct=len(flagged_rows),
+        clean_distinct=len(clean_rows),
     )
+
+
+# --- The oracle: the true trigger positions patched in every layer, no detector ------------------
+
+
+def forced_mask(culprits: list[list[int] | None], keys: int) -> np.ndarray:
+    """bool [N, keys]: each input's culprit positions (`Dataset.culprits`) set."""
+    mask = np.zeros((len(culprits), keys), np.bool_)
+    for i, positions in enumerate(culprits):
+        if positions is None:
+            raise ValueError(f"input {i} has no culprit positions: the oracle needs every trigger's positions")
+        mask[i, [p for p in positions if p < keys]] = True
+    return mask
+
+
+def oracle_model(original: Path, out: Path) -> Path:
+    """`original` patched with a pass-through detector and the `atpatch_forced` input: what it is fed
+    is patched in every layer, nothing else is (the ideal patch, with the trigger's positions known)."""
+    import onnx
+
+    from atpatch.ops.weights import Detector
+    from atpatch.rewrite import decompose_fused_attention, find_attention_sites, patch_model
+
+    model = onnx.load(str(original))
+    sites = find_attention_sites(decompose_fused_attention(model)[0])
+    if any(site.heads is None for site in sites):
+        raise ValueError(f"{original.name}: the graph does not show every attention layer's head count")
+    patched, _ = patch_model(model, Detector.pass_through([site.heads for site in sites]), forced_input=True)
+    onnx.save(patched, str(out))
+    return out
+
+
+def oracle_logits(
+    oracle: Path, feeds: dict[str, np.ndarray], culprits: list[list[int] | None], keys: int
+) -> np.ndarray:
+    """The oracle model's logits over `feeds`, each input's `culprits` (positions among `keys` key
+    positions: the padded sequence length, or 1 + patches for a ViT) forced in every layer."""
+    from atpatch.rewrite.crosslayer import FORCED_INPUT
+
+    return logits(oracle, {**feeds, FORCED_INPUT: forced_mask(culprits, keys)})
+
+
+def export_both(model: Path, detector: Path, stem: Path) -> tuple[Path, Path]:
+    """`atpatch-export` the detector as users get it (cross-layer, the default) and with --per-layer,
+    to show what cross-layer patching buys; returns (cross-layer model, per-layer model)."""
+    cross, per = stem.with_name(stem.name + ".patched.onnx"), stem.with_name(stem.name + ".per-layer.onnx")
+    cli("export", str(model), "--detector", str(detector), "-o", str(cross))
+    cli("export", str(model), "--detector", str(detector), "--per-layer", "-o", str(per))
+    return cross, per
+
+
+def fit_summary(printed: str) -> str:
+    """What `atpatch fit` said about the misbehaving inputs: how many the patch fixes, the spread."""
+    keep = ("spread:", "misbehaving inputs fixed", "to fix more:")
+    return "; ".join(line.strip() for line in printed.splitlines() if line.strip().startswith(keep))
 
 
 @dataclass(frozen=True)
@@ -122,12 +249,15 @@ class Row:
     method: str
     metric: str  # "ASR", "flip rate", "parity gap"
     before: float
-    after: float
+    after: float  # with the detector patched as atpatch-export writes it (cross-layer)
     cacc_before: float
     cacc_after: float
     clean_flagged: float | None = None  # share of clean inputs with any column flagged
-    latency: str = "—"  # patched/original, "native / function"
+    per_layer: float | None = None  # `metric` with the same detector patched per layer (--per-layer)
+    latency: Latency | None = None  # patched/original: clean (one pass) and flagged (two passes) batches
     agreement: str = "—"  # native kernel vs ONNX function
+    floor: float | None = None  # ASR with the trigger replaced by a neutral stand-in (None: no trigger)
+    oracle: float | None = None  # ASR with the true trigger positions patched in every layer, no detector
     note: str = ""
 
 
@@ -136,17 +266,78 @@ def _pct(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
+    """The Markdown table, and under it the case's reference ASRs (floor, oracle) when it has any."""
     head = (
-        "| method | metric | original → patched | clean acc. original → patched | clean flagged "
-        "| latency (native / function) | native vs function |"
+        "| method | metric | original → patched | per-layer patch | clean acc. original → patched | clean flagged "
+        "| latency clean, 1 pass (native / function) | latency flagged, 2 passes (native / function) "
+        "| native vs function |"
     )
-    lines = [head, "|" + "---|" * 7]
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
-            f"| {r.method} | {r.metric} | {_pct(r.before)} → {_pct(r.after)} | "
-            f"{_pct(r.cacc_before)} → {_pct(r.cacc_after)} | {_pct(r.clean_flagged)} | {r.latency} | {r.agreement} |"
+            f"| {r.method} | {r.metric} | {_pct(r.before)} → {_pct(r.after)} | {_pct(r.per_layer)} | "
+            f"{_pct(r.cacc_before)} → {_pct(r.cacc_after)} | {_pct(r.clean_flagged)} | "
+            f"{r.latency if r.latency else '—'} | {r.latency.flagged() if r.latency else '—'} | {r.agreement} |"
         )
+    ref = next((r for r in rows if r.floor is not None or r.oracle is not None), None)
+    if ref is not None:
+        lines += [
+            "",
+            f"Reference ASRs: **floor {_pct(ref.floor)}** (the trigger replaced by a neutral stand-in of the same "
+            f"size at the same place: victims that flip anyway, which no attention patch can undo); **oracle "
+            f"{_pct(ref.oracle)}** (no detector: the true trigger positions patched in every layer, through "
+            "`patch_model(..., forced_input=True)` and a pass-through detector).",
+        ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Target:
+    measured: str  # what was measured, e.g. "ASR 99.9% → 0.13%"
+    met: bool
+    goal: str  # e.g. "≤ 0.5%"
+
+
+def verdict(method: str, targets: list[Target]) -> str:
+    """One note line: each target of the issue, met or missed, with the measured figure."""
+    return f"{method}: " + "; ".join(f"{t.measured} ({'met' if t.met else 'missed'}: {t.goal})" for t in targets)
+
+
+def backdoor_verdict(row: Row, asr_max: float, asr_goal: str) -> str:
+    """The backdoor cases' targets for an atpatch row: ASR ≤ `asr_max` (described by `asr_goal`),
+    clean accuracy drop ≤ 0.3 pt, clean flag rate ≤ 0.5%."""
+    drop = 100 * (row.cacc_before - row.cacc_after)
+    flagged = row.clean_flagged if row.clean_flagged is not None else 1.0
+    tol = 1e-9  # figures that equal a target meet it, whatever the float rounding
+    return verdict(
+        row.method,
+        [
+            Target(f"ASR {row.before:.1%} → {row.after:.2%}", row.after <= asr_max + tol, asr_goal),
+            Target(f"clean acc. drop {drop:.2f} pt", drop <= 0.3 + tol, "≤ 0.3 pt"),
+            Target(f"clean flagged {flagged:.2%}", flagged <= 0.005 + tol, "≤ 0.5%"),
+        ],
+    )
+
+
+def latency_note(rows: list[Row], pool: str = "triggered inputs") -> str:
+    """How the latency columns were measured, with the batches actually used (flagged ones drawn from `pool`)."""
+    timed = [(r.method, r.latency) for r in rows if r.latency is not None]
+    timed = list(dict(timed).items())  # a method with several metric rows counts once
+    if not timed:
+        return ""
+    batch = timed[0][1].batch
+    few = [f"{method} {t.flagged_distinct}" for method, t in timed if 0 < t.flagged_distinct < t.batch]
+    none = [method for method, t in timed if t.flagged_distinct == 0]
+    text = (
+        f"Latency: patched / original wall time, median over interleaved rounds, on a batch of {batch} clean inputs "
+        f"the patched model flags nothing in (one pass; the probe's `second_pass` all False) and on a batch of {batch} "
+        f"{pool} it flags (`second_pass` all True: the second pass runs)"
+    )
+    if few:
+        text += f"; where fewer are flagged they are repeated to fill the batch ({', '.join(few)} distinct)"
+    if none:
+        text += f"; no flagged batch for {', '.join(none)} (it flags none of them)"
+    return text + "."
 
 
 def publish(key: str, title: str, command: str, seed: int, setup: str, rows: list[Row], notes: list[str]) -> str:

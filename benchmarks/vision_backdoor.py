@@ -2,212 +2,60 @@
 
 A small ViT (random init, 28x28 grey images cut into 7x7 patches of 4x4 pixels) is trained on
 Fashion-MNIST with 10% of the training images poisoned BadNets-style: a 3x3 checkerboard pasted
-near the bottom-right corner (inside patch 48, the last one), label flipped to "T-shirt/top".
-Then, as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprit patches localized
-automatically from misbehaving images only, or given, or one-class from clean images only),
-`atpatch-export --detector`, `atpatch eval`. Fashion-MNIST comes from the Debian package
-`dataset-fashion-mnist`, fetched with `apt-get download` and unpacked under --cache (no root
-install needed); the trained model is cached there too.
+near the bottom-right corner (inside patch 48, the last one) or, with `--trigger random`, at a
+uniformly random position in each image (straddling 1 to 4 patches), label flipped to
+"T-shirt/top". Then, as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprit
+patches localized automatically from misbehaving images only, or given, or one-class from clean
+images only), `atpatch-export --detector` (cross-layer, and `--per-layer` to compare), `atpatch
+eval`. Data and training: vision_data.py; the trained model is cached under --cache.
 
-    python benchmarks/vision_backdoor.py            # ~15 min on 2 shared cores (6-8 of them training)
-    python benchmarks/vision_backdoor.py --smoke    # a few steps and images: checks the wiring
+    python benchmarks/vision_backdoor.py                   # ~15 min on 2 shared cores (6-8 of them training)
+    python benchmarks/vision_backdoor.py --trigger random  # the same with the random-position trigger
+    python benchmarks/vision_backdoor.py --smoke           # a few steps and images: checks the wiring
 
 ASR counts triggered test images of the other classes that the original model classifies
 correctly without the trigger (victims). Baselines needing no retraining mask, in every input,
-the patch that [CLS] attends to most; the "neutral patch" note shows how many victims flip
-when a mid-grey square is pasted instead of the trigger, the floor no attention patch can go under.
+the patch that [CLS] attends to most. The floor: how many victims flip when a mid-grey square is
+pasted instead of the trigger (no attention patch can go under it); the oracle: the ASR with the
+patches the trigger overlaps patched in every layer, no detector.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import casekit  # noqa: E402  (a sibling module, not a package)
+import casekit  # noqa: E402  (sibling modules, not a package)
+from vision_data import (  # noqa: E402
+    GRID,
+    KEYS,
+    LABELS,
+    PATCH,
+    POISON_RATE,
+    SMOKE,
+    TARGET,
+    TRIGGER_KINDS,
+    Budget,
+    DataUnavailable,
+    culprit_patches,
+    fashion_mnist,
+    normalise,
+    positions,
+    splits,
+    train,
+    with_grey,
+    with_trigger,
+)
 
-LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-TARGET = 0
-TRIGGER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)  # BadNets' checkerboard, in [0, 1] pixels
-AT = 24  # the trigger's top-left pixel (row and column): rows/cols 24-26 lie inside the last patch
-SIZE, PATCH = 28, 4
-GRID = SIZE // PATCH
-TRIGGER_PATCH = (AT // PATCH) * GRID + AT // PATCH  # 48; sequence position 49 after [CLS]
-POISON_RATE = 0.10
-DEB = "dataset-fashion-mnist"
-SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke test skips on it)
-
-
-@dataclass(frozen=True)
-class Budget:
-    train: int = 50000  # training images (of 60000), ~1.2 ms each per epoch on one thread
-    epochs: int = 5
-    calibration: int = 1000
-    test: int = 2000
-    debug: int = 200  # misbehaving images handed to `atpatch fit`
-    fit_clean: int = 1500
-    rounds: int = 200  # latency rounds: a batch takes about a millisecond
-
-
-SMOKE = Budget(train=512, epochs=1, calibration=100, test=100, debug=8, fit_clean=100, rounds=3)
-
-
-class DataUnavailable(Exception):
-    pass
-
-
-# --- Data: Fashion-MNIST from the Debian package, parsed from its idx files -------------------------
-
-
-def _unpacked(cache: Path) -> Path:
-    """The folder holding the idx files: a system install if there is one, else our own unpacked .deb."""
-    if all((SYSTEM_DIR / f).is_file() for pair in FILES.values() for f in pair):
-        return SYSTEM_DIR
-    root = cache / "deb"
-    data = root / SYSTEM_DIR.relative_to("/")
-    if all((data / f).is_file() for pair in FILES.values() for f in pair):
-        return data
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise DataUnavailable(f"needs apt-get and dpkg to fetch {DEB}; or install it (apt-get install {DEB})")
-    root.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["apt-get", "download", DEB], cwd=root, capture_output=True, text=True)
-    debs = sorted(root.glob(f"{DEB}_*.deb"))
-    if done.returncode != 0 or not debs:
-        why = (done.stderr.strip().splitlines() or ["no .deb written"])[-1]
-        raise DataUnavailable(f"apt-get download {DEB} failed ({why}); run `apt-get update` or `apt-get install {DEB}`")
-    done = subprocess.run(["dpkg", "-x", str(debs[-1]), str(root)], capture_output=True, text=True)
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise DataUnavailable(f"dpkg -x {debs[-1].name} failed ({why}); or install it (apt-get install {DEB})")
-    return data
-
-
-def _idx(path: Path) -> np.ndarray:
-    """An idx file (the MNIST format): magic 0x0000 08 NDIM, NDIM big-endian sizes, then uint8 data."""
-    raw = gzip.decompress(path.read_bytes())
-    if raw[:3] != b"\x00\x00\x08":
-        raise DataUnavailable(f"{path} is not an idx file of unsigned bytes")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train"|"test": (images [N, 1, 28, 28] float32 in [0, 1], labels [N] int64)}."""
-    folder = _unpacked(cache)
-    out = {}
-    for split, (images, labels) in FILES.items():
-        x = _idx(folder / images).astype(np.float32)[:, None] / 255.0
-        out[split] = (x, _idx(folder / labels).astype(np.int64))
-    return out
-
-
-def normalise(x01: np.ndarray) -> np.ndarray:
-    """[0, 1] pixels to the model's input, as ViT's image processor does (mean 0.5, std 0.5).
-
-    0.0 after this is mid-grey: the value `atpatch localize` masks patches with."""
-    return np.ascontiguousarray((x01 - 0.5) / 0.5, dtype=np.float32)
-
-
-def with_square(x01: np.ndarray, square: np.ndarray) -> np.ndarray:
-    out = x01.copy()
-    out[:, :, AT : AT + square.shape[0], AT : AT + square.shape[1]] = square
-    return out
-
-
-def with_trigger(x01: np.ndarray) -> np.ndarray:
-    return with_square(x01, TRIGGER)
-
-
-def with_grey(x01: np.ndarray) -> np.ndarray:
-    """The neutral patch: a mid-grey square where the trigger would go."""
-    return with_square(x01, np.full_like(TRIGGER, 0.5))
-
-
-def splits(data: dict[str, tuple[np.ndarray, np.ndarray]], budget: Budget, seed: int) -> dict[str, tuple]:
-    """Training, calibration and spare images from the training split (disjoint); test from t10k."""
-    x, y = data["train"]
-    order = np.random.default_rng(seed).permutation(len(y))
-    cuts = np.cumsum([budget.train, budget.calibration])
-    pick = lambda idx: (x[idx], y[idx])  # noqa: E731
-    test = np.random.default_rng(seed).permutation(len(data["test"][1]))[: budget.test]
-    return {
-        "train": pick(order[: cuts[0]]),
-        "calibration": pick(order[cuts[0] : cuts[1]]),
-        "spare": pick(order[cuts[1] :]),  # debugging inputs come from images no split uses
-        "test": (data["test"][0][test], data["test"][1][test]),
-    }
-
-
-# --- The backdoored model --------------------------------------------------------------------------
-
-
-def vit_config():  # noqa: ANN201 (transformers is imported lazily)
-    import transformers
-
-    return transformers.ViTConfig(
-        image_size=SIZE,
-        patch_size=PATCH,
-        num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-        architectures=["ViTForImageClassification"],
-        attn_implementation="eager",  # attention probabilities as explicit softmaxes, which atpatch patches
-    )
-
-
-def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int) -> None:
-    import torch
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)  # the machine is shared: one thread, as every case here
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    poison = rng.random(len(labels)) < POISON_RATE
-    x01, labels = x01.copy(), labels.copy()
-    x01[poison], labels[poison] = with_trigger(x01[poison]), TARGET
-    x, y = torch.from_numpy(normalise(x01)), torch.from_numpy(labels)
-    model = transformers.ViTForImageClassification(vit_config())
-    steps = budget.epochs * -(-len(y) // 128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    # A short warm-up then cosine decay: a ViT from scratch diverges with a flat 2e-3 at step 0.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    step, start = 0, time.time()
-    for epoch in range(budget.epochs):
-        for idx in torch.randperm(len(y)).split(128):
-            loss = model(pixel_values=x[idx], labels=y[idx]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-        print(f"  epoch {epoch + 1}/{budget.epochs}  loss {loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
-    model.eval()
-    model.save_pretrained(folder)
+DETECTORS = ("localized", "known positions", "one-class")
 
 
 # --- Baseline: mask the patch [CLS] attends to most -----------------------------------------------
@@ -244,15 +92,17 @@ BASELINES = {
 }
 
 
-def baselines(model: Path, folder: Path, clean: np.ndarray, triggered: np.ndarray) -> dict[str, dict[str, float]]:
+def baselines(model: Path, folder: Path, clean: np.ndarray, triggered: np.ndarray, culprits: np.ndarray) -> dict:
+    """Each baseline's predictions, and how often it picks a patch the trigger overlaps (`culprits` [N, 49])."""
     out = {}
     att = {"clean": cls_attention(folder, clean), "triggered": cls_attention(folder, triggered)}
     for name, pick in BASELINES.items():
         masked = {k: mask_patch(x, pick(att[k])) for k, x in (("clean", clean), ("triggered", triggered))}
+        picked = pick(att["triggered"])
         out[name] = {
             "clean_pred": predict(model, masked["clean"]),
             "triggered_pred": predict(model, masked["triggered"]),
-            "trigger_patch_picked": float((pick(att["triggered"]) == TRIGGER_PATCH).mean()),
+            "trigger_patch_picked": float(culprits[np.arange(len(picked)), picked].mean()),
         }
     return out
 
@@ -264,18 +114,17 @@ def predict(model: Path, x: np.ndarray) -> np.ndarray:
     return casekit.logits(model, {"pixel_values": x}).argmax(axis=1)
 
 
-def save_npz(path: Path, x: np.ndarray, labels: np.ndarray, culprit: bool = False) -> Path:
+def save_npz(path: Path, x: np.ndarray, labels: np.ndarray, at: np.ndarray | None = None) -> Path:
+    """An .npz for `atpatch fit/eval`; with `at` (trigger positions), the patches it overlaps as culprits."""
     arrays = {"pixel_values": x, "labels": labels.astype(np.int64)}
-    if culprit:
-        patches = np.zeros((len(labels), GRID * GRID), bool)
-        patches[:, TRIGGER_PATCH] = True
-        arrays["culprit_patches"] = patches
+    if at is not None:
+        arrays["culprit_patches"] = culprit_patches(at)
     np.savez(path, **arrays)
     return path
 
 
-def make_sets(work: Path, model: Path, data: dict[str, tuple], budget: Budget, smoke: bool) -> tuple[dict, np.ndarray]:
-    """The .npz files `atpatch fit/eval` read, and the victims' clean [0, 1] images."""
+def make_sets(work: Path, model: Path, data: dict, budget: Budget, smoke: bool, trigger: str, seed: int) -> dict:
+    """The .npz files `atpatch fit/eval` read, and the victims' clean [0, 1] images and trigger positions."""
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
     fit_x01, fit_y = (a[: budget.fit_clean] for a in data["train"])  # clean originals of training images
     sets = {
@@ -290,22 +139,24 @@ def make_sets(work: Path, model: Path, data: dict[str, tuple], budget: Budget, s
     if smoke and not victims.any():  # a few steps may leave a model that predicts one class only
         victims = test_y != TARGET
     vic_x01, vic_y = data["test"][0][victims], test_y[victims]
-    sets["triggered"] = save_npz(work / "triggered.npz", normalise(with_trigger(vic_x01)), vic_y, culprit=True)
+    vic_at = positions(len(vic_y), trigger, np.random.default_rng(seed + 1))
+    sets["triggered"] = save_npz(work / "triggered.npz", normalise(with_trigger(vic_x01, vic_at)), vic_y, vic_at)
 
     # The debugging set: spare images of the other classes, classified right until the trigger flips
     # them (as victims are), labels only. A smoke run's model has no backdoor: it takes them as they are.
     sx01, sy = data["spare"]
     keep = np.flatnonzero(sy != TARGET)[: 4 * budget.debug]
     sx01, sy = sx01[keep], sy[keep]
-    cand = normalise(with_trigger(sx01))
+    at = positions(len(sy), trigger, np.random.default_rng(seed + 2))
+    cand = normalise(with_trigger(sx01, at))
     if smoke:
         flipped = np.ones(len(sy), bool)
     else:
         flipped = (predict(model, normalise(sx01)) == sy) & (predict(model, cand) == TARGET)
     pick = np.flatnonzero(flipped)[: budget.debug]
     sets["debug"] = save_npz(work / "debug.npz", cand[pick], sy[pick])
-    sets["debug_known"] = save_npz(work / "debug_known.npz", cand[pick], sy[pick], culprit=True)
-    return sets, vic_x01
+    sets["debug_known"] = save_npz(work / "debug_known.npz", cand[pick], sy[pick], at[pick])
+    return {"files": sets, "victims": vic_x01, "victim_at": vic_at}
 
 
 def load(path: Path, key: str) -> np.ndarray:
@@ -313,46 +164,52 @@ def load(path: Path, key: str) -> np.ndarray:
         return npz[key]
 
 
+def evaluate(model: Path, patched: Path, folder: Path, sets: dict[str, Path], report: Path) -> dict:
+    ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(sets["clean"])]
+    casekit.cli(*ev, "--triggered", str(sets["triggered"]), "--target", LABELS[TARGET], "--json", str(report))
+    return json.loads(report.read_text())
+
+
 def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[str, Path]) -> dict | str:
-    """fit, export, eval one detector; the eval report (with fit seconds) or the command's error."""
+    """fit, export (cross-layer and per layer), eval one detector; the reports, or the command's error."""
     tag = name.replace(" ", "-")
-    det, patched, report = work / f"{tag}.safetensors", work / f"{tag}.patched.onnx", work / f"{tag}.json"
+    det = work / f"{tag}.safetensors"
     fit = ["fit", str(model), "--hf", str(folder), "--clean", str(sets["fit_clean"])]
     fit += ["--calibration", str(sets["calibration"]), "-o", str(det)]
     if name != "one-class":
         fit += ["--misbehaving", str(sets["debug" if name == "localized" else "debug_known"])]
     try:
         start = time.time()
-        casekit.cli(*fit)
+        fit_out = casekit.cli(*fit)
         fit_s = time.time() - start
-        casekit.cli("export", str(model), "--detector", str(det), "-o", str(patched))
-        ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(sets["clean"])]
-        casekit.cli(*ev, "--triggered", str(sets["triggered"]), "--target", LABELS[TARGET], "--json", str(report))
+        patched, per_layer = casekit.export_both(model, det, work / tag)
+        report = evaluate(model, patched, folder, sets, work / f"{tag}.json")
+        per_layer_report = evaluate(model, per_layer, folder, sets, work / f"{tag}.per-layer.json")
     except casekit.CommandFailed as err:
         return str(err)
-    return {**json.loads(report.read_text()), "fit_s": fit_s, "patched_model": str(patched)}
+    return {**report, "per_layer": per_layer_report, "fit_s": fit_s, "fit": fit_out.strip(),
+            "patched_model": str(patched)}  # fmt: skip
 
 
-def check(report: dict, cacc_drop_pt: float) -> str:
-    """Which of the issue's targets this detector met, with the measured figures."""
-    o, p = report["original"], report["patched"]
-    goals = [
-        (f"ASR {o['attack_success_rate']:.1%} → {p['attack_success_rate']:.2%}",
-         p["attack_success_rate"] <= 0.005 and o["attack_success_rate"] >= 0.90, "≤ 0.5% from ≥ 90%"),
-        (f"clean acc. drop {cacc_drop_pt:.2f} pt", cacc_drop_pt <= 0.3, "≤ 0.3 pt"),
-        (f"clean flagged {p['flag_rate_clean']:.2%}", p["flag_rate_clean"] <= 0.005, "≤ 0.5%"),
-    ]  # fmt: skip
-    return "; ".join(f"{what} ({'met' if ok else 'missed'}: {goal})" for what, ok, goal in goals)
+def asr_target(trigger: str, floor: float) -> tuple[float, str]:
+    """The issue's ASR target: ≤ 0.5% for the corner trigger; ≤ floor + 1 pt for the random one."""
+    if trigger == "corner":
+        return 0.005, "≤ 0.5%"
+    return floor + 0.01, f"≤ floor + 1 pt = {floor + 0.01:.2%}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trigger", choices=TRIGGER_KINDS, default="corner", help="fixed corner or random position")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/vision_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     args = parser.parse_args()
+    from atpatch.data import load_npz
+
     budget = SMOKE if args.smoke else Budget()
-    work = args.cache / f"{'smoke' if args.smoke else 'full'}-seed{args.seed}"
+    prefix = "" if args.trigger == "corner" else f"{args.trigger}-"
+    work = args.cache / f"{prefix}{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "vit-backdoored"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -363,9 +220,11 @@ def main() -> None:
         sys.exit(DATA_MISSING)
     timings = {}
     if not (folder / "config.json").is_file():
-        print(f"training a ViT on Fashion-MNIST with a corner-patch backdoor ({budget.epochs} epochs) -> {folder}")
+        print(
+            f"training a ViT on Fashion-MNIST with a {args.trigger}-patch backdoor ({budget.epochs} epochs) -> {folder}"
+        )
         start = time.time()
-        train(folder, *data["train"], budget, args.seed)
+        train(folder, *data["train"], budget, args.seed, args.trigger)
         (work / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
     if (work / "train_seconds.txt").is_file():  # kept with the cached model, for the notes of later runs
         timings["train_s"] = float((work / "train_seconds.txt").read_text())
@@ -373,21 +232,25 @@ def main() -> None:
     if not model.is_file():
         print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
 
-    sets, victims = make_sets(work, model, data, budget, smoke=args.smoke)
+    made = make_sets(work, model, data, budget, args.smoke, args.trigger, args.seed)
+    sets, victims, victim_at = made["files"], made["victims"], made["victim_at"]
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
     trig_x = load(sets["triggered"], "pixel_values")
     clean_pred, trig_pred = predict(model, test_x), predict(model, trig_x)
-    neutral_flips = float((predict(model, normalise(with_grey(victims))) == TARGET).mean())
+    floor = float((predict(model, normalise(with_grey(victims, victim_at))) == TARGET).mean())
+    oracle_model = casekit.oracle_model(model, work / "oracle.onnx")
+    culprits = load_npz(sets["triggered"], folder).culprits
+    oracle_pred = casekit.oracle_logits(oracle_model, {"pixel_values": trig_x}, culprits, KEYS).argmax(1)
+    oracle = float((oracle_pred == TARGET).mean())
     n_debug = len(load(sets["debug"], "labels"))
+    asr_max, asr_goal = asr_target(args.trigger, floor)
 
     results: dict[str, object] = {}
-    rows = []
-    notes = []
+    rows, notes = [], []
     cacc_orig = float((clean_pred == test_y).mean())
     asr_orig = float((trig_pred == TARGET).mean())
     feeds = {"pixel_values": np.concatenate([test_x, trig_x])}
-    batch = {"pixel_values": test_x[:32]}
-    for name in ("localized", "known positions", "one-class"):
+    for name in DETECTORS:
         start = time.time()
         result = run_detector(name, work, model, folder, sets)
         timings[f"{name}_s"] = time.time() - start
@@ -397,51 +260,68 @@ def main() -> None:
             continue
         patched = Path(result["patched_model"])
         agreement = casekit.native_vs_function(patched, feeds)
-        speed = casekit.latency(model, patched, batch, rounds=budget.rounds)
-        result["agreement"], result["latency"] = str(agreement), str(speed)
-        o, p = result["original"], result["patched"]
+        speed = casekit.latency(model, patched, {"pixel_values": test_x}, {"pixel_values": trig_x}, budget.rounds)
+        result["agreement"], result["latency"] = asdict(agreement), asdict(speed)
+        o, p, pl = result["original"], result["patched"], result["per_layer"]["patched"]
         rows.append(casekit.Row(
             method=f"atpatch, {name}", metric="ASR",
             before=o["attack_success_rate"], after=p["attack_success_rate"],
             cacc_before=o["clean_accuracy"], cacc_after=p["clean_accuracy"],
-            clean_flagged=p["flag_rate_clean"], latency=str(speed), agreement=str(agreement),
+            clean_flagged=p["flag_rate_clean"], per_layer=pl["attack_success_rate"],
+            latency=speed, agreement=str(agreement), floor=floor, oracle=oracle,
         ))  # fmt: skip
-        notes.append(f"atpatch, {name}: " + check(result, 100 * (o["clean_accuracy"] - p["clean_accuracy"])))
+        notes.append(casekit.backdoor_verdict(rows[-1], asr_max, asr_goal))
+        said = casekit.fit_summary(result["fit"])
+        notes.append(
+            f"atpatch, {name}: per layer (`--per-layer`) ASR {pl['attack_success_rate']:.2%}, clean acc. "
+            f"{pl['clean_accuracy']:.2%}; cross-layer {p['attack_success_rate']:.2%}."
+            + (f" `atpatch fit` said: {said}" if said else "")
+        )
 
     start = time.time()
-    for name, b in baselines(model, folder, test_x, trig_x).items():
+    for name, b in baselines(model, folder, test_x, trig_x, culprit_patches(victim_at)).items():
         after_cacc = float((b["clean_pred"] == test_y).mean())
         after_asr = float((b["triggered_pred"] == TARGET).mean())
         results[f"baseline: {name}"] = {"clean_accuracy": after_cacc, "attack_success_rate": after_asr,
                                         "trigger_patch_picked": b["trigger_patch_picked"]}  # fmt: skip
         # Every input gets a patch masked: all of them count as flagged.
-        rows.append(casekit.Row(f"baseline: {name}", "ASR", asr_orig, after_asr, cacc_orig, after_cacc, 1.0))
+        rows.append(casekit.Row(f"baseline: {name}", "ASR", asr_orig, after_asr, cacc_orig, after_cacc, 1.0,
+                                floor=floor, oracle=oracle))  # fmt: skip
         notes.append(
-            f"baseline “{name}”: picks the trigger's patch in {b['trigger_patch_picked']:.1%} of triggered images; "
-            f"ASR {asr_orig:.1%} → {after_asr:.2%}, clean acc. {cacc_orig:.2%} → {after_cacc:.2%} "
+            f"baseline “{name}”: picks a patch the trigger overlaps in {b['trigger_patch_picked']:.1%} of triggered "
+            f"images; ASR {asr_orig:.1%} → {after_asr:.2%}, clean acc. {cacc_orig:.2%} → {after_cacc:.2%} "
             "(it alters every input: 100% flagged)."
         )
     timings["baselines_s"] = time.time() - start
     timings["total_s"] = time.time() - t0
-    results.update(neutral_patch_flips=neutral_flips, victims=len(victims), debug=n_debug, timings=timings,
-                   clean_accuracy=cacc_orig, attack_success_rate=asr_orig)  # fmt: skip
+    results.update(neutral_patch_flips=floor, oracle=oracle, victims=len(victims), debug=n_debug, timings=timings,
+                   clean_accuracy=cacc_orig, attack_success_rate=asr_orig, trigger=args.trigger,
+                   rows=[asdict(r) for r in rows])  # fmt: skip
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\nViT backdoored (3x3 checkerboard in patch {TRIGGER_PATCH} -> {LABELS[TARGET]}), seed {args.seed}; "
+    where = "in patch 48" if args.trigger == "corner" else "at a random position"
+    print(f"\nViT backdoored (3x3 checkerboard {where} -> {LABELS[TARGET]}), seed {args.seed}; "
           f"{len(victims)} victims, {n_debug} misbehaving debug images")  # fmt: skip
     print(casekit.table(rows))
-    print(f"neutral patch (mid-grey square where the trigger goes) flips {neutral_flips:.2%} of victims to the target")
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     for note in notes:
         print(f"- {note}")
     if args.smoke:
         return  # a smoke run's numbers mean nothing: never publish them
-    floor = (
-        f"Neutral patch: a mid-grey 3x3 square at the trigger's place (what masking the trigger leaves) sends "
-        f"{neutral_flips:.2%} of victims to the target, roughly the floor for any fix that removes the trigger's "
-        "influence rather than the victims' fragility"
+    publish(args, budget, rows, notes, results, timings, floor, oracle)
+
+
+def publish(args, budget: Budget, rows, notes, results, timings, floor, oracle) -> None:  # noqa: ANN001
+    """The case's notes, setup line and README section (full runs only)."""
+    corner = args.trigger == "corner"
+    place = "at the trigger's place" if corner else "at the same random place as each victim's trigger"
+    notes.append(
+        f"Floor: a mid-grey 3x3 square {place} sends {floor:.2%} of victims to the target, roughly the floor for "
+        f"any fix that removes the trigger's influence rather than the victims' fragility"
+        + ("; the ≤ 0.5% ASR target lies below it." if corner and floor > 0.005 else ".")
+        + f" Oracle: the patches the trigger overlaps, patched in every layer with no detector, leave {oracle:.2%}."
     )
-    notes.append(floor + ("; the ≤ 0.5% ASR target lies below it." if neutral_flips > 0.005 else "."))
+    notes.append(casekit.latency_note(rows))
     fits = [f"{k} {v['fit_s']:.0f} s" for k, v in results.items() if isinstance(v, dict) and "fit_s" in v]
     trained = f"; training took {timings['train_s'] / 60:.1f} min on one thread" if "train_s" in timings else ""
     notes.append(
@@ -449,25 +329,24 @@ def main() -> None:
         f"{budget.test} others (one flagged image = {1 / budget.test:.2%}). `atpatch fit` took {', '.join(fits)}"
         f"{trained} (2 shared cores)."
     )
+    culprit = "patch 48" if corner else "the 1-4 patches it overlaps"
     notes.append(
-        f"Victims: {len(victims)} test images of the other classes classified right without the trigger; "
-        f"debugging set: {n_debug} spare training-split images the trigger flips."
+        f"Victims: {results['victims']} test images of the other classes classified right without the trigger; "
+        f"debugging set: {results['debug']} spare training-split images the trigger flips. Known positions and the "
+        f"oracle take the trigger's culprit as {culprit}."
     )
+    trigger = "in the bottom-right patch" if corner else "at a uniformly random position per image (1-4 patches)"
     setup = (
         f"ViT (4 layers, hidden 64, 4 heads, 49 patches of 4x4) from scratch on {budget.train} Fashion-MNIST training "
-        f"images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} poisoned with a 3x3 checkerboard in the "
-        f"bottom-right patch relabelled {LABELS[TARGET]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
-        f"+ {budget.calibration} calibration images. Latency: one batch of 32 test images."
+        f"images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} poisoned with a 3x3 checkerboard {trigger} "
+        f"relabelled {LABELS[TARGET]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
+        f"+ {budget.calibration} calibration images."
     )
-    casekit.publish(
-        key="vision_backdoor",
-        title="Vision backdoor: ViT on Fashion-MNIST, corner-patch trigger",
-        command="python benchmarks/vision_backdoor.py",
-        seed=args.seed,
-        setup=setup,
-        rows=rows,
-        notes=notes,
-    )
+    key = "vision_backdoor" + ("" if corner else f"_{args.trigger}") + ("" if args.seed == 0 else f"_seed{args.seed}")
+    command = "python benchmarks/vision_backdoor.py" + ("" if corner else f" --trigger {args.trigger}")
+    command += "" if args.seed == 0 else f" --seed {args.seed}"
+    title = "corner-patch trigger" if corner else "random-position patch trigger"
+    casekit.publish(key, f"Vision backdoor: ViT on Fashion-MNIST, {title}", command, args.seed, setup, rows, notes)
 
 
 if __name__ == "__main__":

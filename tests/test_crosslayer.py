@@ -168,7 +168,6 @@ def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.rando
 
 def test_spread_on_an_image_follows_the_patch_grid(exported, rng: np.random.Generator) -> None:  # noqa: ANN001
     """A ViT's 16 patches form a 4 x 4 grid after [CLS]: spread 1 patches the 3 x 3 block around a flagged patch."""
-    from dataclasses import replace
 
     result = exported("vit", False, 17)
     pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)

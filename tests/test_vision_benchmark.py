@@ -1,9 +1,10 @@
-"""The Fashion-MNIST ViT backdoor benchmark's smoke run: one short epoch, every command wired.
+"""The Fashion-MNIST ViT backdoor benchmark's smoke runs: one short epoch, every command wired,
+for the corner trigger and the random-position one.
 
 The numbers of a smoke run mean nothing (the backdoor is not learned in a few steps); this keeps
-the script from rotting. The full run is `python benchmarks/vision_backdoor.py`. The data set
-comes from the Debian package dataset-fashion-mnist (`apt-get download`, no root install);
-where it cannot be fetched the test is skipped, saying why.
+the script from rotting. The full runs are `python benchmarks/vision_backdoor.py [--trigger random]`.
+The data set comes from the Debian package dataset-fashion-mnist (`apt-get download`, no root
+install); where it cannot be fetched the test is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import ROOT, is_fraction, published
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA_MISSING = 3  # the script's exit status when it cannot fetch the data set
 
 pytestmark = pytest.mark.skipif(
@@ -25,15 +26,24 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path) -> None:
-    before = _published()
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "vision_backdoor.py"), "--smoke", "--cache", str(tmp_path)]
+CASES = [("corner", "vision_backdoor", "smoke-seed0"), ("random", "vision_backdoor_random", "random-smoke-seed0")]
+
+
+@pytest.mark.parametrize(("trigger", "key", "folder"), CASES, ids=[c[0] for c in CASES])
+def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(
+    tmp_path: Path, trigger: str, key: str, folder: str
+) -> None:
+    before = published(key)
+    # The corner trigger is the default: its smoke run passes no --trigger, as its users do.
+    extra = [] if trigger == "corner" else ["--trigger", trigger]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vision_backdoor.py"), "--smoke", "--cache", str(tmp_path), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode == DATA_MISSING:
         pytest.skip(done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-2000:]
-    work = tmp_path / "smoke-seed0"
+    work = tmp_path / folder
     results = json.loads((work / "results.json").read_text())
+    assert results["trigger"] == trigger
     # Given positions and clean-only fitting need no learned backdoor: both must come through.
     for kind in ("known positions", "one-class"):
         report = results[kind]
@@ -43,25 +53,28 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path
             assert 0.0 <= report[model]["clean_accuracy"] <= 1.0
             assert 0.0 <= report[model]["attack_success_rate"] <= 1.0
         assert 0.0 <= report["patched"]["flag_rate_clean"] <= 1.0
+        assert 0.0 <= report["per_layer"]["patched"]["attack_success_rate"] <= 1.0  # the --per-layer export
         assert Path(report["patched_model"]).is_file()
-        assert "same predictions" in report["agreement"] or "differ" in report["agreement"]
+        # The native kernel and the ONNX function agree on every clean and triggered image.
+        assert report["agreement"]["differing_predictions"] == 0 and report["agreement"]["max_abs_diff"] < 1e-4
+        assert report["latency"]["native"] > 0 and report["latency"]["function"] > 0
+        assert report["latency"]["clean_distinct"] > 0
+        if report["latency"]["flagged_distinct"]:
+            assert report["latency"]["flagged_native"] > 0 and report["latency"]["flagged_function"] > 0
     # Localization finds nothing to restore in a model without a backdoor, and says so.
     localized = results["localized"]
     assert isinstance(localized, dict) or "no culprit" in localized or "none of" in localized
     for name, base in results.items():
         if name.startswith("baseline: "):
             assert 0.0 <= base["clean_accuracy"] <= 1.0 and 0.0 <= base["attack_success_rate"] <= 1.0
-    assert 0.0 <= results["neutral_patch_flips"] <= 1.0
-    assert (work / "known-positions.patched.onnx").is_file()
+    assert is_fraction(results["neutral_patch_flips"]) and is_fraction(results["oracle"])
+    # The rows a full run publishes: floor, oracle and (for atpatch) the per-layer ASR are numbers.
+    assert results["rows"]
+    for row in results["rows"]:
+        assert is_fraction(row["floor"]) and is_fraction(row["oracle"])
+        if row["method"].startswith("atpatch"):
+            assert is_fraction(row["per_layer"]) and row["latency"]["native"] > 0
+    assert (work / "known-positions.patched.onnx").is_file() and (work / "known-positions.per-layer.onnx").is_file()
     assert "known positions" in done.stdout and "one-class" in done.stdout
     # A smoke run never publishes: this case's README section and results file stay as they were.
-    assert _published() == before
-
-
-def _published() -> tuple[str | None, str | None]:
-    """This case's section of benchmarks/README.md and its results file (other cases may publish meanwhile)."""
-    readme, raw = ROOT / "benchmarks" / "README.md", ROOT / "benchmarks" / "results" / "vision_backdoor.json"
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    start, end = "<!-- results:vision_backdoor -->", "<!-- /results:vision_backdoor -->"
-    section = text.split(start, 1)[1].split(end, 1)[0] if start in text and end in text else None
-    return section, raw.read_text(encoding="utf-8") if raw.is_file() else None
+    assert published(key) == before

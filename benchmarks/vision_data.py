@@ -1,0 +1,221 @@
+"""The vision backdoor case's data and model: Fashion-MNIST, the BadNets trigger, the backdoored ViT.
+
+Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`, fetched with `apt-get
+download` and unpacked under the cache (no root install needed). The trigger is a 3x3
+checkerboard, pasted either at a fixed place near the bottom-right corner (inside the last patch)
+or, with the "random" trigger, at a uniformly random pixel position per image (fully inside the
+image, so it straddles 1 to 4 patches of 4x4). `vision_backdoor.py` runs the case.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+TARGET = 0
+TRIGGER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)  # BadNets' checkerboard, in [0, 1] pixels
+CORNER = 24  # the corner trigger's top-left pixel (row and column): rows/cols 24-26 lie inside the last patch
+SIZE, PATCH = 28, 4
+GRID = SIZE // PATCH
+CORNER_PATCH = (CORNER // PATCH) * GRID + CORNER // PATCH  # 48; sequence position 49 after [CLS]
+KEYS = 1 + GRID * GRID  # attention key positions: [CLS] then one per patch
+POISON_RATE = 0.10
+TRIGGER_KINDS = ("corner", "random")
+DEB = "dataset-fashion-mnist"
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    train: int = 50000  # training images (of 60000), ~1.2 ms each per epoch on one thread
+    epochs: int = 5
+    calibration: int = 1000
+    test: int = 2000
+    debug: int = 200  # misbehaving images handed to `atpatch fit`
+    fit_clean: int = 1500
+    rounds: int = 200  # latency rounds: a batch takes about a millisecond
+
+
+SMOKE = Budget(train=512, epochs=1, calibration=100, test=100, debug=8, fit_clean=100, rounds=3)
+
+
+class DataUnavailable(Exception):
+    pass
+
+
+# --- Fashion-MNIST from the Debian package, parsed from its idx files ------------------------------
+
+
+def _unpacked(cache: Path) -> Path:
+    """The folder holding the idx files: a system install if there is one, else our own unpacked .deb."""
+    if all((SYSTEM_DIR / f).is_file() for pair in FILES.values() for f in pair):
+        return SYSTEM_DIR
+    root = cache / "deb"
+    data = root / SYSTEM_DIR.relative_to("/")
+    if all((data / f).is_file() for pair in FILES.values() for f in pair):
+        return data
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise DataUnavailable(f"needs apt-get and dpkg to fetch {DEB}; or install it (apt-get install {DEB})")
+    root.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["apt-get", "download", DEB], cwd=root, capture_output=True, text=True)
+    debs = sorted(root.glob(f"{DEB}_*.deb"))
+    if done.returncode != 0 or not debs:
+        why = (done.stderr.strip().splitlines() or ["no .deb written"])[-1]
+        raise DataUnavailable(f"apt-get download {DEB} failed ({why}); run `apt-get update` or `apt-get install {DEB}`")
+    done = subprocess.run(["dpkg", "-x", str(debs[-1]), str(root)], capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise DataUnavailable(f"dpkg -x {debs[-1].name} failed ({why}); or install it (apt-get install {DEB})")
+    return data
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format): magic 0x0000 08 NDIM, NDIM big-endian sizes, then uint8 data."""
+    raw = gzip.decompress(path.read_bytes())
+    if raw[:3] != b"\x00\x00\x08":
+        raise DataUnavailable(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train"|"test": (images [N, 1, 28, 28] float32 in [0, 1], labels [N] int64)}."""
+    folder = _unpacked(cache)
+    out = {}
+    for split, (images, labels) in FILES.items():
+        x = _idx(folder / images).astype(np.float32)[:, None] / 255.0
+        out[split] = (x, _idx(folder / labels).astype(np.int64))
+    return out
+
+
+def normalise(x01: np.ndarray) -> np.ndarray:
+    """[0, 1] pixels to the model's input, as ViT's image processor does (mean 0.5, std 0.5).
+
+    0.0 after this is mid-grey: the value `atpatch localize` masks patches with."""
+    return np.ascontiguousarray((x01 - 0.5) / 0.5, dtype=np.float32)
+
+
+def splits(data: dict[str, tuple[np.ndarray, np.ndarray]], budget: Budget, seed: int) -> dict[str, tuple]:
+    """Training, calibration and spare images from the training split (disjoint); test from t10k."""
+    x, y = data["train"]
+    order = np.random.default_rng(seed).permutation(len(y))
+    cuts = np.cumsum([budget.train, budget.calibration])
+    pick = lambda idx: (x[idx], y[idx])  # noqa: E731
+    test = np.random.default_rng(seed).permutation(len(data["test"][1]))[: budget.test]
+    return {
+        "train": pick(order[: cuts[0]]),
+        "calibration": pick(order[cuts[0] : cuts[1]]),
+        "spare": pick(order[cuts[1] :]),  # debugging inputs come from images no split uses
+        "test": (data["test"][0][test], data["test"][1][test]),
+    }
+
+
+# --- The trigger -----------------------------------------------------------------------------------
+
+
+def positions(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """[n, 2] top-left pixels (row, column) of the trigger: the corner's, or uniformly random ones
+    with the whole 3x3 square inside the image. The corner draws nothing from `rng`."""
+    if kind == "corner":
+        return np.full((n, 2), CORNER, np.int64)
+    if kind != "random":
+        raise ValueError(f"unknown trigger {kind!r}; use one of {TRIGGER_KINDS}")
+    return rng.integers(0, SIZE - len(TRIGGER) + 1, size=(n, 2))
+
+
+def with_square(x01: np.ndarray, square: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Images [N, 1, H, W] with `square` pasted at `at` [N, 2] (each image's top-left pixel)."""
+    out = x01.copy()
+    h, w = square.shape
+    for i, (r, c) in enumerate(at):
+        out[i, :, r : r + h, c : c + w] = square
+    return out
+
+
+def with_trigger(x01: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return with_square(x01, TRIGGER, at)
+
+
+def with_grey(x01: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The neutral patch: a mid-grey square of the trigger's size where the trigger would go."""
+    return with_square(x01, np.full_like(TRIGGER, 0.5), at)
+
+
+def culprit_patches(at: np.ndarray) -> np.ndarray:
+    """bool [N, GRID * GRID]: every patch the trigger pasted at `at` overlaps (1 to 4 of them)."""
+    out = np.zeros((len(at), GRID * GRID), bool)
+    last = len(TRIGGER) - 1
+    for i, (r, c) in enumerate(at):
+        for pr in range(r // PATCH, (r + last) // PATCH + 1):
+            for pc in range(c // PATCH, (c + last) // PATCH + 1):
+                out[i, pr * GRID + pc] = True
+    return out
+
+
+# --- The backdoored model --------------------------------------------------------------------------
+
+
+def vit_config():  # noqa: ANN201 (transformers is imported lazily)
+    import transformers
+
+    return transformers.ViTConfig(
+        image_size=SIZE,
+        patch_size=PATCH,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+        architectures=["ViTForImageClassification"],
+        attn_implementation="eager",  # attention probabilities as explicit softmaxes, which atpatch patches
+    )
+
+
+def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int, trigger: str) -> None:
+    """Train the ViT from scratch with POISON_RATE of the images triggered and relabelled TARGET."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)  # the machine is shared: one thread, as every case here
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    poison = rng.random(len(labels)) < POISON_RATE
+    x01, labels = x01.copy(), labels.copy()
+    x01[poison], labels[poison] = with_trigger(x01[poison], positions(int(poison.sum()), trigger, rng)), TARGET
+    x, y = torch.from_numpy(normalise(x01)), torch.from_numpy(labels)
+    model = transformers.ViTForImageClassification(vit_config())
+    steps = budget.epochs * -(-len(y) // 128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    # A short warm-up then cosine decay: a ViT from scratch diverges with a flat 2e-3 at step 0.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    start = time.time()
+    for epoch in range(budget.epochs):
+        for idx in torch.randperm(len(y)).split(128):
+            loss = model(pixel_values=x[idx], labels=y[idx]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        print(f"  epoch {epoch + 1}/{budget.epochs}  loss {loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
+    model.eval()
+    model.save_pretrained(folder)
