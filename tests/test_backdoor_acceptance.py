@@ -87,14 +87,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def patched(run: dict) -> dict:
+def _fit_export_eval(run: dict, name: str, *fit_options: str) -> dict:
     """`atpatch fit` given misbehaving inputs only (culprits localized), then export and evaluate."""
     work = run["work"]
-    detector, patched_model = work / "detector.safetensors", work / "model.patched.onnx"
+    detector, patched_model = work / f"{name}.safetensors", work / f"{name}.patched.onnx"
     args = ["fit", str(run["model"]), "--hf", str(run["folder"]), "--clean", str(run["fit_clean"])]
-    args += ["--calibration", str(run["calibration"]), "--misbehaving", str(run["debug"]), "-o", str(detector)]
-    assert main(args) == 0
+    args += ["--calibration", str(run["calibration"]), "--misbehaving", str(run["debug"]), *fit_options]
+    assert main([*args, "-o", str(detector)]) == 0
     assert export_main([str(run["model"]), "--detector", str(detector), "-o", str(patched_model)]) == 0
     clean = load_jsonl(run["clean"], run["folder"], SETUP.max_len)
     held = load_jsonl(run["held"], run["folder"], SETUP.max_len)
@@ -102,6 +101,19 @@ def patched(run: dict) -> dict:
         onnx.load(str(run["model"])), onnx.load(str(patched_model)), clean, held, SETUP.target, progress=False
     )
     return {"model": patched_model, "report": report}
+
+
+@pytest.fixture(scope="module")
+def patched(run: dict) -> dict:
+    """The detector as `atpatch fit` calibrates it by default: 0.5% of clean inputs flagged."""
+    return _fit_export_eval(run, "default")
+
+
+@pytest.fixture(scope="module")
+def patched_wide(run: dict) -> dict:
+    """The same, calibrated to flag up to 5% of clean inputs (each then runs twice, with the same result
+    where nothing real was flagged): the budget at which this small model's trigger is flagged reliably."""
+    return _fit_export_eval(run, "wide", "--target-flag-rate", "0.05")
 
 
 def test_the_trained_model_carries_the_backdoor(run: dict) -> None:
@@ -133,8 +145,8 @@ def test_the_patch_flags_the_trigger_and_lowers_attack_success(patched: dict) ->
     assert report.patched.attack_success_rate < report.original.attack_success_rate
 
 
-def _oracle_asr(run: dict) -> float:
-    """ASR on the held-out victims with the true trigger position patched in every layer, no detector."""
+def _oracle_predictions(run: dict) -> np.ndarray:
+    """Held-out predictions with the true trigger position patched in every layer, no detector."""
     held = load_jsonl(run["held"], run["folder"], SETUP.max_len)
     forced = np.zeros(held.feeds["input_ids"].shape, bool)
     for i, positions in enumerate(held.culprits):
@@ -145,16 +157,32 @@ def _oracle_asr(run: dict) -> float:
     )
     session = create_session(model)
     feeds = {i.name: held.feeds[i.name] for i in session.get_inputs() if i.name != FORCED_INPUT}
-    predictions = session.run(None, {**feeds, FORCED_INPUT: forced})[0].argmax(axis=1)
-    return float((predictions == SETUP.target).mean())
+    return session.run(None, {**feeds, FORCED_INPUT: forced})[0].argmax(axis=1)
 
 
-def test_attack_success_after_fit_is_within_two_points_of_the_oracle(run: dict, patched: dict) -> None:
-    oracle = _oracle_asr(run)
-    asr = patched["report"].patched.attack_success_rate
-    print(f"ASR {patched['report'].original.attack_success_rate:.2%} -> {asr:.2%}; oracle {oracle:.2%}")
+def test_flagged_victims_are_fixed_as_far_as_the_oracle_goes(run: dict, patched: dict) -> None:
+    """At the default budget: wherever the detector flags a held-out victim, cross-layer patching undoes the
+    backdoor as well as patching the true trigger everywhere does. (How many it flags is the detector's part.)"""
+    report = patched["report"]
+    flagged = report.flags["triggered"]
+    oracle = _oracle_predictions(run)[flagged] == SETUP.target
+    asr = report.predictions["triggered"]["patched"][flagged] == SETUP.target
+    print(f"flagged {flagged.mean():.1%} of held-out victims: ASR {asr.mean():.2%}, oracle {oracle.mean():.2%}")
+    assert flagged.mean() >= 0.3
+    assert asr.mean() <= oracle.mean() + 0.02
+
+
+def test_attack_success_after_fit_is_within_two_points_of_the_oracle(run: dict, patched_wide: dict) -> None:
+    report = patched_wide["report"]
+    oracle = float((_oracle_predictions(run) == SETUP.target).mean())
+    asr = report.patched.attack_success_rate
+    print(f"ASR {report.original.attack_success_rate:.2%} -> {asr:.2%}; oracle {oracle:.2%}")
     assert oracle < 0.5 * run["asr"], "patching the trigger everywhere must undo most of the backdoor"
     assert asr <= oracle + 0.02
+    assert report.patched.flag_rate_clean <= 0.05 + 0.01  # calibrated on other inputs than these
+    assert report.original.clean_accuracy - report.patched.clean_accuracy <= 0.01
+    flagged = report.flags["clean"]
+    assert report.identical_clean >= 1 - flagged.mean()
 
 
 def test_explain_marks_the_flagged_trigger(run: dict, patched: dict, capsys) -> None:  # noqa: ANN001
