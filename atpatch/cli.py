@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -189,7 +190,17 @@ def _doctor(args: argparse.Namespace) -> str:
     return report()
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the job is so that its atomic writers remove their temporary files."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _run(prog: str, job: Callable[[argparse.Namespace], str], args: argparse.Namespace) -> int:
+    # Python's default for SIGTERM ends the process on the spot, leaving a half-written temp file.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         print(job(args))
     except AtPatchError as err:
@@ -198,11 +209,16 @@ def _run(prog: str, job: Callable[[argparse.Namespace], str], args: argparse.Nam
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{prog}: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader (e.g. `| head`) closed early: the job's files are written; say nothing more,
         # and keep Python's exit-time flush from raising the same error again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "save_model",
+    "staging_folder",
 ]
 
 # protobuf cannot serialise a single message past 2 GiB; above this, weights go to a side file.
@@ -145,20 +147,84 @@ def check_output_path(output: str | Path, *inputs: str | Path | None) -> Path:
         raise AtPatchError(f"output folder {out.parent} does not exist; create it or choose another -o path")
     if out.is_dir():
         raise AtPatchError(f"output {out} is a folder; pass a file path such as {out / 'model.onnx'}")
+    check_writable(out.parent)
     return out
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder this process cannot create files in, before any long job runs."""
+    # access() also says no on a read-only mount; root passes it elsewhere, so writes catch the rest.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AtPatchError(f"cannot write to folder {folder} (read-only or not yours); choose another output folder")
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where it is listed, since os.umask can only read it by setting it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_as_open_gives(path: str | Path, *, folder: bool = False) -> None:
+    """mkstemp and mkdtemp make private (0600/0700) files; what atpatch writes is for others to serve
+    (e.g. a server running as another user), so give it the mode open() and mkdir() would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _write_failed(path: Path, err: OSError) -> AtPatchError:
+    reason = err.strerror or str(err) or type(err).__name__
+    return AtPatchError(f"could not write {path} ({reason}); nothing was written: choose another folder or free space")
 
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+
+    This is the one place atpatch writes files: the result gets the mode open() would give, and a
+    write that fails (read-only folder, full disk) is an AtPatchError with nothing left behind.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_failed(path, err) from err
     os.close(fd)
     try:
         yield Path(tmp)
+        # After the block: writers such as safetensors' replace the file rather than fill it.
+        _mode_as_open_gives(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _write_failed(path, err) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A new folder beside `target` to write several files in before moving them (or it) into place;
+    removed on the way out unless it was moved. Same modes and errors as `atomic_output`."""
+    target = Path(target)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:
+        raise _write_failed(target, err) from err
+    try:
+        _mode_as_open_gives(staging, folder=True)
+        yield staging
+    except OSError as err:
+        raise _write_failed(target, err) from err
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def save_model(
@@ -184,12 +250,12 @@ def save_model(
     if on_disk:
         _refuse_overwriting_sources(on_disk, Path(base_dir), path.parent / data_name)  # type: ignore[arg-type]
     # Both files are written in a private folder beside the target, then moved into place.
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
+    with staging_folder(path) as staging:
+        staged = staging / path.name
         _save_with_side_file(model, Path(base_dir or "."), staged, data_name)
         if check:
             onnx.checker.check_model(str(staged), full_check=True)
-        os.replace(Path(staging) / data_name, path.parent / data_name)
+        os.replace(staging / data_name, path.parent / data_name)
         os.replace(staged, path)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,7 +25,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import AtPatchError
-from ..modelio import save_model
+from ..modelio import check_writable, save_model, staging_folder
 from ..runtime import native
 
 __all__ = [
@@ -168,6 +167,7 @@ def check_target(root: Path, name: str, mount: str | None = None) -> None:
         )
     if not root.parent.resolve().is_dir():
         raise AtPatchError(f"the folder {root.parent} does not exist; create it or choose another --triton folder")
+    check_writable(root.parent)
 
 
 def write_repository(
@@ -193,8 +193,7 @@ def write_repository(
     if library is not None:
         registered = str(PurePosixPath(mount or final_root.as_posix()) / name / library.name)
     config = config_text(model, name, registered)  # before the model is written: it can refuse the graph
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=final_root.parent))
-    try:
+    with staging_folder(final_root) as staging:
         model_dir = staging / name
         (model_dir / _VERSION).mkdir(parents=True)
         save_model(model, model_dir / _VERSION / MODEL_FILENAME, base_dir=base_dir, check=check)
@@ -203,7 +202,4 @@ def write_repository(
         (model_dir / "config.pbtxt").write_text(config)
         # Replaces an empty folder too (POSIX rename), so the repository appears whole or not at all.
         os.replace(staging, final_root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return TritonRepository(root, name, registered, library_note if library is None else "")
