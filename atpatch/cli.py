@@ -28,12 +28,31 @@ Without --detector the patch flags nothing (a pass-through): outputs equal the o
 """
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default (flags and options without one excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        # `is`, not `in`: 0 == False, and an option defaulting to 0 has a default to show.
+        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or "default" in text:
+            return text
+        if not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", type=Path, help="ONNX model to patch (or use --hf)")
     parser.add_argument("--hf", type=Path, metavar="DIR", help="Hugging Face model folder to export (offline)")
     parser.add_argument("-o", "--output", type=Path, help="where to write the ONNX model (give -o, --triton, or both)")
     parser.add_argument("--detector", type=Path, metavar="FILE", help="detector weights (.safetensors)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset for --hf exports (default 17; 17..18 tested)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        help="ONNX opset for --hf exports (default 17; 17..18 tested; atpatch patches 15..26)",
+    )
     parser.add_argument("--dynamo", action="store_true", help="use torch's dynamo exporter for --hf (slower)")
     parser.add_argument(
         "--with-past",
@@ -115,6 +134,7 @@ def _fit(args: argparse.Namespace) -> str:
         args.calibration,
         args.target_flag_rate,
         args.budget,
+        args.culprits,
     )
 
 
@@ -144,26 +164,39 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
     hf_help = "the model's Hugging Face folder (tokenizer, label names)"
     data_help = "text as .jsonl (text, label, optional expected/culprit) or images as .npz"
 
-    localize = commands.add_parser("localize", help="find the input positions that make inputs misbehave")
+    localize = commands.add_parser(
+        "localize", help="find the input positions that make inputs misbehave", formatter_class=_Help
+    )
     localize.add_argument("model", type=Path, help="the (unpatched) ONNX model")
     localize.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
     localize.add_argument("--data", type=Path, required=True, help=f"misbehaving inputs: {data_help}")
-    localize.add_argument("-o", "--output", type=Path, required=True, help="culprits, one JSON line per input")
-    localize.add_argument("--budget", type=int, default=64, help="model calls per input (default 64)")
+    localize.add_argument(
+        "-o", "--output", type=Path, required=True, help="culprits, one JSON line per input (fit --culprits reads it)"
+    )
+    localize.add_argument("--budget", type=int, default=64, help="model calls per input")
     localize.set_defaults(job=_localize)
 
-    fit = commands.add_parser("fit", help="fit the over-attention detector from a debugging set")
+    fit = commands.add_parser("fit", help="fit the over-attention detector from a debugging set", formatter_class=_Help)
     fit.add_argument("model", type=Path, help="the (unpatched) ONNX model")
     fit.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
     fit.add_argument("--clean", type=Path, required=True, help=f"clean inputs: {data_help}")
     fit.add_argument("--misbehaving", type=Path, help="inputs the model gets wrong; culprits localized if not given")
+    fit.add_argument(
+        "--culprits",
+        type=Path,
+        help="atpatch localize's output for --misbehaving: its culprits are used, not localized again",
+    )
     fit.add_argument("--calibration", type=Path, help="held-out clean inputs (default: half of --clean)")
-    fit.add_argument("--target-flag-rate", type=float, default=0.005, help="clean inputs with any flag (0.005)")
+    fit.add_argument(
+        "--target-flag-rate", type=float, default=0.005, help="share of unseen clean inputs allowed any flag"
+    )
     fit.add_argument("--budget", type=int, default=64, help="model calls per input for localization")
     fit.add_argument("-o", "--output", type=Path, required=True, help="detector file (.safetensors)")
     fit.set_defaults(job=_fit)
 
-    ev = commands.add_parser("eval", help="original vs patched: ASR, clean accuracy, flag rates, fairness")
+    ev = commands.add_parser(
+        "eval", help="original vs patched: ASR, clean accuracy, flag rates, fairness", formatter_class=_Help
+    )
     ev.add_argument("original", type=Path)
     ev.add_argument("patched", type=Path)
     ev.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
@@ -175,11 +208,13 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
     ev.add_argument("--json", type=Path, help="also write the report as JSON")
     ev.set_defaults(job=_eval)
 
-    ex = commands.add_parser("explain", help="PNG of one input's attention maps before/after patching")
+    ex = commands.add_parser(
+        "explain", help="PNG of one input's attention maps before/after patching", formatter_class=_Help
+    )
     ex.add_argument("patched", type=Path)
     ex.add_argument("--hf", type=Path, required=True, metavar="DIR", help=hf_help)
     ex.add_argument("--data", type=Path, required=True, help=data_help)
-    ex.add_argument("--index", type=int, default=0, help="which input (default 0)")
+    ex.add_argument("--index", type=int, default=0, help="which input")
     ex.add_argument("-o", "--output", type=Path, required=True, help="PNG file")
     ex.set_defaults(job=_explain)
 
@@ -223,9 +258,7 @@ def _run(prog: str, job: Callable[[argparse.Namespace], str], args: argparse.Nam
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="atpatch-export", description=_EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="atpatch-export", description=_EXPORT_HELP, formatter_class=_Help)
     _add_export_arguments(parser)
     return _run("atpatch-export", _export, parser.parse_args(argv))
 
@@ -237,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export",
         help="write a patched ONNX model (same as atpatch-export)",
         description=_EXPORT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     _add_export_arguments(export)
     export.set_defaults(job=_export)

@@ -149,21 +149,27 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
 def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise AtPatchError(f"{path} does not exist or is not a file; pass a JSONL file with one example per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AtPatchError(
+            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); re-save it as UTF-8 JSONL"
+        ) from err
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines, e.g. a trailing newline, are not examples
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AtPatchError(
-                    f"{path} line {number}: invalid JSON ({err.msg} at column {err.colno}); "
-                    f'each line must be one object like {{"text": "...", "label": 0}}'
-                ) from err
-            if not isinstance(record, dict):
-                raise AtPatchError(f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}')
-            records.append((number, record))
+    # "\n" only: JSON strings may hold raw U+2028 and the like, which str.splitlines would split on.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines, e.g. a trailing newline, are not examples
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AtPatchError(
+                f"{path} line {number}: invalid JSON ({err.msg} at column {err.colno}); "
+                f'each line must be one object like {{"text": "...", "label": 0}}'
+            ) from err
+        if not isinstance(record, dict):
+            raise AtPatchError(f'{path} line {number}: expected a JSON object like {{"text": "...", "label": 0}}')
+        records.append((number, record))
     if not records:
         raise AtPatchError(f'{path} has no examples; write one JSON object per line: {{"text": "...", "label": 0}}')
     return records

@@ -20,7 +20,7 @@ import onnx
 from .data import Dataset
 from .errors import AtPatchError
 
-__all__ = ["EvalReport", "ModelMetrics", "evaluate"]
+__all__ = ["EvalReport", "ModelMetrics", "check_pair", "evaluate"]
 
 POSITIVE = 1  # the favourable label for the demographic-parity gap
 
@@ -197,6 +197,27 @@ def _check_aligned(name: str, data: Dataset | np.ndarray, clean: Dataset) -> Non
         )
 
 
+def check_pair(original: onnx.ModelProto, patched: onnx.ModelProto) -> None:
+    """Refuse a pair that is not an original and a patch of it: the figures would compare two models."""
+    from .detector.probe import patch_nodes, read_detector
+    from .modelio import model_fingerprint
+
+    try:
+        read_detector(patched)  # a patched model of this op version, or a clear error
+    except ValueError as err:
+        raise AtPatchError(
+            "the patched model carries no AtPatch node; patch the original with atpatch-export and pass its output"
+        ) from err
+    if patch_nodes(original):
+        raise AtPatchError("the original model is itself patched; pass the unpatched model first, the patched second")
+    source = next((p.value for p in patched.metadata_props if p.key == "atpatch.source_fingerprint"), None)
+    if source is not None and source != (fingerprint := model_fingerprint(original)):
+        raise AtPatchError(
+            f"the patched model was patched from another model (fingerprint {source}), not this original "
+            f"({fingerprint}); pass the model it was patched from, or patch this one with atpatch-export"
+        )
+
+
 def evaluate(
     original: onnx.ModelProto,
     patched: onnx.ModelProto,
@@ -214,7 +235,7 @@ def evaluate(
     inputs whose true label is not the target. `counterfactual` and `group` are aligned row by
     row with `clean`; `group` is 0/1 per row (positive outcome = label 1).
     """
-    from .detector.probe import AttentionProbe, read_detector
+    from .detector.probe import AttentionProbe
     from .runtime import create_session
 
     if len(clean) == 0:
@@ -232,12 +253,7 @@ def evaluate(
         _check_aligned("group", group, clean)
         if not np.isin(group, (0, 1)).all() or len(np.unique(group)) < 2:
             raise AtPatchError("group must be 0/1 per clean input with both groups present; fix the group column")
-    try:
-        read_detector(patched)  # a patched model of this op version, or a clear error
-    except ValueError as err:
-        raise AtPatchError(
-            f"the patched model carries no AtPatch node; patch it first with atpatch-export ({err})"
-        ) from err
+    check_pair(original, patched)
 
     given = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
     sets: dict[str, Dataset] = {k: v for k, v in given.items() if v is not None and len(v) > 0}

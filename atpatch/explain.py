@@ -19,7 +19,7 @@ import onnx
 from .data import Dataset
 from .errors import AtPatchError
 
-__all__ = ["ExplainReport", "explain", "unpatched"]
+__all__ = ["ExplainReport", "check_patched", "explain", "unpatched"]
 
 _FLAG_COLOUR = "#d62728"
 _ELSEWHERE_COLOUR = "#ff7f0e"  # patched here because another layer flagged it
@@ -70,6 +70,18 @@ def _position_names(dataset: Dataset, index: int, length: int) -> list[str]:
     return ["[CLS]"] + [f"patch {p}" for p in range(length - 1)]
 
 
+def check_patched(model: onnx.ModelProto) -> None:
+    """Refuse a model without AtPatch nodes (or of another op version), saying what to pass."""
+    from .detector.probe import read_detector
+
+    try:
+        read_detector(model)
+    except ValueError as err:
+        raise AtPatchError(
+            "the model carries no AtPatch node; explain needs the patched model that atpatch-export writes"
+        ) from err
+
+
 def explain(
     patched: onnx.ModelProto,
     dataset: Dataset,
@@ -81,7 +93,7 @@ def explain(
 
     `layers` picks the layers to draw (default: all); the report lists flags of every layer.
     """
-    from .detector.probe import AttentionProbe, read_detector
+    from .detector.probe import AttentionProbe
     from .modelio import atomic_output
     from .runtime import create_session
 
@@ -98,10 +110,7 @@ def explain(
         raise AtPatchError(f"{out_png} does not end in .png; pass a PNG path such as explain.png")
     if not out_png.parent.resolve().is_dir():
         raise AtPatchError(f"folder {out_png.parent} does not exist; create it or choose another output path")
-    try:
-        read_detector(patched)  # a patched model of this op version, or a clear error
-    except ValueError as err:
-        raise AtPatchError(f"the model carries no AtPatch node; explain needs the patched model ({err})") from err
+    check_patched(patched)
 
     one = dataset.subset([index])
     probe = AttentionProbe(patched)

@@ -11,6 +11,7 @@ import onnx
 from .detector import Detector
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
+from .ops import spec
 from .rewrite import AttentionSite, patch_model
 from .rewrite.crosslayer import add_cross_layer
 from .rewrite.optimize import FusionReport, fuse_for_ort
@@ -48,6 +49,11 @@ class ExportOptions:
         if self.model is not None and (self.dynamo or self.opset != 17 or self.attention != "eager"):
             raise AtPatchError(
                 "--dynamo, --opset and --attention apply to --hf exports only; an ONNX file keeps its own"
+            )
+        if self.hf is not None and not spec.MIN_OPSET <= self.opset <= spec.MAX_OPSET:
+            raise AtPatchError(
+                f"--opset {self.opset} is outside {spec.MIN_OPSET}..{spec.MAX_OPSET}, the opsets atpatch patches; "
+                f"use 17 (the default) or 18"
             )
         if self.model is not None and self.with_past:
             raise AtPatchError("--with-past applies to --hf exports only; an ONNX file keeps its inputs")

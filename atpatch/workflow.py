@@ -7,12 +7,13 @@ text to print.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
+from .culprits import read_culprits, write_culprits
 from .data import Dataset, load_jsonl, load_npz
 from .detector import Detector
 from .errors import AtPatchError
@@ -30,11 +31,47 @@ def load_data(path: Path, model_dir: Path, max_len: int | None = None) -> Datase
     raise AtPatchError(f"{path}: unknown data format {path.suffix!r}; give text as .jsonl or images as .npz")
 
 
+def _check_budget(budget: int) -> None:
+    if budget < 1:
+        raise AtPatchError(f"--budget {budget} must be at least 1 model call per input, e.g. 64 (the default)")
+
+
+def _check_unpatched(model: onnx.ModelProto, path: Path) -> None:
+    """Localize and fit read the original model's attention: a patched one would be fitted for itself,
+    and every later export refuses a detector fitted for a patched model."""
+    from .detector.probe import patch_nodes
+
+    if patch_nodes(model):
+        raise AtPatchError(
+            f"{path} is already patched (it has AtPatch nodes); give the original model, the one atpatch-export patched"
+        )
+
+
+def _check_feeds(model: onnx.ModelProto, data: Dataset, path: Path) -> None:
+    """Refuse data that cannot feed the model (e.g. images for a text model) before any work."""
+    initializers = {t.name for t in model.graph.initializer}
+    needed = [i.name for i in model.graph.input if i.name not in initializers]
+    missing = [n for n in needed if n not in data.feeds]
+    if missing:
+        raise AtPatchError(
+            f"{path} gives {', '.join(data.feeds)} but the model takes {', '.join(needed)}; give the data the "
+            f"model reads (text as .jsonl, images as .npz)"
+        )
+
+
+def _load_for(model: onnx.ModelProto, path: Path, model_dir: Path) -> Dataset:
+    data = load_data(path, model_dir)
+    _check_feeds(model, data, path)
+    return data
+
+
 def _localized(model, data: Dataset, budget: int) -> tuple[Dataset, list]:  # noqa: ANN001
     """`data` with every unknown culprit set filled in by localization; the localizations too."""
     from .detector.localize import localize
 
     unknown = [i for i, c in enumerate(data.culprits) if c is None]
+    if not unknown:
+        return data, []
     found = localize(
         model,
         data.subset(unknown).feeds,
@@ -49,24 +86,14 @@ def _localized(model, data: Dataset, budget: int) -> tuple[Dataset, list]:  # no
 
 
 def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Path, budget: int = 64) -> str:
+    _check_budget(budget)
     out = check_output_path(output, model_path, data_path)
     model = load_model(model_path)
-    data = load_data(data_path, model_dir)
+    _check_unpatched(model, model_path)
+    data = _load_for(model, data_path, model_dir)
     blank = Dataset(data.feeds, data.labels, [None] * len(data), data.tokens, data.label_names)
     _, found = _localized(model, blank, budget)
-    with atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for r in found:
-            tokens = [data.tokens[r.index][p] for p in r.positions] if data.tokens else None
-            row = {
-                "index": r.index,
-                "positions": r.positions,
-                "tokens": tokens,
-                "restored": r.restored,
-                "method": r.method,
-                "calls": r.calls,
-                "evidence": r.evidence,
-            }
-            f.write(json.dumps(row) + "\n")
+    write_culprits(out, found, data, data_path)
     wrong = [r for r in found if r.method != "already-correct"]
     restored = sum(r.restored for r in wrong)
     return (
@@ -133,6 +160,7 @@ def run_fit(
     calibration_path: Path | None = None,
     target_flag_rate: float = 0.005,
     budget: int = 64,
+    culprits_path: Path | None = None,
 ) -> str:
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
     misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more."""
@@ -143,11 +171,19 @@ def run_fit(
 
     if not 0 < target_flag_rate < 1:
         raise AtPatchError(f"--target-flag-rate {target_flag_rate} must be between 0 and 1, e.g. 0.005")
-    out = check_output_path(output, model_path, clean_path, misbehaving_path, calibration_path)
+    _check_budget(budget)
+    if culprits_path is not None and misbehaving_path is None:
+        raise AtPatchError("--culprits lists culprits of the --misbehaving inputs; add --misbehaving FILE")
+    out = check_output_path(output, model_path, clean_path, misbehaving_path, calibration_path, culprits_path)
     model = load_model(model_path)
-    clean = load_data(clean_path, model_dir)
+    _check_unpatched(model, model_path)
+    clean = _load_for(model, clean_path, model_dir)
+    misbehaving = None if misbehaving_path is None else _load_for(model, misbehaving_path, model_dir)
+    if misbehaving is not None and culprits_path is not None:
+        assert misbehaving_path is not None
+        misbehaving = read_culprits(culprits_path, misbehaving_path, misbehaving)
     if calibration_path is not None:
-        calibration = load_data(calibration_path, model_dir)
+        calibration = _load_for(model, calibration_path, model_dir)
     else:  # hold out half of the clean inputs to calibrate on
         order = np.random.default_rng(0).permutation(len(clean))
         clean, calibration = clean.subset(order[: len(order) // 2]), clean.subset(order[len(order) // 2 :])
@@ -157,10 +193,10 @@ def run_fit(
     clean_columns = collect_columns(probe, clean.feeds)
     calibration_columns = collect_columns(probe, calibration.feeds)
     bad, bad_columns = None, None
-    if misbehaving_path is None:
+    if misbehaving is None:
         kind, trained, train = "one-class", fit_one_class(clean_columns), clean_columns
     else:
-        bad, _ = _localized(model, load_data(misbehaving_path, model_dir), budget)
+        bad, _ = _localized(model, misbehaving, budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
         if not train.positive.any():
@@ -225,8 +261,11 @@ def run_eval(
     json_path: Path | None = None,
 ) -> str:
     from .data import load_groups
-    from .evaluate import evaluate
+    from .evaluate import check_pair, evaluate
 
+    json_out = None if json_path is None else check_output_path(json_path, original_path, patched_path, clean_path)
+    original, patched = load_model(original_path), load_model(patched_path)
+    check_pair(original, patched)  # before the data, which takes longer to load
     clean = load_data(clean_path, model_dir)
     triggered = load_data(triggered_path, model_dir) if triggered_path else None
     target_id = None
@@ -234,13 +273,11 @@ def run_eval(
         target_id = int(target) if target.isdigit() else _label_index(target, clean.label_names)
     counterfactual = load_data(counterfactual_path, model_dir) if counterfactual_path else None
     group = load_groups(clean_path, group_field) if group_field else None
-    result = evaluate(
-        load_model(original_path), load_model(patched_path), clean, triggered, target_id, counterfactual, group
-    )
+    result = evaluate(original, patched, clean, triggered, target_id, counterfactual, group)
     text = result.to_markdown()
-    if json_path is not None:
-        result.to_json(check_output_path(json_path, original_path, patched_path, clean_path))
-        text += f"\nwrote {json_path}"
+    if json_out is not None:
+        result.to_json(json_out)
+        text += f"\nwrote {json_out}"
     return text
 
 
@@ -251,10 +288,12 @@ def _label_index(name: str, names: tuple[str, ...]) -> int:
 
 
 def run_explain(patched_path: Path, model_dir: Path, data_path: Path, index: int, output: Path) -> str:
-    from .explain import explain
+    from .explain import check_patched, explain
 
     out = check_output_path(output, patched_path, data_path)
+    patched = load_model(patched_path)
+    check_patched(patched)  # before the data, which takes longer to load
     data = load_data(data_path, model_dir)
     if not 0 <= index < len(data):
         raise AtPatchError(f"--index {index} is out of range: {data_path} has {len(data)} inputs")
-    return explain(load_model(patched_path), data, index, out).summary()
+    return explain(patched, data, index, out).summary()

@@ -100,3 +100,36 @@ def test_a_detector_fitted_on_another_model_is_refused(setup: dict[str, Path], t
     assert code == 1
     assert "was fitted for model" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_localize_writes_the_culprits_fit_reads(setup: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    from atpatch.data import load_jsonl
+    from atpatch.detector import localize as localize_module
+    from atpatch.runtime import create_session
+
+    # Labels opposite to the model's predictions: every input misbehaves, as a user's would.
+    texts = sentences(16, np.random.default_rng())
+    data = load_jsonl(save_jsonl(tmp_path / "any.jsonl", [{"text": t, "label": 0} for t in texts]), setup["hf"])
+    session = create_session(setup["model"])
+    predicted = session.run(None, {i.name: data.feeds[i.name] for i in session.get_inputs()})[0].argmax(1)
+    wrong = save_jsonl(
+        tmp_path / "wrong.jsonl", [{"text": t, "label": int(1 - p)} for t, p in zip(texts, predicted, strict=True)]
+    )
+
+    culprits = tmp_path / "culprits.jsonl"
+    args = ["localize", str(setup["model"]), "--hf", str(setup["hf"]), "--data", str(wrong), "-o", str(culprits)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in culprits.read_text().splitlines()]
+    found = sum(len(r["positions"]) for r in rows if r["restored"])
+    assert found, "localize restored none of 16 misbehaving inputs"
+
+    def no_second_localization(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("fit localized again although it was given localize's output")
+
+    monkeypatch.setattr(localize_module, "localize", no_second_localization)
+    capsys.readouterr()
+    fit = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"])]
+    fit += ["--misbehaving", str(wrong), "--culprits", str(culprits), "-o", str(tmp_path / "det.safetensors")]
+    assert main(fit) == 0
+    assert f"({found} culprit and " in capsys.readouterr().out
+    assert Detector.load(tmp_path / "det.safetensors").kind == "supervised"

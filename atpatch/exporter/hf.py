@@ -202,6 +202,13 @@ def export_hf(
     # validation below checks for real on a different batch size and length.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_model = _to_onnx(wrapper, args, family, output, opset, dynamo)
+        try:
+            onnx_model = _to_onnx(wrapper, args, family, output, opset, dynamo)
+        except Exception as err:  # noqa: BLE001 - torch.onnx raises many types; the user needs one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AtPatchError(
+                f"torch.onnx could not export {family.name} at opset {opset} ({first}); use --opset 17 (the default) "
+                f"or 18{'' if dynamo else ', or --dynamo'}"
+            ) from err
     diffs = validate(model, onnx_model, family, output, seed=seed + 1)
     return ExportResult(onnx_model, family, diffs, Path(folder), model.config)
