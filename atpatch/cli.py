@@ -111,9 +111,9 @@ def _export(args: argparse.Namespace) -> str:
 
 
 def _demo(args: argparse.Namespace) -> str:
-    from .jobs import run_demo
+    from .demo import run_demo
 
-    return run_demo(args.dir)
+    return run_demo(args.dir).summary()
 
 
 def _localize(args: argparse.Namespace) -> str:
@@ -274,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_export_arguments(export)
     export.set_defaults(job=_export)
-    demo = commands.add_parser("demo", help="export and patch a tiny random BERT, and run both")
+    demo = commands.add_parser(
+        "demo",
+        help="hot-fix a backdoored ViT on real digits: localize, fit, export, eval, explain (about a minute)",
+        formatter_class=_Help,
+    )
     demo.add_argument("--dir", type=Path, default=Path("atpatch-demo"), help="folder for the demo's files")
     demo.set_defaults(job=_demo)
     doctor = commands.add_parser("doctor", help="versions, providers, and whether the native kernel loads")

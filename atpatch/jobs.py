@@ -1,11 +1,10 @@
-"""The jobs behind the command line: export and patch a model, and the built-in demo."""
+"""The export job behind `atpatch-export`: export or load a model, patch it, and write it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .detector import Detector
@@ -17,7 +16,7 @@ from .rewrite.crosslayer import add_cross_layer
 from .rewrite.optimize import FusionReport, fuse_for_ort
 from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
-__all__ = ["ExportOptions", "ExportReport", "run_demo", "run_export"]
+__all__ = ["ExportOptions", "ExportReport", "run_export"]
 
 
 @dataclass(frozen=True)
@@ -169,42 +168,3 @@ def run_export(options: ExportOptions) -> ExportReport:
             check=options.patch,
         )
     return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion)
-
-
-def run_demo(folder: Path) -> str:
-    """Make a tiny random BERT, export it, patch it, and show both run identically in onnxruntime."""
-    import transformers
-
-    from .exporter.families import family_for
-    from .runtime import create_session
-
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_dir = folder / "tiny-bert"
-    config = transformers.BertConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=2,  # type: ignore[call-arg]  # a PretrainedConfig keyword the stubs do not list
-        architectures=["BertForSequenceClassification"],
-    )
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.BertForSequenceClassification(config).save_pretrained(hf_dir)
-    plain = run_export(ExportOptions(output=folder / "tiny-bert.onnx", hf=hf_dir, patch=False))
-    patched = run_export(ExportOptions(output=folder / "tiny-bert.patched.onnx", model=plain.output))
-
-    inputs = family_for("bert").make_inputs(config, 4, 16, np.random.default_rng())
-    assert plain.output is not None and patched.output is not None  # set by run_export with `output` given
-    before = create_session(plain.output).run(None, inputs)[0]
-    after = create_session(patched.output).run(None, inputs)[0]
-    same = "bit-identical" if np.array_equal(before, after) else f"DIFFERENT (max {np.abs(before - after).max():.3g})"
-    return "\n".join(
-        [
-            f"tiny random BERT saved to {hf_dir}",
-            plain.summary(),
-            patched.summary(),
-            f"onnxruntime, 4 random inputs (one padded): original vs patched logits are {same}",
-        ]
-    )

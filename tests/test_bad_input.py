@@ -258,6 +258,8 @@ CASES: dict[str, tuple[str, str, str]] = {
         f"explain {{d}}/model.patched.onnx {HF} --data {{d}}/clean.jsonl -o {{out}}/w.jpg",
         ".png",
     ),
+    # atpatch demo
+    "demo: --dir is a file": (ATPATCH, "demo --dir {d}/clean.jsonl", "is a file"),
 }
 
 
@@ -336,5 +338,6 @@ def test_help_gives_every_option_its_default(tmp_path: Path) -> None:
     assert "share of unseen clean inputs allowed any flag (default: 0.005)" in fit
     assert "--budget BUDGET model calls per input (default: 64)" in help_of(ATPATCH, "localize")
     assert "--index INDEX which input (default: 0)" in help_of(ATPATCH, "explain")
+    assert "(default: atpatch-demo)" in help_of(ATPATCH, "demo")
     export = help_of(EXPORT)
     assert "(default 17;" in export and "(default eager;" in export

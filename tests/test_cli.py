@@ -127,17 +127,6 @@ def test_importing_atpatch_does_not_import_torch() -> None:
     assert result.stdout.split() == ["False", "False"]
 
 
-def test_the_readme_demo_exports_patches_and_runs_bit_identically(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    pytest.importorskip("transformers")
-    from atpatch.cli import main
-
-    assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "patched 4 attention layers (4 heads)" in out
-    assert "original vs patched logits are bit-identical" in out
-    assert (tmp_path / "demo" / "tiny-bert.patched.onnx").is_file()
-
-
 def test_a_reader_that_closes_early_gets_no_traceback() -> None:
     # `atpatch doctor | head -1`: the pipe closes before atpatch prints (python starts slower).
     child = subprocess.Popen(
