@@ -130,6 +130,11 @@ CASES: dict[str, tuple[str, str, str]] = {
     "export: --opset 5": (EXPORT, f"{HF} -o {{out}}/x.onnx --opset 5", "--opset 5 is outside"),
     "export: --opset 99": (EXPORT, f"{HF} -o {{out}}/x.onnx --opset 99", "--opset 99 is outside"),
     "export: --opset -1": (EXPORT, f"{HF} -o {{out}}/x.onnx --opset -1", "--opset -1 is outside"),
+    "export: --opset 26, past the TorchScript exporter": (
+        EXPORT,
+        f"{HF} -o {{out}}/x.onnx --opset 26",
+        "torch.onnx could not export",
+    ),
     "export: --opset 14": (EXPORT, f"{HF} -o {{out}}/x.onnx --opset 14", "--opset 14 is outside 15..26"),
     "export: --opset on an ONNX file": (EXPORT, f"{M} -o {{out}}/x.onnx --opset 18", "--hf exports only"),
     "export: --hf folder without config": (EXPORT, "--hf {d}/empty-hf -o {out}/x.onnx", "config.json"),
