@@ -110,6 +110,7 @@ def train_backdoored_vit(
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
