@@ -301,7 +301,8 @@ def main() -> None:
         report, patched = result["report"], result["patched"]
         agreement = casekit.native_vs_function(patched, clean.feeds)
         agreement_t = casekit.native_vs_function(patched, triggered.feeds)
-        speed = casekit.latency(model, patched, clean.feeds, triggered.feeds, rounds=1 if args.smoke else 200)
+        # A MiniLM batch of 32 takes ~0.1 s, not the ~1 ms where ratios needed 200 rounds against noise.
+        speed = casekit.latency(model, patched, clean.feeds, triggered.feeds, rounds=1 if args.smoke else 30)
         o, p, pl = report["original"], report["patched"], result["per_layer"]["patched"]
         same = agreement.differing_predictions + agreement_t.differing_predictions == 0
         agree = (
