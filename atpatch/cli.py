@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -235,7 +236,9 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def _run(prog: str, job: Callable[[argparse.Namespace], str], args: argparse.Namespace) -> int:
     # Python's default for SIGTERM ends the process on the spot, leaving a half-written temp file.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Only the main thread may set handlers: main() called from another thread keeps the default.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         print(job(args))
     except AtPatchError as err:
@@ -253,7 +256,8 @@ def _run(prog: str, job: Callable[[argparse.Namespace], str], args: argparse.Nam
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
