@@ -105,6 +105,21 @@ def with_flags(
     )
 
 
+def detector_flagging(
+    rng: np.random.Generator, attention: np.ndarray, how: str, draws: int = 50
+) -> reference.LayerDetector:
+    """A random detector that flags `how` columns of `attention`, redrawn while the draw cannot.
+
+    A small random detector can be dead on a map (every hidden unit's ReLU at 0, so every column
+    scores the same): no cut then separates "some" columns from the others.
+    """
+    for _ in range(draws):
+        d = with_flags(attention, random_detector(rng, attention.shape[1]), how, rng)
+        if d is not None:
+            return d
+    raise AssertionError(f"no random detector in {draws} draws flags {how!r} columns of a map {attention.shape}")
+
+
 # Op v1 (models patched before v2): every query row counted, and the first three features only.
 V1_FEATURES_PER_HEAD = 3
 

@@ -16,6 +16,7 @@ from maps import (
     FORCED_KINDS,
     MASKS,
     MASKS_V2,
+    detector_flagging,
     own_row_map,
     pad_batch_item,
     random_detector,
@@ -330,8 +331,7 @@ def test_output_in_place_of_a_softmax(rng: np.random.Generator) -> None:
         scores = rng.normal(size=shape).astype(np.float32) * 3
         scores[0, ..., shape[-1] // 2 :] = -np.inf  # padded keys (and so padding queries) in item 0
         attention = softmax.run(None, {"scores": scores})[0]
-        d = with_flags(attention, random_detector(rng, shape[1]), "some", rng)
-        assert d is not None
+        d = detector_flagging(rng, attention, "some")
         forced = random_forced(rng, shape[0], shape[3], FORCED_KINDS[1 + i % 4])
         expected, expected_flags = reference.atpatch(attention, d, forced)
         inputs = feeds(attention, d, forced)
