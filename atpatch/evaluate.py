@@ -4,6 +4,8 @@ Both models run on the same batches, so any difference in their outputs comes fr
 patch. Backdoor metrics: clean accuracy (CACC) and attack success rate (ASR); fairness
 metrics: counterfactual flip rate and demographic-parity gap; and, for the patched model,
 how often its detector flags anything (in any layer), read from its AtPatch nodes' flags.
+Where every triggered input's culprit positions are known, also the oracle: the ASR of the
+original with exactly those positions patched in every layer, the best any detector can reach.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx
 from .data import Dataset
 from .errors import AtPatchError
 
-__all__ = ["EvalReport", "ModelMetrics", "check_pair", "evaluate"]
+__all__ = ["EvalReport", "ModelMetrics", "check_pair", "evaluate", "oracle_logits"]
 
 POSITIVE = 1  # the favourable label for the demographic-parity gap
 
@@ -59,6 +61,7 @@ class EvalReport:
     n_counterfactual: int = 0
     target: int | None = None
     label_names: tuple[str, ...] = ()
+    oracle_attack_success_rate: float | None = None  # known culprits patched in every layer, no detector
     # Per-set predictions {"clean"|"triggered"|"counterfactual": {"original"|"patched": [N]}}
     # and the patched model's per-input flags {"clean"|"triggered": bool [N]}; not in to_dict.
     predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
@@ -73,6 +76,7 @@ class EvalReport:
             "n_triggered": self.n_triggered,
             "n_counterfactual": self.n_counterfactual,
             "target": self.target,
+            "oracle_attack_success_rate": self.oracle_attack_success_rate,
             "target_name": self.label_names[self.target]
             if self.target is not None and self.target < len(self.label_names)
             else None,
@@ -99,6 +103,9 @@ class EvalReport:
                 continue  # not measured: no data given for it
             lines.append(f"| {name} | {cell(a)} | {cell(b)} |")
         lines.append(f"| clean outputs bit-identical | | {cell(self.identical_clean)} |")
+        if self.oracle_attack_success_rate is not None:
+            oracle = cell(self.oracle_attack_success_rate)
+            lines.append(f"| ASR, known culprits patched in every layer (oracle) | | {oracle} |")
         counts = f"{self.n_clean} clean"
         if self.n_triggered:
             target = (
@@ -158,6 +165,7 @@ class _Run:
     logits: np.ndarray
     flagged: np.ndarray  # [N] any column flagged in any layer (all False for the original)
     culprit_flagged: np.ndarray  # [N] any known culprit position flagged (likewise)
+    keys: int = 0  # key positions of the attention maps (patched model only)
 
 
 def _batches(total: int, batch_size: int) -> Iterator[slice]:
@@ -180,14 +188,42 @@ def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Pro
 
 def _run_patched(probe, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
     feeds = _model_feeds(probe.input_names, data, which)
-    logits, flagged, culprit_hit = [], [], []
+    logits, flagged, culprit_hit, keys = [], [], [], 0
     for part, out in probe.iter_batches(feeds, batch_size):
         logits.append(_logits(out.outputs[0], "patched"))
+        keys = out.union.shape[1]
         flagged.append(out.union.any(axis=1))  # flagged in any layer: patched in every layer
         for row, culprit in zip(out.union, data.culprits[part], strict=True):
             culprit_hit.append(bool(culprit) and bool(row[[p for p in culprit if p < row.shape[0]]].any()))
         bar.step(f"patched/{which}")
-    return _Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool))
+    return _Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool), keys)
+
+
+def oracle_logits(original: onnx.ModelProto, data: Dataset, keys: int, batch_size: int = 64) -> np.ndarray:
+    """`original`'s logits with each input's culprit positions (among `keys` key positions: the padded
+    sequence length, or 1 + patches for a ViT) patched in every layer, and nothing else.
+
+    The ideal patch: what a detector that finds exactly the culprits would give. Every input needs
+    its culprits (`Dataset.culprits`); positions past `keys` (truncated away) are left out.
+    """
+    from .rewrite import patch_model
+    from .rewrite.crosslayer import FORCED_INPUT
+    from .runtime import create_session
+
+    forced = np.zeros((len(data), keys), np.bool_)
+    for i, positions in enumerate(data.culprits):
+        if positions is None:
+            raise AtPatchError(f"input {i} has no culprit positions: the oracle needs every input's culprits")
+        forced[i, [p for p in positions if p < keys]] = True
+    session = create_session(patch_model(original, forced_input=True)[0])
+    names = [i.name for i in session.get_inputs() if i.name != FORCED_INPUT]
+    feeds = {**_model_feeds(names, data, "oracle"), FORCED_INPUT: forced}
+    out_name = session.get_outputs()[0].name
+    parts = [
+        _logits(session.run([out_name], {k: v[part] for k, v in feeds.items()})[0], "oracle")
+        for part in _batches(len(data), batch_size)
+    ]
+    return np.concatenate(parts)
 
 
 def _check_aligned(name: str, data: Dataset | np.ndarray, clean: Dataset) -> None:
@@ -298,6 +334,14 @@ def evaluate(
                 values["culprit_flag_rate"] = float(t.culprit_flagged[known].mean()) if known.any() else None
         metrics[model] = ModelMetrics(**values)  # type: ignore[arg-type]
 
+    oracle = None
+    if triggered is not None and target is not None and "triggered" in runs:
+        victims = triggered.labels != target
+        if victims.any() and all(triggered.culprits[i] for i in np.flatnonzero(victims)):
+            known = triggered.subset(victims)
+            logits = oracle_logits(original, known, runs["triggered"]["patched"].keys, batch_size)
+            oracle = float((logits.argmax(axis=1) == target).mean())
+
     same = (runs["clean"]["original"].logits == runs["clean"]["patched"].logits).all(axis=1)
     return EvalReport(
         original=metrics["original"],
@@ -308,6 +352,7 @@ def evaluate(
         n_counterfactual=len(counterfactual) if counterfactual is not None else 0,
         target=target,
         label_names=clean.label_names,
+        oracle_attack_success_rate=oracle,
         predictions=preds,
         flags={which: pair["patched"].flagged for which, pair in runs.items() if which != "counterfactual"},
     )

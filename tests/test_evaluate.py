@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from evalkit_models import (
+    HEADS,
     TinyText,
     feature_detector,
     flag_everything,
@@ -95,6 +97,53 @@ def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Data
     assert report.identical_clean == 1.0
     assert report.original.flag_rate_clean is None  # the original has no detector
     assert (report.n_clean, report.n_triggered, report.n_counterfactual, report.target) == (30, 30, 30, 1)
+
+
+def test_the_oracle_is_the_original_with_the_known_culprits_patched_in_every_layer(
+    tiny: TinyText, sets: dict[str, Dataset]
+) -> None:
+    """Computed again in PyTorch with the numpy reference: the culprit positions forced in every softmax."""
+    import transformers as T
+    from torch_reference import forward, patched_softmax
+
+    from atpatch.ops.weights import Detector
+
+    triggered = sets["triggered"]
+    report = evaluate(
+        tiny.model,
+        patch_model(tiny.model, feature_detector(2, "mass", 3.5))[0],
+        sets["clean"],
+        triggered,
+        target=1,
+        batch_size=8,
+        progress=False,
+    )
+    forced = np.zeros(triggered.feeds["input_ids"].shape, bool)
+    for i, positions in enumerate(triggered.culprits):
+        forced[i, positions] = True
+    model = T.AutoModelForSequenceClassification.from_pretrained(tiny.folder, attn_implementation="eager").eval()
+    with patched_softmax(Detector.pass_through([HEADS] * 2).layers, forced=forced):
+        logits = forward(model, dict(triggered.feeds))
+    victims = triggered.labels != 1
+    expected = float((logits.argmax(axis=1)[victims] == 1).mean())
+    assert report.oracle_attack_success_rate == pytest.approx(expected)
+    assert forced.any(axis=1).all() and not forced.all(axis=1).any()  # every input has culprits, not only culprits
+    assert "(oracle)" in report.to_markdown() and report.to_dict()["oracle_attack_success_rate"] == expected
+
+
+def test_no_oracle_without_every_victims_culprits(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    triggered = sets["triggered"]
+    first = int(np.flatnonzero(triggered.labels != 1)[0])  # a victim: the oracle's ASR counts victims only
+    unknown = replace(triggered, culprits=[None if i == first else c for i, c in enumerate(triggered.culprits)])
+    report = evaluate(
+        tiny.model,
+        patch_model(tiny.model, feature_detector(2, "mass", 3.5))[0],
+        sets["clean"],
+        unknown,
+        target=1,
+        progress=False,
+    )
+    assert report.oracle_attack_success_rate is None and "(oracle)" not in report.to_markdown()
 
 
 def test_flagging_every_column_is_reported_but_leaves_outputs_identical(
