@@ -1,6 +1,5 @@
 """What every real-model benchmark case shares: running the atpatch commands, exporting each
-detector cross-layer (the default) and per layer, the oracle (true trigger positions patched in
-every layer, no detector), checking the native kernel against the ONNX function, timing patched
+detector cross-layer (the default) and per layer, checking the native kernel against the ONNX function, timing patched
 vs original on clean (one pass) and flagged (two passes) batches, the issue's targets in words,
 and publishing the results table into benchmarks/README.md (generated, never typed by hand).
 
@@ -187,46 +186,6 @@ def latency(
     )
 
 
-# --- The oracle: the true trigger positions patched in every layer, no detector ------------------
-
-
-def forced_mask(culprits: list[list[int] | None], keys: int) -> np.ndarray:
-    """bool [N, keys]: each input's culprit positions (`Dataset.culprits`) set."""
-    mask = np.zeros((len(culprits), keys), np.bool_)
-    for i, positions in enumerate(culprits):
-        if positions is None:
-            raise ValueError(f"input {i} has no culprit positions: the oracle needs every trigger's positions")
-        mask[i, [p for p in positions if p < keys]] = True
-    return mask
-
-
-def oracle_model(original: Path, out: Path) -> Path:
-    """`original` patched with a pass-through detector and the `atpatch_forced` input: what it is fed
-    is patched in every layer, nothing else is (the ideal patch, with the trigger's positions known)."""
-    import onnx
-
-    from atpatch.ops.weights import Detector
-    from atpatch.rewrite import decompose_fused_attention, find_attention_sites, patch_model
-
-    model = onnx.load(str(original))
-    sites = find_attention_sites(decompose_fused_attention(model)[0])
-    if any(site.heads is None for site in sites):
-        raise ValueError(f"{original.name}: the graph does not show every attention layer's head count")
-    patched, _ = patch_model(model, Detector.pass_through([site.heads for site in sites]), forced_input=True)
-    onnx.save(patched, str(out))
-    return out
-
-
-def oracle_logits(
-    oracle: Path, feeds: dict[str, np.ndarray], culprits: list[list[int] | None], keys: int
-) -> np.ndarray:
-    """The oracle model's logits over `feeds`, each input's `culprits` (positions among `keys` key
-    positions: the padded sequence length, or 1 + patches for a ViT) forced in every layer."""
-    from atpatch.rewrite.crosslayer import FORCED_INPUT
-
-    return logits(oracle, {**feeds, FORCED_INPUT: forced_mask(culprits, keys)})
-
-
 def export_both(model: Path, detector: Path, stem: Path) -> tuple[Path, Path]:
     """`atpatch-export` the detector as users get it (cross-layer, the default) and with --per-layer,
     to show what cross-layer patching buys; returns (cross-layer model, per-layer model)."""
@@ -285,8 +244,8 @@ def table(rows: list[Row]) -> str:
             "",
             f"Reference ASRs: **floor {_pct(ref.floor)}** (the trigger replaced by a neutral stand-in of the same "
             f"size at the same place: victims that flip anyway, which no attention patch can undo); **oracle "
-            f"{_pct(ref.oracle)}** (no detector: the true trigger positions patched in every layer, through "
-            "`patch_model(..., forced_input=True)` and a pass-through detector).",
+            f"{_pct(ref.oracle)}** (no detector: the true trigger positions patched in every layer, by "
+            "`atpatch.evaluate.oracle_logits`; `atpatch eval` shows it when every victim's culprits are known).",
         ]
     return "\n".join(lines)
 

@@ -249,7 +249,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     args = parser.parse_args()
+    import onnx
+
     from atpatch.data import load_jsonl
+    from atpatch.evaluate import oracle_logits
     from atpatch.lab.rotten_tomatoes import LABELS
 
     budget = SMOKE if args.smoke else Budget()
@@ -280,11 +283,8 @@ def main() -> None:
     neutral = load_jsonl(files["neutral"], folder)
     y_clean = clean.labels
     floor = float((casekit.logits(model, neutral.feeds, native=False).argmax(1) == TARGET).mean())
-    oracle_model = casekit.oracle_model(model, work / "oracle.onnx")
     keys = triggered.feeds["input_ids"].shape[1]
-    oracle = float(
-        (casekit.oracle_logits(oracle_model, triggered.feeds, triggered.culprits, keys).argmax(1) == TARGET).mean()
-    )
+    oracle = float((oracle_logits(onnx.load(str(model)), triggered, keys).argmax(1) == TARGET).mean())
     base_asr = float(
         (casekit.logits(model, drop_most_attended(model, triggered), native=False).argmax(1) == TARGET).mean()
     )

