@@ -33,6 +33,7 @@ class GqaCase:
     scale: float = 0.0
     max_len: int = 32
     extra: dict[str, object] = field(default_factory=dict)  # more attributes
+    past_names: tuple[str, str] = ("past_k", "past_v")  # genai's: past_key_values.0.key/value
 
     def model(self) -> onnx.ModelProto:
         hq, hkv, d = self.heads * self.head_size, self.kv_heads * self.head_size, self.head_size
@@ -43,8 +44,8 @@ class GqaCase:
             inputs += [helper.make_tensor_value_info(n, f, ["B", "S", hkv]) for n in ("key", "value")]
             names = ["query", "key", "value"]
         if self.cache != "none":
-            inputs += [helper.make_tensor_value_info(n, f, ["B", self.kv_heads, "P", d]) for n in ("past_k", "past_v")]
-            names += ["past_k", "past_v"]
+            inputs += [helper.make_tensor_value_info(n, f, ["B", self.kv_heads, "P", d]) for n in self.past_names]
+            names += list(self.past_names)
         else:
             names += ["", ""]
         inputs += [
@@ -97,7 +98,7 @@ class GqaCase:
             out["value"] = rng.standard_normal((batch, x_len, hkv)).astype(np.float32)
         if self.cache != "none":
             empty = np.zeros((batch, self.kv_heads, self.max_len if self.cache == "shared" else 0, d), np.float32)
-            out["past_k"], out["past_v"] = past if past is not None else (empty, empty)
+            out[self.past_names[0]], out[self.past_names[1]] = past if past is not None else (empty, empty)
         out["seqlens_k"] = np.array(totals, np.int32) - 1
         out["total_sequence_length"] = np.array(max(totals), np.int32)
         return out
@@ -107,12 +108,20 @@ Runner = Callable[[dict], list[np.ndarray]]
 
 
 def run_steps(
-    case: GqaCase, runners: list[Runner], prompt: int, steps: int, batch: int = 1, seed: int = 0, lag: int = 0
+    case: GqaCase,
+    runners: list[Runner],
+    prompt: int,
+    steps: int,
+    batch: int = 1,
+    seed: int = 0,
+    lag: int = 0,
+    extra_feeds: Callable[[dict], dict] | None = None,
 ) -> list[list[list[np.ndarray]]]:
     """Outputs of each runner for a prompt then `steps` one-token steps, each runner fed its own present.
 
     `lag` > 0 makes the last row's sequence that many tokens shorter from the first decoding
     step on (genai's rows of different lengths): its seqlens_k is smaller, its cache right-padded.
+    `extra_feeds` adds inputs computed from each step's (e.g. atpatch_forced).
     """
     rng = np.random.default_rng(seed)
     results: list[list[list[np.ndarray]]] = [[] for _ in runners]
@@ -121,10 +130,12 @@ def run_steps(
     x_len = prompt
     for step in range(steps + 1):
         feeds = case.feeds(rng, x_len, totals, None)
+        if extra_feeds is not None:
+            feeds.update(extra_feeds(feeds))
         for r, run in enumerate(runners):
             mine = dict(feeds)
             if case.cache != "none" and pasts[r] is not None:
-                mine["past_k"], mine["past_v"] = pasts[r]
+                mine[case.past_names[0]], mine[case.past_names[1]] = pasts[r]
             outs = run(mine)
             results[r].append(outs)
             if case.cache != "none":

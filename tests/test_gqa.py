@@ -15,6 +15,8 @@ import pytest
 from gqa_graphs import GqaCase, run_steps
 
 from atpatch.errors import FusedAttentionError
+from atpatch.ops import reference, spec
+from atpatch.rewrite import patch_model
 from atpatch.rewrite.gqa import decompose_group_query_attention
 
 ATOL = 1e-5
@@ -115,3 +117,64 @@ def test_a_node_without_seqlens_k_is_refused_naming_the_missing_inputs() -> None
     node.input[5] = ""
     with pytest.raises(FusedAttentionError, match="no seqlens_k/total_sequence_length"):
         decompose_group_query_attention(model)
+
+
+def _with_probs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The decomposed model with its softmax output as one more graph output."""
+    out = _decomposed(model)
+    softmax = next(n for n in out.graph.node if n.op_type == "Softmax")
+    out.graph.output.append(onnx.ValueInfoProto(name=softmax.output[0]))
+    return out
+
+
+def _explicit_attention(probs: np.ndarray, present_v: np.ndarray, heads: int) -> np.ndarray:
+    """P.V in numpy over the first T present values, kv heads repeated, as [B, S, heads * D]."""
+    values = np.repeat(present_v[:, :, : probs.shape[-1]], heads // present_v.shape[1], axis=1)
+    y = probs @ values
+    return y.transpose(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], -1)
+
+
+GENAI_NAMES = ("past_key_values.0.key", "past_key_values.0.value")
+
+
+@pytest.mark.parametrize("cache", ["shared", "grow"])
+def test_a_pass_through_patch_leaves_gqa_outputs_equal_to_the_fused_kernel(cache: str) -> None:
+    case = GqaCase(cache=cache, past_names=GENAI_NAMES)
+    model = case.model()
+    patched, sites = patch_model(model)
+    assert len(sites) == 1 and sites[0].heads == case.heads
+    assert "decomposed from com.microsoft::GroupQueryAttention" in sites[0].notes
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == 1
+    fused, explicit = run_steps(case, [_runner(model), _runner(patched)], 5, STEPS, batch=2)
+    for want_step, got_step in zip(fused, explicit, strict=True):
+        for want, got in zip(want_step, got_step[:3], strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("cache", ["shared", "grow"])
+def test_forced_columns_patch_gqa_attention_as_the_numpy_reference_does(cache: str) -> None:
+    case = GqaCase(cache=cache, window=4, softcap=3.0, past_names=GENAI_NAMES)
+    model = case.model()
+    patched, _ = patch_model(model, forced_input=True)
+    rng = np.random.default_rng(7)
+
+    def forced(feeds: dict) -> dict:
+        batch, total = feeds["seqlens_k"].shape[0], int(feeds["total_sequence_length"])
+        return {"atpatch_forced": rng.random((batch, total)) < 0.3}
+
+    fed: list[dict] = []
+    explicit = _runner(_with_probs(model), optimize=False)
+
+    def unpatched(feeds: dict) -> list[np.ndarray]:
+        fed.append(feeds)
+        return explicit({k: v for k, v in feeds.items() if k != "atpatch_forced"})
+
+    runners = [_runner(patched), unpatched]
+    got_steps, ref_steps = run_steps(case, runners, 5, STEPS, batch=2, extra_feeds=forced)
+    changed = 0
+    for feeds, got, (_, _, present_v, probs) in zip(fed, got_steps, ref_steps, strict=True):
+        patched_probs = reference.patch_columns(probs, feeds["atpatch_forced"])
+        changed += int(np.any(patched_probs != probs))
+        want = _explicit_attention(patched_probs, present_v, case.heads)
+        np.testing.assert_allclose(got[0], want, rtol=0, atol=ATOL)
+    assert changed >= STEPS  # the flags did move attention, at (nearly) every step

@@ -13,6 +13,7 @@ What is emitted, measured (torch 2.13, transformers 5, onnxruntime 1.32, onnxscr
     attention_bias, qkv_hidden_sizes).
   - com.microsoft::MultiHeadAttention: onnxscript optimize_for_ort on decoders (3D Q/K/V, bias,
     attention_bias, past key/value, unidirectional).
+  - com.microsoft::GroupQueryAttention: onnxruntime-genai's model builder (gqa.py says what).
 
 The builders shared by every pass are in explicit.py; each op's decomposition is in its own module.
 """
@@ -43,6 +44,7 @@ from .explicit import (  # noqa: F401
     _run_pass,
     _with_past,
 )
+from .gqa import decompose_group_query_attention
 from .ms_attention import decompose_ms_attention, decompose_ms_multihead_attention
 from .onnx_attention import decompose_onnx_attention
 
@@ -50,14 +52,20 @@ __all__ = [
     "DECOMPOSABLE_OPS",
     "Decomposed",
     "decompose_fused_attention",
+    "decompose_group_query_attention",
     "decompose_ms_attention",
     "decompose_ms_multihead_attention",
     "decompose_onnx_attention",
 ]
 
 
-DECOMPOSABLE_OPS = {("", "Attention"), (_MS, "Attention"), (_MS, "MultiHeadAttention")}
-_PASSES = (decompose_onnx_attention, decompose_ms_attention, decompose_ms_multihead_attention)
+DECOMPOSABLE_OPS = {("", "Attention"), (_MS, "Attention"), (_MS, "MultiHeadAttention"), (_MS, "GroupQueryAttention")}
+_PASSES = (
+    decompose_onnx_attention,
+    decompose_ms_attention,
+    decompose_ms_multihead_attention,
+    decompose_group_query_attention,
+)
 
 
 def decompose_fused_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Decomposed]]:

@@ -11,9 +11,10 @@ total_sequence_length = the longest), which this pass rebuilds op by op:
                   2 * cos_cache.shape[1] channels of each head).
   present K/V     [B, kv_heads, max(total_sequence_length, past buffer), D]: past[:p_b], then the
                   S new keys, then zeros (the kernel memsets what it does not write).
-  scores          Q.K^T * scale, softcap * tanh(scores / softcap), then only keys p_b + i - w < j
-                  <= p_b + i take part in query i's softmax (w: local_window_size, when > 0: the
-                  last w keys, the query's own included; measured on onnxruntime 1.32).
+  scores          over the first T = total_sequence_length present keys (the rest are never
+                  attended): Q.K^T * scale, softcap * tanh(scores / softcap), then only keys
+                  p_b + i - w < j <= p_b + i take part in query i's softmax (w: local_window_size,
+                  when > 0: the last w keys, the query's own included; measured on onnxruntime 1.32).
 
 Variants genai does not emit for these models (position_ids, attention_bias, head_sink, quantized
 or window-sized caches, smooth softmax, non-causal, the QK output) are refused by name.
@@ -171,9 +172,14 @@ def _group_query_attention(b: _Nodes, g: _Graph, node: onnx.NodeProto) -> str:
     length = b.op("Max", total, b.dim(past_k, 2)) if past_k else total
     k = _present(b, k, past_k, past_len, length, _output(node, 1))
     v = _present(b, v, past_v, past_len, length, _output(node, 2))
+    if past_k:
+        # Slots from total_sequence_length on are never attended (a shared buffer's free end):
+        # leaving them out gives maps of [B, H, S, T] keys, query i at T - S + i for the longest
+        # rows, as atpatch's detector and flag state expect, and spares the softmax the whole buffer.
+        k, v = b.slice(k, 0, total, 2), b.slice(v, 0, total, 2)
 
     # Key j takes part in query i's softmax when p_b + i - w < j <= p_b + i.
-    cols = b.op("Range", b.const(0), b.op("Squeeze", length), b.const(1))  # [P]
+    cols = b.op("Range", b.const(0), b.op("Squeeze", total), b.const(1))  # [T]
     last = b.op("Unsqueeze", positions, b.const([1, 3]))  # [B, 1, S, 1]
     allowed = b.op("LessOrEqual", cols, last)
     window = int(attrs.get("local_window_size", -1))
