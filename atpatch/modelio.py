@@ -24,6 +24,7 @@ from .errors import AtPatchError, InvalidModelError
 
 __all__ = [
     "atomic_output",
+    "check_model",
     "check_output_path",
     "external_tensors",
     "load_model",
@@ -130,11 +131,62 @@ def load_model(path: str | Path, *, external_data: bool = True) -> onnx.ModelPro
         )
     try:
         # By path, the checker also checks side files, and handles models past 2 GiB.
-        onnx.checker.check_model(model if external_data else str(path))
+        check_model(model if external_data else path, model)
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise InvalidModelError(f"{path} is not a valid ONNX model ({first}); re-export it") from err
     return model
+
+
+def check_model(target: onnx.ModelProto | str | Path, model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """onnx's checker on `target` (the model, or its file), accepting onnxruntime's contrib ops that
+    onnxruntime registers in the ai.onnx domain (SimplifiedLayerNormalization, as onnxruntime-genai
+    emits): onnx does not know them, but they are valid for onnxruntime, where these models run.
+    `model` is the loaded model (weights may stay on disk), used only to name those ops.
+    """
+    try:
+        onnx.checker.check_model(str(target) if isinstance(target, Path) else target, full_check=full_check)
+    except onnx.checker.ValidationError:
+        contrib = _ort_contrib_ops_in_onnx_domain() & {op for g in _graphs(model.graph) for op in _onnx_ops(g)}
+        if not contrib:
+            raise
+        # onnx checks ops of domains it does not know only structurally: move these there and check the rest.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for graph in _graphs(copy.graph):
+            for node in graph.node:
+                if node.domain in ("", "ai.onnx") and node.op_type in contrib:
+                    node.domain = _ORT_CONTRIB_CHECK_DOMAIN
+        copy.opset_import.add(domain=_ORT_CONTRIB_CHECK_DOMAIN, version=1)
+        onnx.checker.check_model(copy, full_check=full_check)
+
+
+_ORT_CONTRIB_CHECK_DOMAIN = "atpatch.onnxruntime_contrib_check"
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _onnx_ops(graph: onnx.GraphProto) -> set[str]:
+    return {n.op_type for n in graph.node if n.domain in ("", "ai.onnx")}
+
+
+def _ort_contrib_ops_in_onnx_domain() -> frozenset[str]:
+    """Ops onnxruntime registers in the ai.onnx domain that onnx itself does not define."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:  # no onnxruntime here: onnx's verdict stands
+        return frozenset()
+    return frozenset(
+        s.name for s in get_all_operator_schema() if s.domain in ("", "ai.onnx") and not onnx.defs.has(s.name)
+    )
 
 
 def check_output_path(output: str | Path, *inputs: str | Path | None) -> Path:
@@ -244,7 +296,7 @@ def save_model(
         with atomic_output(path) as tmp:
             onnx.save_model(model, str(tmp))
             if check:
-                onnx.checker.check_model(str(tmp), full_check=True)
+                check_model(Path(tmp), model, full_check=True)
         return
     data_name = path.name + ".data"
     if on_disk:
@@ -254,7 +306,7 @@ def save_model(
         staged = staging / path.name
         _save_with_side_file(model, Path(base_dir or "."), staged, data_name)
         if check:
-            onnx.checker.check_model(str(staged), full_check=True)
+            check_model(staged, model, full_check=True)
         os.replace(staging / data_name, path.parent / data_name)
         os.replace(staged, path)
 

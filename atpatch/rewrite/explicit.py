@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import FusedAttentionError
+from .shapes import infer_shapes
 
 _MS = "com.microsoft"
 _INT64_MAX = np.iinfo(np.int64).max
@@ -39,10 +40,7 @@ class _Graph:
     """Static facts about the tensors a fused node reads: rank, dims, element type."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except onnx.shape_inference.InferenceError:
-            inferred = model  # e.g. a contrib op with no opset import: what the file declares still helps
+        inferred = infer_shapes(model)
         self.types = {
             v.name: v.type.tensor_type
             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from ..errors import AlreadyPatchedError, FusedAttentionError, NoAttentionError
 from ..ops import spec
 from .decompose import DECOMPOSABLE_OPS
+from .shapes import infer_shapes
 
 __all__ = ["AttentionSite", "find_attention_sites"]
 
@@ -72,7 +73,7 @@ class _Graph:
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = node.attribute[0].t
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = infer_shapes(model)
         self.types = {
             v.name: v.type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
         }
