@@ -24,6 +24,7 @@ examples:
   atpatch-export --hf ./my-bert -o my-bert.patched.onnx        # export from PyTorch, then patch
   atpatch-export --hf ./my-bert -o my-bert.onnx --no-patch     # plain export, e.g. to fit on
   atpatch-export model.onnx --detector d.safetensors --triton repo   # Triton model repository
+  atpatch-export genai-folder -o patched-folder    # onnxruntime-genai folder: its decoder patched
 
 Without --detector the patch flags nothing (a pass-through): outputs equal the original's.
 """
@@ -44,7 +45,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", type=Path, help="ONNX model to patch (or use --hf)")
+    parser.add_argument(
+        "model", nargs="?", type=Path, help="ONNX model to patch, or an onnxruntime-genai folder (or use --hf)"
+    )
     parser.add_argument("--hf", type=Path, metavar="DIR", help="Hugging Face model folder to export (offline)")
     parser.add_argument("-o", "--output", type=Path, help="where to write the ONNX model (give -o, --triton, or both)")
     parser.add_argument("--detector", type=Path, metavar="FILE", help="detector weights (.safetensors)")

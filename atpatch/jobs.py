@@ -14,6 +14,7 @@ from .ops import spec
 from .rewrite import AttentionSite, patch_model
 from .rewrite.crosslayer import add_cross_layer
 from .rewrite.optimize import FusionReport, fuse_for_ort
+from .serving.genai import is_genai_folder, patch_genai_folder
 from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
 __all__ = ["ExportOptions", "ExportReport", "run_export"]
@@ -100,12 +101,27 @@ class ExportReport:
         return "\n".join(lines)
 
 
+def _run_genai_export(options: ExportOptions) -> ExportReport:
+    """An onnxruntime-genai folder in, a patched folder out (serving/genai.py)."""
+    assert options.model is not None
+    if options.output is None or options.triton is not None or options.optimize or not options.patch:
+        raise AtPatchError(
+            f"{options.model} is an onnxruntime-genai folder: give -o NEW_FOLDER only "
+            f"(--triton, --optimize and --no-patch apply to ONNX files)"
+        )
+    detector = Detector.load(options.detector) if options.detector else None
+    done = patch_genai_folder(options.model, options.output, detector, cross_layer=options.cross_layer)
+    return ExportReport(done.output, done.opset, done.sites, done.detector_kind)
+
+
 def _opset_of(model: onnx.ModelProto) -> int:
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def run_export(options: ExportOptions) -> ExportReport:
     """Load or export the model, patch it, and write it atomically; the input is never touched."""
+    if options.model is not None and is_genai_folder(options.model):
+        return _run_genai_export(options)
     output = check_output_path(options.output, options.model, options.detector) if options.output else None
     named_after = options.output or options.model or options.hf
     assert named_after is not None  # checked by ExportOptions

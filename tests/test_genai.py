@@ -1,0 +1,118 @@
+"""onnxruntime-genai decoders (GroupQueryAttention in every layer), built by genai's own builder.
+
+For tiny random Llama, Qwen2 and Phi-3 (fp32, CPU; tests/genai_models.py):
+  - onnxruntime on the decomposed decoder equals onnxruntime on genai's fused decoder, logits and
+    present K/V, over the prompt and 8 greedy steps (a plain onnxruntime loop, KV cache grown);
+  - `atpatch-export FOLDER -o NEW` writes a folder that genai's own loop (og.Model, og.Generator,
+    its genai_config.json: a KV buffer shared by past and present) runs, with a pass-through patch
+    giving the unpatched model's greedy tokens and logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from genai_models import BOS, FAMILIES, HEAD_SIZE, KV_HEADS, build_genai
+
+from atpatch.cli import export_main
+from atpatch.ops import spec
+from atpatch.rewrite import decompose_fused_attention, patch_model
+
+og = pytest.importorskip(
+    "onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -c constraints.txt -e '.[genai]')"
+)
+
+ATOL = 1e-5
+STEPS = 8
+PROMPT = [BOS, 5, 17, 33, 2, 90]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def genai_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_genai(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:  # so nothing is fused back
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _greedy_loop(sessions: list[ort.InferenceSession]) -> list[float]:
+    """Max |first - other| over logits and present K/V, per step; tokens chosen by the first session."""
+    first = sessions[0]
+    past_inputs = [i for i in first.get_inputs() if i.name.startswith("past_key_values.")]
+    names = [o.name for o in first.get_outputs()]
+    empty = np.zeros((1, KV_HEADS, 0, HEAD_SIZE), np.float32)
+    pasts = [{i.name: empty for i in past_inputs} for _ in sessions]
+    tokens, new = list(PROMPT), list(PROMPT)
+    diffs = []
+    for _ in range(STEPS + 1):
+        feeds = {
+            "input_ids": np.array([new], np.int64),
+            "attention_mask": np.ones((1, len(tokens)), np.int64),
+        }
+        outs = [
+            dict(zip(names, s.run(names, {**feeds, **p}), strict=True)) for s, p in zip(sessions, pasts, strict=True)
+        ]
+        for other in outs[1:]:
+            diffs.append(max(float(np.max(np.abs(outs[0][n] - other[n]))) for n in names))
+        for p, out in zip(pasts, outs, strict=True):
+            p.update({name: out[name.replace("past_key_values", "present")] for name in p})
+        new = [int(np.argmax(outs[0]["logits"][0, -1]))]
+        tokens += new
+    return diffs
+
+
+def test_the_decomposed_decoder_equals_genais_fused_one_on_the_prompt_and_8_steps(genai_folder: Path) -> None:
+    model = onnx.load(str(genai_folder / "model.onnx"))
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == 2
+    decomposed, done = decompose_fused_attention(model)
+    assert [d.op for d in done] == ["com.microsoft::GroupQueryAttention"] * 2
+    patched, sites = patch_model(model)
+    assert len(sites) == 2 and all(s.heads == 4 for s in sites)
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == 2
+    diffs = _greedy_loop([_session(model), _session(decomposed, optimize=False), _session(patched)])
+    assert max(diffs) <= ATOL, f"max |fused - explicit| {max(diffs):.2e}"
+
+
+def _genai_greedy(folder: Path) -> tuple[list[int], list[np.ndarray]]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + STEPS + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([PROMPT], np.int32))
+    tokens, logits = [], [generator.get_output("logits")]
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+        if not generator.is_done():
+            logits.append(generator.get_output("logits"))
+    return tokens, logits
+
+
+def test_an_exported_genai_folder_runs_in_genais_own_loop_with_the_same_greedy_tokens(
+    genai_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "patched"
+    assert export_main([str(genai_folder), "-o", str(out)]) == 0
+    assert {p.name for p in genai_folder.iterdir()} == {p.name for p in out.iterdir()}
+    patched = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == spec.OP_TYPE for n in patched.graph.node) == 2
+    assert not any(n.op_type == "GroupQueryAttention" for n in patched.graph.node)
+    want_tokens, want_logits = _genai_greedy(genai_folder)
+    got_tokens, got_logits = _genai_greedy(out)
+    assert len(want_tokens) == STEPS + 1 and len(set(want_tokens)) > 1
+    assert got_tokens == want_tokens
+    for want, got in zip(want_logits, got_logits, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_exporting_a_genai_folder_into_itself_is_refused(genai_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    assert export_main([str(genai_folder), "-o", str(genai_folder / "patched")]) != 0
+    assert "is the genai folder or inside it" in capsys.readouterr().err
