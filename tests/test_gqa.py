@@ -178,3 +178,51 @@ def test_forced_columns_patch_gqa_attention_as_the_numpy_reference_does(cache: s
         want = _explicit_attention(patched_probs, present_v, case.heads)
         np.testing.assert_allclose(got[0], want, rtol=0, atol=ATOL)
     assert changed >= STEPS  # the flags did move attention, at (nearly) every step
+
+
+@pytest.mark.parametrize("cache", ["grow", "shared"])
+def test_a_second_prompt_chunk_after_the_cache_attends_causally_within_itself(cache: str) -> None:
+    """genai's append_tokens after generating (batch 1): S > 1 new tokens on top of a past."""
+    case = GqaCase(cache=cache, window=5)
+    model = case.model()
+    runners = [_runner(model), _runner(_decomposed(model), optimize=False)]
+    rng = np.random.default_rng(3)
+    pasts: list = [None, None]
+    total = 0
+    for new in (4, 3, 1, 2, 1):
+        total += new
+        feeds = case.feeds(rng, new, [total], None)
+        outs = []
+        for r, run in enumerate(runners):
+            mine = dict(feeds)
+            if pasts[r] is not None:
+                mine["past_k"], mine["past_v"] = pasts[r]
+            outs.append(run(mine))
+            pasts[r] = (outs[-1][1], outs[-1][2])
+        for want, got in zip(*outs, strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    for value in (*model.graph.input, *model.graph.output):
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    for t in model.graph.initializer:
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+    return model
+
+
+def test_float16_gqa_matches_the_kernel_which_computes_in_float32() -> None:
+    case = GqaCase(cache="grow", softcap=2.0)
+    model = _as_float16(case.model())
+
+    def half(run):  # noqa: ANN001, ANN202
+        return lambda feeds: run({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()})
+
+    fused, explicit = run_steps(
+        case, [half(_runner(model)), half(_runner(_decomposed(model), optimize=False))], 5, STEPS, batch=2
+    )
+    for want_step, got_step in zip(fused, explicit, strict=True):
+        for want, got in zip(want_step, got_step, strict=True):
+            assert got.dtype == np.float16
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=0, atol=2e-3)
