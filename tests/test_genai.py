@@ -116,3 +116,39 @@ def test_an_exported_genai_folder_runs_in_genais_own_loop_with_the_same_greedy_t
 def test_exporting_a_genai_folder_into_itself_is_refused(genai_folder: Path, capsys: pytest.CaptureFixture) -> None:
     assert export_main([str(genai_folder), "-o", str(genai_folder / "patched")]) != 0
     assert "is the genai folder or inside it" in capsys.readouterr().err
+
+
+def _forced_run(session: ort.InferenceSession, every_step: bool, carry: bool) -> list[dict[str, np.ndarray]]:
+    """Fixed tokens; position 2 forced at the prompt (or at every step); flags fed back when `carry`."""
+    names = [o.name for o in session.get_outputs()]
+    past = {i.name: np.zeros((1, KV_HEADS, 0, HEAD_SIZE), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}  # fmt: skip
+    new, total, outs = list(PROMPT), 0, []
+    for step in range(STEPS + 1):
+        total += len(new)
+        forced = np.zeros((1, total), np.bool_)
+        forced[0, 2] = step == 0 or every_step
+        feeds = {"input_ids": np.array([new], np.int64), "attention_mask": np.ones((1, total), np.int64)}
+        feeds |= {**past, "atpatch_forced": forced}
+        out = dict(zip(names, session.run(names, feeds), strict=True))
+        outs.append(out)
+        past = {name: out[name.replace("past_key_values", "present")] for name in past if name != "past_atpatch_flags"}
+        if carry:
+            past["past_atpatch_flags"] = out["present_atpatch_flags"]
+        new = [7 + step]
+    return outs
+
+
+def test_flags_carry_to_later_steps_only_where_the_loop_feeds_them_back(genai_folder: Path) -> None:
+    """What genai's loop does to the flag state: it never feeds it, so each step starts from nothing."""
+    patched, _ = patch_model(onnx.load(str(genai_folder / "model.onnx")), forced_input=True)
+    session = _session(patched)
+    carried = _forced_run(session, every_step=False, carry=True)  # atpatch's loop
+    forced_each_step = _forced_run(session, every_step=True, carry=False)
+    genai_like = _forced_run(session, every_step=False, carry=False)  # genai's loop: state left at its default
+    for step, (a, b, c) in enumerate(zip(carried, forced_each_step, genai_like, strict=True)):
+        assert a["present_atpatch_flags"][0, 2] and a["present_atpatch_flags"].sum() == 1
+        np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=ATOL)
+        gap = float(np.max(np.abs(a["logits"] - c["logits"])))
+        assert gap == 0.0 if step == 0 else gap > 1e-4, (step, gap)
+        assert bool(c["present_atpatch_flags"][0, 2]) == (step == 0)
