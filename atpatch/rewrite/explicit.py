@@ -98,7 +98,7 @@ class _Nodes:
 
     def dim(self, x: str, axis: int) -> str:
         """`x.shape[axis]` as a 1-element int64 tensor."""
-        return self.op("Shape", x, start=axis, end=axis + 1)
+        return self.op("Shape", x, start=axis) if axis == -1 else self.op("Shape", x, start=axis, end=axis + 1)
 
     def slice(self, x: str, start: int | str, end: int | str, axis: int) -> str:
         starts = start if isinstance(start, str) else self.const([start])
@@ -135,6 +135,20 @@ class _Nodes:
             "LessOrEqual", self.op("Unsqueeze", cols, self.const([0])), self.op("Unsqueeze", rows, self.const([1]))
         )
 
+    def query_minus_key(self, scores: str, offset: str | None) -> str:
+        """int64 (i + offset) - j for query i and key j of [B, H, S, T] `scores`: [S, T], or
+        [B, 1, S, T] when `offset` is per batch ([B]); a [1] offset (the past's length) is shared."""
+        zero, one = self.const(0), self.const(1)
+        rows = self.op(
+            "Unsqueeze", self.op("Range", zero, self.op("Squeeze", self.dim(scores, 2)), one), self.const([1])
+        )
+        cols = self.op(
+            "Unsqueeze", self.op("Range", zero, self.op("Squeeze", self.dim(scores, 3)), one), self.const([0])
+        )
+        if offset is not None:
+            rows = self.op("Add", rows, self.op("Reshape", offset, self.const([-1, 1, 1, 1])))
+        return self.op("Sub", rows, cols)
+
 
 _Mask = Callable[[_Nodes, str], str]  # scores -> masked scores
 
@@ -168,8 +182,13 @@ class _Core:
     zero_masked_rows: bool = False  # rows masked to all -inf give 0, not NaN (ONNX Attention's kernel)
 
 
-def _attend(b: _Nodes, c: _Core, out: str | None) -> tuple[str, str]:
-    """Explicit attention: returns (P.V output [B, H, S, Dv], Softmax output)."""
+def _attend(b: _Nodes, c: _Core, out: str | None, stages: dict[str, str] | None = None) -> tuple[str, str]:
+    """Explicit attention: returns (P.V output [B, H, S, Dv], Softmax output).
+
+    `stages`, when given, gets the scores at each step ONNX Attention can expose (qk_matmul_output):
+    "scaled" (Q.K^T times scale), "capped" (after softcap), "masked" (after the masks).
+    """
+    stages = {} if stages is None else stages
     k, v = c.k, c.v
     if c.repeat_kv:
         k, v = b.repeat_kv(k, c.q), b.repeat_kv(v, c.q)
@@ -178,12 +197,14 @@ def _attend(b: _Nodes, c: _Core, out: str | None) -> tuple[str, str]:
         scale = b.op("Reciprocal", b.op("Sqrt", b.op("CastLike", b.dim(c.q, 3), c.q)))
     else:
         scale = b.like(c.scale, c.q)
-    scores = b.op("Mul", scores, scale)
+    scores = stages["scaled"] = b.op("Mul", scores, scale)
     if c.softcap > 0:
         cap = b.like(c.softcap, c.q)
         scores = b.op("Mul", b.op("Tanh", b.op("Div", scores, cap)), cap)
+    stages["capped"] = scores
     for mask in c.masks:
         scores = mask(b, scores)
+    stages["masked"] = scores
     if c.softmax_type is not None:
         scores = b.op("Cast", scores, to=c.softmax_type)
     probs = b.op("Softmax", scores, axis=-1)
@@ -304,10 +325,10 @@ def _run_pass(model: onnx.ModelProto, domain: str, op_type: str, decompose: _Dec
         # Shape inference cannot see through contrib ops, but the fused op knew the map is
         # [B, heads, S, T]: declare it, so the site finder sees its rank and head count.
         heads = _heads(node, g)
+        cast = next((n for n in b.nodes if n.op_type == "Cast" and n.output[0] == softmax.input[0]), None)
+        map_type = _attrs(cast)["to"] if cast is not None else g.elem_type(node.input[0])  # softmax_precision
         for name in dict.fromkeys((softmax.input[0], softmax.output[0], probs)):
-            model.graph.value_info.append(
-                helper.make_tensor_value_info(name, g.elem_type(node.input[0]), [None, heads, None, None])
-            )
+            model.graph.value_info.append(helper.make_tensor_value_info(name, map_type, [None, heads, None, None]))
         done.append(Decomposed(node.name or node.output[0], label, softmax.name))
     del model.graph.node[:]
     model.graph.node.extend(nodes)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from ..errors import AlreadyPatchedError, FusedAttentionError, NoAttentionError
+from ..errors import AlreadyPatchedError, FusedAttentionError, InvalidModelError, NoAttentionError
 from ..ops import spec
 from .decompose import DECOMPOSABLE_OPS
 from .shapes import infer_shapes
@@ -38,11 +38,19 @@ FUSED_ATTENTION_OPS = {
     ("com.microsoft", "SparseAttention"),
 }
 # Elementwise steps allowed between Q.K^T and the softmax (scale, mask, cast, soft-capping).
-_SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Tanh", "Identity"}
+_SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "CastLike", "Tanh", "Identity"}
 # Steps allowed between the softmax and P.V (dtype cast, NaN guard, dropout).
-_PROB_STEPS = {"Cast", "Where", "Dropout", "Identity"}
+_PROB_STEPS = {"Cast", "CastLike", "Where", "Dropout", "Identity"}
 _MATMULS = {"MatMul", "FusedMatMul", "Einsum"}
 _SEARCH_DEPTH = 6
+# Soft-capped scores sit 7 steps above the softmax in onnx's own Attention function body
+# (Cast, Add mask, Mul cap, Tanh, Div cap, Cast, MatMul), as in eager softcapped exports; a
+# decomposed ONNX Attention with every mask (attn_mask, causal, window, cache padding) sits 10 up.
+_SCORE_DEPTH = 12
+# Map types a patched model runs with: the native kernel's (ops/spec.py), and float64, which the
+# op's ONNX function serves (it computes in float32; unflagged rows pass through bit-identical).
+# onnxruntime's CPU provider runs no bfloat16 MatMul, so bfloat16 attention cannot run at all.
+_MAP_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ def _upstream(
 
 
 def _scores_come_from_matmul(g: _Graph, name: str) -> bool:
-    steps = _upstream(g, name, _SEARCH_DEPTH, lambda n: n.input if n.op_type in _SCORE_STEPS else ())
+    steps = _upstream(g, name, _SCORE_DEPTH, lambda n: n.input if n.op_type in _SCORE_STEPS else ())
     return any(node.op_type in _MATMULS for node in steps)
 
 
@@ -179,6 +187,17 @@ def _constant_shape(g: _Graph, name: str) -> list[int] | None:
     return dims
 
 
+def _check_map_type(g: _Graph, softmax: onnx.NodeProto, name: str) -> None:
+    t = g.types.get(softmax.output[0])
+    elem = t.tensor_type.elem_type if t is not None else 0
+    if elem and elem not in _MAP_TYPES:
+        dtype = TensorProto.DataType.Name(elem).lower()
+        raise InvalidModelError(
+            f"the attention map of {name} is {dtype}, which onnxruntime's CPU provider cannot run (no {dtype} "
+            f"MatMul), so a patched model could not be checked or run; convert the model to float16 or float32 first"
+        )
+
+
 def _refuse_fused_or_patched(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         if node.domain == spec.DOMAIN:
@@ -222,6 +241,7 @@ def find_attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         elif not _feeds_value_matmul(g, node.output[0]):
             skipped.append(f"{name}: its output does not feed a MatMul with the values")
         else:
+            _check_map_type(g, node, name)
             guard = _nan_guard(g, node.output[0])
             heads = g.dim(node.output[0], 1) or _heads_from_reshape(g, node.input[0])
             sites.append(

@@ -131,6 +131,12 @@ def _pass_through(model: onnx.ModelProto, sites: list[AttentionSite], heads: int
         ) from err
 
 
+def _exposes_map(node: onnx.NodeProto, tap: str, graph_outputs: set[str]) -> bool:
+    """A node that only hands the attention map to a graph output (ONNX Attention's qk_matmul_output,
+    mode 3): that output is the map the model computed, before the patch, so it is left reading it."""
+    return node.op_type in ("Identity", "Cast", "CastLike") and node.input[0] == tap and node.output[0] in graph_outputs
+
+
 def _noting_decomposed(sites: list[AttentionSite], decomposed: list[Decomposed]) -> list[AttentionSite]:
     by_softmax = {d.softmax: d.op for d in decomposed}
     return [
@@ -180,6 +186,7 @@ def patch_model(
     graph = patched.graph
     by_output = {out: i for i, node in enumerate(graph.node) for out in node.output}
     decoder = any(value.name.startswith("past_key_values.") for value in graph.input)
+    graph_outputs = {value.name for value in graph.output}
     forced, forced_nodes = pass1_forced(graph, sites[0].tap, decoder, forced_input, opset)
     new_nodes: dict[int, list[onnx.NodeProto]] = {by_output[sites[0].tap]: forced_nodes}
     patch_nodes = []
@@ -192,6 +199,8 @@ def patch_model(
             weights.append(tensor.name)
         out = f"{site.tap}/atpatched"
         for node in graph.node:
+            if _exposes_map(node, site.tap, graph_outputs):
+                continue
             for k, name in enumerate(node.input):
                 if name == site.tap:
                     node.input[k] = out
