@@ -3,11 +3,12 @@
 The builder runs offline from a local Hugging Face folder and needs a tokenizer in it: a word-level
 tokenizer over "t0".."t127" is built with the `tokenizers` library. Phi-3 gets
 original_max_position_embeddings = max_position_embeddings, so the builder takes its
-Phi-3-mini (short RoPE) path; the long-RoPE path fails on a random config without rope scaling.
+Phi-3-mini (short RoPE) path (its long-RoPE path needs rope scaling in the config: "phi3_longrope").
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,13 @@ def hf_folder(family: str, folder: Path) -> Path:
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "phi3_longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     extra = {"original_max_position_embeddings": 128, "pad_token_id": EOS} if family == "phi3" else {}
+    if family == "phi3_longrope":  # Phi-3 128k's layout: past 64 positions the builder's If picks the long cache
+        long_factor = [1.0 + 0.1 * i for i in range(HEAD_SIZE // 2)]
+        rope = {"rope_type": "longrope", "long_factor": long_factor, "short_factor": [1.0] * (HEAD_SIZE // 2)}
+        extra = {"original_max_position_embeddings": 64, "pad_token_id": EOS, "rope_scaling": rope}
     config = config_class(
         vocab_size=VOCAB,
         hidden_size=HEADS * HEAD_SIZE,
@@ -55,6 +61,12 @@ def hf_folder(family: str, folder: Path) -> Path:
     model = model_class(config).eval()
     model.save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
+    if family == "phi3_longrope":
+        # The builder reads the transformers-4 key (rope_scaling, with "type"); transformers 5 writes rope_parameters.
+        path = folder / "config.json"
+        saved = json.loads(path.read_text())
+        saved["rope_scaling"] = {"type": "longrope", **saved.pop("rope_parameters"), **rope}
+        path.write_text(json.dumps(saved, indent=2))
     return folder
 
 

@@ -43,14 +43,14 @@ def _session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSess
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _greedy_loop(sessions: list[ort.InferenceSession]) -> list[float]:
+def _greedy_loop(sessions: list[ort.InferenceSession], prompt: list[int] = PROMPT) -> list[float]:
     """Max |first - other| over logits and present K/V, per step; tokens chosen by the first session."""
     first = sessions[0]
     past_inputs = [i for i in first.get_inputs() if i.name.startswith("past_key_values.")]
     names = [o.name for o in first.get_outputs()]
     empty = np.zeros((1, KV_HEADS, 0, HEAD_SIZE), np.float32)
     pasts = [{i.name: empty for i in past_inputs} for _ in sessions]
-    tokens, new = list(PROMPT), list(PROMPT)
+    tokens, new = list(prompt), list(prompt)
     diffs = []
     for _ in range(STEPS + 1):
         feeds = {
@@ -152,3 +152,14 @@ def test_flags_carry_to_later_steps_only_where_the_loop_feeds_them_back(genai_fo
         gap = float(np.max(np.abs(a["logits"] - c["logits"])))
         assert gap == 0.0 if step == 0 else gap > 1e-4, (step, gap)
         assert bool(c["present_atpatch_flags"][0, 2]) == (step == 0)
+
+
+def test_phi3_long_rope_past_its_original_length_equals_the_fused_decoder(tmp_path: Path) -> None:
+    """Phi-3 128k's layout: an If picks the long or short cos/sin cache by the total length."""
+    folder = build_genai("phi3_longrope", tmp_path)
+    model = onnx.load(str(folder / "model.onnx"))
+    assert any(n.op_type == "If" for n in model.graph.node)
+    patched, _ = patch_model(model)
+    long_prompt = [BOS, *range(1, 70)]  # 70 tokens: past original_max_position_embeddings (64)
+    diffs = _greedy_loop([_session(model), _session(patched)], long_prompt)
+    assert max(diffs) <= ATOL, f"max |fused - patched| {max(diffs):.2e}"
