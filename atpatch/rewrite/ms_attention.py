@@ -111,6 +111,15 @@ def _ms_multihead_attention(b: _Nodes, g: _Graph, node: onnx.NodeProto) -> str:
     ranks = (g.rank(q), g.rank(k) if k else None, g.rank(v) if v else None)
     if ranks != (3, 3, 3):
         shown = ", ".join("?" if r is None else str(r) for r in ranks)
+        if k and v and None in ranks and set(ranks) <= {3, None}:
+            # Neither onnx's nor onnxruntime's symbolic shape inference (shapes.py) could type them.
+            raise _refuse(
+                node,
+                f"query/key/value of unknown ranks ({shown}), which neither onnx's nor onnxruntime's symbolic "
+                f"shape inference could infer",
+                "save the model with shape information (python -m onnxruntime.tools.symbolic_shape_infer "
+                "--auto_merge), or export with eager attention (attn_implementation='eager')",
+            )
         raise _refuse(node, f"query/key/value of ranks ({shown}) (packed or per-head layouts)", fix)
     if bias_in:
         dq, dk = b.dim(q, 2), b.dim(k, 2)
