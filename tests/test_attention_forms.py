@@ -117,3 +117,17 @@ def test_multihead_attention_of_unknown_ranks_is_refused_naming_shape_inference(
     monkeypatch.setattr(shapes, "_symbolic", lambda model: None)  # as if onnxruntime's inference failed
     with pytest.raises(FusedAttentionError, match=r"unknown ranks \(\?, \?, \?\).*symbolic_shape_infer"):
         patch_model(_mha_after_skip_layer_norm())
+
+
+def test_shape_inference_writes_no_file_where_onnxruntimes_is_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gqa_graphs import GqaCase
+
+    from atpatch.rewrite.shapes import infer_shapes
+
+    # GroupQueryAttention without a cache: onnxruntime's symbolic inference stops short on it, and its own
+    # entry point then saves sym_shape_infer_temp.onnx (and a .data file) in the current folder.
+    monkeypatch.chdir(tmp_path)
+    infer_shapes(GqaCase(cache="none").model())
+    assert list(tmp_path.iterdir()) == []

@@ -45,7 +45,14 @@ def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:  # onnxruntime without its tools: onnx's inference is all there is
         return None
+    # SymbolicShapeInference.infer_shapes itself, but keeping a partial answer: on an incomplete one
+    # it raises, after saving the model into the current folder (sym_shape_infer_temp.onnx).
     try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
     except Exception:  # noqa: BLE001 - a graph it cannot follow leaves onnx's answer, not an error
         return None
