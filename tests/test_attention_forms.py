@@ -75,36 +75,36 @@ def test_find_sites_sees_through_onnxruntime_contrib_ops() -> None:
     assert [s.heads for s in find_attention_sites(_attention_after_rms_norm())] == [2]
 
 
-def _mha_after_skip_layer_norm() -> onnx.ModelProto:
+def _mha_after_skip_layer_norm(width: int = 8) -> onnx.ModelProto:
     """onnxruntime's fuser with use_multi_head_attention=True: MultiHeadAttention on 3D Q/K/V made by
     MatMuls after a contrib op (SkipLayerNormalization), no value_info, so onnx infers no rank for them."""
     rng = np.random.default_rng(0)
-    weights = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in ("wq", "wk", "wv")}
+    weights = {n: rng.standard_normal((width, width)).astype(np.float32) / width**0.5 for n in ("wq", "wk", "wv")}
+    weights |= {"gamma": np.ones(width, np.float32), "beta": np.zeros(width, np.float32)}
     model = _parse(
-        """
-    g (float[B,S,8] x, float[B,S,8] skip) => (float[B,S,8] y) {
-        gamma = Constant<value=float[8] {1,1,1,1,1,1,1,1}>()
-        beta = Constant<value=float[8] {0,0,0,0,0,0,0,0}>()
+        f"""
+    g (float[B,S,{width}] x, float[B,S,{width}] skip) => (float[B,S,{width}] y) {{
         h = com.microsoft.SkipLayerNormalization<epsilon=0.00001>(x, skip, gamma, beta)
         q = MatMul(h, wq)
         k = MatMul(h, wk)
         v = MatMul(h, wv)
         y = com.microsoft.MultiHeadAttention<num_heads=2>(q, k, v)
-    }""",
+    }}""",
         '"" : 17, "com.microsoft" : 1',
     )
     model.graph.initializer.extend(onnx.numpy_helper.from_array(w, n) for n, w in weights.items())
     return model
 
 
-def test_multihead_attention_without_shape_info_is_patched_after_symbolic_inference() -> None:
-    model = _mha_after_skip_layer_norm()
+@pytest.mark.parametrize("width", [8, 160], ids=["small", "weights-past-64KiB"])  # large ones are not copied
+def test_multihead_attention_without_shape_info_is_patched_after_symbolic_inference(width: int) -> None:
+    model = _mha_after_skip_layer_norm(width)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     assert "q" not in {v.name for v in inferred.graph.value_info}  # what used to be refused
     patched, sites = patch_model(model)
     assert len(sites) == 1 and sites[0].heads == 2
     rng = np.random.default_rng(1)
-    feeds = {n: rng.standard_normal((2, 5, 8)).astype(np.float32) for n in ("x", "skip")}
+    feeds = {n: rng.standard_normal((2, 5, width)).astype(np.float32) for n in ("x", "skip")}
     np.testing.assert_allclose(_run(patched, feeds)[0], _run(model, feeds)[0], atol=1e-5, rtol=0)
 
 

@@ -9,6 +9,9 @@ knows those ops; it runs only when the model has such ops, and fills in what onn
 from __future__ import annotations
 
 import onnx
+from onnx import external_data_helper, helper
+
+from ..modelio import SMALL_TENSOR_BYTES
 
 __all__ = ["infer_shapes"]
 
@@ -40,11 +43,34 @@ def _typed(value: onnx.ValueInfoProto) -> bool:
     return bool(t.elem_type) and t.HasField("shape")
 
 
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large or on-disk initializers are graph inputs of their type and shape: inference needs
+    no weight values (small ones such as shape constants stay), and a multi-GB model is not copied."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {v.name for v in model.graph.input}
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor) or tensor.ByteSize() > SMALL_TENSOR_BYTES:
+            if tensor.name not in declared:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    return light
+
+
 def _symbolic(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:  # onnxruntime without its tools: onnx's inference is all there is
         return None
+    model = _without_weights(model)
     # SymbolicShapeInference.infer_shapes itself, but keeping a partial answer: on an incomplete one
     # it raises, after saving the model into the current folder (sym_shape_infer_temp.onnx).
     try:
