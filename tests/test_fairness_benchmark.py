@@ -21,10 +21,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# Trains a tiny BERT for an epoch, then fits and evaluates two detectors: about 2 minutes on 2 idle cores,
+# 4.5 measured beside other work.
 def test_smoke_run_fits_exports_and_evaluates_fairness(tmp_path: Path) -> None:
     before = published("fairness_adult")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fairness_adult.py"), "--smoke", "--cache", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540)  # under the suite's 600 s per test
     assert done.returncode == 0, done.stderr[-2000:]
     work = tmp_path / "smoke-seed0"
     results = json.loads((work / "results.json").read_text())
