@@ -74,13 +74,13 @@ def _attention_cases() -> list:  # noqa: ANN401 (onnx's TestCase)
     node modules take ~13 s; these ~1 s)."""
     from onnx.backend.test.case import node
 
-    node._TargetOpType = "Attention"
+    target, node._TargetOpType = node._TargetOpType, "Attention"
     try:
         for info in pkgutil.iter_modules(node.__path__):
             if "attention" in info.name:
                 importlib.import_module(f"{node.__name__}.{info.name}")
     finally:
-        node._TargetOpType = None
+        node._TargetOpType = target
     return [c for c in node._NodeTestCases if c.name.startswith("test_attention")]
 
 
