@@ -131,3 +131,23 @@ def test_shape_inference_writes_no_file_where_onnxruntimes_is_incomplete(
     monkeypatch.chdir(tmp_path)
     infer_shapes(GqaCase(cache="none").model())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntimes_multihead_attention_fusion_of_bert_is_patched_bit_identically(exported, rng) -> None:  # noqa: ANN001
+    """The fuser's real output (use_multi_head_attention=True) has no value_info at all."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    result = exported("bert", False, 17)
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = True
+    copy = onnx.ModelProto()
+    copy.CopyFrom(result.model)
+    fused = optimize_model(
+        copy, model_type="bert", num_heads=4, hidden_size=32, optimization_options=options, opt_level=0
+    ).model
+    assert sum(n.op_type == "MultiHeadAttention" for n in fused.graph.node) == 2 and not fused.graph.value_info
+    patched, sites = patch_model(fused)
+    assert [s.notes[-1] for s in sites] == ["decomposed from com.microsoft::MultiHeadAttention"] * 2
+    inputs = result.family.make_inputs(result.config, 3, 10, rng)
+    np.testing.assert_array_equal(_run(patched, inputs)[0], _run(fused, inputs)[0])
