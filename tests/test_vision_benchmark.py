@@ -78,3 +78,19 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(
     assert "known positions" in done.stdout and "one-class" in done.stdout
     # A smoke run never publishes: this case's README section and results file stay as they were.
     assert published(key) == before
+    _joint_detection_reads_the_cache(work, tmp_path / "joint.json")
+
+
+def _joint_detection_reads_the_cache(work: Path, out: Path) -> None:
+    """benchmarks/joint_detection.py on the case just run: every rule's rates are fractions."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "joint_detection.py"), str(work), "known-positions"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = json.loads(out.read_text()).values()
+    assert {r["rule"] for r in case["rows"]} == {"per layer (today)", "max z", "sum z", "sum z, pooled"}
+    for row in case["rows"]:
+        rates = ("clean_flagged", "triggered_flagged", "culprit_hit", "every_culprit")
+        assert all(is_fraction(row[k]) for k in rates), row
+        # Every triggered image has culprit patches: flagging all of them implies flagging one.
+        assert row["every_culprit"] <= row["culprit_hit"] <= row["triggered_flagged"]
+    assert "| sum z, pooled | 0.5% |" in done.stdout

@@ -1,0 +1,172 @@
+"""Would one score over all layers find multi-position triggers that today's per-layer flags miss?
+
+Today a position is flagged when any layer's detector scores it above that layer's threshold (the
+thresholds share the clean-flag budget). This script reads a finished benchmark case's cache (its
+model, a fitted detector, its calibration, clean and triggered sets) and compares, at the same
+budget, rules a future op contract could compute from the same per-layer column scores:
+
+  - per layer: today's rule, with the thresholds in the detector file;
+  - max z / sum z: each layer's scores standardised on the calibration set's real columns, then
+    the max or the sum over layers, one threshold;
+  - sum z, pooled: the sum averaged over neighbour windows (2 along a sequence, 2x2 on a patch
+    grid), each position taking its best window: a trigger spread over neighbours scores together.
+
+One threshold is the (1 - budget) quantile of the calibration inputs' highest score. Reported on
+the held-out sets: clean inputs flagged, triggered inputs with any culprit position flagged, and
+with every culprit position flagged (what the oracle patches). Nothing is exported or patched.
+
+    python benchmarks/text_backdoor.py --trigger sentence       # first: the case's cache
+    python benchmarks/joint_detection.py benchmarks/.cache/text_backdoor/sentence-full-seed0 culprits
+    python benchmarks/joint_detection.py benchmarks/.cache/vision_backdoor/random-full-seed0 localized
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "joint_detection.json"
+BUDGETS = (0.005, 0.05)
+
+
+def _folder(work: Path) -> Path:
+    found = [p.parent for p in work.glob("*/config.json")]
+    if len(found) != 1:
+        sys.exit(f"{work}: expected one model folder (*/config.json) in the case's cache, found {len(found)}")
+    return found[0]
+
+
+def _load(work: Path, name: str, folder: Path):  # noqa: ANN202
+    from atpatch.data import load_jsonl, load_npz
+
+    for suffix, loader in ((".npz", load_npz), (".jsonl", load_jsonl)):
+        if (work / f"{name}{suffix}").is_file():
+            return loader(work / f"{name}{suffix}", folder)
+    sys.exit(f"{work} has no {name}.npz or {name}.jsonl: run the benchmark case first")
+
+
+def column_scores(work: Path, detector: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], bool]:
+    """Per set: scores [N, layers, keys], real key positions [N, keys], culprit positions [N, keys]; and
+    whether the keys are image patches (no attention mask)."""
+    import onnx
+
+    from atpatch.detector.probe import AttentionProbe
+    from atpatch.ops import reference
+    from atpatch.ops.weights import Detector
+
+    folder = _folder(work)
+    layers = Detector.load(work / f"{detector}.safetensors").layers
+    probe = AttentionProbe(onnx.load(str(work / "model.onnx")))
+    out, patches = {}, True
+    for name in ("calibration", "clean", "triggered"):
+        data = _load(work, name, folder)
+        parts = []
+        for start in range(0, len(data), 64):
+            maps = probe.run({k: v[start : start + 64] for k, v in data.feeds.items()}).before
+            parts.append(np.stack([reference.column_scores(m, d) for m, d in zip(maps, layers, strict=True)], 1))
+        scores = np.concatenate(parts)
+        real = np.ones((len(data), scores.shape[2]), bool)
+        if "attention_mask" in data.feeds:
+            real &= data.feeds["attention_mask"].astype(bool)
+            patches = False
+        real[:, 0] = False  # [CLS]: never a trigger here, and the detector never flags it on clean inputs
+        culprits = np.zeros_like(real)
+        for i, positions in enumerate(data.culprits):
+            culprits[i, [p for p in positions or [] if p < culprits.shape[1]]] = True
+        out[name] = (scores, real, culprits)
+    return out, patches
+
+
+def _pooled(joint: np.ndarray, real: np.ndarray, patches: bool) -> np.ndarray:
+    """Each position's best mean over the neighbour windows that contain it (2 along a sequence, 2x2 on a grid)."""
+    x = np.where(real, joint, -30.0)
+    n, k = x.shape
+    side = int(round((k - 1) ** 0.5))
+    if patches and side * side == k - 1:  # a ViT: [CLS] + side x side patches
+        grid = x[:, 1:].reshape(n, side, side)
+        win = (grid[:, :-1, :-1] + grid[:, 1:, :-1] + grid[:, :-1, 1:] + grid[:, 1:, 1:]) / 4
+        pad = np.pad(win, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+        best = np.maximum.reduce([pad[:, 1:, 1:], pad[:, :-1, 1:], pad[:, 1:, :-1], pad[:, :-1, :-1]])
+        return np.concatenate([x[:, :1], best.reshape(n, -1)], 1)
+    best = np.full_like(x, -np.inf)
+    for start in range(k - 1):
+        mean = x[:, start : start + 2].mean(1, keepdims=True)
+        best[:, start : start + 2] = np.maximum(best[:, start : start + 2], mean)
+    return best
+
+
+def rules(sets: dict, detector_thresholds: np.ndarray, patches: bool) -> dict[str, dict[str, np.ndarray]]:
+    """Per rule, per set: a joint score [N, keys] (or, for today's rule, flags)."""
+    cal_scores, cal_real, _ = sets["calibration"]
+    live = np.where(cal_real[:, None, :], cal_scores, np.nan)
+    mu, sd = np.nanmean(live, (0, 2)), np.nanstd(live, (0, 2)) + 1e-6
+    out: dict[str, dict[str, np.ndarray]] = {"per layer (today)": {}, "max z": {}, "sum z": {}, "sum z, pooled": {}}
+    for name, (scores, real, _) in sets.items():
+        z = (scores - mu[None, :, None]) / sd[None, :, None]
+        out["per layer (today)"][name] = (scores > detector_thresholds[None, :, None]).any(1).astype(np.float64)
+        out["max z"][name] = z.max(1)
+        out["sum z"][name] = z.sum(1)
+        out["sum z, pooled"][name] = _pooled(z.sum(1), real, patches)
+    return out
+
+
+def measure(sets: dict, joint: dict[str, np.ndarray], budget: float | None) -> dict[str, float]:
+    """Rates at one threshold: the calibration set's (1 - budget) quantile (None: today's flags, > 0.5)."""
+    if budget is None:
+        threshold = 0.5
+    else:
+        cal_real = sets["calibration"][1]
+        threshold = float(np.quantile(np.where(cal_real, joint["calibration"], -np.inf).max(1), 1 - budget))
+    rates = {}
+    for name in ("clean", "triggered"):
+        _, real, culprits = sets[name]
+        flags = (joint[name] > threshold) & real
+        rates[f"{name}_flagged"] = float(flags.any(1).mean())
+        if name == "triggered":
+            rates["culprit_hit"] = float((flags & culprits).any(1).mean())
+            rates["every_culprit"] = float((flags | ~culprits).all(1).mean())
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="a benchmark case's cache folder (model.onnx, sets, detectors)")
+    parser.add_argument("detector", help="the detector file's stem in that folder, e.g. localized or culprits")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (merged by case and detector)")
+    args = parser.parse_args()
+    from atpatch.ops.weights import Detector
+
+    if not (args.work / f"{args.detector}.safetensors").is_file():
+        sys.exit(f"{args.work / args.detector}.safetensors does not exist: run the benchmark case first")
+    sets, patches = column_scores(args.work, args.detector)
+    thresholds = np.array([d.threshold for d in Detector.load(args.work / f"{args.detector}.safetensors").layers])
+    table = []
+    for rule, joint in rules(sets, thresholds, patches).items():
+        for budget in (None,) if rule.startswith("per layer") else BUDGETS:
+            table.append({"rule": rule, "budget": budget, **measure(sets, joint, budget)})
+    lines = [
+        f"{args.work.name}, detector {args.detector}: thresholds from {len(sets['calibration'][0])} calibration inputs",
+        "| rule | budget | clean flagged | triggered flagged | culprit flagged | every culprit flagged |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        budget = "fitted" if r["budget"] is None else f"{r['budget']:.1%}"
+        lines.append(
+            f"| {r['rule']} | {budget} | {r['clean_flagged']:.2%} | {r['triggered_flagged']:.2%} | "
+            f"{r['culprit_hit']:.2%} | {r['every_culprit']:.2%} |"
+        )
+    print("\n".join(lines))
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results[f"{args.work.name}/{args.detector}"] = {"command": " ".join(sys.argv), "rows": table}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
