@@ -118,6 +118,19 @@ def test_exporting_a_genai_folder_into_itself_is_refused(genai_folder: Path, cap
     assert "is the genai folder or inside it" in capsys.readouterr().err
 
 
+def test_a_genai_export_that_fails_midway_leaves_no_folder(
+    genai_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("atpatch.serving.genai.shutil.copy2", disk_full)  # after the decoder is written
+    out = tmp_path / "patched"
+    assert export_main([str(genai_folder), "-o", str(out)]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
+
+
 def _forced_run(session: ort.InferenceSession, every_step: bool, carry: bool) -> list[dict[str, np.ndarray]]:
     """Fixed tokens; position 2 forced at the prompt (or at every step); flags fed back when `carry`."""
     names = [o.name for o in session.get_outputs()]

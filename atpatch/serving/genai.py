@@ -15,13 +15,14 @@ position is patched at each step where the detector flags it again, not once for
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..detector import Detector
 from ..errors import AtPatchError
-from ..modelio import check_writable, external_tensors, load_model, save_model
+from ..modelio import check_writable, external_tensors, load_model, save_model, staging_folder
 from ..rewrite import AttentionSite, patch_model
 
 __all__ = ["GENAI_CONFIG", "GenaiExport", "is_genai_folder", "patch_genai_folder"]
@@ -81,16 +82,19 @@ def patch_genai_folder(
     side_files = {t.external_data[i].value for t in external_tensors(model) for i in range(len(t.external_data))
                   if t.external_data[i].key == "location"}  # fmt: skip
     patched, sites = patch_model(model, detector, heads, folder, cross_layer=cross_layer)
-    output.mkdir(exist_ok=True)
-    # No onnx checker here: it rejects the builder's own graphs (a Constant's declared rank), which
-    # onnxruntime and genai run; the tests run the written folder in genai instead.
-    save_model(patched, output / name, base_dir=folder)
-    for item in folder.iterdir():
-        if item.name in {name, *side_files}:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, output / item.name)
-        else:
-            shutil.copy2(item, output / item.name)
+    final = output.resolve()
+    with staging_folder(final) as staging:
+        # No onnx checker here: it rejects the builder's own graphs (a Constant's declared rank), which
+        # onnxruntime and genai run; the tests run the written folder in genai instead.
+        save_model(patched, staging / name, base_dir=folder)
+        for item in folder.iterdir():
+            if item.name in {name, *side_files}:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, staging / item.name)
+            else:
+                shutil.copy2(item, staging / item.name)
+        # Replaces an empty folder too (POSIX rename): the patched folder appears whole or not at all.
+        os.replace(staging, final)
     opset = next(int(o.version) for o in patched.opset_import if o.domain in ("", "ai.onnx"))
     return GenaiExport(output, name, opset, sites, detector.kind if detector else "pass-through")
