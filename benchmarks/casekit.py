@@ -319,7 +319,13 @@ def publish(key: str, title: str, command: str, seed: int, setup: str, rows: lis
     RESULTS.mkdir(exist_ok=True)
     raw = {"key": key, "command": command, "seed": seed, "date": stamp, "setup": setup,
            "rows": [asdict(r) for r in rows], "notes": notes}  # fmt: skip
-    _write_atomic(RESULTS / f"{key}.json", json.dumps(raw, indent=1) + "\n")
+    write_atomic(RESULTS / f"{key}.json", json.dumps(raw, indent=1) + "\n")
+    publish_section(key, section)
+    return section
+
+
+def publish_section(key: str, section: str) -> None:
+    """Replace benchmarks/README.md's section between `<!-- results:KEY -->` and its end (or append it)."""
     text = README.read_text(encoding="utf-8") if README.is_file() else "# Benchmarks\n"
     start, end = f"<!-- results:{key} -->", f"<!-- /results:{key} -->"
     block = f"{start}\n{section}\n{end}"
@@ -328,11 +334,10 @@ def publish(key: str, title: str, command: str, seed: int, setup: str, rows: lis
         text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    _write_atomic(README, text)
-    return section
+    write_atomic(README, text)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

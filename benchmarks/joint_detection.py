@@ -29,7 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results" / "joint_detection.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import casekit  # noqa: E402
+
+RESULTS = casekit.RESULTS / "joint_detection.json"
+TITLE = "Experiment: one score over all layers, for multi-position triggers"
+EXPLAINED = (
+    "Not a patch: what a future op contract could flag, from the same per-layer column scores as a "
+    "finished case's fitted detector, at the same clean budget (`benchmarks/joint_detection.py`, its "
+    "docstring says how). *per layer (today)*: any layer above its own threshold, as the patched model "
+    "flags; *max z* / *sum z*: each layer's scores standardised on the calibration set, then the max or the "
+    "sum over layers, one threshold at the budget; *pooled*: the sum averaged over neighbour windows (2 "
+    "along a sequence, 2x2 on a patch grid). Rates on the held-out clean and triggered sets; *every culprit "
+    "flagged* is what the oracle patches."
+)
 BUDGETS = (0.005, 0.05)
 
 
@@ -132,11 +145,27 @@ def measure(sets: dict, joint: dict[str, np.ndarray], budget: float | None) -> d
     return rates
 
 
+def _table(case: str, rows: list[dict]) -> str:
+    lines = [
+        f"**{case}** (`{rows[0]['command']}`)" if rows and "command" in rows[0] else f"**{case}**",
+        "",
+        "| rule | budget | clean flagged | triggered flagged | culprit flagged | every culprit flagged |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        budget = "fitted" if r["budget"] is None else f"{r['budget']:.1%}"
+        lines.append(
+            f"| {r['rule']} | {budget} | {r['clean_flagged']:.2%} | {r['triggered_flagged']:.2%} | "
+            f"{r['culprit_hit']:.2%} | {r['every_culprit']:.2%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="a benchmark case's cache folder (model.onnx, sets, detectors)")
     parser.add_argument("detector", help="the detector file's stem in that folder, e.g. localized or culprits")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (merged by case and detector)")
+    parser.add_argument("--out", type=Path, help="write the results here and leave the published ones alone")
     args = parser.parse_args()
     from atpatch.ops.weights import Detector
 
@@ -144,28 +173,22 @@ def main() -> None:
         sys.exit(f"{args.work / args.detector}.safetensors does not exist: run the benchmark case first")
     sets, patches = column_scores(args.work, args.detector)
     thresholds = np.array([d.threshold for d in Detector.load(args.work / f"{args.detector}.safetensors").layers])
-    table = []
+    command = " ".join(["python benchmarks/joint_detection.py", *sys.argv[1:]])
+    rows = []
     for rule, joint in rules(sets, thresholds, patches).items():
         for budget in (None,) if rule.startswith("per layer") else BUDGETS:
-            table.append({"rule": rule, "budget": budget, **measure(sets, joint, budget)})
-    lines = [
-        f"{args.work.name}, detector {args.detector}: thresholds from {len(sets['calibration'][0])} calibration inputs",
-        "| rule | budget | clean flagged | triggered flagged | culprit flagged | every culprit flagged |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in table:
-        budget = "fitted" if r["budget"] is None else f"{r['budget']:.1%}"
-        lines.append(
-            f"| {r['rule']} | {budget} | {r['clean_flagged']:.2%} | {r['triggered_flagged']:.2%} | "
-            f"{r['culprit_hit']:.2%} | {r['every_culprit']:.2%} |"
-        )
-    print("\n".join(lines))
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[f"{args.work.name}/{args.detector}"] = {"command": " ".join(sys.argv), "rows": table}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(args.out)
+            rows.append({"rule": rule, "budget": budget, **measure(sets, joint, budget), "command": command})
+    case = f"{args.work.parent.name}/{args.work.name}/{args.detector}"
+    print(_table(case, rows))
+    out = args.out or RESULTS
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results[case] = rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    casekit.write_atomic(out, json.dumps(results, indent=1) + "\n")
+    if args.out is None:  # the published figures: every case measured so far, as one README section
+        section = [f"### {TITLE}", "", EXPLAINED]
+        section += ["", *(_table(c, r) + "\n" for c, r in sorted(results.items()))]
+        casekit.publish_section("joint_detection", "\n".join(section).rstrip())
 
 
 if __name__ == "__main__":

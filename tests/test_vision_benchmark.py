@@ -86,9 +86,9 @@ def _joint_detection_reads_the_cache(work: Path, out: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "joint_detection.py"), str(work), "known-positions"]
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    (case,) = json.loads(out.read_text()).values()
-    assert {r["rule"] for r in case["rows"]} == {"per layer (today)", "max z", "sum z", "sum z, pooled"}
-    for row in case["rows"]:
+    (rows,) = json.loads(out.read_text()).values()
+    assert {r["rule"] for r in rows} == {"per layer (today)", "max z", "sum z", "sum z, pooled"}
+    for row in rows:
         rates = ("clean_flagged", "triggered_flagged", "culprit_hit", "every_culprit")
         assert all(is_fraction(row[k]) for k in rates), row
         # Every triggered image has culprit patches: flagging all of them implies flagging one.
