@@ -41,7 +41,9 @@ EXPLAINED = (
     "flags; *max z* / *sum z*: each layer's scores standardised on the calibration set, then the max or the "
     "sum over layers, one threshold at the budget; *pooled*: the sum averaged over neighbour windows (2 "
     "along a sequence, 2x2 on a patch grid). Rates on the held-out clean and triggered sets; *every culprit "
-    "flagged* is what the oracle patches."
+    "flagged* is what the oracle patches. Flags are counted before the spread `atpatch fit` may add (the "
+    "sentence case's detector also patches the tokens within 2 of a flagged one, which is why one flagged "
+    "token of five is enough there)."
 )
 BUDGETS = (0.005, 0.05)
 
