@@ -22,28 +22,7 @@ from __future__ import annotations
 
 import onnx
 
-# The shared builders stay importable from here, where a new pass (e.g. gqa.py) looks for them.
-from .explicit import (  # noqa: F401
-    _INT64_MAX,
-    _MS,
-    _REEXPORT,
-    Decomposed,
-    _add,
-    _attend,
-    _attrs,
-    _causal,
-    _check_only,
-    _Core,
-    _Graph,
-    _input,
-    _Mask,
-    _Nodes,
-    _op_label,
-    _output,
-    _refuse,
-    _run_pass,
-    _with_past,
-)
+from .explicit import _MS, Decomposed
 from .gqa import decompose_group_query_attention
 from .ms_attention import decompose_ms_attention, decompose_ms_multihead_attention
 from .onnx_attention import decompose_onnx_attention
