@@ -29,7 +29,7 @@ def _tokenizer():  # noqa: ANN202
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def hf_folder(family: str, folder: Path) -> Path:
+def hf_folder(family: str, folder: Path, initializer_range: float = 0.02) -> Path:
     import torch
     import transformers
 
@@ -56,6 +56,7 @@ def hf_folder(family: str, folder: Path) -> Path:
         bos_token_id=BOS,
         eos_token_id=EOS,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
         **extra,
     )
     model = model_class(config).eval()
@@ -70,9 +71,9 @@ def hf_folder(family: str, folder: Path) -> Path:
     return folder
 
 
-def build_genai(family: str, root: Path) -> Path:
+def build_genai(family: str, root: Path, initializer_range: float = 0.02) -> Path:
     """onnxruntime-genai's builder output for a tiny random `family` model: a folder genai loads."""
-    hf = hf_folder(family, root / f"hf_{family}")
+    hf = hf_folder(family, root / f"hf_{family}", initializer_range)
     out = root / f"genai_{family}"
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
     command += ["-p", "fp32", "-e", "cpu", "-c", str(root / f"cache_{family}")]

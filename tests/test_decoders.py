@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from torch_reference import cross_layer_generate, cross_layer_run
+from torch_reference import cross_layer_generate, cross_layer_run, robust_peak_detector
 
 from atpatch.detector import Detector
 from atpatch.errors import AtPatchError
 from atpatch.exporter.families import cache_layout, step_inputs
 from atpatch.ops import spec
-from atpatch.ops.reference import LayerDetector
 from atpatch.rewrite import patch_model
 from atpatch.rewrite.crosslayer import PAST_FLAGS
 from atpatch.runtime.generate import greedy_generate
@@ -111,36 +110,6 @@ def _real(name: str, step: dict[str, np.ndarray], array: np.ndarray) -> np.ndarr
     return np.moveaxis(array, 2, 1)[mask]
 
 
-def _peak_detector(threshold: float) -> Detector:
-    """Flags a key column when, in any head, some query puts more than `threshold` of its attention on it."""
-    w1 = np.zeros((spec.num_features(HEADS), HEADS), np.float32)
-    first = spec.FEATURE_NAMES.index("peak") * HEADS
-    w1[first : first + HEADS] = np.eye(HEADS, dtype=np.float32)
-    layer = LayerDetector(
-        w1, np.full(HEADS, -threshold, np.float32), np.ones(HEADS, np.float32), np.zeros(1, np.float32), 0.0
-    )
-    return Detector(layers=(layer,) * NUM_LAYERS, kind="test-peak")
-
-
-def _robust_peak_detector(
-    run: Callable[[Detector, list[np.ndarray]], object], changed: Callable[[object], bool]
-) -> Detector:
-    """A peak detector whose threshold is at least 1e-3 from every peak PyTorch's patched `run` sees.
-
-    `run(detector, seen)` runs PyTorch patched by the reference, cross-layer, collecting every map
-    into `seen`. float32 differences between PyTorch and onnxruntime (~1e-6) then cannot flip a
-    flag; `changed` says whether the patched result differs from the unpatched one (so the check can fail).
-    """
-    for threshold in (0.5, 0.6, 0.4, 0.7, 0.45, 0.55, 0.35, 0.65):
-        detector = _peak_detector(threshold)
-        seen: list[np.ndarray] = []
-        result = run(detector, seen)
-        peaks = np.concatenate([m.max(axis=-2).ravel() for m in seen])
-        if np.abs(peaks - threshold).min() > 1e-3 and (peaks > threshold).any() and changed(result):
-            return detector
-    raise AssertionError("no peak threshold flags columns, changes the result and keeps clear of every peak")
-
-
 @pytest.mark.parametrize(("arch", "dynamo", "attention", "opset"), CASES, ids=IDS)
 def test_every_step_is_patched_in_each_layer_and_pass_through_outputs_are_identical(
     exported_step,
@@ -207,7 +176,7 @@ def test_flagged_columns_give_pytorch_patched_outputs_on_prefill_and_decode_step
         def cross_layer(detector: Detector, seen: list[np.ndarray], before: np.ndarray = nothing_before) -> list:
             return cross_layer_run(torch_run, detector.layers, before, seen)[0]
 
-        detector = _robust_peak_detector(cross_layer, changed)
+        detector = robust_peak_detector(HEADS, NUM_LAYERS, cross_layer, changed)
         expected = cross_layer(detector, [])
         got = _session(patch_model(result.model, detector)[0]).run(outputs, {**inputs, PAST_FLAGS: nothing_before})
         for name, g, e in zip(outputs, got, expected, strict=True):
@@ -266,7 +235,7 @@ def test_greedy_generation_through_onnxruntime_gives_pytorch_tokens_under_the_sa
     np.testing.assert_array_equal(unpatched, _torch_generate(model, ids, mask))
 
     generate = _cross_layer_generate(result, ids, mask)
-    detector = _robust_peak_detector(generate, lambda tokens: not np.array_equal(tokens, unpatched))
+    detector = robust_peak_detector(HEADS, NUM_LAYERS, generate, lambda tokens: not np.array_equal(tokens, unpatched))
     expected = generate(detector, [])
     got = greedy_generate(_session(patch_model(result.model, detector)[0]), ids, mask, NEW_TOKENS)
     assert got.shape == (2, NEW_TOKENS)
@@ -320,7 +289,7 @@ def test_generation_with_the_native_kernel_gives_the_function_tokens(exported_st
     ids, mask = _prompts(rng)
     unpatched = greedy_generate(_session(result.model), ids, mask, NEW_TOKENS)
     generate = _cross_layer_generate(result, ids, mask)
-    detector = _robust_peak_detector(generate, lambda tokens: not np.array_equal(tokens, unpatched))
+    detector = robust_peak_detector(HEADS, NUM_LAYERS, generate, lambda tokens: not np.array_equal(tokens, unpatched))
     patched = patch_model(result.model, detector)[0]
     expected = generate(detector, [])
     np.testing.assert_array_equal(greedy_generate(create_session(patched, use_native=True), ids, mask), expected)

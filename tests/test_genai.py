@@ -5,7 +5,10 @@ For tiny random Llama, Qwen2 and Phi-3 (fp32, CPU; tests/genai_models.py):
     present K/V, over the prompt and 8 greedy steps (a plain onnxruntime loop, KV cache grown);
   - `atpatch-export FOLDER -o NEW` writes a folder that genai's own loop (og.Model, og.Generator,
     its genai_config.json: a KV buffer shared by past and present) runs, with a pass-through patch
-    giving the unpatched model's greedy tokens and logits.
+    giving the unpatched model's greedy tokens and logits;
+  - with a detector that flags, genai's loop generates the tokens of the same Hugging Face model in
+    PyTorch with each softmax patched by the numpy reference, cross-layer, step by step without
+    carrying flags (genai never feeds the flag state back).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from genai_models import BOS, FAMILIES, HEAD_SIZE, KV_HEADS, build_genai
+from genai_models import BOS, EOS, FAMILIES, HEAD_SIZE, HEADS, KV_HEADS, build_genai
+from torch_reference import cross_layer_generate, peak_detector, robust_peak_detector
 
 from atpatch.cli import export_main
 from atpatch.ops import spec
 from atpatch.rewrite import decompose_fused_attention, patch_model
+from atpatch.serving.genai import patch_genai_folder
 
 og = pytest.importorskip(
     "onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -c constraints.txt -e '.[genai]')"
@@ -33,7 +38,9 @@ PROMPT = [BOS, 5, 17, 33, 2, 90]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def genai_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_genai(request.param, tmp_path_factory.mktemp(request.param))
+    # Weights ten times transformers' default spread, so attention decides the greedy tokens: with the
+    # default, patching a column never changed a token of the tiny Llama, and a flag test could not fail.
+    return build_genai(request.param, tmp_path_factory.mktemp(request.param), initializer_range=0.2)
 
 
 def _session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
@@ -111,6 +118,41 @@ def test_an_exported_genai_folder_runs_in_genais_own_loop_with_the_same_greedy_t
     assert got_tokens == want_tokens
     for want, got in zip(want_logits, got_logits, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def _reference_generate(genai_folder: Path, carry: bool = False) -> object:
+    """(detector, seen) -> greedy tokens of the builder's Hugging Face source model in PyTorch (eager),
+    each softmax patched by the numpy reference, cross-layer; genai's loop does not carry flags."""
+    from atpatch.exporter.families import cache_layout
+    from atpatch.exporter.hf import load_hf_model
+    from atpatch.exporter.kv_cache import generation_step
+
+    model = load_hf_model(genai_folder.parent / genai_folder.name.replace("genai_", "hf_"), "eager")
+    layout = cache_layout(model.config)
+    step = generation_step(model, layout)
+    empty = [np.zeros((1, layout.kv_heads, 0, layout.head_dim), np.float32) for _ in layout.past_names]
+    ids, mask = np.array([PROMPT], np.int64), np.ones((1, len(PROMPT)), np.int64)
+    return lambda detector, seen: cross_layer_generate(
+        step, detector.layers, ids, mask, empty, STEPS + 1, seen, carry=carry
+    )[0].tolist()
+
+
+def test_a_flagging_detector_changes_genais_tokens_as_the_numpy_reference_says(
+    genai_folder: Path, tmp_path: Path
+) -> None:
+    unpatched, _ = _genai_greedy(genai_folder)
+    generate = _reference_generate(genai_folder)
+    never = peak_detector(1.5, HEADS, 2)  # no attention exceeds 1: the reference's own pass-through
+    assert generate(never, [])[: len(unpatched)] == unpatched
+    detector = robust_peak_detector(HEADS, 2, generate, lambda tokens: tokens[: len(unpatched)] != unpatched)
+    expected = generate(detector, [])
+    patch_genai_folder(genai_folder, tmp_path / "patched", detector)
+    got, _ = _genai_greedy(tmp_path / "patched")
+    # genai stops at the end-of-sequence token; the reference generates on.
+    assert got == expected[: len(got)] and (len(got) == STEPS + 1 or got[-1] == EOS), (got, expected)
+    assert got != unpatched
+    # The check can tell the two loops apart: atpatch's own loop, which carries flags, goes elsewhere.
+    assert _reference_generate(genai_folder, carry=True)(detector, [])[: len(got)] != got
 
 
 def test_exporting_a_genai_folder_into_itself_is_refused(genai_folder: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from atpatch.ops import reference
+from atpatch.detector import Detector
+from atpatch.ops import reference, spec
 
 
 @contextmanager
@@ -101,10 +102,14 @@ def cross_layer_generate(
     past: list[np.ndarray],
     new_tokens: int,
     seen: list[np.ndarray] | None = None,
+    carry: bool = True,
 ) -> np.ndarray:
     """Greedy tokens [batch, new_tokens] from a generation-step module (exporter.kv_cache.generation_step),
     as atpatch.runtime.generate does it, with cross-layer patching and the flagged positions carried
-    from step to step. `past`: the empty cache, one array per past_key_values input."""
+    from step to step. `past`: the empty cache, one array per past_key_values input.
+
+    `carry=False` is onnxruntime-genai's loop, which never feeds the flag state back: each step
+    patches only what it flags itself."""
     from atpatch.exporter.families import positions
     from atpatch.runtime.generate import left_pad
 
@@ -119,9 +124,41 @@ def cross_layer_generate(
             with torch.no_grad():
                 return [t.numpy() for t in step(*(torch.from_numpy(a) for a in feeds))]
 
-        (logits, *past), state = cross_layer_run(run, layers, state, seen)
+        (logits, *past), union = cross_layer_run(run, layers, state, seen)
+        if carry:
+            state = union
         ids = logits[:, -1].argmax(axis=-1).astype(np.int64)[:, None]
         generated.append(ids)
         position = position[:, -1:] + 1
         mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
     return np.concatenate(generated, axis=1)
+
+
+def peak_detector(threshold: float, heads: int, layers: int) -> Detector:
+    """Flags a key column when, in any head, some query puts more than `threshold` of its attention on it."""
+    w1 = np.zeros((spec.num_features(heads), heads), np.float32)
+    first = spec.FEATURE_NAMES.index("peak") * heads
+    w1[first : first + heads] = np.eye(heads, dtype=np.float32)
+    layer = reference.LayerDetector(
+        w1, np.full(heads, -threshold, np.float32), np.ones(heads, np.float32), np.zeros(1, np.float32), 0.0
+    )
+    return Detector(layers=(layer,) * layers, kind="test-peak")
+
+
+def robust_peak_detector(
+    heads: int, layers: int, run: Callable[[Detector, list[np.ndarray]], object], changed: Callable[[object], bool]
+) -> Detector:
+    """A peak detector whose threshold is at least 1e-3 from every peak PyTorch's patched `run` sees.
+
+    `run(detector, seen)` runs PyTorch patched by the reference, cross-layer, collecting every map
+    into `seen`. float32 differences between PyTorch and onnxruntime (~1e-6) then cannot flip a
+    flag; `changed` says whether the patched result differs from the unpatched one (so the check can fail).
+    """
+    for threshold in (0.5, 0.6, 0.4, 0.7, 0.45, 0.55, 0.35, 0.65):
+        detector = peak_detector(threshold, heads, layers)
+        seen: list[np.ndarray] = []
+        result = run(detector, seen)
+        peaks = np.concatenate([m.max(axis=-2).ravel() for m in seen])
+        if np.abs(peaks - threshold).min() > 1e-3 and (peaks > threshold).any() and changed(result):
+            return detector
+    raise AssertionError("no peak threshold flags columns, changes the result and keeps clear of every peak")
