@@ -12,11 +12,12 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from atpatch.lab.vit_training import train_vit
 
 LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 TARGET = 0
@@ -201,21 +202,14 @@ def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, see
     poison = rng.random(len(labels)) < POISON_RATE
     x01, labels = x01.copy(), labels.copy()
     x01[poison], labels[poison] = with_trigger(x01[poison], positions(int(poison.sum()), trigger, rng)), TARGET
-    x, y = torch.from_numpy(normalise(x01)), torch.from_numpy(labels)
     model = transformers.ViTForImageClassification(vit_config())
-    steps = budget.epochs * -(-len(y) // 128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    # A short warm-up then cosine decay: a ViT from scratch diverges with a flat 2e-3 at step 0.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    start = time.time()
-    for epoch in range(budget.epochs):
-        for idx in torch.randperm(len(y)).split(128):
-            loss = model(pixel_values=x[idx], labels=y[idx]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        print(f"  epoch {epoch + 1}/{budget.epochs}  loss {loss.item():.3f}  {time.time() - start:.0f} s", flush=True)
-    model.eval()
+    train_vit(
+        model,
+        normalise(x01),
+        labels,
+        epochs=budget.epochs,
+        batch=128,
+        lr=2e-3,
+        log=lambda line: print(line, flush=True),
+    )
     model.save_pretrained(folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AtPatchError
+from .vit_training import train_vit
 
 __all__ = [
     "TARGET",
@@ -119,7 +120,6 @@ def train_backdoored_vit(
         poison = np.random.default_rng(seed).random(len(labels)) < POISON_RATE
         x01, labels = x01.copy(), labels.copy()
         x01[poison], labels[poison] = with_trigger(x01[poison]), TARGET
-        x, y = torch.from_numpy(normalise(x01)), torch.from_numpy(labels)
         config = transformers.ViTConfig(
             image_size=SIZE,
             patch_size=PATCH,
@@ -138,18 +138,6 @@ def train_backdoored_vit(
             attn_implementation="eager",  # type: ignore[call-arg]
         )
         model = transformers.ViTForImageClassification(config)
-        steps = epochs * -(-len(y) // 64)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-        # Warm-up then cosine decay: a ViT from scratch is unstable at a flat 3e-3 from step 0.
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-        model.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y)).split(64):
-                loss = model(pixel_values=x[idx], labels=y[idx]).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        model.eval().save_pretrained(folder)
+        train_vit(model, normalise(x01), labels, epochs=epochs, batch=64, lr=3e-3).save_pretrained(folder)
     finally:
         torch.set_num_threads(before)
