@@ -127,8 +127,19 @@ def _localize(args: argparse.Namespace) -> str:
 
 
 def _fit(args: argparse.Namespace) -> str:
+    from .detector.tradeoff import FairnessOptions
     from .workflow import run_fit
 
+    fairness = None
+    if args.protected:
+        fairness = FairnessOptions(args.validation, args.counterfactual, args.group_field, args.max_accuracy_drop)
+    else:
+        given = [
+            f"--{n.replace('_', '-')}" for n in ("validation", "counterfactual", "group_field") if getattr(args, n)
+        ]
+        if given:
+            raise AtPatchError(f"{', '.join(given)} are for the fairness fit; add --protected")
+    tokens = None if args.protected_tokens is None else [t.strip() for t in args.protected_tokens.split(",")]
     return run_fit(
         args.model,
         args.hf,
@@ -139,6 +150,8 @@ def _fit(args: argparse.Namespace) -> str:
         args.target_flag_rate,
         args.budget,
         args.culprits,
+        fairness,
+        tokens,
     )
 
 
@@ -155,6 +168,7 @@ def _eval(args: argparse.Namespace) -> str:
         args.counterfactual,
         args.group_field,
         args.json,
+        args.masked,
     )
 
 
@@ -196,6 +210,42 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
     )
     fit.add_argument("--budget", type=int, default=64, help="model calls per input for localization")
     fit.add_argument("-o", "--output", type=Path, required=True, help="detector file (.safetensors)")
+    fair = fit.add_argument_group(
+        "fairness (--protected)",
+        "thresholds chosen by counterfactual flips against accuracy, not by --target-flag-rate;\n"
+        "the trade-off goes to <output stem>.tradeoff.png and .tradeoff.json beside the detector",
+    )
+    fair.add_argument(
+        "--protected", action="store_true", help="fairness mode: the misbehaviour is reliance on a protected attribute"
+    )
+    fair.add_argument(
+        "--validation",
+        type=Path,
+        metavar="FILE",
+        help="labelled validation rows, JSONL (default: none; required with --protected)",
+    )
+    fair.add_argument(
+        "--counterfactual",
+        type=Path,
+        metavar="FILE",
+        help="--validation with the attribute flipped, row by row (default: none; required with --protected)",
+    )
+    fair.add_argument(
+        "--group-field", metavar="NAME", help="0/1 field of --validation for the parity gap (default: no gap)"
+    )
+    fair.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.3,
+        metavar="POINTS",
+        help="validation accuracy the patch may cost, in percentage points",
+    )
+    fair.add_argument(
+        "--protected-tokens",
+        metavar="T1,T2,...",
+        help="the attribute's tokens: they are the culprits of each --misbehaving input "
+        "(default: culprits from --culprits, JSONL spans, or localization)",
+    )
     fit.set_defaults(job=_fit)
 
     ev = commands.add_parser(
@@ -209,6 +259,13 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
     ev.add_argument("--target", help="the label the backdoor forces (id or name)")
     ev.add_argument("--counterfactual", type=Path, help="--clean with the protected attribute flipped, row by row")
     ev.add_argument("--group-field", help="JSONL field of --clean holding the 0/1 protected group")
+    ev.add_argument(
+        "--masked",
+        type=Path,
+        metavar="FILE",
+        help="--clean with the protected attribute masked or removed, row by row; the original's gaps on it are "
+        "the floor, and each model's distance above it is reported (needs --group-field; default: none, no floor)",
+    )
     ev.add_argument("--json", type=Path, help="also write the report as JSON")
     ev.set_defaults(job=_eval)
 

@@ -20,7 +20,7 @@ from .detector.localize import Localization
 from .errors import AtPatchError
 from .modelio import atomic_output
 
-__all__ = ["file_digest", "read_culprits", "write_culprits"]
+__all__ = ["file_digest", "protected_culprits", "read_culprits", "write_culprits"]
 
 _FIELDS = {"data", "index", "positions", "restored"}
 
@@ -78,4 +78,23 @@ def read_culprits(path: Path, data_path: Path, data: Dataset) -> Dataset:
         culprits[index] = list(row["positions"]) if row["restored"] else []
     if any(c is None for c in culprits):
         raise AtPatchError(f"--culprits {path} covers {len(rows)} of the {len(data)} inputs; {again}")
+    return replace(data, culprits=culprits)
+
+
+def protected_culprits(data: Dataset, tokens: Sequence[str], data_path: Path) -> Dataset:
+    """`data` with each input's culprits set to the positions of the given token strings (e.g. a protected
+    attribute: "he", "she"); a byte-level BPE token matches with or without its leading-space mark."""
+    if data.tokens is None:
+        raise AtPatchError(f"--protected-tokens needs text: {data_path} holds images; give culprit_patches instead")
+    wanted = {t for t in tokens if t}
+    if not wanted:
+        raise AtPatchError("--protected-tokens is empty; give the attribute's tokens, e.g. --protected-tokens he,she")
+    culprits: list[list[int] | None] = [
+        [p for p, tok in enumerate(row) if tok in wanted or tok.lstrip("\u0120\u2581") in wanted] for row in data.tokens
+    ]
+    if not any(culprits):
+        raise AtPatchError(
+            f"none of --protected-tokens {','.join(sorted(wanted))} is a token of any input in {data_path}; give "
+            f"them as the tokenizer writes them (e.g. lower-case)"
+        )
     return replace(data, culprits=culprits)

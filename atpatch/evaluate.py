@@ -2,121 +2,36 @@
 
 Both models run on the same batches, so any difference in their outputs comes from the
 patch. Backdoor metrics: clean accuracy (CACC) and attack success rate (ASR); fairness
-metrics: counterfactual flip rate and demographic-parity gap; and, for the patched model,
-how often its detector flags anything (in any layer), read from its AtPatch nodes' flags.
-Where every triggered input's culprit positions are known, also the oracle: the ASR of the
-original with exactly those positions patched in every layer, the best any detector can reach.
+metrics: counterfactual flip rate, demographic-parity gap and equalized-odds gap (the larger of
+the groups' true-positive-rate and false-positive-rate gaps, positive = label `POSITIVE`); and,
+for the patched model, how often its detector flags anything (in any layer), read from its
+AtPatch nodes' flags. Where every triggered input's culprit positions are known, also the
+oracle: the ASR of the original with exactly those positions patched in every layer, the best
+any detector can reach.
+
+Given the clean set with the protected attribute masked, the original model's parity and
+equalized-odds gaps on it are the floor: the gaps a model shows when it ignores the attribute
+(the rest of the input still correlates with the group). The floors are report-level
+(`EvalReport.parity_gap_floor`, `equalized_odds_gap_floor`; JSON keys of the same names), and
+each model's distance above them sits in its own metrics (`parity_gap_above_floor`,
+`equalized_odds_gap_above_floor`: gap - floor, negative when under the floor).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .data import Dataset
 from .errors import AtPatchError
+from .eval_report import EvalReport, ModelMetrics
+from .group_gaps import above, group_gaps
 
 __all__ = ["EvalReport", "ModelMetrics", "check_pair", "evaluate", "oracle_logits"]
-
-POSITIVE = 1  # the favourable label for the demographic-parity gap
-
-
-@dataclass(frozen=True)
-class ModelMetrics:
-    """One model's numbers; None where the data to compute it was not given."""
-
-    clean_accuracy: float
-    attack_success_rate: float | None = None
-    counterfactual_flip_rate: float | None = None
-    parity_gap: float | None = None
-    flag_rate_clean: float | None = None  # patched model only
-    flag_rate_triggered: float | None = None  # patched model only
-    culprit_flag_rate: float | None = None  # triggered inputs whose known culprit position is flagged
-
-
-_ROW_NAMES = {
-    "clean_accuracy": "clean accuracy (CACC)",
-    "attack_success_rate": "attack success rate (ASR)",
-    "counterfactual_flip_rate": "counterfactual flip rate",
-    "parity_gap": "demographic-parity gap",
-    "flag_rate_clean": "clean inputs flagged",
-    "flag_rate_triggered": "triggered inputs flagged",
-    "culprit_flag_rate": "triggered inputs with culprit flagged",
-}
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    original: ModelMetrics
-    patched: ModelMetrics
-    identical_clean: float  # fraction of clean inputs whose logits are bit-identical
-    n_clean: int
-    n_triggered: int = 0
-    n_counterfactual: int = 0
-    target: int | None = None
-    label_names: tuple[str, ...] = ()
-    oracle_attack_success_rate: float | None = None  # known culprits patched in every layer, no detector
-    # Per-set predictions {"clean"|"triggered"|"counterfactual": {"original"|"patched": [N]}}
-    # and the patched model's per-input flags {"clean"|"triggered": bool [N]}; not in to_dict.
-    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
-    flags: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "original": asdict(self.original),
-            "patched": asdict(self.patched),
-            "identical_clean": self.identical_clean,
-            "n_clean": self.n_clean,
-            "n_triggered": self.n_triggered,
-            "n_counterfactual": self.n_counterfactual,
-            "target": self.target,
-            "oracle_attack_success_rate": self.oracle_attack_success_rate,
-            "target_name": self.label_names[self.target]
-            if self.target is not None and self.target < len(self.label_names)
-            else None,
-            "label_names": list(self.label_names),
-        }
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write `to_dict()` as JSON, atomically (a half-written report never appears)."""
-        from .modelio import atomic_output
-
-        path = Path(path)
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
-
-    def to_markdown(self) -> str:
-        def cell(value: float | None) -> str:
-            return "—" if value is None else f"{100 * value:.1f}%"
-
-        lines = ["| metric | original | patched |", "|---|---:|---:|"]
-        for key, name in _ROW_NAMES.items():
-            a, b = getattr(self.original, key), getattr(self.patched, key)
-            if a is None and b is None:
-                continue  # not measured: no data given for it
-            lines.append(f"| {name} | {cell(a)} | {cell(b)} |")
-        lines.append(f"| clean outputs bit-identical | | {cell(self.identical_clean)} |")
-        if self.oracle_attack_success_rate is not None:
-            oracle = cell(self.oracle_attack_success_rate)
-            lines.append(f"| ASR, known culprits patched in every layer (oracle) | | {oracle} |")
-        counts = f"{self.n_clean} clean"
-        if self.n_triggered:
-            target = (
-                self.label_names[self.target]
-                if self.target is not None and self.target < len(self.label_names)
-                else self.target
-            )
-            counts += f", {self.n_triggered} triggered (target {target})"
-        if self.n_counterfactual:
-            counts += f", {self.n_counterfactual} counterfactual"
-        return "\n".join(lines) + f"\n\n{counts} inputs\n"
 
 
 def _model_feeds(input_names: list[str], data: Dataset, which: str) -> dict[str, np.ndarray]:
@@ -264,12 +179,15 @@ def evaluate(
     group: np.ndarray | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    masked: Dataset | None = None,
 ) -> EvalReport:
     """Run both models on the data and compare them; see the module docstring for the metrics.
 
     `triggered` needs `target` (the label the backdoor forces); ASR counts only triggered
-    inputs whose true label is not the target. `counterfactual` and `group` are aligned row by
-    row with `clean`; `group` is 0/1 per row (positive outcome = label 1).
+    inputs whose true label is not the target. `counterfactual`, `group` and `masked` are
+    aligned row by row with `clean`; `group` is 0/1 per row (positive outcome = label 1).
+    `masked` (`clean` with the protected attribute masked or removed, run by the original
+    only) gives the floors and needs `group`; the equalized-odds gaps use `clean`'s labels.
     """
     from .detector.probe import AttentionProbe
     from .runtime import create_session
@@ -284,6 +202,17 @@ def evaluate(
         raise AtPatchError(f"target {target} is not a label id of this model; use 0..{len(clean.label_names) - 1}")
     if counterfactual is not None:
         _check_aligned("the counterfactual set", counterfactual, clean)
+    if masked is not None:
+        if group is None:
+            raise AtPatchError(
+                "the masked set gives the floor of the group gaps, which needs the groups; pass group (--group-field)"
+            )
+        _check_aligned("the masked set", masked, clean)
+        if (differ := np.flatnonzero(masked.labels != clean.labels)).size:
+            raise AtPatchError(
+                f"the masked set's label at row {differ[0]} differs from the clean set's; it must be the clean set "
+                f"with the protected attribute masked, row by row, labels kept"
+            )
     if group is not None:
         group = np.asarray(group).reshape(-1)
         _check_aligned("group", group, clean)
@@ -294,6 +223,7 @@ def evaluate(
     given = {"clean": clean, "triggered": triggered, "counterfactual": counterfactual}
     sets: dict[str, Dataset] = {k: v for k, v in given.items() if v is not None and len(v) > 0}
     steps = 2 * sum(-(-len(v) // batch_size) for v in sets.values())
+    steps += -(-len(masked) // batch_size) if masked is not None else 0
     bar = _Progress(progress, steps)
     session = create_session(original)
     probe = AttentionProbe(patched)
@@ -304,10 +234,15 @@ def evaluate(
                 "original": _run_original(session, data, which, batch_size, bar),
                 "patched": _run_patched(probe, data, which, batch_size, bar),
             }
+        if masked is not None:  # the floor is the original's: the patched model need not run
+            runs["masked"] = {"original": _run_original(session, masked, "masked", batch_size, bar)}
     finally:
         bar.close()
 
     preds = {which: {m: r.logits.argmax(axis=1) for m, r in pair.items()} for which, pair in runs.items()}
+    floors: dict[str, float | None] = {"parity_gap": None, "equalized_odds_gap": None}
+    if masked is not None and group is not None:
+        floors = group_gaps(preds["masked"]["original"], clean.labels, group)
     metrics = {}
     for model in ("original", "patched"):
         values: dict[str, float | None] = {
@@ -323,8 +258,9 @@ def evaluate(
         if "counterfactual" in preds:
             values["counterfactual_flip_rate"] = float((preds["counterfactual"][model] != preds["clean"][model]).mean())
         if group is not None:
-            positive = preds["clean"][model] == POSITIVE
-            values["parity_gap"] = float(abs(positive[group == 1].mean() - positive[group == 0].mean()))
+            values.update(group_gaps(preds["clean"][model], clean.labels, group))
+            for key in ("parity_gap", "equalized_odds_gap"):
+                values[f"{key}_above_floor"] = above(values[key], floors[key])
         if model == "patched":
             values["flag_rate_clean"] = float(runs["clean"]["patched"].flagged.mean())
             if "triggered" in runs and triggered is not None:
@@ -353,6 +289,8 @@ def evaluate(
         target=target,
         label_names=clean.label_names,
         oracle_attack_success_rate=oracle,
+        parity_gap_floor=floors["parity_gap"],
+        equalized_odds_gap_floor=floors["equalized_odds_gap"],
         predictions=preds,
-        flags={which: pair["patched"].flagged for which, pair in runs.items() if which != "counterfactual"},
+        flags={which: pair["patched"].flagged for which, pair in runs.items() if which in ("clean", "triggered")},
     )

@@ -7,17 +7,22 @@ text to print.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from .culprits import read_culprits, write_culprits
+from .culprits import protected_culprits, read_culprits, write_culprits
 from .data import Dataset, load_jsonl, load_npz
 from .detector import Detector
 from .errors import AtPatchError
 from .modelio import atomic_output, check_output_path, load_model, model_fingerprint
+
+if TYPE_CHECKING:
+    from .detector.tradeoff import FairnessOptions
 
 __all__ = ["load_data", "run_eval", "run_explain", "run_fit", "run_localize"]
 
@@ -161,9 +166,12 @@ def run_fit(
     target_flag_rate: float = 0.005,
     budget: int = 64,
     culprits_path: Path | None = None,
+    fairness: FairnessOptions | None = None,
+    protected_tokens: Sequence[str] | None = None,
 ) -> str:
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
-    misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more."""
+    misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more.
+    With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py)."""
     from .detector.calibrate import NEVER, calibrate, calibration_size_needed
     from .detector.columns import collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
@@ -174,7 +182,14 @@ def run_fit(
     _check_budget(budget)
     if culprits_path is not None and misbehaving_path is None:
         raise AtPatchError("--culprits lists culprits of the --misbehaving inputs; add --misbehaving FILE")
-    out = check_output_path(output, model_path, clean_path, misbehaving_path, calibration_path, culprits_path)
+    if protected_tokens is not None and (misbehaving_path is None or culprits_path is not None):
+        raise AtPatchError(
+            "--protected-tokens gives the culprits of the --misbehaving inputs; add --misbehaving FILE, drop --culprits"
+        )
+    fair_inputs = () if fairness is None else (fairness.validation, fairness.counterfactual)
+    out = check_output_path(
+        output, model_path, clean_path, misbehaving_path, calibration_path, culprits_path, *fair_inputs
+    )
     model = load_model(model_path)
     _check_unpatched(model, model_path)
     clean = _load_for(model, clean_path, model_dir)
@@ -182,6 +197,10 @@ def run_fit(
     if misbehaving is not None and culprits_path is not None:
         assert misbehaving_path is not None
         misbehaving = read_culprits(culprits_path, misbehaving_path, misbehaving)
+    if misbehaving is not None and protected_tokens is not None:
+        assert misbehaving_path is not None
+        misbehaving = protected_culprits(misbehaving, protected_tokens, misbehaving_path)
+    fair = None if fairness is None else _fairness_data(model, model_dir, fairness, out, model_path)
     if calibration_path is not None:
         calibration = _load_for(model, calibration_path, model_dir)
     else:  # hold out half of the clean inputs to calibrate on
@@ -209,6 +228,27 @@ def run_fit(
     summary = report(kind, train, layers, calibration_columns, len(calibration))
     fingerprint = model_fingerprint(model)
     detector = Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)
+    if fair is not None:
+        assert fairness is not None
+        from .detector.tradeoff import sweep
+
+        validation, counterfactual, group, png, js = fair
+
+        def calibrated(rate: float) -> Detector:
+            thresholds = calibrate(trained, calibration_columns, len(calibration), rate, bad_columns)
+            return Detector(tuple(thresholds), kind, fingerprint)
+
+        tradeoff = sweep(model, calibrated, validation, counterfactual, group, fairness.max_accuracy_drop)
+        with atomic_output(out) as tmp, atomic_output(png) as tmp_png, atomic_output(js) as tmp_js:
+            tradeoff.detector.save(tmp)
+            tradeoff.write_png(tmp_png)
+            tradeoff.write_json(tmp_js)
+        return (
+            f"fitted a {kind} detector for {len(layers)} layers ({summary.positives} culprit and "
+            f"{summary.negatives} benign columns); thresholds chosen by counterfactual flips against accuracy:\n"
+            f"{tradeoff.table()}wrote {out} (clean flag budget {tradeoff.candidates[tradeoff.chosen].name})\n"
+            f"wrote {png} and {js} (the trade-off)"
+        )
     recall = ", ".join(
         "off" if lay.threshold == NEVER else f"{r:.1%}" for r, lay in zip(summary.positive_recall, layers, strict=True)
     )
@@ -249,6 +289,28 @@ def run_fit(
     return text + f"wrote {out}"
 
 
+def _fairness_data(
+    model: onnx.ModelProto, model_dir: Path, fairness: FairnessOptions, out: Path, model_path: Path
+) -> tuple[Dataset, Dataset, np.ndarray | None, Path, Path]:
+    """The validation rows, their counterfactual, the group per row, and where the trade-off report goes;
+    checked before any fitting."""
+    from .data import load_groups
+    from .detector.tradeoff import check_rows, report_paths
+
+    assert fairness.validation is not None and fairness.counterfactual is not None
+    try:
+        import matplotlib  # noqa: F401 - checked first, so a missing extra fails before any work
+    except ImportError as err:
+        raise AtPatchError("--protected draws the trade-off with matplotlib: pip install matplotlib") from err
+    sources = (model_path, fairness.validation, fairness.counterfactual)
+    png, js = (check_output_path(p, *sources) for p in report_paths(out))
+    validation = _load_for(model, fairness.validation, model_dir)
+    counterfactual = _load_for(model, fairness.counterfactual, model_dir)
+    group = load_groups(fairness.validation, fairness.group_field) if fairness.group_field else None
+    check_rows(validation, counterfactual, group)
+    return validation, counterfactual, group, png, js
+
+
 def run_eval(
     original_path: Path,
     patched_path: Path,
@@ -259,10 +321,13 @@ def run_eval(
     counterfactual_path: Path | None = None,
     group_field: str | None = None,
     json_path: Path | None = None,
+    masked_path: Path | None = None,
 ) -> str:
     from .data import load_groups
     from .evaluate import check_pair, evaluate
 
+    if masked_path is not None and group_field is None:
+        raise AtPatchError("--masked gives the floor of the group gaps, which needs the groups; pass --group-field")
     json_out = None if json_path is None else check_output_path(json_path, original_path, patched_path, clean_path)
     original, patched = load_model(original_path), load_model(patched_path)
     check_pair(original, patched)  # before the data, which takes longer to load
@@ -273,7 +338,8 @@ def run_eval(
         target_id = int(target) if target.isdigit() else _label_index(target, clean.label_names)
     counterfactual = load_data(counterfactual_path, model_dir) if counterfactual_path else None
     group = load_groups(clean_path, group_field) if group_field else None
-    result = evaluate(original, patched, clean, triggered, target_id, counterfactual, group)
+    masked = load_data(masked_path, model_dir) if masked_path else None
+    result = evaluate(original, patched, clean, triggered, target_id, counterfactual, group, masked=masked)
     text = result.to_markdown()
     if json_out is not None:
         result.to_json(json_out)
