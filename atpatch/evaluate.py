@@ -31,7 +31,9 @@ from .errors import AtPatchError
 from .eval_report import EvalReport, ModelMetrics
 from .group_gaps import above, group_gaps
 
-__all__ = ["EvalReport", "ModelMetrics", "check_pair", "evaluate", "oracle_logits"]
+__all__ = [
+    "EvalReport", "ModelMetrics", "Run", "check_pair", "evaluate", "oracle_logits", "run_original", "run_patched"
+]  # fmt: skip
 
 
 def _model_feeds(input_names: list[str], data: Dataset, which: str) -> dict[str, np.ndarray]:
@@ -76,7 +78,9 @@ class _Progress:
 
 
 @dataclass
-class _Run:
+class Run:
+    """One model's pass over a data set (run_original, run_patched)."""
+
     logits: np.ndarray
     flagged: np.ndarray  # [N] any column flagged in any layer (all False for the original)
     culprit_flagged: np.ndarray  # [N] any known culprit position flagged (likewise)
@@ -88,7 +92,9 @@ def _batches(total: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, total))
 
 
-def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
+def run_original(session, data: Dataset, which: str, batch_size: int = 64, bar: _Progress | None = None) -> Run:  # noqa: ANN001
+    """Logits of an onnxruntime `session` (any model: original or patched, without reading flags) on `data`."""
+    bar = bar or _Progress(False, 0)
     names = [i.name for i in session.get_inputs()]
     feeds = _model_feeds(names, data, which)
     out_name = session.get_outputs()[0].name
@@ -98,10 +104,12 @@ def _run_original(session, data: Dataset, which: str, batch_size: int, bar: _Pro
         bar.step(f"original/{which}")
     logits = np.concatenate(parts)
     none = np.zeros(len(logits), bool)  # the original model has no detector
-    return _Run(logits, none, none)
+    return Run(logits, none, none)
 
 
-def _run_patched(probe, data: Dataset, which: str, batch_size: int, bar: _Progress) -> _Run:  # noqa: ANN001
+def run_patched(probe, data: Dataset, which: str, batch_size: int = 64, bar: _Progress | None = None) -> Run:  # noqa: ANN001
+    """Logits of a patched model (through its AttentionProbe) on `data`, and which inputs it flagged."""
+    bar = bar or _Progress(False, 0)
     feeds = _model_feeds(probe.input_names, data, which)
     logits, flagged, culprit_hit, keys = [], [], [], 0
     for part, out in probe.iter_batches(feeds, batch_size):
@@ -111,7 +119,7 @@ def _run_patched(probe, data: Dataset, which: str, batch_size: int, bar: _Progre
         for row, culprit in zip(out.union, data.culprits[part], strict=True):
             culprit_hit.append(bool(culprit) and bool(row[[p for p in culprit if p < row.shape[0]]].any()))
         bar.step(f"patched/{which}")
-    return _Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool), keys)
+    return Run(np.concatenate(logits), np.concatenate(flagged), np.asarray(culprit_hit, bool), keys)
 
 
 def oracle_logits(original: onnx.ModelProto, data: Dataset, keys: int, batch_size: int = 64) -> np.ndarray:
@@ -227,15 +235,15 @@ def evaluate(
     bar = _Progress(progress, steps)
     session = create_session(original)
     probe = AttentionProbe(patched)
-    runs: dict[str, dict[str, _Run]] = {}
+    runs: dict[str, dict[str, Run]] = {}
     try:
         for which, data in sets.items():
             runs[which] = {
-                "original": _run_original(session, data, which, batch_size, bar),
-                "patched": _run_patched(probe, data, which, batch_size, bar),
+                "original": run_original(session, data, which, batch_size, bar),
+                "patched": run_patched(probe, data, which, batch_size, bar),
             }
         if masked is not None:  # the floor is the original's: the patched model need not run
-            runs["masked"] = {"original": _run_original(session, masked, "masked", batch_size, bar)}
+            runs["masked"] = {"original": run_original(session, masked, "masked", batch_size, bar)}
     finally:
         bar.close()
 

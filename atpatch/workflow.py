@@ -109,19 +109,15 @@ def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Pat
 
 def _fixed(model, detector: Detector, data: Dataset) -> tuple[int, int]:  # noqa: ANN001
     """(inputs the patched model gets right, of those the original gets wrong) on `data`."""
+    from .evaluate import run_original
     from .rewrite import patch_model
     from .runtime import create_session
 
-    def predict(session) -> np.ndarray:  # noqa: ANN001
-        names = {i.name for i in session.get_inputs()}
-        feeds = {k: v for k, v in data.feeds.items() if k in names}
-        n = len(data)
-        return np.concatenate(
-            [session.run(None, {k: v[s : s + 64] for k, v in feeds.items()})[0] for s in range(0, n, 64)]
-        ).argmax(1)
+    def predict(onnx_model) -> np.ndarray:  # noqa: ANN001
+        return run_original(create_session(onnx_model), data, "misbehaving").logits.argmax(axis=1)
 
-    wrong = predict(create_session(model)) != data.labels
-    patched = predict(create_session(patch_model(model, detector)[0]))
+    wrong = predict(model) != data.labels
+    patched = predict(patch_model(model, detector)[0])
     return int((wrong & (patched == data.labels)).sum()), int(wrong.sum())
 
 

@@ -148,35 +148,23 @@ class Tradeoff:
 
 
 def _predict_original(model: onnx.ModelProto, data: Dataset, batch_size: int) -> np.ndarray:
+    from ..evaluate import run_original
     from ..runtime import create_session
 
-    session = create_session(model)
-    names = {i.name for i in session.get_inputs()}
-    feeds = {k: v for k, v in data.feeds.items() if k in names}
-    parts = [
-        session.run(None, {k: v[s : s + batch_size] for k, v in feeds.items()})[0]
-        for s in range(0, len(data), batch_size)
-    ]
-    return np.concatenate(parts).argmax(axis=1)
+    return run_original(create_session(model), data, "validation", batch_size).logits.argmax(axis=1)
 
 
 def _predict_patched(
     model: onnx.ModelProto, detector: Detector, sets: tuple[Dataset, ...], batch_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per set: the patched model's predictions and whether any column was flagged (as `atpatch eval` reads them)."""
+    from ..evaluate import run_patched
     from ..rewrite import patch_model
     from .probe import AttentionProbe
 
     probe = AttentionProbe(patch_model(model, detector)[0])
-    results = []
-    for data in sets:
-        preds, flagged = [], []
-        for _, out in probe.iter_batches(data.feeds, batch_size):
-            preds.append(out.outputs[0].argmax(axis=1))
-            assert out.union is not None
-            flagged.append(out.union.any(axis=1))
-        results.append((np.concatenate(preds), np.concatenate(flagged)))
-    return results
+    runs = [run_patched(probe, data, "validation", batch_size) for data in sets]
+    return [(run.logits.argmax(axis=1), run.flagged) for run in runs]
 
 
 def _point(
