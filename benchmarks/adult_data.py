@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from casekit import bucket
 
 LABELS = ("<=50K", ">50K")
 POSITIVE = 1  # label id of ">50K", the favourable outcome
@@ -76,13 +77,6 @@ def _word(value: str) -> str:
     return "unknown" if value in ("?", "") else value.replace(" ", "-").replace("_", "-")
 
 
-def _bucket(value: int, edges: list[tuple[int, str]], last: str) -> str:
-    for edge, name in edges:
-        if value < edge:
-            return name
-    return last
-
-
 def person(fields: list[str]) -> Person:
     f = dict(zip(COLUMNS, (v.strip() for v in fields), strict=True))
     age, gain, loss, hours = (int(f[k]) for k in ("age", "capital_gain", "capital_loss", "hours"))
@@ -98,9 +92,9 @@ def person(fields: list[str]) -> Person:
         f"relationship_{relationship}",
         f"race_{_word(f['race'])}",
         f"sex_{_word(f['sex'])}",
-        "gain_" + _bucket(gain, [(1, "none"), (5000, "low"), (10000, "mid")], "high"),
-        "loss_" + _bucket(loss, [(1, "none"), (1900, "low")], "high"),
-        "hours_" + _bucket(hours, [(20, "lt20"), (30, "20s"), (40, "30s"), (41, "40"), (50, "41to49")], "50plus"),
+        "gain_" + bucket(gain, [(1, "none"), (5000, "low"), (10000, "mid")], "high"),
+        "loss_" + bucket(loss, [(1, "none"), (1900, "low")], "high"),
+        "hours_" + bucket(hours, [(20, "lt20"), (30, "20s"), (40, "30s"), (41, "40"), (50, "41to49")], "50plus"),
         "country_" + ("us" if f["country"] == "United-States" else "other"),
     )
     return Person(tokens, int(f["income"].rstrip(".") == ">50K"), f["sex"] == "Female")

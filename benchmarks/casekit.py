@@ -30,6 +30,14 @@ class CommandFailed(Exception):
     pass
 
 
+def bucket(value: int, edges: list[tuple[int, str]], last: str) -> str:
+    """A tabular count as a token word: the name of the first edge it is under, else `last`."""
+    for edge, name in edges:
+        if value < edge:
+            return name
+    return last
+
+
 def cli(*args: str, native: bool | None = None) -> str:
     """Run `atpatch ARGS` as a user would; raise CommandFailed with its one-line error."""
     env = dict(os.environ)

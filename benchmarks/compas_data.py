@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from casekit import bucket
 
 LABELS = ("recidivism", "no recidivism")  # two_year_recid 1 -> id 0, 0 -> id 1
 POSITIVE = 1  # label id of "no recidivism", the favourable outcome
@@ -76,13 +77,6 @@ def compas_file() -> Path:
     return Path(spec.origin).parent / "dataset" / "compas" / "compas-scores-two-years.csv"
 
 
-def _count(value: int, edges: list[tuple[int, str]], last: str) -> str:
-    for edge, name in edges:
-        if value < edge:
-            return name
-    return last
-
-
 def _charge(description: str) -> str:
     text = description.lower()
     return next((kind for key, kind in CHARGES if key in text), "other")
@@ -94,10 +88,10 @@ def defendant(f: dict[str, str]) -> Defendant:
         f"sex_{f['sex'].lower()}",
         "age_" + {"Less than 25": "lt25", "25 - 45": "25to45", "Greater than 45": "gt45"}[f["age_cat"]],
         GROUP if f["race"] == "African-American" else OTHER,
-        "priors_" + _count(int(f["priors_count"]), [(1, "none"), (2, "one"), (4, "2to3"), (10, "4to9")], "10plus"),
-        "juvfel_" + _count(int(f["juv_fel_count"]), juvenile, "more"),
-        "juvmisd_" + _count(int(f["juv_misd_count"]), juvenile, "more"),
-        "juvother_" + _count(int(f["juv_other_count"]), juvenile, "more"),
+        "priors_" + bucket(int(f["priors_count"]), [(1, "none"), (2, "one"), (4, "2to3"), (10, "4to9")], "10plus"),
+        "juvfel_" + bucket(int(f["juv_fel_count"]), juvenile, "more"),
+        "juvmisd_" + bucket(int(f["juv_misd_count"]), juvenile, "more"),
+        "juvother_" + bucket(int(f["juv_other_count"]), juvenile, "more"),
         "degree_" + ("felony" if f["c_charge_degree"] == "F" else "misdemeanor"),
         "charge_" + _charge(f["c_charge_desc"]),
     )
