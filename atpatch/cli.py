@@ -138,7 +138,8 @@ def _fit(args: argparse.Namespace) -> str:
             f"--{n.replace('_', '-')}" for n in ("validation", "counterfactual", "group_field") if getattr(args, n)
         ]
         if given:
-            raise AtPatchError(f"{', '.join(given)} are for the fairness fit; add --protected")
+            verb = "is" if len(given) == 1 else "are"
+            raise AtPatchError(f"{', '.join(given)} {verb} for the fairness fit; add --protected")
     tokens = None if args.protected_tokens is None else [t.strip() for t in args.protected_tokens.split(",")]
     return run_fit(
         args.model,
