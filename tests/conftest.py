@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,8 +116,9 @@ def exported(hf_folder: Callable[[str], Path]):  # noqa: ANN201
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
-    """Fresh random inputs per test, reproducible from the seed printed on failure."""
-    seed = np.random.SeedSequence().entropy % (2**32)
+    """Fresh random inputs per test; a failure prints its seed, and ATPATCH_TEST_SEED=that reruns it."""
+    given = os.environ.get("ATPATCH_TEST_SEED")
+    seed = int(given) if given else np.random.SeedSequence().entropy % (2**32)
     request.node.user_properties.append(("seed", seed))
     print(f"random seed: {seed}")
     return np.random.default_rng(seed)
