@@ -188,3 +188,25 @@ def test_spread_on_an_image_follows_the_patch_grid(exported, rng: np.random.Gene
     block = np.zeros((4, 4), bool)
     block[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2] = True
     assert np.array_equal(out.union[row], np.concatenate([[False], block.ravel()]))
+
+
+def test_a_clean_map_is_patched_in_place_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    """onnxruntime gives the kernel the softmax's buffer (MayInplace) only for an output whose shape it
+    can tell is the same: the patched file names each map's dims, and pass 2 computes its own first map,
+    so that a clean input's maps are not copied."""
+    from atpatch.runtime import create_session, native
+
+    library = native.library_path()
+    if library is None:
+        pytest.skip("native kernel not built: run scripts/install.sh")
+    result, _ = bert
+    inputs = result.family.make_inputs(result.config, 3, 10, rng)
+    (original,) = _session(result.model).run(None, inputs)
+    for cross_layer in (True, False):
+        patched, _ = patch_model(result.model, Detector.pass_through([4, 4]), cross_layer=cross_layer)
+        session = create_session(patched, use_native=True)
+        before = native.compute_counts(library)
+        (got,) = session.run(None, inputs)
+        computes, in_place = (a - b for a, b in zip(native.compute_counts(library), before, strict=True))
+        assert (computes, in_place) == (2, 2), f"cross_layer={cross_layer}: {in_place} of {computes} maps in place"
+        np.testing.assert_array_equal(got, original)

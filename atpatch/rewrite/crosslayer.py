@@ -219,8 +219,11 @@ def add_second_pass(
         union = _spread(b, union, spread, grid)
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 
-    # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map.
+    # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map. Also the
+    # producer of a map no patch changed (the first layer's softmax): read by pass 2 as well, pass
+    # 1's map would have two readers, and onnxruntime then copies it instead of patching in place.
     patched = {n.output[0] for n in patch_nodes}
+    taps = {n.input[0] for n in patch_nodes}
     tainted = set(patched)
     copied: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -228,6 +231,8 @@ def add_second_pass(
         if is_patch or _uses(node) & tainted:
             copied.append(node)
             tainted.update(o for o in node.output if o)
+        elif taps & set(node.output):
+            copied.append(node)
     outputs = [o for o in graph.output if o.name in tainted]
     if not outputs:
         graph.node.extend(b.nodes)

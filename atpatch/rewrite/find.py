@@ -63,6 +63,7 @@ class AttentionSite:
     heads: int | None
     scope: str  # the exporter's module path when it recorded one, else the node name
     notes: tuple[str, ...] = field(default=())
+    map_type: onnx.TypeProto | None = field(default=None, compare=False, repr=False)  # the tap's, as inferred
 
 
 class _Graph:
@@ -252,6 +253,7 @@ def find_attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
                     heads=heads,
                     scope=_scope(node),
                     notes=("after the exporter's NaN guard",) if guard else (),
+                    map_type=g.types.get(guard or node.output[0]),
                 )
             )
     if not sites:

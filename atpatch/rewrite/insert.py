@@ -145,6 +145,37 @@ def _noting_decomposed(sites: list[AttentionSite], decomposed: list[Decomposed])
     ]
 
 
+_AXES = ("batch", "heads", "queries", "keys")
+
+
+def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, flags: str) -> None:
+    """value_info saying the patched map has its input's shape, and flags [batch, keys].
+
+    onnxruntime lets the kernel write its output into the softmax's buffer (MayInplace) only
+    when it can tell the two shapes are equal, which it cannot from unnamed dynamic dims: so
+    each unknown dim gets a name, one per layer and axis (the names claim nothing across layers).
+    Without this a clean map, which the kernel leaves as it is, was copied in every layer.
+    """
+    declared = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
+    tap = declared.get(site.tap)
+    if tap is None:
+        if site.map_type is None or not site.map_type.tensor_type.HasField("shape"):
+            return
+        tap = graph.value_info.add(name=site.tap)
+        tap.type.CopyFrom(site.map_type)
+    dims = tap.type.tensor_type.shape.dim
+    if len(dims) != 4 or out in declared:
+        return
+    for axis, dim in enumerate(dims):
+        if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__")):
+            dim.dim_param = f"atpatch_layer{site.layer}_{_AXES[axis]}"
+    graph.value_info.add(name=out).type.CopyFrom(tap.type)
+    flag_type = graph.value_info.add(name=flags).type.tensor_type
+    flag_type.elem_type = onnx.TensorProto.BOOL
+    for axis in (0, 3):
+        flag_type.shape.dim.add().CopyFrom(dims[axis])
+
+
 def patch_model(
     model: onnx.ModelProto,
     detector: Detector | None = None,
@@ -214,6 +245,7 @@ def patch_model(
         )
         new_nodes.setdefault(by_output[site.tap], []).append(node)
         patch_nodes.append(node)
+        _declare_same_shape(graph, site, out, f"{prefix}/flags")
 
     # Rebuild the node list with each AtPatch right after its tap's producer: stays topological.
     nodes = list(graph.node)

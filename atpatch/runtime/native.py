@@ -29,6 +29,7 @@ __all__ = [
     "KERNEL_PROVIDERS",
     "KERNEL_VERSIONS",
     "LIBRARY_ENV_VAR",
+    "compute_counts",
     "coverage_problem",
     "library_info",
     "library_path",
@@ -95,6 +96,18 @@ def library_info(path: Path) -> dict[str, object]:
     fn = lib.AtPatchOpsInfo
     fn.restype = ctypes.c_char_p
     return json.loads(fn().decode())
+
+
+def compute_counts(path: Path) -> tuple[int, int]:
+    """(Compute calls on non-empty maps, those run in place) by the CPU kernel in this process.
+
+    "In place" means onnxruntime honoured the kernel's MayInplace and gave the op the softmax's
+    buffer as its output, so a map with nothing to patch was not copied.
+    """
+    lib = ctypes.CDLL(str(path))  # the handle onnxruntime's dlopen already holds, when it did
+    computes, in_place = ctypes.c_uint64(), ctypes.c_uint64()
+    lib.AtPatchComputeCounts(ctypes.byref(computes), ctypes.byref(in_place))
+    return computes.value, in_place.value
 
 
 def library_providers(path: Path) -> tuple[str, ...]:

@@ -12,6 +12,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -41,6 +42,11 @@ namespace {
 using atpatch::checked_mul;
 using atpatch::make_status;
 using atpatch::shape_str;
+
+// How often Compute ran on a non-empty map, and how often onnxruntime handed it the input's
+// buffer as its output (MayInplace honoured, so a clean map costs no copy): AtPatchComputeCounts.
+std::atomic<uint64_t> g_computes{0};
+std::atomic<uint64_t> g_in_place{0};
 
 // Workspace floats per (batch, head) block and key column: 4 accumulators, 3 own-row features
 // (op v2 only) and 1 row scratch.
@@ -203,6 +209,8 @@ struct AtPatchKernel {
       if (c.flag_count > 0) std::memset(c.flags, 0, static_cast<size_t>(c.flag_count));
       return nullptr;
     }
+    g_computes.fetch_add(1, std::memory_order_relaxed);
+    if (c.out == c.in) g_in_place.fetch_add(1, std::memory_order_relaxed);
     const int64_t batch = c.batch, heads = c.heads, k_len = c.k_len;
     atpatch::DetectorView detector = c.detector;
     detector.b2 = c.b2[0];
@@ -328,6 +336,42 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
     // The output may reuse the attention buffer: then untouched rows cost nothing.
     OrtCustomOp::GetMayInplace = &MayInplace;
     OrtCustomOp::ReleaseMayInplace = &ReleaseMayInplace;
+    // onnxruntime's planner reuses an input's buffer only for an output whose shape it knows to be
+    // the same: without this, MayInplace was never honoured and every clean map was copied.
+    OrtCustomOp::InferOutputShapeFn = &OutputShapes;
+  }
+
+  // The patched map has the attention's type and shape; flags are bool [batch, k_len]. A rank
+  // other than 4, or a dim neither known nor named, is left unknown here (Compute names problems). The flags output may be
+  // absent (op v1, or a node that leaves it out), so failing to describe it is not an error.
+  static OrtStatusPtr ORT_API_CALL OutputShapes(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by ctx
+    if (OrtStatusPtr s = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &in)) return s;
+    size_t rank = 0;
+    if (OrtStatusPtr s = api.GetDimensionsCount(in, &rank)) return s;
+    if (rank != 4) return nullptr;
+    int64_t dims[4] = {};
+    const char* names[4] = {};
+    if (OrtStatusPtr s = api.GetDimensions(in, dims, 4)) return s;
+    if (OrtStatusPtr s = api.GetSymbolicDimensions(in, names, 4)) return s;
+    for (int axis = 0; axis < 4; ++axis) {
+      // An unknown, unnamed dim would come back as the value -1, which later shape inference
+      // reads as a real -1 (Reshape then refuses "multiple -1 dimensions"): leave it all unknown.
+      if (dims[axis] < 0 && (names[axis] == nullptr || names[axis][0] == '\0')) return nullptr;
+    }
+    if (OrtStatusPtr s = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, in)) return s;
+    OrtTensorTypeAndShapeInfo* flags = nullptr;
+    OrtStatusPtr s = api.CreateTensorTypeAndShapeInfo(&flags);
+    if (s == nullptr) s = api.SetTensorElementType(flags, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL);
+    const int64_t flag_dims[2] = {dims[0], dims[3]};
+    const char* flag_names[2] = {names[0] ? names[0] : "", names[3] ? names[3] : ""};
+    if (s == nullptr) s = api.SetDimensions(flags, flag_dims, 2);
+    if (s == nullptr) s = api.SetSymbolicDimensions(flags, flag_names, 2);
+    if (s == nullptr) s = api.ShapeInferContext_SetOutputTypeShape(ctx, atpatch::kFlagsOutput, flags);
+    if (s != nullptr) api.ReleaseStatus(s);
+    if (flags != nullptr) api.ReleaseTensorTypeAndShapeInfo(flags);
+    return nullptr;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
@@ -449,4 +493,11 @@ ATPATCH_EXPORT const char* AtPatchOpsInfo() {
          "\"features_per_head\": 3, \"feature_version\": 2}, "
          "\"dtypes\": [\"float32\", \"float16\"], " ATPATCH_PROVIDERS_JSON
          "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
+}
+
+// Counts since the library was loaded (CPU kernel, every session in the process): Compute calls
+// on non-empty maps, and those whose output buffer was the input's. Either pointer may be null.
+ATPATCH_EXPORT void AtPatchComputeCounts(uint64_t* computes, uint64_t* in_place) {
+  if (computes != nullptr) *computes = g_computes.load(std::memory_order_relaxed);
+  if (in_place != nullptr) *in_place = g_in_place.load(std::memory_order_relaxed);
 }
