@@ -42,6 +42,7 @@ from atpatch.ops import spec
 from atpatch.ops.reference import LayerDetector
 from atpatch.rewrite import patch_model
 from atpatch.rewrite.crosslayer import add_cross_layer
+from atpatch.rewrite.insert import DIM_PREFIX
 from atpatch.rewrite.optimize import fuse_for_ort
 from atpatch.runtime import create_session, native
 
@@ -129,7 +130,7 @@ def copying(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [
         v
         for v in out.graph.value_info
-        if not any(d.dim_param.startswith("atpatch_layer") for d in v.type.tensor_type.shape.dim)
+        if not any(d.dim_param.startswith(DIM_PREFIX) for d in v.type.tensor_type.shape.dim)
     ]
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)

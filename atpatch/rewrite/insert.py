@@ -19,7 +19,7 @@ from .crosslayer import add_cross_layer, pass1_forced
 from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 
-__all__ = ["patch_model"]
+__all__ = ["DIM_PREFIX", "patch_model"]
 
 _MIN_IR_VERSION = 9  # model-local functions with attribute defaults
 
@@ -146,6 +146,7 @@ def _noting_decomposed(sites: list[AttentionSite], decomposed: list[Decomposed])
 
 
 _AXES = ("batch", "heads", "queries", "keys")
+DIM_PREFIX = "atpatch_layer"  # the names _declare_same_shape gives a map's dynamic dims start with this
 
 
 def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, flags: str) -> None:
@@ -168,7 +169,7 @@ def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, f
         return
     for axis, dim in enumerate(dims):
         if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__")):
-            dim.dim_param = f"atpatch_layer{site.layer}_{_AXES[axis]}"
+            dim.dim_param = f"{DIM_PREFIX}{site.layer}_{_AXES[axis]}"
     graph.value_info.add(name=out).type.CopyFrom(tap.type)
     flag_type = graph.value_info.add(name=flags).type.tensor_type
     flag_type.elem_type = onnx.TensorProto.BOOL

@@ -342,8 +342,9 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
   }
 
   // The patched map has the attention's type and shape; flags are bool [batch, k_len]. A rank
-  // other than 4, or a dim neither known nor named, is left unknown here (Compute names problems). The flags output may be
-  // absent (op v1, or a node that leaves it out), so failing to describe it is not an error.
+  // other than 4, or a dim neither known nor named, is left unknown here (Compute names problems).
+  // The flags output may be absent (op v1, or a node that leaves it out), so failing to describe
+  // it is not an error.
   static OrtStatusPtr ORT_API_CALL OutputShapes(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
     const OrtApi& api = Ort::GetApi();
     OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by ctx
