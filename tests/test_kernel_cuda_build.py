@@ -212,6 +212,7 @@ def test_selftest_binary(build: Path) -> None:
     for row in ("float32 none", "float32 one", "float32 some", "float32 all", "float16 some", "coverage: forced"):
         assert row in cpu.stdout, cpu.stdout
     assert "own-row case 2;" in cpu.stdout, cpu.stdout  # the targeted case, float32 and float16
+    assert "grouped rows: 600 rows bit-identical" in cpu.stdout, cpu.stdout  # the float32 phase 1's fast path
     gpu = subprocess.run([selftest, "--cases", "40", "--no-big", "--no-bench"], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     if gpu.returncode == 3:

@@ -2,8 +2,9 @@
 //
 // The kernel glue (custom_op.cc) splits the work into three parallel phases:
 //   1. per (batch, head) block: per-head column features     -> row_stats(), accumulate_row(),
-//      over the counted query rows (counts_row()), and the       own_row()
-//      own-row features each counted row gives its own column
+//      over the counted query rows (counts_row()), and the       own_row() (float32: four rows at
+//      own-row features each counted row gives its own column    a time, row_stats_group(),
+//                                                                accumulate_rows())
 //   2. per batch item: gather per-head features, score, flag  -> score_columns()
 //   3. per (batch, head) block: patch each row                -> patch_row()
 // Arithmetic follows atpatch/ops/reference.py in float32 (same reduction order where
@@ -71,6 +72,12 @@ void clear_columns(const HeadColumns& cols, int64_t k_len);
 
 // Add one counted row to the block's accumulators.
 void accumulate_row(const float* row, int64_t k_len, RowStats stats, const HeadColumns& cols);
+
+// Phase 1's float32 path takes counted rows kRowGroup at a time; these two give the same results,
+// bit for bit, as row_stats and accumulate_row called on the rows one by one, in order.
+constexpr int kRowGroup = 4;
+void row_stats_group(const float* const* rows, int64_t k_len, RowStats* out);
+void accumulate_rows(const float* const* rows, const RowStats* stats, const HeadColumns& cols, int64_t k_len);
 
 // Op v2: the own-row features of column `own` (own_key() of a counted row, 0 <= own < k_len),
 // from that row and its statistics. Columns whose own row is not counted keep their 0.

@@ -319,6 +319,38 @@ bool own_row_case(bool cpu_only, Coverage* coverage) {
   return true;
 }
 
+// The CPU kernel's float32 phase 1 takes rows four at a time (row_stats_group, accumulate_rows); the
+// reference CPU side above takes them one by one. Both must give the same bits: random rows with
+// masked (0) entries and ties, every length from 1 to 150 keys, accumulated onto random sums.
+bool grouped_rows_case(Rng& rng) {
+  constexpr int kGroup = atpatch::kRowGroup;
+  int64_t checked = 0;
+  for (int64_t k = 1; k <= 150; ++k) {
+    std::vector<float> rows(static_cast<size_t>(kGroup * k)), one(static_cast<size_t>(7 * k)), four(one.size());
+    for (float& x : rows) x = uniform(rng, 0, 1) < 0.2 ? 0.0f : static_cast<float>(uniform(rng, 0, 1) / k);
+    if (k > 2) rows[1] = rows[2];  // a tie for the row maximum
+    for (size_t i = 0; i < one.size(); ++i) one[i] = four[i] = static_cast<float>(uniform(rng, 0, 3));
+    const float* group[kGroup];
+    atpatch::RowStats singles[kGroup], grouped[kGroup];
+    for (int r = 0; r < kGroup; ++r) {
+      group[r] = rows.data() + r * k;
+      singles[r] = atpatch::row_stats(group[r], k);
+      atpatch::accumulate_row(group[r], k, singles[r], columns_at(one.data(), k, false));
+    }
+    atpatch::row_stats_group(group, k, grouped);
+    atpatch::accumulate_rows(group, grouped, columns_at(four.data(), k, false), k);
+    const size_t sums = static_cast<size_t>(4 * k) * sizeof(float);  // mass, peak, top, rows
+    if (std::memcmp(singles, grouped, sizeof(singles)) != 0 || std::memcmp(one.data(), four.data(), sums) != 0) {
+      std::fprintf(stderr, "FAIL grouped rows at k = %lld: not bit-identical to one row at a time\n",
+                   static_cast<long long>(k));
+      return false;
+    }
+    checked += kGroup;
+  }
+  std::printf("grouped rows: %lld rows bit-identical to one at a time\n", static_cast<long long>(checked));
+  return true;
+}
+
 Shape random_shape(Rng& rng, int i, bool small) {
   if (i < 4) return {1, 1, 1, 1 + i};  // every dimension 1 first
   if (i % 25 == 24 && !small) return {integer(rng, 1, 4), integer(rng, 1, 13), integer(rng, 32, 129), integer(rng, 32, 129)};
@@ -484,6 +516,7 @@ int main(int argc, char** argv) {
   ok &= run_cases<__half>(rng, cases / 2, big, small, cpu_only, &tallies, &coverage);
   ok &= own_row_case<float>(cpu_only, &coverage);
   ok &= own_row_case<__half>(cpu_only, &coverage);
+  ok &= grouped_rows_case(rng);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %12s %7s\n", "dtype flagged", "cases", "entries", "unchanged",
