@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops import spec
 from ..ops.builder import NodeBuilder
+from .shape_only import shape_only_producers, small_initializers
 
 __all__ = [
     "FORCED_INPUT",
@@ -190,6 +191,42 @@ def _spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
     return b.op("Cast", b.op("Concat", head, back, axis=1), to=TensorProto.BOOL)
 
 
+def _with_shape_inputs(
+    graph: onnx.GraphProto, copied: list[onnx.NodeProto], tainted: set[str]
+) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    """`copied` plus the shape-only nodes and shape constants (shape_only.py) it reads from outside,
+    so that pass 2 has its own and onnxruntime can still merge pass 1's; in graph order, the
+    constants first, one Constant node per distinct value. Also: each constant's name -> the name
+    of the Constant node holding its value."""
+    producers, constants = shape_only_producers(graph), small_initializers(graph)
+    patches = [n for n in copied if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
+    forced = {n.input[len(spec.INPUTS) - 1] for n in patches}  # pass 2 forces UNION instead
+    extra: dict[int, onnx.NodeProto] = {}
+    held: dict[bytes, onnx.NodeProto] = {}
+    aliases: dict[str, str] = {}
+    pending = [name for node in copied for name in _uses(node) - tainted - forced]
+    while pending:
+        name = pending.pop()
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next(a.t for a in node.attribute if a.name == "value")
+        else:
+            value = constants.get(name)
+        if node is not None and value is None and id(node) not in extra:
+            extra[id(node)] = node
+            pending.extend(i for i in node.input if i)
+        elif value is not None and name not in aliases:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = ""
+            key = tensor.SerializeToString()
+            if key not in held:
+                held[key] = helper.make_node("Constant", [], [f"atpatch/shape_constant/{len(held)}"], value=tensor)
+            aliases[name] = held[key].output[0]
+    chosen = {id(n) for n in copied} | set(extra)
+    return [*held.values(), *(n for n in graph.node if id(n) in chosen)], aliases
+
+
 def add_second_pass(
     graph: onnx.GraphProto,
     patch_nodes: list[onnx.NodeProto],
@@ -233,6 +270,7 @@ def add_second_pass(
             tainted.update(o for o in node.output if o)
         elif taps & set(node.output):
             copied.append(node)
+    copied, constants = _with_shape_inputs(graph, copied, tainted)
     outputs = [o for o in graph.output if o.name in tainted]
     if not outputs:
         graph.node.extend(b.nodes)
@@ -264,6 +302,7 @@ def add_second_pass(
         if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
             copy.input[len(spec.INPUTS) - 1] = UNION
         body.append(copy)
+    rename2.update({name: rename2[held] for name, held in constants.items()})
     _rename_inputs(body, rename2)
 
     batch_dims = _batch_dims(graph)
