@@ -1,0 +1,51 @@
+"""benchmarks/latency.py's smoke run: the small models, batch 1, a few rounds, into a temp folder.
+
+Its ratios mean little after three rounds; this checks that every variant runs (and that the
+pass-through patch leaves outputs bit-identical, the flagging one changes them, which the script
+asserts itself) and that latency.json has the cells the README's table and issue 16 name. The full
+run is `python benchmarks/latency.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmark_runs import ROOT, published
+
+pytest.importorskip("transformers")
+
+RATIOS = (
+    "native_vs_unpatched",
+    "native_flag_vs_unpatched",
+    "function_vs_unpatched",
+    "function_flag_vs_unpatched",
+    "native_expected_vs_unpatched",
+    "control",
+)
+
+
+def test_smoke_run_times_every_variant_of_the_small_models(tmp_path: Path) -> None:
+    before = published("latency")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--smoke"]
+    cmd += ["--results", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "models")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540)  # under the suite's 600 s per test
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "results" / "latency.json").read_text())
+    cells = record["cells"]
+    assert [(c["model"], c["seq"], c["batch"]) for c in cells] == [("vit-small", 50, 1), ("tabular-bert", 16, 1)]
+    for cell in cells:
+        for key in RATIOS:
+            assert isinstance(cell[key], float) and cell[key] > 0, (key, cell[key])
+        assert cell["fused_vs_ort_optimized"] is None  # no fused attention op yet: not a made-up number
+        # Patching every layer's map in place: the kernel saw each map once and copied none.
+        layers = {"vit-small": 4, "tabular-bert": 2}[cell["model"]]
+        assert cell["in_place"]["native/pass"] == f"{layers}/{layers}"
+    bert = cells[1]  # onnxruntime's BERT fusions apply to it, so the comparison with them is made
+    assert bert["ort_optimized_vs_unpatched"] > 0 and bert["best_vs_ort_optimized"] > 0
+    assert cells[0]["ort_optimized_vs_unpatched"] is None
+    assert len(record["verdicts"]) == 2 and all("target <= 1.05x" in v for v in record["verdicts"])
+    assert published("latency") == before  # the smoke run wrote to its own folder
