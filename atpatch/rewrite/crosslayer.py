@@ -244,10 +244,17 @@ def add_second_pass(
     flagged at one of them only.
     """
     b = NodeBuilder(opset, "atpatch/crosslayer/")
-    union = forced
-    for node in patch_nodes:
-        union = b.op("Or", union, node.output[1])
-    new = b.op("And", union, b.op("Not", forced))
+    flags = [node.output[1] for node in patch_nodes]
+    if forced == _NOTHING:  # an encoder: nothing forced, so every flag is new (three nodes fewer per run)
+        union = flags[0]
+        for f in flags[1:]:
+            union = b.op("Or", union, f)
+        new = union
+    else:
+        union = forced
+        for f in flags:
+            union = b.op("Or", union, f)
+        new = b.op("And", union, b.op("Not", forced))
     b.any(new, [1])
     b.nodes[-1].output[0] = ROWS
     b.nodes[-1].name = ROWS
