@@ -13,8 +13,10 @@ comes too late. So the patched graph runs in two passes:
            inputs with a new flag take pass 2's outputs, the others keep pass 1's.
 
 Inputs with nothing flagged (the common case) run once and are bit-identical to the original.
-Pass 2 refers to the outer graph's weights and to everything upstream of the patches (the
-embeddings, layer 0's map), so the file does not double in size. Decoders carry the flagged
+Pass 2 refers to the outer graph's weights and to what is upstream of the patches (the
+embeddings), so the file does not double in size. It computes its own first-layer map, shape
+computations and shape constants (shape_only.py): read by the `If`, pass 1's map would be copied
+rather than patched in place, and pass 1's shape nodes left unmerged by onnxruntime. Decoders carry the flagged
 positions to later generation steps as a state beside the KV cache (`past_atpatch_flags` in,
 `present_atpatch_flags` out, bool [batch, positions]).
 """
