@@ -215,6 +215,28 @@ def test_a_clean_map_is_patched_in_place_in_every_layer(bert, rng: np.random.Gen
         np.testing.assert_array_equal(got, original)
 
 
+def test_a_flagged_inputs_second_pass_patches_its_maps_in_place(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
+    """Pass 2's maps are declared with pass 1's shapes, so that onnxruntime gives the kernel their
+    buffers too: a flagged input's two passes patch every map in place, and match the function."""
+    from atpatch.runtime import create_session, native
+
+    library = native.library_path()
+    if library is None:
+        pytest.skip("native kernel not built: run scripts/install.sh")
+    result, model = bert
+    inputs = result.family.make_inputs(result.config, 3, 10, rng)
+    patched, _ = patch_model(result.model, _late_only_detector(model, inputs))
+    session = create_session(patched, use_native=True)
+    before = native.compute_counts(library)
+    (got,) = session.run(None, inputs)
+    computes, in_place = (a - b for a, b in zip(native.compute_counts(library), before, strict=True))
+    assert (computes, in_place) == (4, 4), f"{in_place} of {computes} maps in place (2 layers, 2 passes)"
+    (original,) = _session(result.model).run(None, inputs)
+    (function,) = create_session(patched, use_native=False).run(None, inputs)
+    assert not np.allclose(got, original)  # the second pass ran and changed the flagged input
+    np.testing.assert_allclose(got, function, rtol=0, atol=1e-5)
+
+
 def test_onnxruntime_simplifies_pass_one_as_it_does_a_per_layer_model(bert, tmp_path) -> None:  # noqa: ANN001
     """onnxruntime merges duplicate shape computations (the Unsqueeze and Concat building each
     Reshape's target) only where no subgraph reads them: pass 2 computes its own, so pass 1 keeps

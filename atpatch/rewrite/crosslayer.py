@@ -334,6 +334,17 @@ def add_second_pass(
         kept.name = else_name
         else_out.append(kept)
     then_branch = helper.make_graph([*body, *branch.nodes], "atpatch_pass2", [], then_out)
+    # Pass 2's maps get the shapes patch_model declared for pass 1's (the same: same inputs, same
+    # ops), so that onnxruntime lets the kernel patch them in place there too (insert.py).
+    maps = {
+        name
+        for n in copied
+        if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE
+        for name in (n.input[0], *n.output)
+    }
+    for value in graph.value_info:
+        if value.name in maps and value.name in rename2:
+            then_branch.value_info.add(name=rename2[value.name]).type.CopyFrom(value.type)
     else_branch = helper.make_graph(else_nodes, "atpatch_pass1", [], else_out)
     second_pass = helper.make_node(
         "If",
