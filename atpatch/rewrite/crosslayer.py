@@ -194,19 +194,17 @@ def _spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
 
 
 def _with_shape_inputs(
-    graph: onnx.GraphProto, copied: list[onnx.NodeProto], tainted: set[str]
+    graph: onnx.GraphProto, copied: list[onnx.NodeProto], tainted: set[str], forced: str
 ) -> tuple[list[onnx.NodeProto], dict[str, str]]:
     """`copied` plus the shape-only nodes and shape constants (shape_only.py) it reads from outside,
     so that pass 2 has its own and onnxruntime can still merge pass 1's; in graph order, the
     constants first, one Constant node per distinct value. Also: each constant's name -> the name
     of the Constant node holding its value."""
     producers, constants = shape_only_producers(graph), small_initializers(graph)
-    patches = [n for n in copied if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
-    forced = {n.input[len(spec.INPUTS) - 1] for n in patches}  # pass 2 forces UNION instead
     extra: dict[int, onnx.NodeProto] = {}
     held: dict[bytes, onnx.NodeProto] = {}
     aliases: dict[str, str] = {}
-    pending = [name for node in copied for name in _uses(node) - tainted - forced]
+    pending = [name for node in copied for name in _uses(node) - tainted - {forced}]  # pass 2 forces UNION
     while pending:
         name = pending.pop()
         node = producers.get(name)
@@ -246,17 +244,13 @@ def add_second_pass(
     flagged at one of them only.
     """
     b = NodeBuilder(opset, "atpatch/crosslayer/")
+    # An encoder has nothing forced: every flag is new, and neither `forced` nor its Not is needed.
+    nothing = forced == _NOTHING
     flags = [node.output[1] for node in patch_nodes]
-    if forced == _NOTHING:  # an encoder: nothing forced, so every flag is new (three nodes fewer per run)
-        union = flags[0]
-        for f in flags[1:]:
-            union = b.op("Or", union, f)
-        new = union
-    else:
-        union = forced
-        for f in flags:
-            union = b.op("Or", union, f)
-        new = b.op("And", union, b.op("Not", forced))
+    union, *rest = flags if nothing else [forced, *flags]
+    for layer_flags in rest:
+        union = b.op("Or", union, layer_flags)
+    new = union if nothing else b.op("And", union, b.op("Not", forced))
     b.any(new, [1])
     b.nodes[-1].output[0] = ROWS
     b.nodes[-1].name = ROWS
@@ -279,7 +273,7 @@ def add_second_pass(
             tainted.update(o for o in node.output if o)
         elif taps & set(node.output):
             copied.append(node)
-    copied, constants = _with_shape_inputs(graph, copied, tainted)
+    copied, constants = _with_shape_inputs(graph, copied, tainted, forced)
     outputs = [o for o in graph.output if o.name in tainted]
     if not outputs:
         graph.node.extend(b.nodes)
@@ -336,12 +330,7 @@ def add_second_pass(
     then_branch = helper.make_graph([*body, *branch.nodes], "atpatch_pass2", [], then_out)
     # Pass 2's maps get the shapes patch_model declared for pass 1's (the same: same inputs, same
     # ops), so that onnxruntime lets the kernel patch them in place there too (insert.py).
-    maps = {
-        name
-        for n in copied
-        if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE
-        for name in (n.input[0], *n.output)
-    }
+    maps = {name for node in patch_nodes for name in (node.input[0], *node.output)}
     for value in graph.value_info:
         if value.name in maps and value.name in rename2:
             then_branch.value_info.add(name=rename2[value.name]).type.CopyFrom(value.type)
