@@ -91,12 +91,15 @@ def _layer(w1: np.ndarray, threshold: float) -> LayerDetector:
 def _peak_detector(maps: np.ndarray) -> Detector:
     """Layer 0 flags columns whose peak attention in any head exceeds a cut placed in a wide gap of
     this input's peaks (so fp16 rounding cannot flip a flag); layer 1 flags nothing, so layer 0's map,
-    the one checked, is the same in the fp32 and fp16 runs up to rounding."""
+    the one checked, is the same in the fp32 and fp16 runs up to rounding. Peaks are taken over
+    the real query rows, as the op takes them (spec.py): a padding row's peaks are not features."""
     heads = maps.shape[1]
     w1 = np.zeros((spec.num_features(heads), heads), np.float32)
     start = spec.FEATURE_NAMES.index("peak") * heads
     w1[start : start + heads] = np.eye(heads, dtype=np.float32)
-    peaks = np.sort(np.unique(maps.astype(np.float32).max(axis=2).max(axis=1).round(4)))
+    real = reference.real_queries(maps)[..., None]
+    column_peaks = np.where(real, maps.astype(np.float32), 0).max(axis=2).max(axis=1)
+    peaks = np.sort(np.unique(column_peaks.round(4)))
     gaps = [(peaks[i + 1] - peaks[i], i) for i in range(len(peaks) // 4, len(peaks) - 1)]
     width, i = max(gaps)
     assert width > 1e-2, f"no wide gap in this input's column peaks: {peaks}"
@@ -134,3 +137,4 @@ def test_fp16_flagged_columns_are_patched_as_the_reference_says(
     if native.library_path() is not None:
         other = create_session(_with_outputs(patched, _atpatch_io(patched)[:2]), use_native=not use_native)
         np.testing.assert_allclose(logits, other.run(None, inputs)[0], rtol=0, atol=LOGIT_ATOL)
+
