@@ -12,10 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from maps import detector_flagging
 
 from atpatch.detector import Detector
 from atpatch.ops import reference, spec
 from atpatch.ops.reference import LayerDetector
+from atpatch.ops.standalone import standalone_model
 from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session, native
 
@@ -138,3 +140,39 @@ def test_fp16_flagged_columns_are_patched_as_the_reference_says(
         other = create_session(_with_outputs(patched, _atpatch_io(patched)[:2]), use_native=not use_native)
         np.testing.assert_allclose(logits, other.run(None, inputs)[0], rtol=0, atol=LOGIT_ATOL)
 
+
+def test_kernel_reads_a_float32_map_declared_float16_as_that_float16_map(rng: np.random.Generator) -> None:
+    """onnxruntime's CPU provider runs an fp16 model's AtPatch in float32 when its neighbours run so
+    (spec.py, map_type), handing the kernel the map unrounded. With map_type float16 the kernel
+    must compute what the reference computes on the map rounded to float16; without it, on the
+    values as they come. The map has real rows whose own entry underflows in float16 (padding
+    rows there, real ones unrounded) and entries down in float16's subnormals (2^-24 .. 2^-14)."""
+    if native.library_path() is None:
+        pytest.skip("the native AtPatch kernel is not built (scripts/fetch_ort_headers.sh, then pip install -e .)")
+    b, h, n = 3, 4, 12
+    scores = rng.normal(size=(b, h, n, n)) * 6.0  # peaked rows: many entries far below 2^-14
+    scores[..., n - 2 :] = -np.inf  # two padded keys
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    attention = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    for q in rng.choice(n - 2, size=4, replace=False):  # real tokens that barely attend to themselves
+        attention[:, :, q, q] = rng.uniform(1e-9, 2.0**-25, size=(b, h))
+    rounded = attention.astype(np.float16).astype(np.float32)
+    assert (reference.real_queries(rounded) != reference.real_queries(attention)).any()
+    assert ((rounded > 0) & (rounded < 2.0**-14)).any()
+    d = detector_flagging(rng, rounded, "some")
+    forced = np.zeros((b, n), bool)
+    feeds = {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2, "forced": forced}
+
+    for declared, seen in ((onnx.TensorProto.FLOAT16, rounded), (None, attention)):
+        model = standalone_model(17, onnx.TensorProto.FLOAT, 0.0)
+        if declared is not None:
+            model.graph.node[0].attribute.append(onnx.helper.make_attribute("map_type", declared))
+        got, flags = create_session(model, use_native=True).run(None, feeds)
+        expected, expected_flags = reference.atpatch(seen, d)
+        np.testing.assert_array_equal(flags, expected_flags)
+        valid = seen > 0
+        hit = valid & expected_flags[:, None, None, :]
+        changed = hit.any(-1) & (valid & ~hit).any(-1)
+        assert changed.any() or declared is None, "the detector flags some columns of the rounded map"
+        np.testing.assert_allclose(got[changed], expected[changed], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(got[~changed], attention[~changed])  # as received, bit for bit

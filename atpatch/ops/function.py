@@ -34,7 +34,9 @@ def build_function(opset: int) -> onnx.FunctionProto:
     # onnxruntime may drop the Cast pair around a float16 Softmax it runs in float32, handing this
     # function unrounded values: an entry that is 0 in the map's own type must still count as
     # masked. 1 + 2^-12 survives a float32 round trip and not a float16 one; in float16 anything
-    # up to 2^-25 rounds to 0.
+    # up to 2^-25 rounds to 0. The patch branch below reads the map as declared (onnxruntime
+    # keeps the Cast to float16 that feeds a subgraph); the native kernel, which cannot see the
+    # declared type, is told it (spec.py, map_type).
     precision = g.op("Cast", g.op("CastLike", g.const(1.0 + 2.0**-12), attention), to=TensorProto.FLOAT)
     floor = g.op("Where", g.op("Equal", precision, one), g.const(2.0**-25), zero)
     valid = g.op("Greater", x, floor)
@@ -123,26 +125,28 @@ def build_function(opset: int) -> onnx.FunctionProto:
     # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
     # Greater+Cast), which it cannot do while a subgraph refers to their outputs.
     x = p.op("Cast", attention, to=TensorProto.FLOAT)
-    # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0,
-    # so they add nothing; maps with negative or NaN entries are not probabilities, and only
-    # there may this differ from the reference.
+    # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products.
     patch_col = p.op("Unsqueeze", p.to_float(patch), p.const([1, 3], np.int64))  # [B, 1, K, 1]
     n_hit = p.op("MatMul", p.to_float(valid), patch_col)  # [B, H, Q, 1]
-    kept_sum = p.op("MatMul", x, p.op("Sub", p_one, patch_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
     hit = p.op("And", valid, p.op("Unsqueeze", patch, p.const([1, 2], np.int64)))
     kept = p.op("And", valid, p.op("Not", hit))
+    # Kept entries only: a masked entry adds nothing to S and leaves a patched row as 0 (spec.py),
+    # whatever it held (a negative or NaN entry, or a float16 map's underflow received unrounded).
+    kept_x = p.op("Where", kept, x, p_zero)
+    kept_sum = p.op("MatMul", kept_x, p.op("Sub", p_one, patch_col))
     benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unpatched entry
     total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
-    patched = p.op("Div", p.op("Where", hit, benign, x), total)
+    patched = p.op("Div", p.op("Where", hit, benign, kept_x), total)
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])
     else_branch = helper.make_graph([unchanged], "pass_through", [], [onnx.ValueInfoProto(name="unchanged/out")])
     g.nodes.append(helper.make_node("If", [any_patch], [patched_out], then_branch=then_branch, else_branch=else_branch))
 
-    threshold_default = helper.make_attribute("threshold", spec.ATTRIBUTES["threshold"][1])
+    # map_type is declared for the kernels: the body reads the same from its input's declared type.
+    defaults = [helper.make_attribute(name, default) for name, (_, default) in spec.ATTRIBUTES.items()]
     function = helper.make_function(
         spec.DOMAIN,
         spec.OP_TYPE,
@@ -152,6 +156,6 @@ def build_function(opset: int) -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=[],
     )
-    function.attribute_proto.append(threshold_default)
+    function.attribute_proto.extend(defaults)
     function.doc_string = "AtPatch: hot-fix over-attention (see atpatch/ops/spec.py)."
     return function

@@ -5,7 +5,8 @@ kernels (C++ CPU, CUDA) all implement exactly this contract; tests check each ag
 
 Inputs
   attention  [batch, heads, q_len, k_len], float32 or float16: probabilities right
-             after the attention softmax. Entries equal to 0 are treated as masked.
+             after the attention softmax. Entries equal to 0 are treated as masked: 0 in the
+             map's declared type (`map_type`), whatever type the op receives it in.
   w1         [FEATURES_PER_HEAD * heads, hidden] float32   detector: first layer
   b1         [hidden] float32
   w2         [hidden] float32                               detector: scoring layer
@@ -15,6 +16,18 @@ Inputs
              patching passes here the positions flagged in any layer (rewrite/crosslayer.py).
 Attributes
   threshold  float: a key column is flagged when its score is strictly greater.
+  map_type   int (TensorProto element type): the type the model declares for `attention`; 0
+             (default): the type the op receives. onnxruntime's CPU provider runs a float16 node
+             whose neighbours run in float32 (it has no float16 Softmax or MatMul) in float32 as
+             well, so the op can receive a float16 map unrounded. With map_type 10 (float16) the
+             native kernel reads such values as the float16 map the model declares (rounded to
+             nearest even: anything <= 2^-25 is 0, masked). Without it, a real token whose own
+             entry underflows in float16 made a padding row in one form of the op and not in the
+             other, and a row whose unflagged entries are float16 subnormals was patched from
+             different values: on a tiny fp16 BERT the two forms' logits differed by up to 0.5 on
+             6 of 100 random batches. The rewrite sets it for float16 maps; the function counts
+             what rounds to 0 in its input's declared type as masked and patches from the map
+             as declared, so it needs no attribute.
 Outputs
   patched    same shape and type as `attention`.
   flags      [batch, k_len] bool (v2): the columns this layer's detector flags, among the
@@ -92,7 +105,7 @@ VERSION = 2
 INPUTS = ("attention", "w1", "b1", "w2", "b2", "forced")
 OUTPUTS = ("patched", "flags")
 # name -> (type, default)
-ATTRIBUTES: dict[str, tuple[type, float]] = {"threshold": (float, 0.0)}
+ATTRIBUTES: dict[str, tuple[type, float | int]] = {"threshold": (float, 0.0), "map_type": (int, 0)}
 
 FEATURE_VERSION = 4  # 4: own-row features (op v2); 2: every row, first three features (op v1)
 FEATURE_NAMES = ("mass", "peak", "top", "self", "opeak", "ofocus")  # each per head

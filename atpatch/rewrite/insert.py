@@ -149,6 +149,12 @@ _AXES = ("batch", "heads", "queries", "keys")
 DIM_PREFIX = "atpatch_layer"  # the names _declare_same_shape gives a map's dynamic dims start with this
 
 
+def _map_type(site: AttentionSite) -> dict[str, int]:
+    """The AtPatch attribute naming a float16 map's type (spec.py, map_type); none for float32."""
+    declared = site.map_type.tensor_type.elem_type if site.map_type is not None else 0
+    return {"map_type": declared} if declared == onnx.TensorProto.FLOAT16 else {}
+
+
 def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, flags: str) -> None:
     """value_info saying the patched map has its input's shape, and flags [batch, keys].
 
@@ -243,6 +249,7 @@ def patch_model(
             name=f"{prefix}/AtPatch",
             domain=spec.DOMAIN,
             threshold=float(layer.threshold),
+            **_map_type(site),
         )
         new_nodes.setdefault(by_output[site.tap], []).append(node)
         patch_nodes.append(node)

@@ -32,6 +32,11 @@ constexpr size_t kForcedInput = 5;
 constexpr size_t kFlagsOutput = 1;
 constexpr const char* kThresholdAttr = "threshold";
 constexpr float kThresholdDefault = 0.0f;
+// The element type the model declares for the map (TensorProto numbering; 0: the type the kernel
+// receives). onnxruntime's CPU provider runs a float16 node whose neighbours run in float32 in
+// float32 too, so a map the model declares float16 can arrive unrounded: with map_type float16
+// the CPU kernel reads it as the float16 map it is (spec.py, map_type).
+constexpr const char* kMapTypeAttr = "map_type";
 // Counts are kept in float32, exact up to 2^24: longer rows/columns would change results.
 constexpr int64_t kMaxLen = int64_t{1} << 24;
 

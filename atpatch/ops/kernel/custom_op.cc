@@ -60,6 +60,7 @@ struct Element<float> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   static float one(float v) { return v; }
   static void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+  static void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 };
 template <>
 struct Element<Ort::Float16_t> {
@@ -81,6 +82,7 @@ struct Job {
   T* out;
   int64_t batch, heads, q_len, k_len;
   bool count_every_row;  // op v1: also no own-row features (detector.features_per_head 3)
+  bool as_float16;       // float32 values of a map the model declares float16: read them rounded to it
   atpatch::DetectorView detector;
   float* workspace;  // [batch*heads, block_floats(), k_len]
   float* patch;      // [batch, k_len], 1.0 = in P (flags OR forced)
@@ -99,6 +101,16 @@ struct Job {
   }
   float* scratch(int64_t block) const { return workspace + ((block + 1) * block_floats() - 1) * k_len; }
   const T* block_in(int64_t block) const { return in + block * q_len * k_len; }
+  // A row as float32, in `dst`: as_float16, each entry as the float16 value the model declares
+  // (round to nearest even, so anything <= 2^-25 is 0: masked), as the function's patch reads it.
+  void load_row(const T* src, float* dst) const {
+    Element<T>::to_float(src, k_len, dst);
+    if (as_float16) {
+      for (int64_t j = 0; j < k_len; ++j) dst[j] = Ort::Float16_t(dst[j]).ToFloat();
+    }
+  }
+  // float32 rows are read in place unless they are to be rounded to float16.
+  bool reads_in_place() const { return std::is_same_v<T, float> && !as_float16; }
   T* block_out(int64_t block) const { return out + block * q_len * k_len; }
 };
 
@@ -113,7 +125,8 @@ void features_task(void* data, size_t block_index) {
   float* scratch = job.scratch(block);
   // Each counted row: its statistics, the own-row features it gives its column (op v2: a counted
   // row is a real one), then its sums into the columns. float32 rows go kRowGroup at a time
-  // (the same results, faster); float16 ones one by one through scratch.
+  // (the same results, faster); float16 ones, and float32 ones with entries to mask, one by one
+  // through scratch.
   const auto own_features = [&](int64_t q, const float* row, const atpatch::RowStats& stats) {
     const int64_t own = atpatch::own_key(q, job.q_len, job.k_len);
     if (!job.count_every_row && own >= 0) atpatch::own_row(row, own, stats, cols);
@@ -123,24 +136,29 @@ void features_task(void* data, size_t block_index) {
   int grouped = 0;
   for (int64_t q = 0; q < job.q_len; ++q) {
     const T* src = rows + q * job.k_len;
-    const auto entry = [src](int64_t j) { return Element<T>::one(src[j]); };
+    const auto entry = [&](int64_t j) {
+      const float v = Element<T>::one(src[j]);
+      return job.as_float16 ? Ort::Float16_t(v).ToFloat() : v;
+    };
     if (!atpatch::counts_row(job.count_every_row, q, job.q_len, job.k_len, entry)) continue;  // a padding query
     if constexpr (std::is_same_v<T, float>) {
-      group[grouped] = src;
-      group_q[grouped] = q;
-      if (++grouped == atpatch::kRowGroup) {
-        atpatch::RowStats stats[atpatch::kRowGroup];
-        atpatch::row_stats_group(group, job.k_len, stats);
-        for (int i = 0; i < atpatch::kRowGroup; ++i) own_features(group_q[i], group[i], stats[i]);
-        atpatch::accumulate_rows(group, stats, cols, job.k_len);
-        grouped = 0;
+      if (job.reads_in_place()) {
+        group[grouped] = src;
+        group_q[grouped] = q;
+        if (++grouped == atpatch::kRowGroup) {
+          atpatch::RowStats stats[atpatch::kRowGroup];
+          atpatch::row_stats_group(group, job.k_len, stats);
+          for (int i = 0; i < atpatch::kRowGroup; ++i) own_features(group_q[i], group[i], stats[i]);
+          atpatch::accumulate_rows(group, stats, cols, job.k_len);
+          grouped = 0;
+        }
+        continue;
       }
-    } else {
-      Element<T>::to_float(src, job.k_len, scratch);
-      const atpatch::RowStats stats = atpatch::row_stats(scratch, job.k_len);
-      own_features(q, scratch, stats);
-      atpatch::accumulate_row(scratch, job.k_len, stats, cols);
     }
+    job.load_row(src, scratch);
+    const atpatch::RowStats stats = atpatch::row_stats(scratch, job.k_len);
+    own_features(q, scratch, stats);
+    atpatch::accumulate_row(scratch, job.k_len, stats, cols);
   }
   for (int i = 0; i < grouped; ++i) {  // float32 rows left over
     const atpatch::RowStats stats = atpatch::row_stats(group[i], job.k_len);
@@ -181,11 +199,13 @@ void patch_task(void* data, size_t block_index) {
   for (int64_t q = 0; q < job.q_len; ++q) {
     const T* row_in = in + q * job.k_len;
     T* row_out = out + q * job.k_len;
-    bool changed;
+    bool changed = false, in_place = false;
     if constexpr (std::is_same_v<T, float>) {
-      changed = atpatch::patch_row(row_in, job.k_len, patch, row_out);
-    } else {
-      Element<T>::to_float(row_in, job.k_len, scratch);
+      in_place = job.reads_in_place();
+      if (in_place) changed = atpatch::patch_row(row_in, job.k_len, patch, row_out);
+    }
+    if (!in_place) {
+      job.load_row(row_in, scratch);
       changed = atpatch::patch_row(scratch, job.k_len, patch, scratch);
       if (changed) Element<T>::from_float(scratch, job.k_len, row_out);
     }
@@ -213,7 +233,10 @@ template <typename T>
 struct AtPatchKernel {
   using Elem = T;
   static constexpr const char* kProvider = "CPUExecutionProvider";
-  AtPatchKernel(float threshold, int version) : threshold_(threshold), version_(version) {}
+  AtPatchKernel(float threshold, int version, int64_t map_type)
+      : threshold_(threshold),
+        version_(version),
+        as_float16_(std::is_same_v<T, float> && map_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
     return guarded([&] { return Compute(context); });
@@ -251,6 +274,7 @@ struct AtPatchKernel {
                c.q_len,
                k_len,
                v1,
+               as_float16_,
                detector,
                workspace.data(),
                patch.data(),
@@ -288,6 +312,7 @@ struct AtPatchKernel {
   // Read-only after construction: Compute runs concurrently.
   const float threshold_;
   const int version_;
+  const bool as_float16_;
 };
 
 #if defined(ATPATCH_WITH_CUDA)
@@ -298,7 +323,9 @@ template <typename T>
 struct AtPatchCudaKernel {
   using Elem = T;
   static constexpr const char* kProvider = "CUDAExecutionProvider";
-  AtPatchCudaKernel(float threshold, int version) : threshold_(threshold), version_(version) {}
+  // map_type is not read: onnxruntime's CUDA provider runs a float16 map's Softmax and MatMul in
+  // float16, so it never hands this kernel a float16 map as float32.
+  AtPatchCudaKernel(float threshold, int version, int64_t /*map_type*/) : threshold_(threshold), version_(version) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
     return guarded([&] { return Compute(context); });
@@ -402,8 +429,13 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
       api.ReleaseStatus(missing);  // absent: the spec's default
       threshold = atpatch::kThresholdDefault;
     }
+    int64_t map_type = 0;
+    if (OrtStatus* missing = api.KernelInfoGetAttribute_int64(info, atpatch::kMapTypeAttr, &map_type)) {
+      api.ReleaseStatus(missing);  // absent: the type received
+      map_type = 0;
+    }
     try {
-      *kernel = new Kernel(threshold, version);
+      *kernel = new Kernel(threshold, version, map_type);
     } catch (const std::bad_alloc&) {
       return make_status(ORT_FAIL, "out of memory creating the kernel");
     }
@@ -507,7 +539,7 @@ static_assert(atpatch::kFeaturesPerHead == 6 && atpatch::kFeaturesPerHeadV1 == 3
 ATPATCH_EXPORT const char* AtPatchOpsInfo() {
   return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 2, \"versions\": [1, 2], "
          "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"patched\", \"flags\"], "
-         "\"attributes\": {\"threshold\": 0.0}, \"features_per_head\": 6, \"feature_version\": 4, "
+         "\"attributes\": {\"threshold\": 0.0, \"map_type\": 0}, \"features_per_head\": 6, \"feature_version\": 4, "
          "\"feature_names\": [\"mass\", \"peak\", \"top\", \"self\", \"opeak\", \"ofocus\"], "
          "\"v1\": {\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
          "\"features_per_head\": 3, \"feature_version\": 2}, "
