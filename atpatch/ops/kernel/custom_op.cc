@@ -131,6 +131,11 @@ void features_task(void* data, size_t block_index) {
     const int64_t own = atpatch::own_key(q, job.q_len, job.k_len);
     if (!job.count_every_row && own >= 0) atpatch::own_row(row, own, stats, cols);
   };
+  const auto one_row = [&](int64_t q, const float* row) {
+    const atpatch::RowStats stats = atpatch::row_stats(row, job.k_len);
+    own_features(q, row, stats);
+    atpatch::accumulate_row(row, job.k_len, stats, cols);
+  };
   const float* group[atpatch::kRowGroup];
   int64_t group_q[atpatch::kRowGroup];
   int grouped = 0;
@@ -156,15 +161,9 @@ void features_task(void* data, size_t block_index) {
       }
     }
     job.load_row(src, scratch);
-    const atpatch::RowStats stats = atpatch::row_stats(scratch, job.k_len);
-    own_features(q, scratch, stats);
-    atpatch::accumulate_row(scratch, job.k_len, stats, cols);
+    one_row(q, scratch);
   }
-  for (int i = 0; i < grouped; ++i) {  // float32 rows left over
-    const atpatch::RowStats stats = atpatch::row_stats(group[i], job.k_len);
-    own_features(group_q[i], group[i], stats);
-    atpatch::accumulate_row(group[i], job.k_len, stats, cols);
-  }
+  for (int i = 0; i < grouped; ++i) one_row(group_q[i], group[i]);  // float32 rows left over
   atpatch::finish_columns(cols, job.k_len);
 }
 
