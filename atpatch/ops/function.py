@@ -125,20 +125,20 @@ def build_function(opset: int) -> onnx.FunctionProto:
     # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
     # Greater+Cast), which it cannot do while a subgraph refers to their outputs.
     x = p.op("Cast", attention, to=TensorProto.FLOAT)
-    # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products.
+    # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0
+    # here (this branch reads the map as declared, so a float16 map's underflows too), so they
+    # add nothing; maps with negative or NaN entries are not probabilities, and only there may
+    # this differ from the reference (zeroing them would cost a pass over every patched map).
     patch_col = p.op("Unsqueeze", p.to_float(patch), p.const([1, 3], np.int64))  # [B, 1, K, 1]
     n_hit = p.op("MatMul", p.to_float(valid), patch_col)  # [B, H, Q, 1]
+    kept_sum = p.op("MatMul", x, p.op("Sub", p_one, patch_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
     hit = p.op("And", valid, p.op("Unsqueeze", patch, p.const([1, 2], np.int64)))
     kept = p.op("And", valid, p.op("Not", hit))
-    # Kept entries only: a masked entry adds nothing to S and leaves a patched row as 0 (spec.py),
-    # whatever it held (a negative or NaN entry, or a float16 map's underflow received unrounded).
-    kept_x = p.op("Where", kept, x, p_zero)
-    kept_sum = p.op("MatMul", kept_x, p.op("Sub", p_one, patch_col))
     benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unpatched entry
     total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
-    patched = p.op("Div", p.op("Where", hit, benign, kept_x), total)
+    patched = p.op("Div", p.op("Where", hit, benign, x), total)
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])
