@@ -176,3 +176,26 @@ def test_kernel_reads_a_float32_map_declared_float16_as_that_float16_map(rng: np
         assert changed.any() or declared is None, "the detector flags some columns of the rounded map"
         np.testing.assert_allclose(got[changed], expected[changed], rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(got[~changed], attention[~changed])  # as received, bit for bit
+
+
+def test_a_float16_model_patched_before_map_type_is_named_when_the_kernel_runs_it(
+    bert,
+    caplog: pytest.LogCaptureFixture,  # noqa: ANN001
+) -> None:
+    """A file patched before the rewrite set map_type still runs, and the session says how to fix it."""
+    _use_native("kernel")
+    _, half = bert
+    patched, _ = patch_model(half)
+    nodes = [n for n in patched.graph.node if n.domain == spec.DOMAIN]
+    declared = [a.i for n in nodes for a in n.attribute if a.name == "map_type"]
+    assert nodes and declared == [onnx.TensorProto.FLOAT16] * len(nodes)
+    assert native.float16_maps_without_map_type(patched) == 0
+    for n in nodes:
+        kept = [a for a in n.attribute if a.name != "map_type"]
+        del n.attribute[:]
+        n.attribute.extend(kept)
+    assert native.float16_maps_without_map_type(patched) == len(nodes)
+    with caplog.at_level("WARNING", logger="atpatch"):
+        create_session(patched, use_native=True)
+    said = [r.getMessage() for r in caplog.records if "map_type" in r.getMessage()]
+    assert len(said) == 1 and f"{len(nodes)} AtPatch node(s)" in said[0] and "atpatch-export" in said[0]

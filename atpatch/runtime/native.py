@@ -31,6 +31,7 @@ __all__ = [
     "LIBRARY_ENV_VAR",
     "compute_counts",
     "coverage_problem",
+    "float16_maps_without_map_type",
     "library_info",
     "library_path",
     "library_providers",
@@ -208,6 +209,17 @@ _SAME_TYPE_AS_INPUT = {
     "Max": 0,
     "Min": 0,
 }
+
+
+def float16_maps_without_map_type(model: onnx.ModelProto) -> int:
+    """How many AtPatch nodes read a float16 map without the `map_type` attribute (patched before
+    atpatch set it): on CPU onnxruntime may hand the kernel such a map unrounded (spec.py)."""
+    types, _ = _attention_types(model)
+    nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
+    return sum(
+        t == onnx.TensorProto.FLOAT16 and all(a.name != "map_type" for a in n.attribute)
+        for n, t in zip(nodes, types, strict=False)  # types go on for nodes nested in subgraphs: unknown
+    )
 
 
 def _trace_type(name: str, types: dict[str, int], producers: dict[str, onnx.NodeProto]) -> int | None:

@@ -58,7 +58,8 @@ def _choose_native(
             "Run scripts/fetch_ort_headers.sh and reinstall to build it."
         )
         return None
-    problem = native.coverage_problem(_as_proto(model), providers, native.library_providers(library))
+    proto = _as_proto(model)
+    problem = native.coverage_problem(proto, providers, native.library_providers(library))
     if problem == "the model has no AtPatch node":
         return None  # nothing to run natively; no reason to say anything
     if problem is not None:
@@ -66,6 +67,12 @@ def _choose_native(
             raise AtPatchError(f"{native.ENV_VAR}=1 but {problem}; unset {native.ENV_VAR} to use the ONNX function")
         _say_once(f"atpatch: using the ONNX function because {problem}")
         return None
+    if stale := native.float16_maps_without_map_type(proto):
+        _say_once(
+            f"atpatch: {stale} AtPatch node(s) read float16 maps but were patched before atpatch told the kernel "
+            "so (map_type): on CPU the native kernel may patch them from unrounded values and differ from the "
+            "ONNX function; patch the model again with atpatch-export"
+        )
     return library
 
 
