@@ -134,8 +134,9 @@ def build_function(opset: int) -> onnx.FunctionProto:
     kept_sum = p.op("MatMul", x, p.op("Sub", p_one, patch_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
-    hit = p.op("And", valid, p.op("Unsqueeze", patch, p.const([1, 2], np.int64)))
-    kept = p.op("And", valid, p.op("Not", hit))
+    patch_key = p.op("Unsqueeze", patch, p.const([1, 2], np.int64))  # [B, 1, 1, K]
+    hit = p.op("And", valid, patch_key)
+    kept = p.op("And", valid, p.op("Not", patch_key))  # valid AND NOT hit, with Not over [B, 1, 1, K] only
     benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unpatched entry
     total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
     patched = p.op("Div", p.op("Where", hit, benign, x), total)
