@@ -125,8 +125,8 @@ void features_task(void* data, size_t block_index) {
   float* scratch = job.scratch(block);
   // Each counted row: its statistics, the own-row features it gives its column (op v2: a counted
   // row is a real one), then its sums into the columns. float32 rows go kRowGroup at a time
-  // (the same results, faster); float16 ones, and float32 ones with entries to mask, one by one
-  // through scratch.
+  // (the same results, faster); float16 ones, and float32 ones read as float16 (map_type), one
+  // by one through scratch.
   const auto own_features = [&](int64_t q, const float* row, const atpatch::RowStats& stats) {
     const int64_t own = atpatch::own_key(q, job.q_len, job.k_len);
     if (!job.count_every_row && own >= 0) atpatch::own_row(row, own, stats, cols);
