@@ -59,16 +59,12 @@ template <>
 struct Element<float> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   static float one(float v) { return v; }
-  static void to_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
   static void from_float(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
 };
 template <>
 struct Element<Ort::Float16_t> {
   static constexpr ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   static float one(Ort::Float16_t v) { return v.ToFloat(); }
-  static void to_float(const Ort::Float16_t* src, int64_t n, float* dst) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i].ToFloat();
-  }
   static void from_float(const float* src, int64_t n, Ort::Float16_t* dst) {
     for (int64_t i = 0; i < n; ++i) dst[i] = Ort::Float16_t(src[i]);
   }
@@ -101,14 +97,19 @@ struct Job {
   }
   float* scratch(int64_t block) const { return workspace + ((block + 1) * block_floats() - 1) * k_len; }
   const T* block_in(int64_t block) const { return in + block * q_len * k_len; }
-  // A row as float32, in `dst`: as_float16, each entry as the float16 value the model declares
-  // (round to nearest even, so anything <= 2^-25 is 0: masked), as the function's patch reads it.
+  // One entry as float32: as_float16, as the float16 value the model declares (round to nearest
+  // even, so anything <= 2^-25 is 0: masked), as the function's patch reads it.
+  float read(T v) const { return as_float16 ? rounded(Element<T>::one(v)) : Element<T>::one(v); }
+  // A row as float32, in `dst`, each entry as read() reads it (the test is outside the loop, which
+  // then vectorises).
   void load_row(const T* src, float* dst) const {
-    Element<T>::to_float(src, k_len, dst);
     if (as_float16) {
-      for (int64_t j = 0; j < k_len; ++j) dst[j] = Ort::Float16_t(dst[j]).ToFloat();
+      for (int64_t j = 0; j < k_len; ++j) dst[j] = rounded(Element<T>::one(src[j]));
+    } else {
+      for (int64_t j = 0; j < k_len; ++j) dst[j] = Element<T>::one(src[j]);
     }
   }
+  static float rounded(float v) { return Ort::Float16_t(v).ToFloat(); }
   // float32 rows are read in place unless they are to be rounded to float16.
   bool reads_in_place() const { return std::is_same_v<T, float> && !as_float16; }
   T* block_out(int64_t block) const { return out + block * q_len * k_len; }
@@ -141,10 +142,7 @@ void features_task(void* data, size_t block_index) {
   int grouped = 0;
   for (int64_t q = 0; q < job.q_len; ++q) {
     const T* src = rows + q * job.k_len;
-    const auto entry = [&](int64_t j) {
-      const float v = Element<T>::one(src[j]);
-      return job.as_float16 ? Ort::Float16_t(v).ToFloat() : v;
-    };
+    const auto entry = [&](int64_t j) { return job.read(src[j]); };
     if (!atpatch::counts_row(job.count_every_row, q, job.q_len, job.k_len, entry)) continue;  // a padding query
     if constexpr (std::is_same_v<T, float>) {
       if (job.reads_in_place()) {
