@@ -44,6 +44,13 @@ def random_map(rng: np.random.Generator, shape: tuple[int, int, int, int], mask:
     return probs
 
 
+def unchanged_rows(attention: np.ndarray, patched_columns: np.ndarray) -> np.ndarray:
+    """Rows the spec returns bit-identical: no unmasked entry in P ([batch, k_len]), or all of them."""
+    valid = attention.astype(np.float32) > 0
+    hit = valid & patched_columns[:, None, None, :]
+    return ~(hit.any(-1) & (valid & ~hit).any(-1))
+
+
 def random_forced(rng: np.random.Generator, batch: int, k_len: int, kind: str) -> np.ndarray | None:
     """A random `forced` mask of shape `kind` (FORCED_KINDS; None for "none"), ~20% positions set."""
     if kind == "none":

@@ -22,6 +22,7 @@ from maps import (
     random_detector,
     random_forced,
     random_map,
+    unchanged_rows,
     with_flags,
 )
 from onnx import TensorProto
@@ -62,13 +63,6 @@ def feeds(attention: np.ndarray, d: reference.LayerDetector, forced: np.ndarray 
     if forced is None:
         forced = np.zeros((attention.shape[0], attention.shape[3]), bool)
     return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2, "forced": forced}
-
-
-def unchanged_rows(attention: np.ndarray, patched_columns: np.ndarray) -> np.ndarray:
-    """Rows the spec returns bit-identical: no unmasked entry in P ([batch, k_len]), or all of them."""
-    valid = attention.astype(np.float32) > 0
-    hit = valid & patched_columns[:, None, None, :]
-    return ~(hit.any(-1) & (valid & ~hit).any(-1))
 
 
 def random_shape(rng: np.random.Generator, i: int) -> tuple[int, int, int, int]:
