@@ -53,13 +53,15 @@ def make_session(
     forced_type: int = TensorProto.BOOL,
     forced_absent: bool = False,
     flags_output: bool = True,
+    scores_output: bool = True,
     map_type: int = 0,
 ) -> ort.InferenceSession:
     """A native-kernel session; `shapeless` drops declared shapes so any rank reaches the kernel.
 
     `version` 1: the v1 node (no forced, no flags). `forced_type`: the declared type of `forced`
     (the kernel takes any, to name the fix); `forced_absent`: the node's `forced` left empty;
-    `flags_output` False: the node drops its `flags` output. `map_type`: the node's attribute
+    `flags_output` False: the node drops its `flags` and `scores` outputs; `scores_output` False: its
+    `scores` output (a file patched before the joint rule). `map_type`: the node's attribute
     (spec.py; TensorProto.FLOAT16 with float32 maps: a float16 map onnxruntime runs in float32).
     """
     model = standalone_model(17, ONNX_TYPES[dtype], threshold)
@@ -74,9 +76,9 @@ def make_session(
     if version == 1:
         node.input.pop()
         model.opset_import[1].version = 1
-    if version == 1 or not flags_output:
-        node.output.pop()
-        graph.output.pop()
+    keep = 1 if version == 1 or not flags_output else 2 if not scores_output else 3
+    del node.output[keep:]
+    del graph.output[keep:]
     if shapeless:
         for value in (*model.graph.input, *model.graph.output):
             value.type.tensor_type.ClearField("shape")
@@ -145,6 +147,13 @@ def check_outputs(outs: list[np.ndarray], attention: np.ndarray, expected: int) 
             raise AssertionError(f"flags {flags.shape} {flags.dtype}, expected {want} bool")
         if attention.size == 0 and flags.any():
             raise AssertionError("flags set for a map with no entries")
+    if len(outs) > 2:
+        scores = outs[2]
+        want = (attention.shape[0], attention.shape[3])
+        if scores.shape != want or scores.dtype != np.float32:
+            raise AssertionError(f"scores {scores.shape} {scores.dtype}, expected {want} float32")
+        if attention.size == 0 and not np.isneginf(scores).all():
+            raise AssertionError("scores other than -inf for a map with no entries")
 
 
 def expect_session_refused(dtype: type) -> str:
@@ -310,6 +319,9 @@ CASES: dict[str, Callable[[], str]] = {
     "forced_padding_rows": lambda: expect_output(
         {"attention": np.zeros((1, 2, 4, 4), F32), **detector_feeds(2, forced=np.ones((1, 4), bool))}
     ),
+    "without_scores_output": lambda: expect_output(
+        {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, scores_output=False
+    ),
     "without_flags_output": lambda: expect_output(
         {"attention": uniform((1, 2, 3, 3)), **detector_feeds(2)}, flags_output=False
     ),
@@ -371,7 +383,7 @@ def fuzz(seconds: float, seed: int) -> int:
             if version == 2:
                 feeds["forced"] = np.zeros((1, 1), bool) if forced is None else forced
             outs = (declared_half if as_half else sessions[dtype, version]).run(None, feeds)
-            check_outputs(outs, a, 1 if version == 1 else 2)
+            check_outputs(outs, a, 1 if version == 1 else 3)
             if not hostile and size > 0 and d.b2[0] != 0.0:  # flags placed in a score gap: defined answer
                 expected, expected_flags = reference.atpatch(seen, d, None if version == 1 else forced)
                 # float16, or float32 rows left as received where the reference has them rounded
@@ -379,6 +391,11 @@ def fuzz(seconds: float, seed: int) -> int:
                 np.testing.assert_allclose(outs[0].astype(F32), expected.astype(F32), rtol=0, atol=atol)
                 if version == 2:
                     np.testing.assert_array_equal(outs[1], expected_flags)
+                    expected_scores = reference.scores_output(seen, d)
+                    np.testing.assert_array_equal(np.isneginf(outs[2]), np.isneginf(expected_scores))
+                    live = np.isfinite(expected_scores)
+                    scale = 1.0 + float(np.abs(expected_scores[live]).max(initial=0.0))
+                    np.testing.assert_allclose(outs[2][live], expected_scores[live], rtol=0, atol=1e-5 * scale)
         runs += 1
     print(f"fuzz: {runs} runs in {seconds:.0f} s, seed {seed}: no failure")
     return 0

@@ -28,7 +28,7 @@ def _run_both(
     session: ort.InferenceSession, a: np.ndarray, det: reference.LayerDetector, forced: np.ndarray = NOTHING_FORCED
 ) -> tuple[np.ndarray, np.ndarray]:
     feeds = {"attention": a, "w1": det.w1, "b1": det.b1, "w2": det.w2, "b2": det.b2, "forced": forced}
-    patched, flags = session.run(None, feeds)
+    patched, flags, _ = session.run(None, feeds)
     return patched, flags
 
 

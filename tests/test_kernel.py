@@ -58,6 +58,17 @@ def sessions() -> dict[tuple[type, bool], ort.InferenceSession]:
     return {(dt, nat): session(dt, nat) for dt in DTYPES for nat in (True, False)}
 
 
+def assert_scores_match(got: np.ndarray, expected: np.ndarray) -> None:
+    """Equal -inf (unattended columns) exactly; finite scores to float32 rounding of the detector's dots
+    (the kernel sums them in double, numpy in float32 BLAS): within 1e-5 of the map's largest score,
+    as terms of that size cancel (seen: scores up to 400, apart by 2.4e-4)."""
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+    live = np.isfinite(expected)
+    scale = 1.0 + float(np.abs(expected[live]).max(initial=0.0))
+    np.testing.assert_allclose(got[live], expected[live], rtol=0, atol=1e-5 * scale)
+
+
 def feeds(attention: np.ndarray, d: reference.LayerDetector, forced: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The op's inputs; `forced` None: nothing forced (all false, [batch, k_len])."""
     if forced is None:
@@ -89,16 +100,19 @@ def check_case(
 ) -> None:
     dtype = attention.dtype.type
     expected, expected_flags = reference.atpatch(attention, d, forced)
-    got, flags = sessions[dtype, True].run(None, feeds(attention, d, forced))
+    expected_scores = reference.scores_output(attention, d)
+    got, flags, scores = sessions[dtype, True].run(None, feeds(attention, d, forced))
+    assert_scores_match(scores, expected_scores)
     assert got.dtype == attention.dtype and got.shape == attention.shape
     assert flags.dtype == np.bool_ and flags.shape == (attention.shape[0], attention.shape[3])
     atol = 1e-6 if dtype is np.float32 else 1e-3  # fp16: one unit in the last place near 1
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
     np.testing.assert_array_equal(flags, expected_flags)
     if FUNCTION_IS_V2:
-        fn, fn_flags = sessions[dtype, False].run(None, feeds(attention, d, forced))
+        fn, fn_flags, fn_scores = sessions[dtype, False].run(None, feeds(attention, d, forced))
         np.testing.assert_allclose(got.astype(np.float32), fn.astype(np.float32), rtol=0, atol=atol)
         np.testing.assert_array_equal(flags, fn_flags)
+        assert_scores_match(fn_scores, expected_scores)
     patched = expected_flags if forced is None else expected_flags | np.broadcast_to(forced, expected_flags.shape)
     same = unchanged_rows(attention, patched)
     assert np.array_equal(got[same], attention[same]), "untouched rows must be bit-identical"
@@ -152,7 +166,7 @@ def test_threshold_attribute_is_read(rng: np.random.Generator) -> None:
     threshold = float((scores[i] + scores[i + 1]) / 2)
     d = reference.LayerDetector(d.w1, d.b1, d.w2, d.b2, threshold)
     expected, expected_flags = reference.atpatch(attention, d)
-    got, flags = session(np.float32, True, threshold).run(None, feeds(attention, d))
+    got, flags, _ = session(np.float32, True, threshold).run(None, feeds(attention, d))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, expected_flags)
 
@@ -174,7 +188,7 @@ def test_concurrent_runs_on_one_session(rng: np.random.Generator) -> None:
         try:
             for attention, d, forced, (expected, expected_flags) in work[part::4]:
                 for _ in range(3):
-                    got, flags = sess.run(None, feeds(attention, d, forced))
+                    got, flags, _ = sess.run(None, feeds(attention, d, forced))
                     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
                     np.testing.assert_array_equal(flags, expected_flags)
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
@@ -222,23 +236,23 @@ def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
     )
     sess = session(np.float32, True, 0.4)
     expected = np.array([[[[0.2 / 0.7, 0.3 / 0.7, 0.0, 0.2 / 0.7]]]], np.float32)
-    got, flags = sess.run(None, feeds(attention, d))
+    got, flags, _ = sess.run(None, feeds(attention, d))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, [[False, False, False, True]])
     np.testing.assert_allclose(reference.atpatch(attention, d)[0], expected, rtol=0, atol=1e-6)
     # Forcing the 0.3 column too: both get the smallest entry outside P, 0.2.
     forced = np.array([[False, True, False, False]])
     expected = np.array([[[[0.2 / 0.6, 0.2 / 0.6, 0.0, 0.2 / 0.6]]]], np.float32)
-    got, flags = sess.run(None, feeds(attention, d, forced))
+    got, flags, _ = sess.run(None, feeds(attention, d, forced))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, [[False, False, False, True]])  # forced is not folded into flags
     # A padding query (its own key masked) counts in no feature: nothing is flagged, but the
     # patch still applies to it, so forced columns are patched there too.
     padding = np.array([[[[0.5, 0.3, 0.2, 0.0]]]], np.float32)
-    got, flags = sess.run(None, feeds(padding, d))
+    got, flags, _ = sess.run(None, feeds(padding, d))
     np.testing.assert_array_equal(got, padding)
     assert not flags.any()
-    got, flags = sess.run(None, feeds(padding, d, np.array([[True, False, False, False]])))
+    got, flags, _ = sess.run(None, feeds(padding, d, np.array([[True, False, False, False]])))
     np.testing.assert_allclose(got, [[[[0.2 / 0.7, 0.3 / 0.7, 0.2 / 0.7, 0.0]]]], rtol=0, atol=1e-6)
     assert not flags.any()
 
@@ -255,7 +269,7 @@ def test_own_row_features_alone_flag_what_the_reference_flags(rng: np.random.Gen
     np.testing.assert_allclose(received, received[:, :1].repeat(received.shape[1], 1), rtol=1e-6)
     np.testing.assert_array_equal(reference.flag_columns(attention, d), want)
     for dtype in (np.float32, np.float16):
-        got, flags = session(dtype, True).run(None, feeds(attention.astype(dtype), d))
+        got, flags, _ = session(dtype, True).run(None, feeds(attention.astype(dtype), d))
         np.testing.assert_array_equal(flags, want)
         expected = reference.atpatch(attention.astype(dtype), d)[0]
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=1e-3)
@@ -272,7 +286,7 @@ def test_own_row_features_alone_flag_what_the_reference_flags(rng: np.random.Gen
             if d is None:
                 continue
             expected, expected_flags = reference.atpatch(attention, d)
-            got, flags = sess.run(None, feeds(attention, d))
+            got, flags, _ = sess.run(None, feeds(attention, d))
             np.testing.assert_array_equal(flags, expected_flags)
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
             checked += 1
@@ -290,10 +304,13 @@ def test_padding_changes_no_flag_and_no_real_row(rng: np.random.Generator) -> No
         d = with_flags(real, random_detector(rng, real.shape[1]), ("some", "one", "all")[i % 3], rng) or with_flags(
             real, random_detector(rng, real.shape[1]), "none", rng
         )
-        got, flags = sess.run(None, feeds(real, d))
-        got_padded, flags_padded = sess.run(None, feeds(padded, d))
+        got, flags, scores = sess.run(None, feeds(real, d))
+        got_padded, flags_padded, scores_padded = sess.run(None, feeds(padded, d))
         np.testing.assert_array_equal(flags_padded[:, :n], flags)
         assert not flags_padded[:, n:].any()
+        # Scores too (the joint rule sums them): the same on real keys, -inf on padded ones.
+        np.testing.assert_array_equal(scores_padded[:, :n], scores)
+        assert np.isneginf(scores_padded[:, n:]).all()
         # The padded keys add masked entries only: the real rows' sums, and so their values, stay.
         np.testing.assert_array_equal(got_padded[:, :, :n, :n], got)
         assert not got_padded[:, :, :, n:].any()
@@ -305,32 +322,32 @@ def test_output_in_place_of_a_softmax(rng: np.random.Generator) -> None:
     from onnx import helper
 
     model = standalone_model(17, TensorProto.FLOAT, 0.0)
-    model.graph.input[0].name = "scores"
-    model.graph.node.insert(0, helper.make_node("Softmax", ["scores"], ["attention"], axis=-1))
+    model.graph.input[0].name = "logits"
+    model.graph.node.insert(0, helper.make_node("Softmax", ["logits"], ["attention"], axis=-1))
     del model.functions[:]
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(LIBRARY))
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     softmax_only = helper.make_model(
         helper.make_graph(
-            [helper.make_node("Softmax", ["scores"], ["attention"], axis=-1)],
+            [helper.make_node("Softmax", ["logits"], ["attention"], axis=-1)],
             "softmax",
-            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info("attention", TensorProto.FLOAT, None)],
         ),
         opset_imports=[helper.make_opsetid("", 17)],
     )
     softmax = ort.InferenceSession(softmax_only.SerializeToString(), providers=["CPUExecutionProvider"])
     for i, shape in enumerate([(2, 3, 7, 7), (1, 12, 64, 64), (4, 4, 128, 128)]):  # inline and pooled paths
-        scores = rng.normal(size=shape).astype(np.float32) * 3
-        scores[0, ..., shape[-1] // 2 :] = -np.inf  # padded keys (and so padding queries) in item 0
-        attention = softmax.run(None, {"scores": scores})[0]
+        logits = rng.normal(size=shape).astype(np.float32) * 3
+        logits[0, ..., shape[-1] // 2 :] = -np.inf  # padded keys (and so padding queries) in item 0
+        attention = softmax.run(None, {"logits": logits})[0]
         d = detector_flagging(rng, attention, "some")
         forced = random_forced(rng, shape[0], shape[3], FORCED_KINDS[1 + i % 4])
         expected, expected_flags = reference.atpatch(attention, d, forced)
         inputs = feeds(attention, d, forced)
         del inputs["attention"]
-        got, flags = sess.run(None, {**inputs, "scores": scores})
+        got, flags, _ = sess.run(None, {**inputs, "logits": logits})
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(flags, expected_flags)
         patched = expected_flags | np.broadcast_to(forced, expected_flags.shape)
@@ -362,7 +379,7 @@ def test_registered_kernel_enforces_the_input_count() -> None:
     options.register_custom_ops_library(str(LIBRARY))
     options.log_severity_level = 4
     without_forced = _with_node(lambda n: n.input.pop())
-    with pytest.raises(Exception, match="this node has 5 inputs and 2 outputs; version 2 takes 6 inputs"):
+    with pytest.raises(Exception, match="this node has 5 inputs and 3 outputs; version 2 takes 6 inputs"):
         ort.InferenceSession(without_forced, options, providers=["CPUExecutionProvider"])
     four_inputs = _with_node(lambda n: (n.input.pop(), n.input.pop()))  # onnxruntime's schema refuses it first
     with pytest.raises(Exception, match="(?i)input"):
@@ -378,7 +395,7 @@ def test_registered_kernel_runs_the_spec_domain_and_name(rng: np.random.Generato
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     attention = random_map(rng, (1, 2, 3, 4), "none")
     d = with_flags(attention, random_detector(rng, attention.shape[1]), "all", rng)
-    got, flags = sess.run(None, feeds(attention, d))
+    got, flags, _ = sess.run(None, feeds(attention, d))
     np.testing.assert_array_equal(got, attention)
     assert flags.all()
     with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary by version

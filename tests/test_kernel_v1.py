@@ -168,7 +168,7 @@ def test_v1_and_v2_models_run_side_by_side(rng: np.random.Generator) -> None:
             want_v2, want_flags = reference.atpatch(a, d2, forced)
             got_v1 = v1.run(None, feeds_v1)[0]
             np.testing.assert_allclose(got_v1.astype(np.float32), want_v1.astype(np.float32), atol=atol)
-            got_v2, flags = v2.run(None, {**feeds_v2, "forced": forced})
+            got_v2, flags, _ = v2.run(None, {**feeds_v2, "forced": forced})
             np.testing.assert_allclose(got_v2.astype(np.float32), want_v2.astype(np.float32), atol=atol)
             np.testing.assert_array_equal(flags, want_flags)
 

@@ -25,7 +25,7 @@ def build_function(opset: int) -> onnx.FunctionProto:
             f"re-export the model at an opset in that range (17 or 18 is a safe choice)"
         )
     attention, w1, b1, w2, b2, forced = spec.INPUTS
-    patched_out, flags_out = spec.OUTPUTS
+    patched_out, flags_out, scores_out = spec.OUTPUTS
     g = NodeBuilder(opset)
     zero, one = g.const(0.0), g.const(1.0)
     last, queries, heads = [-1], [-2], [1]
@@ -114,6 +114,7 @@ def build_function(opset: int) -> onnx.FunctionProto:
     )
     attended = g.op("Greater", g.reduce("ReduceMax", col_rows_raw, heads, 0), zero)  # [B, K]
     g.nodes.append(helper.make_node("And", [g.op("Greater", score, threshold), attended], [flags_out]))
+    g.nodes.append(helper.make_node("Where", [attended, score, g.const(-np.inf)], [scores_out]))
     patch = g.op("Or", flags_out, forced)  # [B, K]: forced broadcasts
 
     # The patch itself runs only when some column is to be patched: a clean input (the common

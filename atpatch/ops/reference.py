@@ -19,6 +19,7 @@ __all__ = [
     "flag_columns",
     "patch_columns",
     "real_queries",
+    "scores_output",
 ]
 
 
@@ -100,6 +101,11 @@ def feature_scores(features: np.ndarray, detector: LayerDetector) -> np.ndarray:
     """The detector's MLP on column features [..., FEATURES_PER_HEAD * heads]: scores [...]."""
     hidden = np.maximum(features @ detector.w1 + detector.b1, 0.0)
     return (hidden @ detector.w2 + detector.b2).astype(np.float32)
+
+
+def scores_output(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:
+    """The op's `scores` output: [batch, k_len] float32, -inf where no real query attends."""
+    return np.where(attended_columns(attention), column_scores(attention, detector), -np.inf).astype(np.float32)
 
 
 def flag_columns(attention: np.ndarray, detector: LayerDetector) -> np.ndarray:

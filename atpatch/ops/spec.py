@@ -32,6 +32,11 @@ Outputs
   patched    same shape and type as `attention`.
   flags      [batch, k_len] bool (v2): the columns this layer's detector flags, among the
              columns some real query attends to (`forced` is not folded in).
+  scores     [batch, k_len] float32 (v2, optional; nodes may leave it off): the detector's
+             score of each column some real query attends to, -inf for the others. Cross-layer
+             patching sums them over layers (rewrite/crosslayer.py, the joint rule): a trigger
+             spread over several positions, or faintly anomalous in several layers, can pass
+             every layer's own threshold and still stand out in the sum.
 
 Real queries (v2). Query row q sits at key position c = k_len - q_len + q (the last q_len
   positions: a self-attention map, with or without a KV cache before it). The row is a
@@ -103,7 +108,7 @@ OP_TYPE = "AtPatch"
 VERSION = 2
 
 INPUTS = ("attention", "w1", "b1", "w2", "b2", "forced")
-OUTPUTS = ("patched", "flags")
+OUTPUTS = ("patched", "flags", "scores")
 # name -> (type, default)
 ATTRIBUTES: dict[str, tuple[type, float | int]] = {"threshold": (float, 0.0), "map_type": (int, 0)}
 

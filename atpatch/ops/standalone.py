@@ -15,7 +15,7 @@ __all__ = ["standalone_model"]
 
 
 def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0) -> onnx.ModelProto:
-    """`patched, flags = AtPatch(attention, w1, b1, w2, b2, forced)` with every tensor a graph input.
+    """`patched, flags, scores = AtPatch(attention, w1, b1, w2, b2, forced)` with every tensor a graph input.
 
     `forced` is [forced_batch, forced_keys]: feed [batch, k_len], or 1 on either axis to broadcast.
     """
@@ -31,6 +31,7 @@ def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold:
     outputs = [
         helper.make_tensor_value_info("patched", dtype, ["batch", "heads", "q_len", "k_len"]),
         helper.make_tensor_value_info("flags", TensorProto.BOOL, ["batch", "k_len"]),
+        helper.make_tensor_value_info("scores", f, ["batch", "k_len"]),
     ]
     node = helper.make_node(
         spec.OP_TYPE, list(spec.INPUTS), list(spec.OUTPUTS), domain=spec.DOMAIN, threshold=threshold

@@ -155,8 +155,8 @@ def _map_type(site: AttentionSite) -> dict[str, int]:
     return {"map_type": declared} if declared == onnx.TensorProto.FLOAT16 else {}
 
 
-def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, flags: str) -> None:
-    """value_info saying the patched map has its input's shape, and flags [batch, keys].
+def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, prefix: str) -> None:
+    """value_info saying the patched map has its input's shape, and flags and scores [batch, keys].
 
     onnxruntime lets the kernel write its output into the softmax's buffer (MayInplace) only
     when it can tell the two shapes are equal, which it cannot from unnamed dynamic dims: so
@@ -177,10 +177,11 @@ def _declare_same_shape(graph: onnx.GraphProto, site: AttentionSite, out: str, f
         if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__")):
             dim.dim_param = f"{DIM_PREFIX}{site.layer}_{_AXES[axis]}"
     graph.value_info.add(name=out).type.CopyFrom(tap.type)
-    flag_type = graph.value_info.add(name=flags).type.tensor_type
-    flag_type.elem_type = onnx.TensorProto.BOOL
-    for axis in (0, 3):
-        flag_type.shape.dim.add().CopyFrom(dims[axis])
+    for name, elem_type in (("flags", onnx.TensorProto.BOOL), ("scores", onnx.TensorProto.FLOAT)):
+        column_type = graph.value_info.add(name=f"{prefix}/{name}").type.tensor_type
+        column_type.elem_type = elem_type
+        for axis in (0, 3):
+            column_type.shape.dim.add().CopyFrom(dims[axis])
 
 
 def patch_model(
@@ -245,7 +246,7 @@ def patch_model(
         node = helper.make_node(
             spec.OP_TYPE,
             [site.tap, *weights, forced],
-            [out, f"{prefix}/flags"],
+            [out, f"{prefix}/flags", f"{prefix}/scores"],
             name=f"{prefix}/AtPatch",
             domain=spec.DOMAIN,
             threshold=float(layer.threshold),
@@ -253,7 +254,7 @@ def patch_model(
         )
         new_nodes.setdefault(by_output[site.tap], []).append(node)
         patch_nodes.append(node)
-        _declare_same_shape(graph, site, out, f"{prefix}/flags")
+        _declare_same_shape(graph, site, out, prefix)
 
     # Rebuild the node list with each AtPatch right after its tap's producer: stays topological.
     nodes = list(graph.node)

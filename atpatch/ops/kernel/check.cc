@@ -137,8 +137,8 @@ OrtStatusPtr NodeVersion(const OrtApi& api, const OrtKernelInfo* info, int* vers
   } else {
     return make_status(ORT_INVALID_ARGUMENT,
                        "this node has " + counts_str(inputs, outputs) +
-                           "; version 2 takes 6 inputs (attention, w1, b1, w2, b2, forced) and 2 outputs (patched, "
-                           "flags), version 1 (models patched before v2) 5 inputs and 1 output; patch the model again");
+                           "; version 2 takes 6 inputs (attention, w1, b1, w2, b2, forced) and up to 3 outputs "
+                           "(patched, flags, scores), version 1 (models patched before v2) 5 inputs and 1 output; patch the model again");
   }
   return nullptr;
 }
@@ -149,7 +149,7 @@ OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataTy
   if (ctx.GetInputCount() != inputs || ctx.GetOutputCount() < 1 || ctx.GetOutputCount() > kNumOutputs) {
     return make_status(ORT_INVALID_ARGUMENT, version == kVersionV1
                                                  ? "expects 5 inputs (attention, w1, b1, w2, b2) and 1 output"
-                                                 : "expects 6 inputs (attention, w1, b1, w2, b2, forced) and 2 outputs");
+                                                 : "expects 6 inputs (attention, w1, b1, w2, b2, forced) and up to 3 outputs");
   }
   Ort::ConstValue attention = ctx.GetInput(0);
   if (!attention || !attention.IsTensor()) return make_status(ORT_INVALID_ARGUMENT, "attention must be a tensor");
@@ -188,6 +188,10 @@ OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataTy
     if (flags && count > 0) {
       c->flags = static_cast<uint8_t*>(flags.GetTensorMutableRawData());
       c->flag_count = count;
+    }
+    if (ctx.GetOutputCount() > kScoresOutput) {
+      Ort::UnownedValue scores = ctx.GetOutput(kScoresOutput, flags_shape.data(), flags_shape.size());
+      if (scores && count > 0) c->scores = static_cast<float*>(scores.GetTensorMutableRawData());
     }
   }
   c->shape = shape;

@@ -27,9 +27,10 @@ constexpr int kVersion = 2;    // spec.VERSION
 // `forced` and `flags` optional, and each node's version is read off its arity (NodeVersion).
 constexpr int kFirstVersion = kVersionV1, kLastVersion = kVersion;
 constexpr size_t kNumInputs = 6;   // attention, w1, b1, w2, b2, forced
-constexpr size_t kNumOutputs = 2;  // patched, flags
+constexpr size_t kNumOutputs = 3;  // patched, flags, scores
 constexpr size_t kForcedInput = 5;
 constexpr size_t kFlagsOutput = 1;
+constexpr size_t kScoresOutput = 2;  // optional: the detector's column scores, for a joint rule over layers
 constexpr const char* kThresholdAttr = "threshold";
 constexpr float kThresholdDefault = 0.0f;
 // The element type the model declares for the map (TensorProto numbering; 0: the type the kernel
@@ -46,7 +47,7 @@ std::string shape_str(const std::vector<int64_t>& shape);
 bool checked_mul(int64_t a, int64_t b, int64_t* out);
 
 // At kernel creation: the op version of a node, from its arity. 5 inputs and 1 output: version 1
-// (a model patched before v2); 6 inputs: version 2 (`flags` may be left off). Anything else is
+// (a model patched before v2); 6 inputs: version 2 (`flags` and `scores` may be left off). Anything else is
 // refused. A v2 node missing `forced` with one output would pass for v1: such a node is no
 // valid v2 node, and v1 is what it describes.
 OrtStatusPtr NodeVersion(const OrtApi& api, const OrtKernelInfo* info, int* version);
@@ -66,6 +67,7 @@ struct Checked {
   int64_t forced_batch_stride = 0, forced_key_stride = 0;
   uint8_t* flags = nullptr;
   int64_t flag_count = 0;  // entries of flags: batch * k_len, 0 without flags (then flags is nullptr)
+  float* scores = nullptr;  // the scores output [batch, k_len], nullptr when the node omits it or it is empty
 };
 
 // Checks one call of a node of op `version` whose attention must be `attention_type`, and

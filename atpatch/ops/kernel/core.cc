@@ -224,7 +224,9 @@ ATPATCH_HOT int64_t score_columns(const HeadColumns* heads, int64_t num_heads, i
       const int64_t j = j0 + c;
       bool attended = false;
       for (int64_t h = 0; h < num_heads; ++h) attended |= heads[h].peak[j] > 0.0f;
-      const bool flag = attended && static_cast<float>(score[c]) + d.b2 > d.threshold;
+      const float value = static_cast<float>(score[c]) + d.b2;
+      const bool flag = attended && value > d.threshold;
+      if (out.scores != nullptr) out.scores[j] = attended ? value : -std::numeric_limits<float>::infinity();
       const bool patch = flag || (out.forced != nullptr && out.forced[j * out.forced_stride] != 0);
       if (out.flags != nullptr) out.flags[j] = flag ? 1 : 0;
       out.patch[j] = patch ? 1.0f : 0.0f;

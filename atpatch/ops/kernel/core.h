@@ -106,6 +106,7 @@ struct ColumnMasks {
   int64_t forced_stride;  // 0 when forced broadcasts over the keys ([.., 1])
   uint8_t* flags;         // [k_len] the op's `flags` output (0/1), or nullptr when not wanted
   float* patch;           // [k_len] P = flags OR forced: 1.0 patched, 0.0 not (the row loops read it as is)
+  float* scores;          // [k_len] the op's `scores` output (-inf where unattended), or nullptr
 };
 
 // Phase 2 for one batch item: heads[h] are that item's finished blocks (num_heads of them,

@@ -153,12 +153,13 @@ __global__ void columns_kernel(const T* __restrict__ in, int64_t heads, int64_t 
 }
 
 // Phase 2: core.cc's score_columns for one column of one item; dots in double. Writes the
-// `flags` output (when wanted) and P = flags OR forced as the float mask the patch reads.
+// `flags` and `scores` outputs (when wanted) and P = flags OR forced as the float mask the patch reads.
 __global__ void scores_kernel(const float* __restrict__ features, int64_t batch, int64_t heads, int64_t k_len,
                               int features_per_head, const float* __restrict__ w1, const float* __restrict__ b1,
                               const float* __restrict__ w2, const float* __restrict__ b2, int64_t hidden,
                               float threshold, const uint8_t* __restrict__ forced, int64_t forced_batch_stride,
-                              int64_t forced_key_stride, uint8_t* __restrict__ flags_out, float* __restrict__ patch,
+                              int64_t forced_key_stride, uint8_t* __restrict__ flags_out,
+                              float* __restrict__ scores_out, float* __restrict__ patch,
                               unsigned long long* __restrict__ counts) {
   const int64_t total = batch * k_len;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -169,6 +170,7 @@ __global__ void scores_kernel(const float* __restrict__ features, int64_t batch,
     bool attended = false;  // some head's peak > 0: some counted row has the column unmasked
     for (int64_t h = 0; h < heads; ++h) attended |= f[(heads + h) * k_len] > 0.0f;
     bool flag = false;
+    float s = -INFINITY;  // the `scores` output of a column no counted row attends to
     if (attended) {
       double score = 0.0;
       for (int64_t i = 0; i < hidden; ++i) {
@@ -180,14 +182,21 @@ __global__ void scores_kernel(const float* __restrict__ features, int64_t batch,
         const float h = z > 0.0f ? z : 0.0f;
         score = __dadd_rn(score, __dmul_rn(static_cast<double>(h), static_cast<double>(__ldg(w2 + i))));
       }
-      const float s = __fadd_rn(__double2float_rn(score), __ldg(b2));
+      s = __fadd_rn(__double2float_rn(score), __ldg(b2));
       flag = s > threshold;
     }
+    if (scores_out != nullptr) scores_out[t] = s;
     const bool in_p = flag || (forced != nullptr && forced[b * forced_batch_stride + j * forced_key_stride] != 0);
     if (flags_out != nullptr) flags_out[t] = flag ? 1 : 0;
     patch[t] = in_p ? 1.0f : 0.0f;
     if (in_p) atomicAdd(counts + b, 1ull);
   }
+}
+
+// The scores of an empty map: every column unattended.
+__global__ void fill_kernel(float* __restrict__ x, int64_t n, float value) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < n; t += stride) x[t] = value;
 }
 
 // Phase 3: core.cc's patch_row, one row per 16-thread group, thread l holding core.cc's lane l
@@ -280,11 +289,11 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   T* out = static_cast<T*>(p.out);
   const int64_t blocks = p.batch * p.heads, rows = blocks * p.q_len;
   const bool empty = rows == 0 || p.k_len == 0;
-  if (empty && (p.flags == nullptr || p.batch * p.k_len == 0)) return "";
+  if (empty && ((p.flags == nullptr && p.scores == nullptr) || p.batch * p.k_len == 0)) return "";
 
   // The CUDA EP may run this thread on another device than the tensors': follow the data.
   cudaPointerAttributes attributes{};
-  const void* data = empty ? static_cast<const void*>(p.flags) : p.in;
+  const void* data = !empty ? p.in : p.flags != nullptr ? static_cast<const void*>(p.flags) : p.scores;
   if (cudaPointerGetAttributes(&attributes, data) == cudaSuccess && attributes.type == cudaMemoryTypeDevice) {
     int current = -1;
     if (cudaGetDevice(&current) == cudaSuccess && current != attributes.device) {
@@ -293,8 +302,15 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
   }
   (void)cudaGetLastError();  // a stale error from another library must not be reported as ours
   if (empty) {  // no entries (no heads or no queries): no column is attended, none flagged
-    const cudaError_t err = cudaMemsetAsync(p.flags, 0, static_cast<size_t>(p.batch * p.k_len), stream);
-    return err == cudaSuccess ? "" : error_text(err, "clearing the flags");
+    if (p.flags != nullptr) {
+      const cudaError_t err = cudaMemsetAsync(p.flags, 0, static_cast<size_t>(p.batch * p.k_len), stream);
+      if (err != cudaSuccess) return error_text(err, "clearing the flags");
+    }
+    if (p.scores != nullptr) {
+      ATPATCH_LAUNCH(fill_kernel, grid_for(p.batch * p.k_len), stream, p.scores, p.batch * p.k_len, -INFINITY);
+      if (cudaError_t err = cudaGetLastError()) return error_text(err, "filling the scores");
+    }
+    return "";
   }
 
   // Workspace: n_q, row max and sum of squares per row, features per item, P per item, P's size
@@ -324,7 +340,7 @@ std::string run_typed(const Problem& p, cudaStream_t stream) {
                    blocks * p.k_len, !p.count_every_row, support, row_max, row_squares, features);
     ATPATCH_LAUNCH(scores_kernel, grid_for(p.batch * p.k_len), stream, features, p.batch, p.heads, p.k_len,
                    features_per_head, p.w1, p.b1, p.w2, p.b2, p.hidden, p.threshold, p.forced,
-                   p.forced_batch_stride, p.forced_key_stride, p.flags, patch, counts);
+                   p.forced_batch_stride, p.forced_key_stride, p.flags, p.scores, patch, counts);
     ATPATCH_LAUNCH(patch_kernel<T>, grid_for(rows * kLanes), stream, in, out, rows, p.heads * p.q_len, p.k_len,
                    patch, counts);
     if ((err = cudaGetLastError()) != cudaSuccess) error = error_text(err, "launching the AtPatch kernels");

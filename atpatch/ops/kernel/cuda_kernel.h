@@ -36,6 +36,7 @@ struct Problem {
   const uint8_t* forced = nullptr;
   int64_t forced_batch_stride = 0, forced_key_stride = 0;
   uint8_t* flags = nullptr;  // the `flags` output [batch, k_len] (op v2), or nullptr
+  float* scores = nullptr;   // the `scores` output [batch, k_len] (op v2, optional), or nullptr
   // Optional (tests): receives the column features, [batch, features_per_head * heads, k_len],
   // feature f of head h in row f * heads + h (spec.FEATURE_NAMES order: mass, peak, top, self,
   // opeak, ofocus); features_per_head is kFeaturesPerHead, or kFeaturesPerHeadV1 for op v1.
@@ -46,7 +47,7 @@ struct Problem {
 // without waiting. Its workspace comes from the stream-ordered allocator (cudaMallocAsync) and is
 // freed in stream order. Returns "" on success, else a one-line error (CUDA's own message).
 // The caller has validated shapes as custom_op.cc does (rank 4, lengths <= 2^24, no overflow).
-// A map with no entries (heads or q_len 0) still writes `flags`, all false.
+// A map with no entries (heads or q_len 0) still writes `flags`, all false, and `scores`, all -inf.
 std::string run(const Problem& problem, void* stream);
 
 }  // namespace cuda

@@ -64,11 +64,14 @@ struct Device {
 // Runs the CUDA kernel on host data; `in_place` uses one buffer for input and output.
 template <typename T>
 std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Detector& d, const Variant& v,
-                           bool in_place, std::vector<float>* features, std::vector<uint8_t>* flags) {
+                           bool in_place, std::vector<float>* features, std::vector<uint8_t>* flags,
+                           std::vector<float>* scores = nullptr) {
   Device<T> in(map.size()), out(in_place ? 0 : map.size());
   Device<uint8_t> forced(v.forced.size()), flags_dev(static_cast<size_t>(s.b * s.k));
   if (!v.forced.empty()) CUDA_OK(cudaMemcpy(forced.ptr, v.forced.data(), v.forced.size(), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(flags_dev.ptr, 0xee, static_cast<size_t>(s.b * s.k)));  // unwritten flags show
+  Device<float> scores_dev(static_cast<size_t>(s.b * s.k));
+  CUDA_OK(cudaMemset(scores_dev.ptr, 0xff, static_cast<size_t>(s.b * s.k) * sizeof(float)));  // NaN: unwritten shows
   const size_t feature_count = static_cast<size_t>(s.b * d.features_per_head * s.h * s.k);
   Device<float> feats(feature_count);
   Device<float> w1(d.w1.size()), b1(d.b1.size()), w2(d.w2.size()), b2(1);
@@ -90,6 +93,7 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   p.forced_batch_stride = v.batch_stride();
   p.forced_key_stride = v.key_stride();
   p.flags = v.v1 ? nullptr : flags_dev.ptr;
+  p.scores = v.v1 || scores == nullptr ? nullptr : scores_dev.ptr;
   const std::string error = atpatch::cuda::run(p, stream);
   if (!error.empty()) {
     std::fprintf(stderr, "selftest: atpatch::cuda::run failed on %s: %s\n", s.str().c_str(), error.c_str());
@@ -103,6 +107,10 @@ std::vector<T> gpu_atpatch(const std::vector<T>& map, const Shape& s, const Dete
   CUDA_OK(cudaMemcpy(features->data(), feats.ptr, feature_count * sizeof(float), cudaMemcpyDeviceToHost));
   flags->assign(static_cast<size_t>(s.b * s.k), 0);
   if (!v.v1) CUDA_OK(cudaMemcpy(flags->data(), flags_dev.ptr, flags->size(), cudaMemcpyDeviceToHost));
+  if (scores != nullptr && !v.v1) {
+    scores->resize(static_cast<size_t>(s.b * s.k));
+    CUDA_OK(cudaMemcpy(scores->data(), scores_dev.ptr, scores->size() * sizeof(float), cudaMemcpyDeviceToHost));
+  }
   return result;
 }
 
@@ -184,7 +192,9 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
   std::vector<T> cpu(map.size());
   std::vector<uint8_t> changed, cpu_flags;
   std::vector<int64_t> patched;
-  cpu_atpatch(map.data(), cpu.data(), s, d.view(), v, 1, &changed, &patched, v.v1 ? nullptr : &cpu_flags);
+  std::vector<float> cpu_scores;
+  cpu_atpatch(map.data(), cpu.data(), s, d.view(), v, 1, &changed, &patched, v.v1 ? nullptr : &cpu_flags,
+              v.v1 ? nullptr : &cpu_scores);
   // The harness's own checks: the cut flags what was asked, unchanged rows are the input.
   int64_t total_flagged = 0, total_patched = 0;
   for (uint8_t f : cpu_flags) total_flagged += f;
@@ -210,10 +220,15 @@ bool run_case(Rng& rng, const Shape& s, const std::string& mask, std::string how
 
   std::vector<float> gpu_features;
   std::vector<uint8_t> gpu_flags;
-  const std::vector<T> gpu = gpu_atpatch(map, s, d, v, in_place, &gpu_features, &gpu_flags);
+  std::vector<float> gpu_scores;
+  const std::vector<T> gpu = gpu_atpatch(map, s, d, v, in_place, &gpu_features, &gpu_flags, &gpu_scores);
   const double tolerance = fp32 ? 1e-6 : 1e-3;
   bool ok = true;
   if (!v.v1 && gpu_flags != cpu_flags) ok = fail("the flags output differs from the CPU kernel's");
+  // Same dots in the same order: the scores are meant to be bit-identical (-inf on unattended columns).
+  if (!v.v1 && !bits_equal(gpu_scores.data(), cpu_scores.data(), cpu_scores.size() * sizeof(float))) {
+    ok = fail("the scores output differs from the CPU kernel's");
+  }
   // The features, before any threshold: relative 1e-6 (mass grows with the row length).
   for (size_t i = 0; i < gpu_features.size(); ++i) {
     const double c = cpu_features[i], diff = std::fabs(gpu_features[i] - c) / std::max(1.0, std::fabs(c));

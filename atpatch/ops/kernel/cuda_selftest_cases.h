@@ -165,7 +165,8 @@ void block_features(const T* block_in, const Shape& s, bool v1, float* row, cons
 // `changed` (optional) gets one byte per row: 1 when the row was patched.
 template <typename T>
 void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorView& d, const Variant& v, int threads,
-                 std::vector<uint8_t>* changed, std::vector<int64_t>* patched_per_item, std::vector<uint8_t>* flags_out) {
+                 std::vector<uint8_t>* changed, std::vector<int64_t>* patched_per_item, std::vector<uint8_t>* flags_out,
+                 std::vector<float>* scores_out = nullptr) {
   const int64_t blocks = s.b * s.h, floats = block_floats(v.v1);
   std::vector<float> work(static_cast<size_t>(blocks * floats * s.k));
   std::vector<atpatch::HeadColumns> cols(static_cast<size_t>(blocks));
@@ -177,9 +178,11 @@ void cpu_atpatch(const T* in, T* out, const Shape& s, const atpatch::DetectorVie
   std::vector<float> flags(static_cast<size_t>(s.b * s.k));  // P: flags OR forced
   std::vector<int64_t> flagged(static_cast<size_t>(s.b));
   if (flags_out) flags_out->assign(static_cast<size_t>(s.b * s.k), 0);
+  if (scores_out) scores_out->assign(static_cast<size_t>(s.b * s.k), 0.0f);
   parallel_for(s.b, threads, [&](int64_t b) {
     const atpatch::ColumnMasks masks{v.forced_ptr() ? v.forced_ptr() + b * v.batch_stride() : nullptr, v.key_stride(),
-                                     flags_out ? flags_out->data() + b * s.k : nullptr, flags.data() + b * s.k};
+                                     flags_out ? flags_out->data() + b * s.k : nullptr, flags.data() + b * s.k,
+                                     scores_out ? scores_out->data() + b * s.k : nullptr};
     flagged[b] = atpatch::score_columns(cols.data() + b * s.h, s.h, s.k, d, masks);
   });
   if (changed) changed->assign(static_cast<size_t>(blocks * s.q), 0);

@@ -12,6 +12,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -85,6 +86,7 @@ struct Job {
   const uint8_t* forced;  // v2: see atpatch::Checked; nullptr for v1
   int64_t forced_batch_stride, forced_key_stride;
   uint8_t* flags;  // v2: the flags output [batch, k_len], or nullptr
+  float* scores;   // v2: the scores output [batch, k_len], or nullptr
   std::vector<int64_t> patched;  // per batch item: columns in P
   std::vector<atpatch::HeadColumns> head_columns;  // per block, views into workspace
 
@@ -172,7 +174,7 @@ void score_task(void* data, size_t item) {
   const auto b = static_cast<int64_t>(item);
   const atpatch::ColumnMasks masks{job.forced ? job.forced + b * job.forced_batch_stride : nullptr,
                                    job.forced_key_stride, job.flags ? job.flags + b * job.k_len : nullptr,
-                                   job.patch + b * job.k_len};
+                                   job.patch + b * job.k_len, job.scores ? job.scores + b * job.k_len : nullptr};
   job.patched[b] = atpatch::score_columns(job.head_columns.data() + b * job.heads, job.heads, job.k_len,
                                           job.detector, masks);
 }
@@ -246,6 +248,9 @@ struct AtPatchKernel {
     if (OrtStatusPtr status = atpatch::Check(ctx, version_, Element<T>::type, threshold_, &c)) return status;
     if (c.total == 0) {  // zero-size dims: the empty output is the answer, and nothing is flagged
       if (c.flag_count > 0) std::memset(c.flags, 0, static_cast<size_t>(c.flag_count));
+      if (c.scores != nullptr) {
+        std::fill_n(c.scores, static_cast<size_t>(c.batch * c.k_len), -std::numeric_limits<float>::infinity());
+      }
       return nullptr;
     }
     g_computes.fetch_add(1, std::memory_order_relaxed);
@@ -279,6 +284,7 @@ struct AtPatchKernel {
                c.forced_batch_stride,
                c.forced_key_stride,
                c.flags,
+               c.scores,
                std::vector<int64_t>(static_cast<size_t>(batch), 0),
                {}};
     job.head_columns.reserve(static_cast<size_t>(blocks));
@@ -333,7 +339,7 @@ struct AtPatchCudaKernel {
     Ort::KernelContext ctx(raw);
     atpatch::Checked c;
     if (OrtStatusPtr status = atpatch::Check(ctx, version_, Element<T>::type, threshold_, &c)) return status;
-    if (c.total == 0 && c.flag_count == 0) return nullptr;  // else the flags are still to be cleared
+    if (c.total == 0 && c.flag_count == 0 && c.scores == nullptr) return nullptr;  // else flags/scores to write
     void* stream = ctx.GetGPUComputeStream();
     if (stream == nullptr) {
       return make_status(ORT_FAIL, "onnxruntime gave no CUDA compute stream; run the model with ATPATCH_NATIVE=0");
@@ -358,6 +364,7 @@ struct AtPatchCudaKernel {
     p.forced_batch_stride = c.forced_batch_stride;
     p.forced_key_stride = c.forced_key_stride;
     p.flags = c.flags;
+    p.scores = c.scores;
     const std::string error = atpatch::cuda::run(p, stream);
     return error.empty() ? nullptr : make_status(ORT_FAIL, "CUDA kernel: " + error);
   }
@@ -387,7 +394,9 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
   // The patched map has the attention's type and shape; flags are bool [batch, k_len]. A rank
   // other than 4, or a dim neither known nor named, is left unknown here (Compute names problems).
   // The flags output may be absent (op v1, or a node that leaves it out), so failing to describe
-  // it is not an error.
+  // it is not an error. The scores output is not described: onnxruntime refuses a description of
+  // an output the node lacks (it failed the session), and this context cannot say how many the
+  // node has; its type comes from GetOutputType, and nothing downstream needs its shape.
   static OrtStatusPtr ORT_API_CALL OutputShapes(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
     const OrtApi& api = Ort::GetApi();
     OrtTensorTypeAndShapeInfo* in = nullptr;  // owned by ctx
@@ -452,10 +461,11 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
   }
   size_t GetOutputTypeCount() const { return atpatch::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t index) const {
+    if (index == atpatch::kScoresOutput) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     return index == atpatch::kFlagsOutput ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : Element<T>::type;
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == atpatch::kFlagsOutput ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 
   static size_t ORT_API_CALL MayInplace(int** input_index, int** output_index) {
@@ -535,7 +545,7 @@ static_assert(atpatch::kFeaturesPerHead == 6 && atpatch::kFeaturesPerHeadV1 == 3
               "AtPatchOpsInfo spells out the versions, features_per_head and feature_version: update it");
 ATPATCH_EXPORT const char* AtPatchOpsInfo() {
   return "{\"domain\": \"ai.atpatch\", \"op_type\": \"AtPatch\", \"version\": 2, \"versions\": [1, 2], "
-         "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"patched\", \"flags\"], "
+         "\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"patched\", \"flags\", \"scores\"], "
          "\"attributes\": {\"threshold\": 0.0, \"map_type\": 0}, \"features_per_head\": 6, \"feature_version\": 4, "
          "\"feature_names\": [\"mass\", \"peak\", \"top\", \"self\", \"opeak\", \"ofocus\"], "
          "\"v1\": {\"inputs\": [\"attention\", \"w1\", \"b1\", \"w2\", \"b2\"], \"outputs\": [\"patched\"], "
