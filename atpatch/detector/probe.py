@@ -10,6 +10,7 @@ detector it carries can be read back, so a user can see what was flagged and whe
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from onnx import numpy_helper
 
 from ..errors import InvalidModelError
 from ..ops import spec
+from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
 from ..ops.weights import Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
@@ -65,8 +67,14 @@ def read_detector(model: onnx.ModelProto) -> Detector:
         threshold = next((a.f for a in node.attribute if a.name == "threshold"), spec.ATTRIBUTES["threshold"][1])
         values = dict(zip(params, (weights[name] for name in node.input[1 : 1 + len(params)]), strict=True))
         layers.append(LayerDetector(threshold=float(threshold), **values))
-    kind = next((p.value for p in model.metadata_props if p.key == "atpatch.detector"), "fitted")
-    return Detector(layers=tuple(layers), kind=kind)
+    meta = {p.key: p.value for p in model.metadata_props}
+    joint = json.loads(meta.get("atpatch.joint", "null"))
+    return Detector(
+        layers=tuple(layers),
+        kind=meta.get("atpatch.detector", "fitted"),
+        spread=int(meta.get("atpatch.spread", 0)),
+        joint=None if joint is None else JointRule(tuple(joint["weights"]), joint["threshold"], joint["window"]),
+    )
 
 
 class AttentionProbe:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import DetectorMismatchError
 from . import spec
+from .joint import JointRule
 from .reference import LayerDetector
 
 __all__ = ["Detector", "FORMAT_VERSION"]
@@ -38,6 +39,8 @@ class Detector:
     # Positions around each flagged one that cross-layer patching patches too (along the sequence,
     # or on an image's patch grid): a trigger spanning several positions may be flagged at one.
     spread: int = 0
+    # One score over all layers (ops/joint.py), flagging besides each layer's own threshold; None: off.
+    joint: JointRule | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -52,6 +55,8 @@ class Detector:
                     f"detector layer {i} has weight shapes {shapes}; expected w1 "
                     f"[{spec.FEATURES_PER_HEAD} * heads, hidden], b1 [hidden], w2 [hidden], b2 [1]"
                 )
+        if self.joint is not None and len(self.joint.weights) != len(self.layers):
+            raise ValueError(f"the joint rule has {len(self.joint.weights)} weights for {len(self.layers)} layers")
         if not isinstance(self.spread, int) or self.spread < 0:
             raise ValueError(f"spread must be a whole number of positions >= 0, got {self.spread!r}")
         if self.feature_version != spec.FEATURE_VERSION:
@@ -94,6 +99,13 @@ class Detector:
             "thresholds": [float(layer.threshold) for layer in self.layers],
             "model_fingerprint": self.model_fingerprint,
             "spread": self.spread,
+            "joint": None
+            if self.joint is None
+            else {
+                "weights": [float(w) for w in self.joint.weights],
+                "threshold": float(self.joint.threshold),
+                "window": self.joint.window,
+            },
         }
 
     def save(self, path: str | Path) -> None:
@@ -127,6 +139,7 @@ class Detector:
             )
         try:
             meta = json.loads(header)
+            joint = meta.get("joint")
             layers = tuple(
                 LayerDetector(
                     **{p: tensors[f"layer{i}.{p}"].astype(np.float32) for p in _PARAMS},
@@ -140,6 +153,11 @@ class Detector:
                 model_fingerprint=meta.get("model_fingerprint"),
                 feature_version=int(meta["feature_version"]),
                 spread=int(meta.get("spread", 0)),
+                joint=None
+                if joint is None
+                else JointRule(
+                    tuple(float(w) for w in joint["weights"]), float(joint["threshold"]), int(joint["window"])
+                ),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise DetectorMismatchError(

@@ -31,6 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops import spec
 from ..ops.builder import NodeBuilder
+from ..ops.joint import JointRule
+from .positions import joint_flags, spread as widen
 from .shape_only import shape_only_producers, small_initializers
 
 __all__ = [
@@ -171,28 +173,6 @@ def _batch_first(value: onnx.ValueInfoProto, batch_dims: set[str]) -> int | None
     return len(dims)
 
 
-def _spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
-    """`flags` [B, K] widened by `radius` positions: along the sequence, or over an image's patch grid.
-
-    A grid map holds `lead` special positions ([CLS], a distillation token) before G x G patches,
-    with G = floor(sqrt(K)); the special positions are left as they are.
-    """
-    size = 2 * radius + 1
-    x = b.to_float(flags)
-    if not grid:
-        pooled = b.op("MaxPool", b.op("Unsqueeze", x, b.const([1], np.int64)), kernel_shape=[size], pads=[radius] * 2)
-        return b.op("Cast", b.op("Squeeze", pooled, b.const([1], np.int64)), to=TensorProto.BOOL)
-    keys = b.op("Slice", b.op("Shape", x), b.const([1], np.int64), b.const([2], np.int64))
-    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
-    lead = b.op("Sub", keys, b.op("Mul", side, side))
-    head = b.op("Slice", x, b.const([0], np.int64), lead, b.const([1], np.int64))
-    patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
-    image = b.op("Reshape", patches, b.op("Concat", b.const([-1, 1], np.int64), side, side, axis=0))
-    pooled = b.op("MaxPool", image, kernel_shape=[size, size], pads=[radius] * 4)
-    back = b.op("Reshape", pooled, b.const([0, -1], np.int64))
-    return b.op("Cast", b.op("Concat", head, back, axis=1), to=TensorProto.BOOL)
-
-
 def _with_shape_inputs(
     graph: onnx.GraphProto, copied: list[onnx.NodeProto], tainted: set[str], forced: str
 ) -> tuple[list[onnx.NodeProto], dict[str, str]]:
@@ -235,10 +215,12 @@ def add_second_pass(
     opset: int,
     spread: int = 0,
     grid: bool = False,
+    joint: JointRule | None = None,
 ) -> None:
     """Add the union of flags, pass 2 inside an `If`, and the per-input choice of outputs (module docstring).
 
-    `patch_nodes` are pass 1's AtPatch nodes, already in `graph` (their outputs: patched, flags).
+    `patch_nodes` are pass 1's AtPatch nodes, already in `graph` (their outputs: patched, flags,
+    scores). `joint` adds the positions one score over all layers flags (ops/joint.py) to the union.
     `spread` > 0 widens what pass 2 patches by that many positions around each flagged one (along
     the sequence, or on the patch grid with `grid`): a trigger spanning several positions is often
     flagged at one of them only.
@@ -247,6 +229,8 @@ def add_second_pass(
     # An encoder has nothing forced: every flag is new, and neither `forced` nor its Not is needed.
     nothing = forced == _NOTHING
     flags = [node.output[1] for node in patch_nodes]
+    if joint is not None:
+        flags.append(joint_flags(b, [node.output[2] for node in patch_nodes], joint, grid))
     union, *rest = flags if nothing else [forced, *flags]
     for layer_flags in rest:
         union = b.op("Or", union, layer_flags)
@@ -256,7 +240,7 @@ def add_second_pass(
     b.nodes[-1].name = ROWS
     any_new = b.any(ROWS, [0])
     if spread > 0:
-        union = _spread(b, union, spread, grid)
+        union = widen(b, union, spread, grid)
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 
     # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map. Also the
@@ -349,7 +333,7 @@ def add_second_pass(
         graph.output.append(helper.make_tensor_value_info(PRESENT_FLAGS, TensorProto.BOOL, ["batch", "total_sequence"]))
 
 
-def add_cross_layer(model: onnx.ModelProto, spread: int = 0) -> None:
+def add_cross_layer(model: onnx.ModelProto, spread: int = 0, joint: JointRule | None = None) -> None:
     """Give a per-layer patched `model` (patch_model(..., cross_layer=False)) its second pass, in place.
 
     Separate from patching so that graph passes that cannot see into an `If` (onnxruntime's
@@ -359,12 +343,12 @@ def add_cross_layer(model: onnx.ModelProto, spread: int = 0) -> None:
     nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     if any(n.op_type == "If" and n.name == SECOND_PASS for n in graph.node):
         raise ValueError("the model already has cross-layer patching")
-    if len(nodes) < 2 and not spread:  # one layer, no spread: a second pass would redo the first
+    if len(nodes) < 2 and not spread and joint is None:  # a second pass would redo the first
         return
     opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {value.name for value in graph.input}
     decoder, grid = PAST_FLAGS in inputs, "pixel_values" in inputs
-    add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid)
+    add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid, joint)
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":
             prop.value = "1"

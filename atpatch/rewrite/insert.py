@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -273,6 +275,7 @@ def patch_model(
         "atpatch.source_fingerprint": fingerprint,
         "atpatch.cross_layer": "0",  # add_cross_layer sets it
         "atpatch.spread": str(detector.spread),
+        "atpatch.joint": json.dumps(detector.describe()["joint"]),
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
     del patched.metadata_props[:]
@@ -280,5 +283,5 @@ def patch_model(
     for key, value in meta.items():
         patched.metadata_props.add(key=key, value=value)
     if cross_layer:
-        add_cross_layer(patched, detector.spread)
+        add_cross_layer(patched, detector.spread, detector.joint)
     return patched, sites

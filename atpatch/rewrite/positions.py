@@ -1,0 +1,90 @@
+"""Graph pieces over key positions ([batch, k_len] tensors) that know a sequence from a patch grid.
+
+A grid map holds `lead` special positions ([CLS], a distillation token) before G x G patches, with
+G = floor(sqrt(K)) (ops/joint.py, grid_lead); anything else is a sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ..ops.builder import NodeBuilder
+from ..ops.joint import JointRule
+
+__all__ = ["joint_flags", "spread"]
+
+_END = np.iinfo(np.int64).max
+
+
+def _grid(b: NodeBuilder, x: str) -> tuple[str, str, str, str]:
+    """(keys, side, lead, patches [B, G, G]) of a [B, K] tensor."""
+    keys = b.op("Slice", b.op("Shape", x), b.const([1], np.int64), b.const([2], np.int64))
+    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
+    lead = b.op("Sub", keys, b.op("Mul", side, side))
+    patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
+    image = b.op("Reshape", patches, b.op("Concat", b.const([-1], np.int64), side, side, axis=0))
+    return keys, side, lead, image
+
+
+def spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
+    """`flags` [B, K] widened by `radius` positions: along the sequence, or over the patch grid (its
+    special positions are left as they are)."""
+    size = 2 * radius + 1
+    x = b.to_float(flags)
+    if not grid:
+        pooled = b.op("MaxPool", b.op("Unsqueeze", x, b.const([1], np.int64)), kernel_shape=[size], pads=[radius] * 2)
+        return b.op("Cast", b.op("Squeeze", pooled, b.const([1], np.int64)), to=TensorProto.BOOL)
+    keys, _, lead, image = _grid(b, x)
+    head = b.op("Slice", x, b.const([0], np.int64), lead, b.const([1], np.int64))
+    pooled = b.op("MaxPool", b.op("Unsqueeze", image, b.const([1], np.int64)), kernel_shape=[size, size], pads=[radius] * 4)
+    back = b.op("Reshape", pooled, b.const([0, -1], np.int64))
+    return b.op("Cast", b.op("Concat", head, back, axis=1), to=TensorProto.BOOL)
+
+
+def _slice(b: NodeBuilder, x: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+    return b.op("Slice", x, b.const(starts, np.int64), b.const(ends, np.int64), b.const(axes, np.int64))
+
+
+def _best_window(b: NodeBuilder, x: str, grid: bool) -> str:
+    """ops/joint.py's _pool, in the same float32 order: each position's best window mean."""
+    minus_inf = b.const(-np.inf)
+    if not grid:
+        win = b.op("Div", b.op("Add", _slice(b, x, [0], [-1], [1]), _slice(b, x, [1], [_END], [1])), b.const(2.0))
+        left = b.op("Pad", win, b.const([0, 1, 0, 0], np.int64), minus_inf)
+        right = b.op("Pad", win, b.const([0, 0, 0, 1], np.int64), minus_inf)
+        return b.op("Max", left, right)
+    _, _, lead, g = _grid(b, x)
+    total = b.op("Add", _slice(b, g, [0, 0], [-1, -1], [1, 2]), _slice(b, g, [1, 0], [_END, -1], [1, 2]))
+    total = b.op("Add", total, _slice(b, g, [0, 1], [-1, _END], [1, 2]))
+    total = b.op("Add", total, _slice(b, g, [1, 1], [_END, _END], [1, 2]))
+    pad = b.op("Pad", b.op("Div", total, b.const(4.0)), b.const([0, 1, 1, 0, 1, 1], np.int64), minus_inf)
+    shifts = [
+        _slice(b, pad, [1, 1], [_END, _END], [1, 2]),
+        _slice(b, pad, [0, 1], [-1, _END], [1, 2]),
+        _slice(b, pad, [1, 0], [_END, -1], [1, 2]),
+        _slice(b, pad, [0, 0], [-1, -1], [1, 2]),
+    ]
+    best = b.op("Reshape", b.op("Max", *shifts), b.const([0, -1], np.int64))
+    head = b.op("Slice", x, b.const([0], np.int64), lead, b.const([1], np.int64))
+    return b.op("Concat", head, best, axis=1)
+
+
+def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) -> str:
+    """bool [B, K]: the positions `rule` flags (ops/joint.py) from the layers' `scores` outputs."""
+    total = None
+    for name, weight in zip(scores, rule.weights, strict=True):
+        if weight > 0:  # a left-out layer would turn -inf (unattended) into NaN
+            term = b.op("Mul", name, b.const(np.float32(weight)))
+            total = term if total is None else b.op("Add", total, term)
+    assert total is not None  # JointRule has a positive weight
+    pooled = _best_window(b, total, grid) if rule.window == 2 else total
+    keys = b.op("Squeeze", b.op("Slice", b.op("Shape", total), b.const([1], np.int64), b.const([2], np.int64)))
+    if grid:
+        side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
+        lead = b.op("Sub", keys, b.op("Mul", side, side))
+    else:
+        lead = b.const(1, np.int64)
+    position = b.op("Range", b.const(0, np.int64), keys, b.const(1, np.int64))
+    counted = b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
+    return b.op("Greater", counted, b.const(np.float32(rule.threshold)))
