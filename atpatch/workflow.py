@@ -168,9 +168,10 @@ def run_fit(
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
     misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more.
     With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py)."""
-    from .detector.calibrate import NEVER, calibrate, calibration_size_needed
+    from .detector.calibrate import NEVER, calibration_size_needed
     from .detector.columns import collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
+    from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
 
     if not 0 < target_flag_rate < 1:
@@ -220,19 +221,28 @@ def run_fit(
                 f"out of --budget {budget}); give culprit spans, a larger --budget, or inputs the model gets wrong"
             )
         kind, trained = "supervised", fit_supervised(train)
-    layers = calibrate(trained, calibration_columns, len(calibration), target_flag_rate, bad_columns)
-    summary = report(kind, train, layers, calibration_columns, len(calibration))
     fingerprint = model_fingerprint(model)
-    detector = Detector(layers=tuple(layers), kind=kind, model_fingerprint=fingerprint)
+    grid = "pixel_values" in probe.input_names  # as rewrite/crosslayer.py tells an image's patch grid
+
+    def calibrated(rate: float, by_fixes: bool = False) -> Detector:
+        """Thresholds at a clean flag budget, with the joint rule over layers where it flags more culprits;
+        `by_fixes`: the candidate whose patched model fixes the most misbehaving inputs (the first on ties)."""
+        options = joint_candidates(
+            trained, calibration_columns, len(calibration), rate, bad_columns, clean_columns, grid
+        )
+        tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint) for c in options]
+        if by_fixes and bad is not None and len(tried) > 1:
+            return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]
+        return tried[int(np.argmax([c.gain for c in options]))]
+
+    detector = calibrated(target_flag_rate, by_fixes=fair is None)
+    layers = list(detector.layers)
+    summary = report(kind, train, layers, calibration_columns, len(calibration), detector.joint, grid)
     if fair is not None:
         assert fairness is not None
         from .detector.tradeoff import sweep
 
         validation, counterfactual, group, png, js = fair
-
-        def calibrated(rate: float) -> Detector:
-            thresholds = calibrate(trained, calibration_columns, len(calibration), rate, bad_columns)
-            return Detector(tuple(thresholds), kind, fingerprint)
 
         tradeoff = sweep(model, calibrated, validation, counterfactual, group, fairness.max_accuracy_drop)
         with atomic_output(out) as tmp, atomic_output(png) as tmp_png, atomic_output(js) as tmp_js:
@@ -264,6 +274,13 @@ def run_fit(
     )
     if bad is not None:
         text += f"culprit columns flagged, per layer (off: the layer flags nothing): {recall}\n"
+        if detector.joint is not None:
+            where = "2 x 2 patches" if grid else "neighbour pairs"
+            window = f", averaged over {where}" if detector.joint.window == 2 else ""
+            text += (
+                f"joint rule (one score over all layers{window}): flags {summary.joint_recall:.1%} of culprit "
+                "columns, besides what the layers flag\n"
+            )
         detector, fixed, wrong, note = _choose_spread(model, detector, bad)
         text += (
             note + f"misbehaving inputs fixed by the patched model: {fixed} of {wrong} ({fixed / max(wrong, 1):.1%})\n"
@@ -271,8 +288,7 @@ def run_fit(
         if wrong and fixed < 0.9 * wrong:
             larger = []
             for rate in (r for r in _LARGER_BUDGETS if r > target_flag_rate):
-                more = calibrate(trained, calibration_columns, len(calibration), rate, bad_columns)
-                wider = Detector(tuple(more), kind, fingerprint, spread=detector.spread)
+                wider = replace(calibrated(rate, by_fixes=True), spread=detector.spread)
                 larger.append(f"{_fixed(model, wider, bad)[0]} at --target-flag-rate {rate:g}")
             text += (
                 "to fix more: "

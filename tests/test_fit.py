@@ -8,8 +8,10 @@ import pytest
 from atpatch.detector.calibrate import NEVER, allowed_flags, calibrate, calibration_size_needed, flag_rate_bound
 from atpatch.detector.columns import ColumnSet
 from atpatch.detector.fit import fit_one_class, fit_supervised, report
+from atpatch.detector.joint_fit import joint_candidates
 from atpatch.detector.localize import _ddmin
 from atpatch.ops import spec
+from atpatch.ops.reference import LayerDetector
 
 
 def _columns(rng: np.random.Generator, n_inputs: int, per_input: int, culprit_shift: float | None) -> ColumnSet:
@@ -20,7 +22,7 @@ def _columns(rng: np.random.Generator, n_inputs: int, per_input: int, culprit_sh
     if culprit_shift is not None:
         positive[::per_input] = True
         x[positive] += culprit_shift
-    return ColumnSet([x, x.copy()], example, positive)
+    return ColumnSet([x, x.copy()], example, positive, np.tile(np.arange(per_input), n_inputs))
 
 
 @pytest.mark.parametrize("target", [0.005, 0.05])
@@ -113,3 +115,41 @@ def test_the_flag_budget_goes_to_the_layers_that_separate_culprits(rng: np.rando
     assert by_allocation.positive_recall[1] > by_share.positive_recall[1]
     # The same bound holds: at most `allowed` calibration inputs flagged, plus one per extra active layer.
     assert by_allocation.calibration_flag_rate * n <= allowed_flags(n, 0.005)
+
+
+def _linear_layer(features: int) -> LayerDetector:
+    """score = feature 0 (kept linear: the hidden unit's bias keeps it above 0)."""
+    w1 = np.zeros((features, 1), np.float32)
+    w1[0, 0] = 1.0
+    return LayerDetector(w1, np.full(1, 10.0, np.float32), np.ones(1, np.float32), np.full(1, -10.0, np.float32), 0.0)
+
+
+def test_the_joint_rule_takes_the_budget_when_no_single_layer_separates_culprits(rng: np.random.Generator) -> None:
+    """Culprit columns a little above benign ones in each of four layers: no layer's threshold at a 0.5%
+    budget catches many, their sum does. The joint candidate flags more culprits, within the same
+    count of calibration inputs flagged as calibrate() allows."""
+    n, per_input, layers = 2400, 10, 4
+    detectors = [_linear_layer(spec.num_features(2))] * layers
+
+    def columns(n_inputs: int, shift: float | None) -> ColumnSet:
+        one = _columns(rng, n_inputs, per_input, None)
+        features = [rng.normal(0.0, 1.0, size=one.features[0].shape).astype(np.float32) for _ in range(layers)]
+        positive = np.zeros(len(one.example), bool)
+        if shift is not None:
+            positive[3::per_input] = True
+            for f in features:
+                f[positive, 0] += shift
+        return ColumnSet(features, one.example, positive, one.position)
+
+    calibration, benign, bad = columns(n, None), columns(2000, None), columns(300, 1.6)
+    options = joint_candidates(detectors, calibration, n, 0.005, bad, benign, grid=False)
+    assert options[0].joint is None
+    joint = max(options[1:], key=lambda c: c.gain)
+    assert joint.joint is not None and joint.gain > 1.5 * options[0].gain, [c.gain for c in options]
+    assert all(w == pytest.approx(1.0, rel=0.1) for w in joint.joint.weights)  # each layer's clean spread is 1
+    result = report("supervised", bad, joint.layers, calibration, n, joint.joint, grid=False)
+    active = sum(d.threshold < NEVER for d in joint.layers) + 1
+    assert result.calibration_flag_rate * n <= allowed_flags(n, 0.005) + active - 1
+    assert result.joint_recall is not None and result.joint_recall > max(
+        report("supervised", bad, options[0].layers, calibration, n).positive_recall
+    )

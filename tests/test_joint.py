@@ -116,7 +116,9 @@ def test_on_an_image_the_graph_pools_over_the_patch_grid(exported, rng: np.rando
     pixels = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
     layers = (_mass_detector(4), _mass_detector(4))
     plain = AttentionProbe(patch_model(result.model, Detector(layers), cross_layer=False)[0])
-    scores = [reference.scores_output(m, d) for m, d in zip(plain.run({"pixel_values": pixels}).before, layers, strict=True)]
+    scores = [
+        reference.scores_output(m, d) for m, d in zip(plain.run({"pixel_values": pixels}).before, layers, strict=True)
+    ]
     rule = JointRule((0.5, 1.0), 0.0, window=2)
     rule = replace(rule, threshold=_threshold_flagging_few(joint_scores(scores, rule, grid=True)))
     expected = joint_flags(scores, rule, grid=True)

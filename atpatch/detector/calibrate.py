@@ -18,7 +18,9 @@ from .columns import ColumnSet
 
 __all__ = [
     "CONFIDENCE",
+    "FlagBudget",
     "NEVER",
+    "allocate",
     "allowed_flags",
     "calibrate",
     "calibration_size_needed",
@@ -76,7 +78,7 @@ def calibration_size_needed(target_flag_rate: float, layers: int = 1, confidence
     return max(hi, layers)
 
 
-class _Budget:
+class FlagBudget:
     """Per layer, a rank r (flag the r highest-scoring calibration inputs; -1: the layer is off), and
     what a choice of ranks costs (calibration inputs flagged, plus one per active layer beyond the
     first) and buys (culprit columns flagged in some layer, each misbehaving input counting once)."""
@@ -94,6 +96,14 @@ class _Budget:
             owner = culprits.example[culprits.positive]
             _, index, counts = np.unique(owner, return_inverse=True, return_counts=True)
             self.weight = (1.0 / counts[index]).astype(np.float32)
+
+    def add_rule(self, per_input: np.ndarray, positive: np.ndarray) -> None:
+        """One more rule to spend the count on, beside the layers: its highest score per calibration
+        input, and its scores of the culprit columns (in `culprits` order)."""
+        self.scores.append(per_input.astype(np.float32))
+        self.ranked.append(np.sort(self.scores[-1])[::-1])
+        if len(self.weight):
+            self.positive.append(positive.astype(np.float32))
 
     def threshold(self, layer: int, rank: int) -> float:
         if rank < 0:
@@ -116,7 +126,7 @@ class _Budget:
         return float(self.weight[covered].sum())
 
 
-def _allocate(budget: _Budget, layers: int, allowed: int) -> list[int]:
+def allocate(budget: FlagBudget, layers: int, allowed: int) -> list[int]:
     """Greedy: each step takes the change of one layer's rank with the most culprits gained per
     calibration input spent; then what is left goes to the layers already on, one rank at a time
     (the debugging set's culprits score higher than unseen ones, so lower thresholds still help)."""
@@ -173,8 +183,8 @@ def calibrate(
     switched off (threshold NEVER). Without them (one-class), every layer gets the same rank.
     """
     allowed = allowed_flags(n_inputs, target_flag_rate)
-    budget = _Budget(layers, calibration, n_inputs, culprits)
-    ranks = _allocate(budget, len(layers), allowed) if len(budget.weight) else [-1] * len(layers)
+    budget = FlagBudget(layers, calibration, n_inputs, culprits)
+    ranks = allocate(budget, len(layers), allowed) if len(budget.weight) else [-1] * len(layers)
     if all(r < 0 for r in ranks):  # one-class, or no layer flags any culprit: the same rank for all
         rank = allowed
         while rank > 0 and budget.cost([rank] * len(layers)) > allowed:

@@ -20,6 +20,7 @@ class ColumnSet:
     features: list[np.ndarray]  # per layer [n_columns, FEATURES_PER_HEAD * heads]
     example: np.ndarray  # [n_columns] index of the input it belongs to
     positive: np.ndarray  # [n_columns] bool: a culprit column
+    position: np.ndarray  # [n_columns] its key position in that input
 
     def followed_by(self, other: ColumnSet, other_offset: int) -> ColumnSet:
         """Both sets in one; `other`'s input indices shifted by `other_offset` to stay distinct."""
@@ -27,6 +28,7 @@ class ColumnSet:
             [np.concatenate(pair) for pair in zip(self.features, other.features, strict=True)],
             np.concatenate([self.example, other.example + other_offset]),
             np.concatenate([self.positive, other.positive]),
+            np.concatenate([self.position, other.position]),
         )
 
 
@@ -38,13 +40,14 @@ def collect_columns(
 ) -> ColumnSet:
     """Features of every unmasked key column of every input, batch by batch (maps are not kept)."""
     per_layer: list[list[np.ndarray]] = [[] for _ in range(probe.num_layers)]
-    example, positive = [], []
+    example, positive, position = [], [], []
     for part, out in probe.iter_batches(feeds, batch_size):
         valid = attended_columns(out.before[0])  # [B, K]: a column some real query attends to
         for layer, m in enumerate(out.before):
             per_layer[layer].append(column_features(m)[valid])
         rows, cols = np.nonzero(valid)
         example.append(rows + part.start)
+        position.append(cols)
         flags = np.zeros(valid.shape, dtype=bool)
         for r in range(valid.shape[0]):
             given = culprits[part.start + r] if culprits is not None else None
@@ -52,4 +55,9 @@ def collect_columns(
                 if p < valid.shape[1]:
                     flags[r, p] = True
         positive.append(flags[rows, cols])
-    return ColumnSet([np.concatenate(f) for f in per_layer], np.concatenate(example), np.concatenate(positive))
+    return ColumnSet(
+        [np.concatenate(f) for f in per_layer],
+        np.concatenate(example),
+        np.concatenate(positive),
+        np.concatenate(position),
+    )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ops.joint import JointRule, joint_flags
 from ..ops.reference import LayerDetector, feature_scores
 from .calibrate import max_score_per_input
 from .columns import ColumnSet
@@ -32,6 +33,7 @@ class FitReport:
     thresholds: list[float]
     calibration_flag_rate: float  # share of calibration inputs with any flagged column
     positive_recall: list[float]  # per layer: share of culprit columns above threshold
+    joint_recall: float | None = None  # share of culprit columns the joint rule flags (None: no rule)
 
 
 def _standardise(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,13 +117,29 @@ def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
     return layers
 
 
-def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration: ColumnSet, n_cal: int) -> FitReport:
+def report(
+    kind: str,
+    train: ColumnSet,
+    layers: list[LayerDetector],
+    calibration: ColumnSet,
+    n_cal: int,
+    joint: JointRule | None = None,
+    grid: bool = False,
+) -> FitReport:
     flagged = np.zeros(n_cal, dtype=bool)
     recall = []
     for layer, detector in enumerate(layers):
         flagged |= max_score_per_input(calibration, layer, detector, n_cal) > detector.threshold
         pos = train.features[layer][train.positive]
         recall.append(float((feature_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
+    joint_recall = None
+    if joint is not None:
+        from .joint_fit import dense_scores
+
+        flagged |= joint_flags(dense_scores(calibration, layers, n_cal), joint, grid).any(axis=1)
+        hit = train.positive
+        marked = joint_flags(dense_scores(train, layers, int(train.example.max()) + 1), joint, grid)
+        joint_recall = float(marked[train.example[hit], train.position[hit]].mean()) if hit.any() else float("nan")
     return FitReport(
         kind,
         int(train.positive.sum()),
@@ -129,4 +147,5 @@ def report(kind: str, train: ColumnSet, layers: list[LayerDetector], calibration
         [lay.threshold for lay in layers],
         float(flagged.mean()),
         recall,
+        joint_recall,
     )

@@ -32,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ops import spec
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
-from .positions import joint_flags, spread as widen
+from .positions import joint_flags
+from .positions import spread as widen
 from .shape_only import shape_only_producers, small_initializers
 
 __all__ = [

@@ -37,7 +37,9 @@ def spread(b: NodeBuilder, flags: str, radius: int, grid: bool) -> str:
         return b.op("Cast", b.op("Squeeze", pooled, b.const([1], np.int64)), to=TensorProto.BOOL)
     keys, _, lead, image = _grid(b, x)
     head = b.op("Slice", x, b.const([0], np.int64), lead, b.const([1], np.int64))
-    pooled = b.op("MaxPool", b.op("Unsqueeze", image, b.const([1], np.int64)), kernel_shape=[size, size], pads=[radius] * 4)
+    pooled = b.op(
+        "MaxPool", b.op("Unsqueeze", image, b.const([1], np.int64)), kernel_shape=[size, size], pads=[radius] * 4
+    )
     back = b.op("Reshape", pooled, b.const([0, -1], np.int64))
     return b.op("Cast", b.op("Concat", head, back, axis=1), to=TensorProto.BOOL)
 
