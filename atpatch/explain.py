@@ -3,7 +3,7 @@
 For one input, one row per attention layer: the head-averaged map going into the AtPatch
 node and the map coming out (of the pass whose outputs the input gets), with the key columns
 patched in that layer outlined: solid red where that layer's detector flagged the column,
-dashed orange where another layer did (cross-layer patching). The predictions with and
+dashed orange where another layer or the joint rule over layers did (cross-layer patching). The predictions with and
 without the patch are in the title.
 """
 
@@ -22,7 +22,7 @@ from .errors import AtPatchError
 __all__ = ["ExplainReport", "check_patched", "explain", "unpatched"]
 
 _FLAG_COLOUR = "#d62728"
-_ELSEWHERE_COLOUR = "#ff7f0e"  # patched here because another layer flagged it
+_ELSEWHERE_COLOUR = "#ff7f0e"  # patched here because another layer, or the joint rule, flagged it
 _MAX_TICKS = 48  # beyond this many positions, only flagged columns get a tick label
 
 
@@ -51,7 +51,11 @@ class ExplainReport:
             positions = self.flagged.get(layer, [])
             shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
             elsewhere = [p for p in self.patched.get(layer, []) if p not in positions]
-            also = f"; also patched, flagged in another layer: {', '.join(map(str, elsewhere))}" if elsewhere else ""
+            also = (
+                f"; also patched, flagged in another layer or by the joint rule: {', '.join(map(str, elsewhere))}"
+                if elsewhere
+                else ""
+            )
             lines.append(f"  layer {layer}: flagged {shown}{also}")
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
