@@ -153,6 +153,7 @@ def _fit(args: argparse.Namespace) -> str:
         args.culprits,
         fairness,
         tokens,
+        joint=not args.no_joint,
     )
 
 
@@ -210,6 +211,11 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
         "--target-flag-rate", type=float, default=0.005, help="share of unseen clean inputs allowed any flag"
     )
     fit.add_argument("--budget", type=int, default=64, help="model calls per input for localization")
+    fit.add_argument(
+        "--no-joint",
+        action="store_true",
+        help="per-layer thresholds only: never the joint rule over layers (default: used where it fixes more)",
+    )
     fit.add_argument("-o", "--output", type=Path, required=True, help="detector file (.safetensors)")
     fair = fit.add_argument_group(
         "fairness (--protected)",

@@ -164,10 +164,12 @@ def run_fit(
     culprits_path: Path | None = None,
     fairness: FairnessOptions | None = None,
     protected_tokens: Sequence[str] | None = None,
+    joint: bool = True,
 ) -> str:
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
     misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more.
-    With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py)."""
+    With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py).
+    `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py)."""
     from .detector.calibrate import NEVER, calibration_size_needed
     from .detector.columns import collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
@@ -230,6 +232,7 @@ def run_fit(
         options = joint_candidates(
             trained, calibration_columns, len(calibration), rate, bad_columns, clean_columns, grid
         )
+        options = options if joint else options[:1]  # the first: calibrate.calibrate's, no joint rule
         tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint) for c in options]
         if by_fixes and bad is not None and len(tried) > 1:
             return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]

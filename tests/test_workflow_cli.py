@@ -50,6 +50,7 @@ def test_fit_export_eval_explain_run_end_to_end(setup: dict[str, Path], capsys) 
     assert rate <= 0.05
     detector = Detector.load(d / "det.safetensors")
     assert detector.kind == "supervised" and detector.num_layers == 2 and detector.model_fingerprint
+    assert ("joint rule (one score over all layers" in out) == (detector.joint is not None)
 
     patched = d / "model.patched.onnx"
     assert export_main([str(setup["model"]), "-o", str(patched), "--detector", str(d / "det.safetensors")]) == 0
@@ -64,6 +65,15 @@ def test_fit_export_eval_explain_run_end_to_end(setup: dict[str, Path], capsys) 
     assert main(["explain", str(patched), "--hf", str(setup["hf"]), "--data", str(setup["bad"]), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "layer 0" in capsys.readouterr().out
+
+
+def test_no_joint_fits_per_layer_thresholds_only(setup: dict[str, Path], capsys) -> None:  # noqa: ANN001
+    out_file = setup["dir"] / "per_layer.safetensors"
+    args = ["fit", str(setup["model"]), "--hf", str(setup["hf"]), "--clean", str(setup["clean"])]
+    args += ["--calibration", str(setup["calibration"]), "--misbehaving", str(setup["bad"])]
+    assert main([*args, "--target-flag-rate", "0.05", "--no-joint", "-o", str(out_file)]) == 0
+    assert "joint rule" not in capsys.readouterr().out
+    assert Detector.load(out_file).joint is None
 
 
 def test_one_class_fit_needs_only_clean_inputs(setup: dict[str, Path], capsys) -> None:  # noqa: ANN001
