@@ -55,7 +55,8 @@ from vision_data import (  # noqa: E402
 )
 
 DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke test skips on it)
-DETECTORS = ("localized", "known positions", "one-class")
+# "no joint rule": the localized detector with per-layer thresholds only (`fit --no-joint`), what the joint rule adds.
+DETECTORS = ("localized", "localized, no joint rule", "known positions", "one-class")
 
 
 # --- Baseline: mask the patch [CLS] attends to most -----------------------------------------------
@@ -172,12 +173,14 @@ def evaluate(model: Path, patched: Path, folder: Path, sets: dict[str, Path], re
 
 def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[str, Path]) -> dict | str:
     """fit, export (cross-layer and per layer), eval one detector; the reports, or the command's error."""
-    tag = name.replace(" ", "-")
+    tag = name.replace(", ", "-").replace(" ", "-")
     det = work / f"{tag}.safetensors"
     fit = ["fit", str(model), "--hf", str(folder), "--clean", str(sets["fit_clean"])]
     fit += ["--calibration", str(sets["calibration"]), "-o", str(det)]
     if name != "one-class":
-        fit += ["--misbehaving", str(sets["debug" if name == "localized" else "debug_known"])]
+        fit += ["--misbehaving", str(sets["debug" if name.startswith("localized") else "debug_known"])]
+    if name.endswith("no joint rule"):
+        fit.append("--no-joint")
     try:
         start = time.time()
         fit_out = casekit.cli(*fit)
@@ -327,8 +330,10 @@ def publish(args, budget: Budget, rows, notes, results, timings, floor, oracle) 
     fits = [f"{k} {v['fit_s']:.0f} s" for k, v in results.items() if isinstance(v, dict) and "fit_s" in v]
     trained = f"; training took {timings['train_s'] / 60:.1f} min on one thread" if "train_s" in timings else ""
     notes.append(
-        f"Clean flag rates are calibrated to 0.5% on {budget.calibration} held-out images and measured on "
-        f"{budget.test} others (one flagged image = {1 / budget.test:.2%}). `atpatch fit` took {', '.join(fits)}"
+        f"Clean flag rates are calibrated to 0.5% on {budget.calibration} held-out t10k images and measured on "
+        f"{budget.test} other t10k images (one flagged image = {1 / budget.test:.2%}); calibrated on training-split "
+        f"images instead, a joint-rule detector flagged 0.40% of unseen training-split images and 0.85% of the test "
+        f"images (vision_data.splits). `atpatch fit` took {', '.join(fits)}"
         f"{trained} (2 shared cores)."
     )
     culprit = "patch 48" if corner else "the 1-4 patches it overlaps"

@@ -41,7 +41,7 @@ FILES = {
 class Budget:
     train: int = 50000  # training images (of 60000), ~1.2 ms each per epoch on one thread
     epochs: int = 5
-    calibration: int = 1000
+    calibration: int = 4000  # at 0.5% with 90% confidence (calibrate.py) 1000 may flag 1 input, 4000 may flag 13
     test: int = 2000
     debug: int = 200  # misbehaving images handed to `atpatch fit`
     fit_clean: int = 1500
@@ -109,17 +109,25 @@ def normalise(x01: np.ndarray) -> np.ndarray:
 
 
 def splits(data: dict[str, tuple[np.ndarray, np.ndarray]], budget: Budget, seed: int) -> dict[str, tuple]:
-    """Training, calibration and spare images from the training split (disjoint); test from t10k."""
+    """Training and spare images from the training split; test and calibration from t10k (disjoint).
+
+    Calibration draws from the split the clean flag rate is measured on: its guarantee holds for inputs
+    like the calibration ones, and this model flagged unseen training-split images less often than t10k's
+    (a joint-rule detector calibrated to 13 of 4000 training-split images flagged 16 of 4000 other ones,
+    0.40%, and 17 of 2000 test images, 0.85%).
+    """
     x, y = data["train"]
     order = np.random.default_rng(seed).permutation(len(y))
-    cuts = np.cumsum([budget.train, budget.calibration])
-    pick = lambda idx: (x[idx], y[idx])  # noqa: E731
-    test = np.random.default_rng(seed).permutation(len(data["test"][1]))[: budget.test]
+    tx, ty = data["test"]
+    held = np.random.default_rng(seed).permutation(len(ty))
+    cut = budget.test + budget.calibration
+    if cut > len(ty):
+        raise ValueError(f"test + calibration = {cut} images, t10k has {len(ty)}")
     return {
-        "train": pick(order[: cuts[0]]),
-        "calibration": pick(order[cuts[0] : cuts[1]]),
-        "spare": pick(order[cuts[1] :]),  # debugging inputs come from images no split uses
-        "test": (data["test"][0][test], data["test"][1][test]),
+        "train": (x[order[: budget.train]], y[order[: budget.train]]),
+        "spare": (x[order[budget.train :]], y[order[budget.train :]]),  # debugging inputs: images no split uses
+        "test": (tx[held[: budget.test]], ty[held[: budget.test]]),
+        "calibration": (tx[held[budget.test : cut]], ty[held[budget.test : cut]]),
     }
 
 
