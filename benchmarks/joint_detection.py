@@ -3,7 +3,9 @@
 Today a position is flagged when any layer's detector scores it above that layer's threshold (the
 thresholds share the clean-flag budget). This script reads a finished benchmark case's cache (its
 model, a fitted detector, its calibration, clean and triggered sets) and compares, at the same
-budget, rules a future op contract could compute from the same per-layer column scores:
+budget, rules computed from the same per-layer column scores (this experiment led to the joint rule
+`atpatch fit` now offers, ops/joint.py: "sum z" and "sum z, pooled" with each layer's spread taken from
+the clean fitting columns, calibrated with the layers' thresholds):
 
   - per layer: today's rule, with the thresholds in the detector file;
   - max z / sum z: each layer's scores standardised on the calibration set's real columns, then
@@ -35,7 +37,8 @@ import casekit  # noqa: E402
 RESULTS = casekit.RESULTS / "joint_detection.json"
 TITLE = "Experiment: one score over all layers, for multi-position triggers"
 EXPLAINED = (
-    "Not a patch: what a future op contract could flag, from the same per-layer column scores as a "
+    "Not a patch: what rules over all layers would flag (the joint rule, ops/joint.py, is the last two), "
+    "from the same per-layer column scores as a "
     "finished case's fitted detector, at the same clean budget (`benchmarks/joint_detection.py`, its "
     "docstring says how). *per layer (today)*: any layer above its own threshold, as the patched model "
     "flags; *max z* / *sum z*: each layer's scores standardised on the calibration set, then the max or the "
