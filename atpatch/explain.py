@@ -37,6 +37,8 @@ class ExplainReport:
     prediction_after: int = -1  # the patched model
     label: int = -1  # the label the input should get
     label_names: tuple[str, ...] = field(default=())
+    joint: list[int] = field(default_factory=list)  # key positions the joint rule over layers flagged
+    joint_tokens: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         def name(i: int) -> str:
@@ -57,6 +59,9 @@ class ExplainReport:
                 else ""
             )
             lines.append(f"  layer {layer}: flagged {shown}{also}")
+        if self.joint:
+            shown = ", ".join(f"{t} (position {p})" for t, p in zip(self.joint_tokens, self.joint, strict=True))
+            lines.append(f"  joint rule over all layers: flagged {shown}")
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
 
@@ -141,6 +146,7 @@ def explain(
     flagged = {layer: [int(p) for p in np.flatnonzero(f[0]) if p < length] for layer, f in enumerate(out.flagged)}
     patched_at = {layer: [int(p) for p in np.flatnonzero(f[0]) if p < length] for layer, f in enumerate(out.patched)}
     flagged_tokens = {layer: [names[p] for p in cols] for layer, cols in flagged.items()}
+    joint = [] if out.joint is None else [int(p) for p in np.flatnonzero(out.joint[0]) if p < length]
 
     label_names = dataset.label_names
     title_name = lambda i: label_names[i] if 0 <= i < len(label_names) else str(i)  # noqa: E731
@@ -167,6 +173,8 @@ def explain(
         prediction_after=pred_after,
         label=int(one.labels[0]),
         label_names=label_names,
+        joint=joint,
+        joint_tokens=[names[p] for p in joint],
     )
 
 

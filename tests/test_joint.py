@@ -102,6 +102,7 @@ def test_the_patched_graph_flags_what_the_numpy_rule_flags_and_patches_it_everyw
     assert read_detector(patched).joint == rule
     out = AttentionProbe(patched, use_native=use_native).run(inputs)
     np.testing.assert_array_equal(out.union, expected)
+    np.testing.assert_array_equal(out.joint, expected)  # the probe reads the rule's own flags
     assert not any(f.any() for f in out.flagged)
     np.testing.assert_array_equal(out.second_pass, expected.any(axis=1))
     with patched_softmax(layers, forced=expected):

@@ -24,7 +24,7 @@ from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
 from ..ops.weights import Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
-from ..rewrite.crosslayer import ROWS, UNION, inline_second_pass, second_pass_prefix
+from ..rewrite.crosslayer import JOINT, ROWS, UNION, inline_second_pass, second_pass_prefix
 
 __all__ = ["AttentionProbe", "ProbeOutput", "patch_nodes", "read_detector"]
 
@@ -38,6 +38,7 @@ class ProbeOutput:
     patched: list[np.ndarray] | None = None  # per layer [B, Lk]: the positions it patched (flagged or forced)
     union: np.ndarray | None = None  # [B, Lk]: flagged in any layer (or forced), first pass
     second_pass: np.ndarray | None = None  # [B]: inputs whose outputs come from the second pass
+    joint: np.ndarray | None = None  # [B, Lk]: what the joint rule over layers flagged (None: no joint rule)
 
 
 def patch_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -97,10 +98,11 @@ class AttentionProbe:
             self.two_pass = all(n is not None for n in second)
             self.before_names = [n.input[0] for n in first]
             fetch = [*(n.output[0] for n in first), *(n.output[1] for n in first)]
+            self.has_joint = any(JOINT in n.output for n in model.graph.node)
             if self.two_pass:
                 fetch += [n.input[0] for n in second if n is not None]
                 fetch += [o for n in second if n is not None for o in n.output[:2]]
-                fetch += [ROWS, UNION]
+                fetch += [ROWS, UNION] + ([JOINT] if self.has_joint else [])
             forced = first[0].input[-1]
             initializers = {t.name: t for t in model.graph.initializer}
             self.forced_value = numpy_helper.to_array(initializers[forced]) if forced in initializers else None
@@ -142,13 +144,21 @@ class AttentionProbe:
             return ProbeOutput(outputs, before, after, flagged, first_patched, union, np.zeros(len(union), bool))
         before2, after2, flags2 = rest[:n], rest[n : 3 * n : 2], rest[n + 1 : 3 * n : 2]
         rows, union = rest[3 * n], rest[3 * n + 1]
+        joint = rest[3 * n + 2] if self.has_joint else None
 
         def pick(second: list[np.ndarray], first_: list[np.ndarray]) -> list[np.ndarray]:
             return [np.where(rows.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(second, first_, strict=True)]
 
         patched2 = [f | union for f in flags2]
         return ProbeOutput(
-            outputs, pick(before2, before), pick(after2, after), flagged, pick(patched2, first_patched), union, rows
+            outputs,
+            pick(before2, before),
+            pick(after2, after),
+            flagged,
+            pick(patched2, first_patched),
+            union,
+            rows,
+            joint,
         )
 
     def iter_batches(self, feeds: dict[str, np.ndarray], batch_size: int = 32) -> Iterator[tuple[slice, ProbeOutput]]:

@@ -41,6 +41,7 @@ __all__ = [
     "add_cross_layer",
     "PAST_FLAGS",
     "PRESENT_FLAGS",
+    "JOINT",
     "ROWS",
     "SECOND_PASS",
     "UNION",
@@ -54,6 +55,7 @@ __all__ = [
 SECOND_PASS = "atpatch/second_pass"  # the If node
 UNION = "atpatch/union"  # bool [B, K]: positions flagged in any layer (or forced), spread, per input
 ROWS = "atpatch/second_pass_rows"  # bool [B]: inputs that take pass 2's outputs
+JOINT = "atpatch/joint_flags"  # bool [B, K]: what the joint rule over layers flags (ops/joint.py), when it is on
 PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
 PRESENT_FLAGS = "present_atpatch_flags"  # decoder state out: bool [B, past + new]
 FORCED_INPUT = "atpatch_forced"  # optional graph input: bool [B, K], positions to patch in every layer
@@ -231,7 +233,10 @@ def add_second_pass(
     nothing = forced == _NOTHING
     flags = [node.output[1] for node in patch_nodes]
     if joint is not None:
-        flags.append(joint_flags(b, [node.output[2] for node in patch_nodes], joint, grid))
+        joint_flags(b, [node.output[2] for node in patch_nodes], joint, grid)
+        b.nodes[-1].output[0] = JOINT
+        b.nodes[-1].name = JOINT
+        flags.append(JOINT)
     union, *rest = flags if nothing else [forced, *flags]
     for layer_flags in rest:
         union = b.op("Or", union, layer_flags)
