@@ -214,7 +214,8 @@ def _add_workflow_commands(commands: argparse._SubParsersAction) -> None:  # typ
     fit.add_argument(
         "--no-joint",
         action="store_true",
-        help="per-layer thresholds only: never the joint rule over layers (default: used where it fixes more)",
+        help="per-layer thresholds only: never the joint rule over layers (default: used where it fixes more; "
+        "never with --protected)",
     )
     fit.add_argument("-o", "--output", type=Path, required=True, help="detector file (.safetensors)")
     fair = fit.add_argument_group(

@@ -169,7 +169,8 @@ def run_fit(
     """Fit (supervised with misbehaving inputs, else one-class), calibrate, save the detector; with
     misbehaving inputs, say how many of them the patched model fixes and, when few, what would fix more.
     With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py).
-    `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py)."""
+    `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py);
+    the fairness fit always has per-layer thresholds only."""
     from .detector.calibrate import NEVER, calibration_size_needed
     from .detector.columns import collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
@@ -232,7 +233,9 @@ def run_fit(
         options = joint_candidates(
             trained, calibration_columns, len(calibration), rate, bad_columns, clean_columns, grid
         )
-        options = options if joint else options[:1]  # the first: calibrate.calibrate's, no joint rule
+        # The first: calibrate.calibrate's, no joint rule. The fairness sweep (tradeoff.py) keys, records
+        # and switches off its candidates by their layer thresholds, so it gets per-layer thresholds only.
+        options = options if joint and fair is None else options[:1]
         tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint) for c in options]
         if by_fixes and bad is not None and len(tried) > 1:
             return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]

@@ -161,6 +161,7 @@ def test_the_most_flagging_row_is_what_its_patched_model_runs_give(
     rows = json.loads(out.with_name("fair.tradeoff.json").read_text())["candidates"]
     row = max(rows, key=lambda r: r["validation_flag_rate"])
     saved = Detector.load(out)  # the MLPs are the same for every row; only the thresholds differ
+    assert saved.joint is None  # the fairness fit has per-layer thresholds only (rows record thresholds)
     detector = replace(
         saved, layers=tuple(replace(lay, threshold=t) for lay, t in zip(saved.layers, row["thresholds"], strict=True))
     )
