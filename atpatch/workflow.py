@@ -176,6 +176,7 @@ def run_fit(
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
+    from .rewrite.positions import is_patch_grid
 
     if not 0 < target_flag_rate < 1:
         raise AtPatchError(f"--target-flag-rate {target_flag_rate} must be between 0 and 1, e.g. 0.005")
@@ -225,17 +226,15 @@ def run_fit(
             )
         kind, trained = "supervised", fit_supervised(train)
     fingerprint = model_fingerprint(model)
-    grid = "pixel_values" in probe.input_names  # as rewrite/crosslayer.py tells an image's patch grid
+    grid = is_patch_grid(probe.input_names)
+    # The fairness sweep (tradeoff.py) keys, records and switches off its candidates by their layer
+    # thresholds, so it gets per-layer thresholds only: no clean columns for the joint rule's weights.
+    benign = clean_columns if joint and fair is None else None
 
     def calibrated(rate: float, by_fixes: bool = False) -> Detector:
         """Thresholds at a clean flag budget, with the joint rule over layers where it flags more culprits;
         `by_fixes`: the candidate whose patched model fixes the most misbehaving inputs (the first on ties)."""
-        options = joint_candidates(
-            trained, calibration_columns, len(calibration), rate, bad_columns, clean_columns, grid
-        )
-        # The first: calibrate.calibrate's, no joint rule. The fairness sweep (tradeoff.py) keys, records
-        # and switches off its candidates by their layer thresholds, so it gets per-layer thresholds only.
-        options = options if joint and fair is None else options[:1]
+        options = joint_candidates(trained, calibration_columns, len(calibration), rate, bad_columns, benign, grid)
         tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint) for c in options]
         if by_fixes and bad is not None and len(tried) > 1:
             return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]

@@ -8,6 +8,7 @@ layer that separates nothing is switched off and costs nothing.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -97,13 +98,14 @@ class FlagBudget:
             _, index, counts = np.unique(owner, return_inverse=True, return_counts=True)
             self.weight = (1.0 / counts[index]).astype(np.float32)
 
-    def add_rule(self, per_input: np.ndarray, positive: np.ndarray) -> None:
-        """One more rule to spend the count on, beside the layers: its highest score per calibration
-        input, and its scores of the culprit columns (in `culprits` order)."""
-        self.scores.append(per_input.astype(np.float32))
-        self.ranked.append(np.sort(self.scores[-1])[::-1])
-        if len(self.weight):
-            self.positive.append(positive.astype(np.float32))
+    def with_rule(self, per_input: np.ndarray, positive: np.ndarray) -> FlagBudget:
+        """A copy with one more rule to spend the count on, beside the layers (whose scores it shares):
+        the rule's highest score per calibration input, and its scores of the culprit columns."""
+        out = copy.copy(self)
+        out.scores = [*self.scores, per_input.astype(np.float32)]
+        out.ranked = [*self.ranked, np.sort(out.scores[-1])[::-1]]
+        out.positive = [*self.positive, positive.astype(np.float32)] if len(self.weight) else self.positive
+        return out
 
     def threshold(self, layer: int, rank: int) -> float:
         if rank < 0:

@@ -61,13 +61,14 @@ def joint_candidates(
     n_inputs: int,
     target_flag_rate: float,
     culprits: ColumnSet | None,
-    benign: ColumnSet,
+    benign: ColumnSet | None,
     grid: bool,
 ) -> list[Calibrated]:
     """calibrate.calibrate's thresholds first, then, per window, the allocation over the layers and the
-    joint rule together where it uses the rule and flags more culprits than the layers alone."""
+    joint rule together where it uses the rule and flags more culprits than the layers alone.
+    `benign` (the clean columns the rule's weights come from) None: the layers' thresholds only."""
     alone = calibrate(layers, calibration, n_inputs, target_flag_rate, culprits)
-    weights = joint_weights(benign, layers)
+    weights = None if benign is None else joint_weights(benign, layers)
     if weights is None or culprits is None or not culprits.positive.any():
         return [Calibrated(alone, None, 0.0)]
     base = FlagBudget(layers, calibration, n_inputs, culprits)
@@ -81,8 +82,7 @@ def joint_candidates(
         rule = JointRule(weights, 0.0, window)
         per_input = joint_scores(cal_dense, rule, grid).max(axis=1, initial=-np.inf)
         positive = joint_scores(bad_dense, rule, grid)[culprits.example[hit], culprits.position[hit]]
-        budget = FlagBudget(layers, calibration, n_inputs, culprits)
-        budget.add_rule(per_input, positive)
+        budget = base.with_rule(per_input, positive)
         ranks = allocate(budget, len(layers) + 1, allowed)
         gain = budget.gain(ranks)
         if ranks[-1] < 0 or gain <= out[0].gain + 1e-9:

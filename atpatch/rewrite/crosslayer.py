@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ops import spec
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
-from .positions import joint_flags
+from .positions import is_patch_grid, joint_flags
 from .positions import spread as widen
 from .shape_only import shape_only_producers, small_initializers
 
@@ -353,7 +353,7 @@ def add_cross_layer(model: onnx.ModelProto, spread: int = 0, joint: JointRule | 
         return
     opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {value.name for value in graph.input}
-    decoder, grid = PAST_FLAGS in inputs, "pixel_values" in inputs
+    decoder, grid = PAST_FLAGS in inputs, is_patch_grid(inputs)
     add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid, joint)
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":

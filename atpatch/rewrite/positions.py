@@ -6,22 +6,34 @@ G = floor(sqrt(K)) (ops/joint.py, grid_lead); anything else is a sequence.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 from onnx import TensorProto
 
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
 
-__all__ = ["joint_flags", "spread"]
+__all__ = ["is_patch_grid", "joint_flags", "spread"]
 
 _END = np.iinfo(np.int64).max
+
+
+def is_patch_grid(input_names: Collection[str]) -> bool:
+    """Whether a model's key positions form an image's patch grid: it takes `pixel_values`."""
+    return "pixel_values" in input_names
+
+
+def _lead(b: NodeBuilder, keys: str) -> tuple[str, str]:
+    """(side G, lead K - G^2) from the key count `keys` (int64, [1] or scalar)."""
+    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
+    return side, b.op("Sub", keys, b.op("Mul", side, side))
 
 
 def _grid(b: NodeBuilder, x: str) -> tuple[str, str, str, str]:
     """(keys, side, lead, patches [B, G, G]) of a [B, K] tensor."""
     keys = b.op("Slice", b.op("Shape", x), b.const([1], np.int64), b.const([2], np.int64))
-    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
-    lead = b.op("Sub", keys, b.op("Mul", side, side))
+    side, lead = _lead(b, keys)
     patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
     image = b.op("Reshape", patches, b.op("Concat", b.const([-1], np.int64), side, side, axis=0))
     return keys, side, lead, image
@@ -82,11 +94,7 @@ def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) 
     assert total is not None  # JointRule has a positive weight
     pooled = _best_window(b, total, grid) if rule.window == 2 else total
     keys = b.op("Squeeze", b.op("Slice", b.op("Shape", total), b.const([1], np.int64), b.const([2], np.int64)))
-    if grid:
-        side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
-        lead = b.op("Sub", keys, b.op("Mul", side, side))
-    else:
-        lead = b.const(1, np.int64)
+    lead = _lead(b, keys)[1] if grid else b.const(1, np.int64)
     position = b.op("Range", b.const(0, np.int64), keys, b.const(1, np.int64))
     counted = b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
     return b.op("Greater", counted, b.const(np.float32(rule.threshold)))
