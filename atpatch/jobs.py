@@ -75,6 +75,7 @@ class ExportReport:
     exporter: str | None = None
     triton: TritonRepository | None = None
     fusion: FusionReport | None = None
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = []
@@ -94,6 +95,7 @@ class ExportReport:
                 lines.append(f"  layer {s.layer:>2}  heads {s.heads or '?':>3}  {s.scope}{extra}")
         if self.fusion is not None:
             lines.append(self.fusion.summary())
+        lines += [f"note: {n}" for n in self.notes]
         if self.output is not None:
             lines.append(f"wrote {self.output}")
         if self.triton is not None:
@@ -111,7 +113,23 @@ def _run_genai_export(options: ExportOptions) -> ExportReport:
         )
     detector = Detector.load(options.detector) if options.detector else None
     done = patch_genai_folder(options.model, options.output, detector, cross_layer=options.cross_layer)
-    return ExportReport(done.output, done.opset, done.sites, done.detector_kind)
+    return ExportReport(done.output, done.opset, done.sites, done.detector_kind, notes=_dropped(options, detector))
+
+
+def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
+    """What --per-layer leaves out of a detector: the parts that act through the cross-layer second pass."""
+    if options.cross_layer or not options.patch or detector is None:
+        return []
+    parts = [
+        *(["its joint rule over layers"] if detector.joint is not None else []),
+        *([f"its spread ({detector.spread})"] if detector.spread else []),
+    ]
+    if not parts:
+        return []
+    return [
+        f"--per-layer patches each layer's own flags only; the detector's {' and '.join(parts)} act through the "
+        "cross-layer second pass and are left out (drop --per-layer to keep them)"
+    ]
 
 
 def _opset_of(model: onnx.ModelProto) -> int:
@@ -183,4 +201,5 @@ def run_export(options: ExportOptions) -> ExportReport:
             base_dir=base_dir,
             check=options.patch,
         )
-    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion)
+    notes = _dropped(options, detector)
+    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion, notes)

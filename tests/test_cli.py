@@ -137,3 +137,24 @@ def test_a_reader_that_closes_early_gets_no_traceback() -> None:
     err = child.stderr.read().decode()
     assert child.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_per_layer_export_says_what_of_the_detector_it_leaves_out(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The joint rule and the spread act only through the cross-layer second pass: --per-layer drops them,
+    and says so, instead of writing a model that quietly flags less than `atpatch fit` measured."""
+    from dataclasses import replace
+
+    from atpatch.ops.joint import JointRule
+
+    model = _write(tmp_path / "m.onnx", graphs.attention_and_classifier())
+    heads = patch_model(graphs.attention_and_classifier())[1][0].heads
+    detector = replace(Detector.pass_through([heads]), joint=JointRule((1.0,), 3.0), spread=1)
+    detector.save(tmp_path / "d.safetensors")
+    for extra, noted in (([], False), (["--per-layer"], True)):
+        out_path = tmp_path / f"out{len(extra)}.onnx"
+        args = [str(model), "-o", str(out_path), "--detector", str(tmp_path / "d.safetensors"), *extra]
+        assert export_main(args) == 0
+        out = capsys.readouterr().out
+        assert ("note: --per-layer" in out) == noted, out
+        if noted:
+            assert "joint rule over layers and its spread (1)" in out and "drop --per-layer" in out
