@@ -79,6 +79,7 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(
     # A smoke run never publishes: this case's README section and results file stay as they were.
     assert published(key) == before
     _joint_detection_reads_the_cache(work, tmp_path / "joint.json")
+    _detection_bound_reads_the_cache(work, tmp_path / "bound.json")
 
 
 def _joint_detection_reads_the_cache(work: Path, out: Path) -> None:
@@ -94,3 +95,24 @@ def _joint_detection_reads_the_cache(work: Path, out: Path) -> None:
         # Every triggered image has culprit patches: flagging all of them implies flagging one.
         assert row["every_culprit"] <= row["culprit_hit"] <= row["triggered_flagged"]
     assert "| sum z, pooled | 0.5% |" in done.stdout
+
+
+def _detection_bound_reads_the_cache(work: Path, out: Path) -> None:
+    """benchmarks/detection_bound.py on the case just run: rates are fractions, and a larger budget's lower
+    threshold flags at least as many clean and triggered inputs."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "detection_bound.py"), str(work), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = json.loads(out.read_text()).values()
+    assert all(is_fraction(case[k]) for k in ("asr_unpatched", "oracle", "oracle_spread")), case
+    rows = case["rows"]
+    for detector in {r["detector"] for r in rows}:
+        mine = sorted((r for r in rows if r["detector"] == detector), key=lambda r: r["budget"])
+        assert [r["budget"] for r in mine] == [0.005, 0.01, 0.02, 0.05]
+        for row in mine:
+            rates = ("clean_flagged", "triggered_flagged", "culprit_hit", "asr", "asr_flags_alone")
+            assert all(is_fraction(row[k]) for k in rates), row
+            assert row["culprit_hit"] <= row["triggered_flagged"]
+        for smaller, larger in zip(mine, mine[1:], strict=False):
+            assert smaller["clean_flagged"] <= larger["clean_flagged"]
+            assert smaller["triggered_flagged"] <= larger["triggered_flagged"]
