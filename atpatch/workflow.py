@@ -152,6 +152,30 @@ def _choose_spread(model, detector: Detector, bad: Dataset) -> tuple[Detector, i
     )
 
 
+def calibration_note(n: int, target_flag_rate: float, layers: int, joint: bool) -> str:
+    """What a calibration set of `n` inputs lets the detector do, when it is too small for every layer and
+    the joint rule to flag: each rule switched on costs one of the count (detector/calibrate.py)."""
+    from .detector.calibrate import allowed_flags, calibration_size_needed
+
+    rules = layers + int(joint)
+    needed = calibration_size_needed(target_flag_rate, rules)
+    if n >= needed:
+        return ""
+    allowed = allowed_flags(n, target_flag_rate)
+    what = f"{layers} layers" + (" and the joint rule" if joint else "")
+    if allowed == 0:
+        return (
+            f"note: {n} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate: every threshold "
+            f"sits above all of them (give at least {calibration_size_needed(target_flag_rate)} with --calibration "
+            f"to let one layer flag, {needed} for all {what})\n"
+        )
+    return (
+        f"note: {n} calibration inputs allow {allowed} flagged at a {target_flag_rate:.2%} flag rate, and each layer "
+        f"or rule switched on costs one more, so at most {min(allowed + 1, rules)} of the {what} can flag (give at "
+        f"least {needed} with --calibration for all)\n"
+    )
+
+
 def run_fit(
     model_path: Path,
     model_dir: Path,
@@ -171,7 +195,7 @@ def run_fit(
     With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py).
     `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py);
     the fairness fit always has per-layer thresholds only."""
-    from .detector.calibrate import NEVER, calibration_size_needed
+    from .detector.calibrate import NEVER
     from .detector.columns import collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
@@ -263,14 +287,7 @@ def run_fit(
     recall = ", ".join(
         "off" if lay.threshold == NEVER else f"{r:.1%}" for r, lay in zip(summary.positive_recall, layers, strict=True)
     )
-    needed = calibration_size_needed(target_flag_rate, len(layers))
-    small = (
-        f"note: {len(calibration)} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate over "
-        f"{len(layers)} layers; every threshold sits above all calibration inputs (give at least {needed} with "
-        f"--calibration)\n"
-        if len(calibration) < needed
-        else ""
-    )
+    small = calibration_note(len(calibration), target_flag_rate, len(layers), detector.joint is not None)
     text = (
         f"fitted a {kind} detector for {len(layers)} layers ({summary.positives} culprit and "
         f"{summary.negatives} benign columns)\n"

@@ -153,3 +153,22 @@ def test_the_joint_rule_takes_the_budget_when_no_single_layer_separates_culprits
     assert result.joint_recall is not None and result.joint_recall > max(
         report("supervised", bad, options[0].layers, calibration, n).positive_recall
     )
+
+
+def test_fit_says_how_many_rules_a_small_calibration_set_lets_flag() -> None:
+    from atpatch.detector.calibrate import allowed_flags, calibration_size_needed
+    from atpatch.workflow import calibration_note
+
+    assert calibration_note(calibration_size_needed(0.005, 7), 0.005, 6, joint=True) == ""
+    # Below what one layer needs, nothing can flag.
+    none = calibration_note(100, 0.005, 6, joint=False)
+    assert allowed_flags(100, 0.005) == 0
+    assert "every threshold sits above all of them" in none
+    assert f"{calibration_size_needed(0.005)} with --calibration to let one layer flag" in none
+    assert f"{calibration_size_needed(0.005, 6)} for all 6 layers" in none
+    # Between: each rule switched on costs one of the count, so the count caps how many rules flag.
+    allowed = allowed_flags(1000, 0.005)
+    assert 0 < allowed < 6
+    some = calibration_note(1000, 0.005, 6, joint=True)
+    assert f"allow {allowed} flagged" in some and f"at most {allowed + 1} of the 6 layers and the joint rule" in some
+    assert f"at least {calibration_size_needed(0.005, 7)} with --calibration" in some
