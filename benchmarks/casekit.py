@@ -105,6 +105,7 @@ class Latency:
     flagged_original_ms: float | None = None
     flagged_distinct: int = 0  # distinct flagged inputs in the flagged batch (repeated to fill it when fewer)
     clean_distinct: int = 0  # distinct unflagged clean inputs in the clean batch
+    load: float | None = None  # the highest 1-minute load average seen while timing (None: not measured)
 
     def __str__(self) -> str:
         return f"{self.native:.2f}× / {self.function:.2f}×"
@@ -168,6 +169,7 @@ def latency(
     }
     times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in batches for s in sessions}
     warmup = 2 if rounds >= 3 else 0  # fewer rounds: a smoke run, checking the wiring only
+    load = os.getloadavg()[0]
     for _ in range(rounds + warmup):
         for b, feeds in batches.items():
             for name, session in sessions.items():
@@ -176,6 +178,7 @@ def latency(
                 session.run(None, part)
                 times[b, name].append(time.perf_counter() - start)
     t = {k: np.asarray(v[warmup:]) for k, v in times.items()}
+    load = max(load, os.getloadavg()[0])
 
     def ratio(b: str, name: str) -> float:
         return float(np.median(t[b, name] / t[b, "original"]))
@@ -191,6 +194,7 @@ def latency(
         flagged_original_ms=float(np.median(t["flagged", "original"]) * 1e3) if flagged else None,
         flagged_distinct=len(flagged_rows),
         clean_distinct=len(clean_rows),
+        load=load,
     )
 
 
@@ -304,6 +308,12 @@ def latency_note(rows: list[Row], pool: str = "triggered inputs") -> str:
         text += f"; where fewer are flagged they are repeated to fill the batch ({', '.join(few)} distinct)"
     if none:
         text += f"; no flagged batch for {', '.join(none)} (it flags none of them)"
+    loads = [t.load for _, t in timed if t.load is not None]
+    if loads:
+        cores = os.cpu_count() or 1
+        text += f"; load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores while timing"
+        if max(loads) > cores:
+            text += " (other work shared the cores: the ratios are noisy)"
     return text + "."
 
 

@@ -59,6 +59,7 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(
         assert report["agreement"]["differing_predictions"] == 0 and report["agreement"]["max_abs_diff"] < 1e-4
         assert report["latency"]["native"] > 0 and report["latency"]["function"] > 0
         assert report["latency"]["clean_distinct"] > 0
+        assert report["latency"]["load"] >= 0.0  # the machine's load while timing, said beside the ratios
         if report["latency"]["flagged_distinct"]:
             assert report["latency"]["flagged_native"] > 0 and report["latency"]["flagged_function"] > 0
     # Localization finds nothing to restore in a model without a backdoor, and says so.
