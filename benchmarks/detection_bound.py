@@ -153,7 +153,6 @@ def print_and_publish(args: argparse.Namespace, case: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="a finished benchmark case's cache folder")
-    parser.add_argument("--target", type=int, default=0, help="the backdoor's target class index (0 in the cases)")
     parser.add_argument("--out", type=Path, help="write the results here and leave the published ones alone")
     args = parser.parse_args()
     import onnx
@@ -176,10 +175,16 @@ def main() -> None:
     held_out = np.flatnonzero(~half)
     victims = triggered.subset(held_out)
 
-    def asr_of(positions: np.ndarray) -> float:
-        """The held-out victims' ASR with each one's `positions` patched in every layer (none: the original)."""
+    def logits_with(positions: np.ndarray) -> np.ndarray:
+        """The held-out victims' logits with each one's `positions` patched in every layer (none: the original)."""
         culprits = [np.flatnonzero(row).tolist() for row in positions]
-        return float((oracle_logits(model, replace(victims, culprits=culprits), keys).argmax(1) == args.target).mean())
+        return oracle_logits(model, replace(victims, culprits=culprits), keys)
+
+    # The backdoor's target: where most triggered victims go unpatched.
+    target = int(np.bincount(logits_with(np.zeros((len(held_out), keys), bool)).argmax(1)).argmax())
+
+    def asr_of(positions: np.ndarray) -> float:
+        return float((logits_with(positions).argmax(1) == target).mean())
 
     fit_x, _, _, _ = cols["fit_clean"]
     bug_x, _, _, bug_y = cols["debug_known"]
