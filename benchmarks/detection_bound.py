@@ -210,7 +210,7 @@ def main() -> None:
         dense = {}
         for set_name in ("calibration", "clean", "triggered"):
             feats, example, position, _ = cols[set_name]
-            dense[set_name] = np.full((len(sets[set_name]), keys), -np.inf, np.float32)
+            dense[set_name] = np.full((len(sets[set_name]), int(position.max()) + 1), -np.inf, np.float32)
             dense[set_name][example, position] = score(feats)
         cal = np.sort(dense["calibration"].max(1))[::-1]
         clean, trig = dense["clean"].max(1), dense["triggered"][held_out]
