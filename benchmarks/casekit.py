@@ -359,3 +359,33 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --- Experiments that read a finished case's cache (joint_detection.py, detection_bound.py) ----------
+
+
+def cached_model_folder(work: Path) -> Path:
+    """The Hugging Face folder a finished case left in its cache folder `work`."""
+    found = [p.parent for p in work.glob("*/config.json")]
+    if len(found) != 1:
+        sys.exit(f"{work}: expected one model folder (*/config.json) in the case's cache, found {len(found)}")
+    return found[0]
+
+
+def load_cached_set(work: Path, name: str, folder: Path):  # noqa: ANN201
+    """One of the case's data sets (`name`.npz or `name`.jsonl), as `atpatch fit/eval` read it."""
+    from atpatch.data import load_jsonl, load_npz
+
+    for suffix, loader in ((".npz", load_npz), (".jsonl", load_jsonl)):
+        if (work / f"{name}{suffix}").is_file():
+            return loader(work / f"{name}{suffix}", folder)
+    sys.exit(f"{work} has no {name}.npz or {name}.jsonl: run the benchmark case first")
+
+
+def record_case(out: Path, case: str, measured: object) -> dict:
+    """Put one case's figures into the results file `out` (other cases kept); every case recorded there."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results[case] = measured
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(results, indent=1) + "\n")
+    return results

@@ -26,7 +26,6 @@ side in a sequence) are patched in every layer, as cross-layer patching would, b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import casekit  # noqa: E402
-from joint_detection import _folder, _load  # noqa: E402
 
 RESULTS = casekit.RESULTS / "detection_bound.json"
 TITLE = "Experiment: a ceiling for detectors over the op's column features"
@@ -103,16 +101,20 @@ def train_mlp(x: np.ndarray, y: np.ndarray):  # noqa: ANN201
 
 
 def neighbours(flags: np.ndarray, grid: bool) -> np.ndarray:
-    """`flags` [N, keys] widened by 1: the 3 x 3 block on a patch grid after [CLS], one either side otherwise."""
+    """`flags` [N, keys] widened by 1: the 3 x 3 block on a patch grid (after its lead positions, as
+    ops/joint.py reads the grid), one either side otherwise."""
+    from atpatch.ops.joint import grid_lead
+
     out = flags.copy()
     if grid:
-        side = int(round((flags.shape[1] - 1) ** 0.5))
-        g = np.pad(flags[:, 1:].reshape(len(flags), side, side), ((0, 0), (1, 1), (1, 1)))
+        lead = grid_lead(flags.shape[1])
+        side = int(round((flags.shape[1] - lead) ** 0.5))
+        g = np.pad(flags[:, lead:].reshape(len(flags), side, side), ((0, 0), (1, 1), (1, 1)))
         wide = np.zeros_like(g)
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 wide |= np.roll(np.roll(g, dy, 1), dx, 2)
-        out[:, 1:] |= wide[:, 1:-1, 1:-1].reshape(len(flags), -1)
+        out[:, lead:] |= wide[:, 1:-1, 1:-1].reshape(len(flags), -1)
     else:
         out[:, 1:] |= flags[:, :-1]
         out[:, :-1] |= flags[:, 1:]
@@ -137,11 +139,7 @@ def _heading(name: str, case: dict) -> str:
 def print_and_publish(args: argparse.Namespace, case: dict) -> None:
     name = f"{args.work.parent.name}/{args.work.name}"
     print(_heading(name, case))
-    out = args.out or RESULTS
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results[name] = case
-    out.parent.mkdir(parents=True, exist_ok=True)
-    casekit.write_atomic(out, json.dumps(results, indent=1) + "\n")
+    results = casekit.record_case(args.out or RESULTS, name, case)
     if args.out is None:  # the published figures: every case measured so far, as one README section
         section = [f"### {TITLE}", "", EXPLAINED, ""]
         for key, measured in sorted(results.items()):
@@ -161,14 +159,14 @@ def main() -> None:
     from atpatch.detector.probe import AttentionProbe
     from atpatch.evaluate import oracle_logits
 
-    folder = _folder(args.work)
+    folder = casekit.cached_model_folder(args.work)
     model = onnx.load(str(args.work / "model.onnx"))
     probe = AttentionProbe(model)
-    sets = {name: _load(args.work, name, folder) for name in ("debug_known", "fit_clean", "calibration", "triggered")}
-    sets["clean"] = _load(args.work, "clean", folder)
+    names = ("debug_known", "fit_clean", "calibration", "triggered", "clean")
+    sets = {name: casekit.load_cached_set(args.work, name, folder) for name in names}
     cols = {name: columns(probe, data) for name, data in sets.items()}
-    grid = "attention_mask" not in sets["triggered"].feeds
     triggered = sets["triggered"]
+    grid = "attention_mask" not in triggered.feeds
     keys = int(cols["triggered"][2].max()) + 1
     half = np.zeros(len(triggered), bool)
     half[np.random.default_rng(SEED).permutation(len(triggered))[: len(triggered) // 2]] = True

@@ -25,7 +25,6 @@ with every culprit position flagged (what the oracle patches). Nothing is export
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -51,22 +50,6 @@ EXPLAINED = (
 BUDGETS = (0.005, 0.05)
 
 
-def _folder(work: Path) -> Path:
-    found = [p.parent for p in work.glob("*/config.json")]
-    if len(found) != 1:
-        sys.exit(f"{work}: expected one model folder (*/config.json) in the case's cache, found {len(found)}")
-    return found[0]
-
-
-def _load(work: Path, name: str, folder: Path):  # noqa: ANN202
-    from atpatch.data import load_jsonl, load_npz
-
-    for suffix, loader in ((".npz", load_npz), (".jsonl", load_jsonl)):
-        if (work / f"{name}{suffix}").is_file():
-            return loader(work / f"{name}{suffix}", folder)
-    sys.exit(f"{work} has no {name}.npz or {name}.jsonl: run the benchmark case first")
-
-
 def column_scores(work: Path, detector: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], bool]:
     """Per set: scores [N, layers, keys], real key positions [N, keys], culprit positions [N, keys]; and
     whether the keys are image patches (no attention mask)."""
@@ -76,12 +59,12 @@ def column_scores(work: Path, detector: str) -> tuple[dict[str, tuple[np.ndarray
     from atpatch.ops import reference
     from atpatch.ops.weights import Detector
 
-    folder = _folder(work)
+    folder = casekit.cached_model_folder(work)
     layers = Detector.load(work / f"{detector}.safetensors").layers
     probe = AttentionProbe(onnx.load(str(work / "model.onnx")))
     out, patches = {}, True
     for name in ("calibration", "clean", "triggered"):
-        data = _load(work, name, folder)
+        data = casekit.load_cached_set(work, name, folder)
         parts = []
         for start in range(0, len(data), 64):
             maps = probe.run({k: v[start : start + 64] for k, v in data.feeds.items()}).before
@@ -185,11 +168,7 @@ def main() -> None:
             rows.append({"rule": rule, "budget": budget, **measure(sets, joint, budget), "command": command})
     case = f"{args.work.parent.name}/{args.work.name}/{args.detector}"
     print(_table(case, rows))
-    out = args.out or RESULTS
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results[case] = rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    casekit.write_atomic(out, json.dumps(results, indent=1) + "\n")
+    results = casekit.record_case(args.out or RESULTS, case, rows)
     if args.out is None:  # the published figures: every case measured so far, as one README section
         section = [f"### {TITLE}", "", EXPLAINED]
         section += ["", *(_table(c, r) + "\n" for c, r in sorted(results.items()))]
