@@ -121,14 +121,16 @@ def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
     if options.cross_layer or not options.patch or detector is None:
         return []
     parts = [
-        *(["its joint rule over layers"] if detector.joint is not None else []),
-        *([f"its spread ({detector.spread})"] if detector.spread else []),
+        *(["joint rule over layers"] if detector.joint is not None else []),
+        *([f"spread ({detector.spread})"] if detector.spread else []),
     ]
     if not parts:
         return []
+    one = len(parts) == 1
     return [
-        f"--per-layer patches each layer's own flags only; the detector's {' and '.join(parts)} act through the "
-        "cross-layer second pass and are left out (drop --per-layer to keep them)"
+        f"--per-layer patches each layer's own flags only; the detector's {' and '.join(parts)} "
+        f"{'acts' if one else 'act'} only through the cross-layer second pass and {'is' if one else 'are'} left "
+        f"out (drop --per-layer to keep {'it' if one else 'them'})"
     ]
 
 

@@ -157,4 +157,4 @@ def test_per_layer_export_says_what_of_the_detector_it_leaves_out(tmp_path: Path
         out = capsys.readouterr().out
         assert ("note: --per-layer" in out) == noted, out
         if noted:
-            assert "joint rule over layers and its spread (1)" in out and "drop --per-layer" in out
+            assert "joint rule over layers and spread (1) act only through" in out and "drop --per-layer" in out
