@@ -14,7 +14,25 @@ from onnx import TensorProto, helper
 from . import spec
 from .builder import NodeBuilder
 
-__all__ = ["build_function"]
+__all__ = ["SUBGRAPH_PREFIX", "build_function"]
+
+SUBGRAPH_PREFIX = "AtPatch/"  # names the nodes inside the function's Ifs: a profile tells them from the model's
+
+
+def _peak(g: NodeBuilder, x: str, real_f: str) -> str:
+    """Each column's largest entry over the real rows, [B, H, K]: zeroing the padding rows costs a pass
+    over the map, so it runs only when some row is padding (never in an unpadded batch)."""
+    queries = [-2]
+    all_real = g.op("Greater", g.reduce("ReduceMin", real_f, [0, 1, 2, 3], 0), g.const(0.0))
+    plain = NodeBuilder(g.opset, prefix=f"{SUBGRAPH_PREFIX}peak/")
+    plain.reduce("ReduceMax", x, queries, 0)
+    masked = NodeBuilder(g.opset, prefix=f"{SUBGRAPH_PREFIX}peak_real/")
+    masked.reduce("ReduceMax", masked.op("Mul", x, real_f), queries, 0)
+    branches = {
+        key: helper.make_graph(b.nodes, key, [], [onnx.ValueInfoProto(name=b.nodes[-1].output[0])])
+        for key, b in (("then_branch", plain), ("else_branch", masked))
+    }
+    return g.op("If", all_real, **branches)
 
 
 def build_function(opset: int) -> onnx.FunctionProto:
@@ -60,21 +78,24 @@ def build_function(opset: int) -> onnx.FunctionProto:
             axis=0,
         ),
     )
-    own_valid = g.op("Cast", g.op("GatherElements", valid, index, axis=3), to=TensorProto.BOOL)
-    real = g.op("Or", own_valid, g.op("Less", own_col, g.const(0, np.int64)))  # [B, H, Q, 1]
+    own_x = g.op("GatherElements", x, index, axis=3)  # [B, H, Q, 1]
+    real = g.op("Or", g.op("Greater", own_x, floor), g.op("Less", own_col, g.const(0, np.int64)))  # [B, H, Q, 1]
     real_f = g.to_float(real)
 
     # Sums over the query axis as [1, Q] @ [Q, K] products: a strided ReduceSum over axis -2 is
     # several times slower in onnxruntime than the GEMV it is equivalent to. Weighting a row by
     # 0 drops a padding query from every sum.
-    real_t = g.op("Transpose", real_f, perm=[0, 1, 3, 2])  # [B, H, 1, Q]
-    support_t = g.op("Transpose", g.op("Mul", row_support, real_f), perm=[0, 1, 3, 2])
+    # [B, H, Q, 1] -> [B, H, 1, Q] as a Reshape: a Transpose here became a FusedMatMul with a
+    # transposed operand, 1.6x slower than the plain GEMV (profiled: benchmarks/op_profile.py).
+    row_vector = g.const([0, 0, 1, -1], np.int64)
+    real_t = g.op("Reshape", real_f, row_vector)
+    support_t = g.op("Reshape", g.op("Mul", row_support, real_f), row_vector)
     col_rows_raw = g.op("Squeeze", g.op("MatMul", real_t, valid_f), g.const(queries, np.int64))  # [B, H, K]
     col_rows = g.op("Max", col_rows_raw, one)
 
     mass_sum = g.op("Squeeze", g.op("MatMul", support_t, x), g.const(queries, np.int64))
     mass = g.op("Div", mass_sum, col_rows)
-    peak = g.op("Max", g.reduce("ReduceMax", g.op("Mul", x, real_f), queries, 0), zero)
+    peak = g.op("Max", _peak(g, x, real_f), zero)
     # Clamping the row max to the smallest normal float makes `x >= row_max` imply `x > 0`
     # (a row's largest probability is never subnormal), so no separate mask pass is needed.
     row_max = g.op("Max", g.reduce("ReduceMax", x, last, 1), g.const(np.finfo(np.float32).tiny))
@@ -85,8 +106,7 @@ def build_function(opset: int) -> onnx.FunctionProto:
     # the key axis: row o belongs to column o + (k_len - q_len); rows before column 0 are dropped,
     # columns before row 0 get 0.
     uniform = g.op("Mul", row_support, real_f)  # n_o on real rows, 0 on padding rows
-    own_x = g.op("GatherElements", x, index, axis=3)
-    sum_sq = g.reduce("ReduceSumSquare", x, last, 1)
+    sum_sq = g.reduce("ReduceSum", g.op("Mul", x, x), last, 1)  # onnxruntime's ReduceSumSquare is 2x slower
     per_row = g.op("Mul", g.op("Concat", own_x, row_max, sum_sq, axis=3), uniform)  # [B, H, Q, 3]
     per_row = g.op("Transpose", per_row, perm=[0, 1, 3, 2])  # [B, H, 3, Q]
     offset = g.op("Sub", k_len, q_len)
@@ -113,15 +133,15 @@ def build_function(opset: int) -> onnx.FunctionProto:
         onnx.AttributeProto(name="value_float", ref_attr_name="threshold", type=onnx.AttributeProto.FLOAT)
     )
     attended = g.op("Greater", g.reduce("ReduceMax", col_rows_raw, heads, 0), zero)  # [B, K]
-    g.nodes.append(helper.make_node("And", [g.op("Greater", score, threshold), attended], [flags_out]))
-    g.nodes.append(helper.make_node("Where", [attended, score, g.const(-np.inf)], [scores_out]))
+    g.nodes.append(helper.make_node("And", [g.op("Greater", score, threshold), attended], [flags_out], name="flags"))
+    g.nodes.append(helper.make_node("Where", [attended, score, g.const(-np.inf)], [scores_out], name="scores"))
     patch = g.op("Or", flags_out, forced)  # [B, K]: forced broadcasts
 
     # The patch itself runs only when some column is to be patched: a clean input (the common
     # case) then costs the features alone, and is returned as it came.
     any_patch = g.op("Greater", g.reduce("ReduceMax", g.to_float(patch), [0, 1], 0), zero)
 
-    p = NodeBuilder(opset, prefix="patch/")
+    p = NodeBuilder(opset, prefix=f"{SUBGRAPH_PREFIX}patch/")
     p_zero, p_one = p.const(0.0), p.const(1.0)
     # Its own casts: onnxruntime rewrites the outer graph's Casts (drops float->float, fuses
     # Greater+Cast), which it cannot do while a subgraph refers to their outputs.
@@ -143,9 +163,21 @@ def build_function(opset: int) -> onnx.FunctionProto:
     patched = p.op("Div", p.op("Where", hit, benign, x), total)
     p.op("Where", change, p.op("CastLike", patched, attention), attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
-    unchanged = helper.make_node("Identity", [attention], ["unchanged/out"])
-    else_branch = helper.make_graph([unchanged], "pass_through", [], [onnx.ValueInfoProto(name="unchanged/out")])
-    g.nodes.append(helper.make_node("If", [any_patch], [patched_out], then_branch=then_branch, else_branch=else_branch))
+    # onnxruntime refuses a branch that returns an outer value as it is, so this Identity copies the map:
+    # about a tenth of the function's time on a clean input (profiled). A ScatterND of nothing onto the
+    # map, the other way to hand it on, copied it too.
+    unchanged = f"{SUBGRAPH_PREFIX}pass_through"
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", [attention], [unchanged], name=unchanged)],
+        "pass_through",
+        [],
+        [onnx.ValueInfoProto(name=unchanged)],
+    )
+    g.nodes.append(
+        helper.make_node(
+            "If", [any_patch], [patched_out], name="patch", then_branch=then_branch, else_branch=else_branch
+        )
+    )
 
     # map_type is declared for the kernels: the body reads the same from its input's declared type.
     defaults = [helper.make_attribute(name, default) for name, (_, default) in spec.ATTRIBUTES.items()]
