@@ -49,9 +49,12 @@ def _group(name: str) -> str:
 
 
 def _node(name: str) -> str:
-    """A function node's name without onnxruntime's per-layer inlining prefix and fusion suffix: summed over layers."""
-    name = re.sub(r"^.*_inlfunc_AtPatch_(token_\d+_)?", "", name).removeprefix(SUBGRAPH_PREFIX)
-    return re.sub(r"/\w+Fusion/?$", "", name).split("/")[-1] or name
+    """A node's name summed over layers: the kernel's without its layer, the function's without onnxruntime's
+    per-layer inlining prefix and fusion suffix (a branch's nodes keep their branch: "peak/reducemax_1")."""
+    inlined = re.match(r"^.*_inlfunc_AtPatch_(token_\d+_)?(.*)$", name)
+    if inlined is None:
+        return name.split("/")[-1]
+    return re.sub(r"/\w+Fusion/?$", "", inlined.group(2)).removeprefix(SUBGRAPH_PREFIX)
 
 
 def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], use_native: bool, runs: int) -> dict:

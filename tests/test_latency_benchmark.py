@@ -49,3 +49,23 @@ def test_smoke_run_times_every_variant_of_the_small_models(tmp_path: Path) -> No
     assert cells[0]["ort_optimized_vs_unpatched"] is None
     assert len(record["verdicts"]) == 2 and all("target <= 1.05x" in v for v in record["verdicts"])
     assert published("latency") == before  # the smoke run wrote to its own folder
+
+
+def test_op_profile_splits_the_op_from_the_model(tmp_path: Path) -> None:
+    """benchmarks/op_profile.py on the tabular BERT: the kernel is one node; the function's inlined nodes,
+    its branches' included, are counted as the op and not as the model."""
+    out = tmp_path / "op_profile.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "op_profile.py"), "--model", "tabular-bert", "--seq", "16"]
+    cmd += ["--runs", "3", "--label", "smoke", "--results", str(out), "--cache-dir", str(tmp_path / "models")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[W:" not in done.stderr, done.stderr  # no onnxruntime warning about the function's subgraphs
+    record = json.loads(out.read_text())["tabular-bert/16x1"]["smoke"]
+    native, function = record["native"], record["function"]
+    assert list(native["op_nodes_ms"]) == ["AtPatch AtPatch"]
+    nodes = function["op_nodes_ms"]
+    assert "AtPatch AtPatch" not in nodes and "Identity pass_through" in nodes  # the clean input's copy
+    assert any(name.startswith("ReduceMax peak/") for name in nodes)  # a node inside a branch
+    assert sum(nodes.values()) == pytest.approx(function["groups_ms"]["op"])
+    for form in (native, function):
+        assert form["groups_ms"]["op"] > 0 and form["groups_ms"]["model"] > form["groups_ms"]["op"] / 100
