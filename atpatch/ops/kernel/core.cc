@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 // On x86-64 Linux, build an AVX2 clone of each hot loop next to the baseline one and let
 // the loader pick (ifunc): the library stays portable and still uses wide vectors.
@@ -184,7 +185,7 @@ const float* feature_of(const HeadColumns& c, int f) {
   const float* const all[] = {c.mass, c.peak, c.top, c.self, c.opeak, c.ofocus};
   return all[f];
 }
-// Columns scored together: two stack buffers of doubles.
+// Columns scored together: stack buffers of doubles, and the units' dots on the heap.
 constexpr int64_t kScoreChunk = 64;
 }  // namespace
 
@@ -200,24 +201,35 @@ ATPATCH_HOT int64_t score_columns(const HeadColumns* heads, int64_t num_heads, i
   // too (their features are finite) and never flagged.
   int64_t patched = 0;
   const int64_t rows = static_cast<int64_t>(d.features_per_head) * num_heads;
+  const int64_t hidden = d.hidden;
+  // The units' dots for one chunk, unit-major, accumulated row by row of w1 (each unit's dot still
+  // sums over r in order): per (unit, row) the former loop looked the feature up with an integer
+  // division and ran a short loop GCC left scalar, most of phase 2 on short maps.
+  std::vector<double> dots(static_cast<size_t>(hidden * kScoreChunk));
   for (int64_t j0 = 0; j0 < k_len; j0 += kScoreChunk) {
     const int64_t n = k_len - j0 < kScoreChunk ? k_len - j0 : kScoreChunk;
     double score[kScoreChunk];
-    double dot[kScoreChunk];
+    double x[kScoreChunk];
     for (int64_t c = 0; c < n; ++c) score[c] = 0.0;
-    for (int64_t i = 0; i < d.hidden; ++i) {
-      for (int64_t c = 0; c < n; ++c) dot[c] = 0.0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* x = feature_of(heads[r % num_heads], static_cast<int>(r / num_heads)) + j0;
-        const double w = static_cast<double>(d.w1[r * d.hidden + i]);
-        for (int64_t c = 0; c < n; ++c) dot[c] += static_cast<double>(x[c]) * w;
+    for (int64_t k = 0; k < hidden * n; ++k) dots[k] = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* feature = feature_of(heads[r % num_heads], static_cast<int>(r / num_heads)) + j0;
+      for (int64_t c = 0; c < n; ++c) x[c] = static_cast<double>(feature[c]);
+      const float* w1 = d.w1 + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i) {
+        const double w = static_cast<double>(w1[i]);
+        double* __restrict dot = dots.data() + i * n;
+        for (int64_t c = 0; c < n; ++c) dot[c] += x[c] * w;
       }
+    }
+    for (int64_t i = 0; i < hidden; ++i) {
+      const double* dot = dots.data() + i * n;
       const float b1 = d.b1[i];
       const double w2 = static_cast<double>(d.w2[i]);
       for (int64_t c = 0; c < n; ++c) {
         const float z = static_cast<float>(dot[c]) + b1;
-        const float hidden = z > 0.0f ? z : 0.0f;
-        score[c] += static_cast<double>(hidden) * w2;
+        const float unit = z > 0.0f ? z : 0.0f;
+        score[c] += static_cast<double>(unit) * w2;
       }
     }
     for (int64_t c = 0; c < n; ++c) {
