@@ -35,7 +35,7 @@ from ..ops.joint import JointRule
 from .positions import is_patch_grid, joint_flags
 from .positions import spread as widen
 from .shape_only import shape_only_producers, small_initializers
-from .weight_aliases import resolve_weight_aliases
+from .weight_aliases import weight_aliases
 
 __all__ = [
     "FORCED_INPUT",
@@ -297,6 +297,8 @@ def add_second_pass(
             copy.input[len(spec.INPUTS) - 1] = UNION
         body.append(copy)
     rename2.update({name: rename2[held] for name, held in constants.items()})
+    # Weights by their own names, not through pass 1's Identity aliases (weight_aliases.py).
+    rename2.update({alias: weight for alias, weight in weight_aliases(graph).items() if alias not in rename2})
     _rename_inputs(body, rename2)
 
     batch_dims = _batch_dims(graph)
@@ -355,7 +357,6 @@ def add_cross_layer(model: onnx.ModelProto, spread: int = 0, joint: JointRule | 
     opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {value.name for value in graph.input}
     decoder, grid = PAST_FLAGS in inputs, is_patch_grid(inputs)
-    resolve_weight_aliases(graph)  # before pass 2 reads them: onnxruntime cannot resolve them after
     add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid, joint)
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":
