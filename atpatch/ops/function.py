@@ -148,20 +148,32 @@ def build_function(opset: int) -> onnx.FunctionProto:
     x = p.op("Cast", attention, to=TensorProto.FLOAT)
     # Row sums over the patched / kept columns as [Q, K] @ [K, 1] products. Masked entries are 0
     # here (this branch reads the map as declared, so a float16 map's underflows too), so they
-    # add nothing; maps with negative or NaN entries are not probabilities, and only there may
-    # this differ from the reference (zeroing them would cost a pass over every patched map).
-    patch_col = p.op("Unsqueeze", p.to_float(patch), p.const([1, 3], np.int64))  # [B, 1, K, 1]
-    n_hit = p.op("MatMul", p.to_float(valid), patch_col)  # [B, H, Q, 1]
+    # add nothing; maps with negative, NaN or above-1 entries are not probabilities, and only there
+    # may this differ from the reference (zeroing them would cost a pass over every patched map).
+    # Arithmetic instead of Where over the map: onnxruntime's broadcasting Where took 4 ms a pass on
+    # a [1, 12, 512, 512] map, three quarters of this branch (profiled), against ~0.5 ms for a Mul.
+    patch_f = p.to_float(patch)
+    patch_col = p.op("Unsqueeze", patch_f, p.const([1, 3], np.int64))  # [B, 1, K, 1]
+    patch_key = p.op("Unsqueeze", patch_f, p.const([1, 2], np.int64))  # [B, 1, 1, K]
+    valid_f = p.to_float(valid)
+    n_hit = p.op("MatMul", valid_f, patch_col)  # [B, H, Q, 1]
     kept_sum = p.op("MatMul", x, p.op("Sub", p_one, patch_col))
     n_kept = p.op("Sub", row_support, n_hit)
     change = p.op("And", p.op("Greater", n_hit, p_zero), p.op("Greater", n_kept, p_zero))
-    patch_key = p.op("Unsqueeze", patch, p.const([1, 2], np.int64))  # [B, 1, 1, K]
-    hit = p.op("And", valid, patch_key)
-    kept = p.op("And", valid, p.op("Not", patch_key))  # valid AND NOT hit, with Not over [B, 1, 1, K] only
-    benign = p.reduce("ReduceMin", p.op("Where", kept, x, p.const(np.inf)), last, 1)  # smallest unpatched entry
+    change_f = p.to_float(change)
+    # The benign value, the smallest kept entry: every other entry is lifted by 2 or 4 (above any
+    # probability), a kept one by exactly 0 (-2 + 2), so the minimum is a kept entry as it is.
+    two = p.const(2.0)
+    lift = p.op("Add", p.op("Mul", valid_f, p.const(-2.0)), p.op("Add", p.op("Mul", patch_key, two), two))
+    benign = p.reduce("ReduceMin", p.op("Add", x, lift), last, 1)
     total = p.op("Add", kept_sum, p.op("Mul", n_hit, benign))
-    patched = p.op("Div", p.op("Where", hit, benign, x), total)
-    p.op("Where", change, p.op("CastLike", patched, attention), attention)
+    # Patched entries m / total, the others a / total (masked: 0), as the reference computes them; a row
+    # that does not change keeps every entry and is divided by 1, so it comes out bit-identical.
+    keep = p.op("Max", p.op("Sub", p_one, patch_key), p.op("Sub", p_one, change_f))  # [B, H, Q, K]
+    hit_value = p.op("Mul", p.op("Mul", valid_f, patch_key), p.op("Mul", benign, change_f))
+    numerator = p.op("Max", p.op("Mul", x, keep), hit_value)
+    patched = p.op("Div", numerator, p.op("Where", change, total, p_one))
+    p.op("CastLike", patched, attention)
     then_branch = helper.make_graph(p.nodes, "patch", [], [onnx.ValueInfoProto(name=p.nodes[-1].output[0])])
     # onnxruntime refuses a branch that returns an outer value as it is, so this Identity copies the map:
     # about a tenth of the function's time on a clean input (profiled). A ScatterND of nothing onto the
