@@ -3,7 +3,11 @@
 # internet needed): the device code of atpatch/ops/kernel/cuda_kernel.cu against the CPU
 # kernel's arithmetic (core.cc) on fresh random maps, float32 and float16, then timed against
 # the CPU on [8,12,512,512]; then compute-sanitizer memcheck/initcheck on small cases, if the
-# toolkit has it. Needs nvcc (CUDA 12+), cmake >= 3.18 and a C++17 compiler.
+# toolkit has it; then, when the onnxruntime-gpu wheel was carried into .ortgpu/
+# (scripts/fetch_ort_gpu.sh), the library built with its CUDA op and run inside an onnxruntime-gpu
+# session against the CPU kernel and timed against onnxruntime's fused CUDA attention
+# (scripts/gpu_session_check.py, gpu_session_check.json into $OUT). Needs nvcc (CUDA 12+), cmake
+# >= 3.18 and a C++17 compiler.
 #
 #   ATPATCH_SELFTEST_ARGS   extra arguments for atpatch_cuda_selftest (e.g. "--seed 123")
 #   CUDAARCHS               CUDA architectures to build (default: 90, i.e. sm_90 + PTX)
@@ -97,5 +101,28 @@ else
     logged "$sanitizer" --tool "$tool" --error-exitcode 9 "$selftest" --cases 40 --no-big --no-bench ||
       { say "gpu_selftest: FAILED: compute-sanitizer $tool reported errors"; exit 1; }
   done
+fi
+# The op inside an onnxruntime-gpu CUDA session (scripts/gpu_session_check.py): needs the onnxruntime-gpu
+# wheel, carried in parts into .ortgpu/ (scripts/fetch_ort_gpu.sh says how), and the onnxruntime headers
+# (third_party/ort, scripts/fetch_ort_headers.sh) for a CUDA build of the library.
+if [ -f "$ROOT/.ortgpu/NAME" ]; then
+  wheel="$work/$(cat "$ROOT/.ortgpu/NAME")"
+  cat "$ROOT"/.ortgpu/*.part-* >"$wheel"
+  site="$work/ortgpu-site"
+  logged python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel" ||
+    { say "gpu_selftest: FAILED: the onnxruntime-gpu wheel did not install (all its parts carried?)"; exit 1; }
+  say "gpu_selftest: building the AtPatch library with its CUDA op"
+  if ! { cmake -S "$ROOT" -B "$work/lib" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DATPATCH_CUDA=ON && cmake --build "$work/lib" --target atpatch_ops -j "$(nproc 2>/dev/null || echo 2)"; } \
+    >>"$build_log" 2>&1; then
+    tail -n 40 "$build_log" | tee -a "$LOG"
+    say "gpu_selftest: BUILD FAILED (the CUDA library; third_party/ort carried?)"
+    exit 2
+  fi
+  logged env PYTHONPATH="$site" python3 "$ROOT/scripts/gpu_session_check.py" --library "$work/lib/libatpatch_ops.so" \
+    --out "${OUT:-$work}" || { say "gpu_selftest: FAILED: the op inside onnxruntime-gpu"; exit 1; }
+else
+  say "gpu_selftest: no onnxruntime-gpu wheel in .ortgpu/ (scripts/fetch_ort_gpu.sh): the check inside an"
+  say "gpu_selftest: onnxruntime CUDA session was not run"
 fi
 say "gpu_selftest: PASSED in $((SECONDS - start)) s"
