@@ -22,8 +22,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d "$dest/download" "onnxruntime-gpu==$VERSION"
 wheel="$(ls "$dest"/download/*.whl)"
 name="$(basename "$wheel")"
-(cd "$dest" && split -b 60m -d "$wheel" "$name.part-")
+(cd "$dest" && split -b 56m -d "$wheel" "$name.part-")
 rm -rf "$dest/download"
 echo "$name" >"$dest/NAME"
-echo "fetch_ort_gpu: $name in $(ls "$dest"/*.part-* | wc -l) parts of at most 60 MiB in .ortgpu/:"
+echo "fetch_ort_gpu: $name in $(ls "$dest"/*.part-* | wc -l) parts of at most 56 MiB (a call carries 64 MiB, the working tree included) in .ortgpu/:"
 ls -l "$dest"
