@@ -2,11 +2,14 @@
 
     python benchmarks/op_profile.py                          # BERT-base, seq 512, batch 1
     python benchmarks/op_profile.py --model vit-small --seq 50 --batch 1 --label after
+    python benchmarks/op_profile.py --flagging                # every input flagged: the patch and pass 2
 
-Runs the model patched with a pass-through detector (what a clean input costs) twice, with the
-native kernel and with the ONNX function, under onnxruntime's node profiler, and splits each run's
-node time into the op (the kernel, or the function's inlined nodes and its If), cross-layer
-patching's glue (the other atpatch/ nodes) and the model. The op's nodes are listed by cost, so a
+Runs the model patched with a pass-through detector (what a clean input costs; `--flagging`: the
+latency benchmark's flagging detector, so every input takes the patch and cross-layer patching's
+second pass) twice, with the native kernel and with the ONNX function, under onnxruntime's node
+profiler, and splits each run's node time into the op (the kernel, or the function's inlined nodes
+and its branches), the model, the model's second pass and cross-layer patching's glue (the other
+atpatch/ nodes). The op's nodes are listed by cost, so a
 change to the op can be judged pass by pass; `--label` keys the record in
 benchmarks/results/op_profile.json, so a profile taken before a change stays next to the one after.
 
@@ -30,19 +33,23 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from casekit import write_atomic
+from latency import THRESHOLDS, flagging_detector
 from latency_models import BENCHES
 
 from atpatch.ops.function import SUBGRAPH_PREFIX
 from atpatch.rewrite import patch_model
+from atpatch.rewrite.crosslayer import second_pass_prefix
 from atpatch.runtime import native
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_profile.json"
 
 
 def _group(name: str) -> str:
-    """The op, cross-layer glue or the model, from a profiled node's name."""
+    """The op, the model's second pass, cross-layer glue or the model, from a profiled node's name."""
     if "AtPatch" in name:  # the kernel's node, the function's inlined nodes and its branches' (SUBGRAPH_PREFIX)
         return "op"
+    if name.startswith(second_pass_prefix()):
+        return "second pass"
     if name.startswith("atpatch/"):
         return "cross-layer"
     return "model"
@@ -93,6 +100,21 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], use_native: bo
     }
 
 
+def flagging(base: onnx.ModelProto, bench, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:  # noqa: ANN001
+    """The model patched with latency.py's flagging detector, its threshold lowered until it flags `feeds`."""
+    plain = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = plain.run(None, feeds)[0]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(native.library_path()))
+    for threshold in THRESHOLDS:
+        model = patch_model(base, flagging_detector(bench.layers, bench.heads, threshold))[0]
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not np.allclose(session.run(None, feeds)[0], want):
+            return model
+    raise SystemExit(f"{bench.name}: the flagging detector flags nothing even at threshold {THRESHOLDS[-1]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(BENCHES), default="bert-base")
@@ -101,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5, help="profiled runs per variant (default 5)")
     p.add_argument("--top", type=int, default=12, help="op nodes listed per variant (default 12)")
     p.add_argument("--label", default="current", help="key of this profile in the results file (default: current)")
+    p.add_argument("--flagging", action="store_true", help="a detector that flags some columns of every input")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -110,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = BENCHES[args.model]
     base = onnx.load(str(bench.export(args.cache_dir)))
-    patched = patch_model(base, None)[0]
     feeds = bench.feeds(args.seq, args.batch, np.random.default_rng(0))
-    record = {"model": args.model, "seq": args.seq, "batch": args.batch, "runs": args.runs}
-    print(f"{bench.describe}, seq {args.seq} x batch {args.batch}, pass-through detector; ms per run (profiled)")
+    patched = flagging(base, bench, feeds) if args.flagging else patch_model(base, None)[0]
+    record = {"model": args.model, "seq": args.seq, "batch": args.batch, "runs": args.runs, "flagging": args.flagging}
+    detector = "flagging" if args.flagging else "pass-through"
+    print(f"{bench.describe}, seq {args.seq} x batch {args.batch}, {detector} detector; ms per run (profiled)")
     for form, use_native in (("native", True), ("function", False)):
         got = profile(patched, feeds, use_native, args.runs)
         record[form] = got
@@ -121,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(g.values())
         print(
             f"\n{form}: wall {got['wall_ms']:.2f} ms; nodes {total:.2f} ms = model {g.get('model', 0):.2f} + "
-            f"op {g.get('op', 0):.2f} ({100 * g.get('op', 0) / total:.1f}%) + cross-layer {g.get('cross-layer', 0):.2f}"
+            f"op {g.get('op', 0):.2f} ({100 * g.get('op', 0) / total:.1f}%) + second pass "
+            f"{g.get('second pass', 0):.2f} + cross-layer {g.get('cross-layer', 0):.2f}"
         )
         for name, ms in list(got["op_nodes_ms"].items())[: args.top]:
             print(f"  {ms:8.3f} ms  {name}")
     old = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    key = f"{args.model}/{args.seq}x{args.batch}"
+    key = f"{args.model}/{args.seq}x{args.batch}" + ("/flagging" if args.flagging else "")
     old.setdefault(key, {})[args.label] = {**record, "date": time.strftime("%Y-%m-%d"), "onnxruntime": ort.__version__}
     write_atomic(args.results, json.dumps(old, indent=1) + "\n")
     return 0
