@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,23 @@ def flagging_detector(num_layers: int, heads: int = 12, threshold: float = 1.5) 
         threshold=threshold,
     )
     return Detector(layers=(layer,) * num_layers, kind="benchmark-flagging")
+
+
+def flagging_model(
+    base: onnx.ModelProto,
+    bench: Bench,
+    feeds: dict[str, np.ndarray],
+    unpatched: np.ndarray,
+    make_session: Callable[[onnx.ModelProto], ort.InferenceSession],
+) -> tuple[onnx.ModelProto, ort.InferenceSession]:
+    """`base` patched with the flagging detector, its threshold lowered through THRESHOLDS until it flags
+    `feeds` (the first output differs from `unpatched`, `base`'s), and the session `make_session` made of it."""
+    for threshold in THRESHOLDS:
+        model = patch_model(base, flagging_detector(bench.layers, bench.heads, threshold))[0]
+        session = make_session(model)
+        if not np.allclose(session.run(None, feeds)[0], unpatched):
+            return model, session
+    raise RuntimeError(f"{bench.name}: the flagging detector flags nothing even at threshold {THRESHOLDS[-1]}")
 
 
 def copying(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -169,13 +187,7 @@ def _sessions(bench: Bench, base: onnx.ModelProto, feeds: dict[str, np.ndarray],
     assert len(sites) == bench.layers, f"{bench.name}: expected {bench.layers} attention sites, found {len(sites)}"
     sessions = {"unpatched": unpatched, "control": session(base, False)}
     sessions["native/pass"], sessions["function/pass"] = session(passing, True), session(passing, False)
-    for threshold in THRESHOLDS:
-        flagging = patch_model(base, flagging_detector(bench.layers, bench.heads, threshold))[0]
-        flag = session(flagging, True)
-        if not np.allclose(flag.run(None, feeds)[0], ref):
-            break
-    else:
-        raise RuntimeError(f"{bench.name}: the flagging detector flags nothing even at threshold {threshold}")
+    flagging, flag = flagging_model(base, bench, feeds, ref, lambda model: session(model, True))
     sessions["native/flag"], sessions["function/flag"] = flag, session(flagging, False)
     sessions["native/copy"] = session(copying(passing), True)
     for name, model in _ort_fused(base, bench).items():

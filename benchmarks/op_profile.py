@@ -33,13 +33,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from casekit import write_atomic
-from latency import THRESHOLDS, flagging_detector
+from latency import flagging_model
 from latency_models import BENCHES
 
 from atpatch.ops.function import SUBGRAPH_PREFIX
 from atpatch.rewrite import patch_model
 from atpatch.rewrite.crosslayer import second_pass_prefix
-from atpatch.runtime import native
+from atpatch.runtime import create_session, native
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_profile.json"
 
@@ -100,21 +100,6 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], use_native: bo
     }
 
 
-def flagging(base: onnx.ModelProto, bench, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:  # noqa: ANN001
-    """The model patched with latency.py's flagging detector, its threshold lowered until it flags `feeds`."""
-    plain = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"])
-    want = plain.run(None, feeds)[0]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.register_custom_ops_library(str(native.library_path()))
-    for threshold in THRESHOLDS:
-        model = patch_model(base, flagging_detector(bench.layers, bench.heads, threshold))[0]
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        if not np.allclose(session.run(None, feeds)[0], want):
-            return model
-    raise SystemExit(f"{bench.name}: the flagging detector flags nothing even at threshold {THRESHOLDS[-1]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(BENCHES), default="bert-base")
@@ -134,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = BENCHES[args.model]
     base = onnx.load(str(bench.export(args.cache_dir)))
     feeds = bench.feeds(args.seq, args.batch, np.random.default_rng(0))
-    patched = flagging(base, bench, feeds) if args.flagging else patch_model(base, None)[0]
+    if args.flagging:
+        unpatched = create_session(base, use_native=False).run(None, feeds)[0]
+        patched = flagging_model(base, bench, feeds, unpatched, lambda model: create_session(model, use_native=True))[0]
+    else:
+        patched = patch_model(base, None)[0]
     record = {"model": args.model, "seq": args.seq, "batch": args.batch, "runs": args.runs, "flagging": args.flagging}
     detector = "flagging" if args.flagging else "pass-through"
     print(f"{bench.describe}, seq {args.seq} x batch {args.batch}, {detector} detector; ms per run (profiled)")

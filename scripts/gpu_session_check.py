@@ -11,7 +11,8 @@ machine once onnxruntime-gpu and a CUDA build of the library are there.
    the session refuses to start instead (session.disable_cpu_ep_fallback).
 2. A patched BERT (random weights, benchmarks/latency_models.py), pass-through and flagging detectors:
    the CUDA session's outputs against the CPU session's, TF32 off (atol 1e-3: the model's GEMMs differ).
-3. Time on the device, medians over rounds run round-robin: the plain export, onnxruntime's optimized
+3. Time on the device (latency.py's paired_ratios: each round runs every variant in a fresh random order;
+   a ratio is the median over rounds of variant / fused): the plain export, onnxruntime's optimized
    model (attention fused into its CUDA kernel, the map never written) and the patched model (native
    kernel; clean inputs, and every input flagged). Targets: the op equal to the CPU kernel; the best
    patched form within 1.15x of the fused unpatched model (it cannot fuse attention: that needs a
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from latency import flagging_detector  # noqa: E402
+from latency import flagging_model, paired_ratios  # noqa: E402
 from latency_models import BENCHES  # noqa: E402
 from onnxruntime.transformers.optimizer import optimize_model  # noqa: E402
 
@@ -113,57 +113,42 @@ def check_op(library: Path, device: str, rng: np.random.Generator) -> list[dict]
     return rows
 
 
-def patched_models(base: onnx.ModelProto, bench, feeds: dict, library: Path) -> dict[str, onnx.ModelProto]:  # noqa: ANN001
-    """Pass-through and flagging patched models; the flagging detector's threshold lowered until it flags."""
-    models = {"patched/pass": patch_model(base, None)[0]}
-    ref = session(base, library, "cpu").run(None, feeds)[0]
-    for threshold in (1.5, 0.5, 0.1, 0.03, 0.01, 0.003, 0.001):
-        flagging = patch_model(base, flagging_detector(bench.layers, bench.heads, threshold))[0]
-        if not np.allclose(session(flagging, library, "cpu").run(None, feeds)[0], ref):
-            models["patched/flag"] = flagging
-            break
-    return models
-
-
-def timed(sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: int) -> dict[str, float]:
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-    return {k: 1000 * float(np.median(v)) for k, v in times.items()}
-
-
 def check_model(args: argparse.Namespace, library: Path, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
     bench = BENCHES[args.model]
     base = onnx.load(str(bench.export(args.cache_dir)))
     fused = optimize_model(
-        onnx.load(str(bench.export(args.cache_dir))),
+        onnx.load(str(bench.export(args.cache_dir))),  # optimize_model edits the proto it is given
         bench.ort_type,
         bench.heads,
         bench.hidden,
         opt_level=0,
         use_gpu=args.device == "cuda",
     ).model
+    passing = patch_model(base, None)[0]
+    on_cpu = {"unpatched": session(base, library, "cpu"), "patched/pass": session(passing, library, "cpu")}
+    # paired_ratios times round-robin against its "unpatched" session: here the fused one.
+    on_device = {
+        "unpatched": session(fused, library, args.device),
+        "plain": session(base, library, args.device),
+        "patched/pass": session(passing, library, args.device),
+    }
     agreement, latency = [], []
     for seq, batch in bench.cells if not args.cells else [tuple(map(int, c.split("x"))) for c in args.cells]:
         feeds = bench.feeds(seq, batch, rng)
-        models = patched_models(base, bench, feeds, library)
-        for name, model in models.items():
-            got = session(model, library, args.device).run(None, feeds)[0]
-            want = session(model, library, "cpu").run(None, feeds)[0]
+        # latency.py's flagging detector, its threshold lowered until it flags these inputs
+        unpatched = on_cpu["unpatched"].run(None, feeds)[0]
+        flagging, on_cpu["patched/flag"] = flagging_model(
+            base, bench, feeds, unpatched, lambda model: session(model, library, "cpu")
+        )
+        on_device["patched/flag"] = session(flagging, library, args.device)
+        for name in ("patched/pass", "patched/flag"):
+            got, want = on_device[name].run(None, feeds)[0], on_cpu[name].run(None, feeds)[0]
             diff = float(np.abs(got - want).max())
             agreement.append({"check": "model", "variant": name, "seq": seq, "batch": batch, "max_diff": diff,
                               "passed": diff <= 1e-3})  # fmt: skip
-        sessions = {"plain": session(base, library, args.device), "ort-fused": session(fused, library, args.device)}
-        sessions.update({name: session(model, library, args.device) for name, model in models.items()})
-        ms = timed(sessions, feeds, args.rounds)
-        cell = {"seq": seq, "batch": batch, "ms": ms}
-        cell.update({f"{k}_vs_ort_fused": v / ms["ort-fused"] for k, v in ms.items() if k != "ort-fused"})
+        ms, wall, _ = paired_ratios(on_device, feeds, warmup=3, runs=args.rounds, budget_s=30)
+        cell = {"seq": seq, "batch": batch, "ort_fused_ms": ms}
+        cell.update({f"{k}_vs_ort_fused": v for k, v in wall.items() if k != "unpatched"})
         latency.append(cell)
     return agreement, latency
 
@@ -208,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = ", ".join(
             f"{k.removesuffix('_vs_ort_fused')} {v:.3f}x" for k, v in c.items() if k.endswith("_vs_ort_fused")
         )
-        print(f"  time {c['seq']:>4} x {c['batch']:<3}: ORT fused {c['ms']['ort-fused']:.3f} ms; vs it: {ratios}")
+        print(f"  time {c['seq']:>4} x {c['batch']:<3}: ORT fused {c['ort_fused_ms']:.3f} ms; vs it: {ratios}")
     passed = all(r["passed"] for r in op_rows + model_rows)
     record = {
         "device": args.device,
