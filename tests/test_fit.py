@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atpatch.detector.calibrate import NEVER, allowed_flags, calibrate, calibration_size_needed, flag_rate_bound
+from atpatch.detector.calibrate import (
+    NEVER,
+    FlagBudget,
+    allowed_flags,
+    calibrate,
+    calibration_size_needed,
+    flag_rate_bound,
+)
 from atpatch.detector.columns import ColumnSet
 from atpatch.detector.fit import fit_one_class, fit_supervised, report
 from atpatch.detector.joint_fit import joint_candidates
@@ -115,6 +122,25 @@ def test_the_flag_budget_goes_to_the_layers_that_separate_culprits(rng: np.rando
     assert by_allocation.positive_recall[1] > by_share.positive_recall[1]
     # The same bound holds: at most `allowed` calibration inputs flagged, plus one per extra active layer.
     assert by_allocation.calibration_flag_rate * n <= allowed_flags(n, 0.005)
+
+
+def test_thresholds_sit_midway_between_calibration_scores(rng: np.random.Generator) -> None:
+    """A threshold 1 ulp above the highest unflagged calibration score let the op's own float32
+    rounding flag that input too (6 of 2000 where fit counted 5, on a MiniLM): each threshold
+    lies halfway between the scores it separates, so rounding far larger than 1e-6 flips none."""
+    n = 500
+    calibration = _columns(rng, n, 8, None)
+    layer = _linear_layer(calibration.features[0].shape[1])
+    budget = FlagBudget([layer], calibration, n, None)
+    for rank in (0, 1, 4, 37):
+        threshold = budget.threshold(0, rank)
+        scores = budget.scores[0]
+        above, below = scores[scores > threshold], scores[scores <= threshold]
+        assert len(above) == rank
+        gap = (below.max() - above.min()) if rank else (below.max() - np.sort(scores)[-2])
+        assert abs(threshold - below.max()) >= abs(gap) / 2 * (1 - 1e-5)
+        if rank:
+            assert above.min() - threshold >= (above.min() - below.max()) / 2 * (1 - 1e-5)
 
 
 def _linear_layer(features: int) -> LayerDetector:
