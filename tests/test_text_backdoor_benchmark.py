@@ -66,3 +66,32 @@ def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(tmp_path: Path
             assert is_fraction(row["per_layer"]) and row["latency"]["native"] > 0
     # A smoke run's numbers mean nothing: it must leave the published table alone.
     assert published("text_backdoor_word") == published_before
+    _calibration_check_reads_the_cache(work, tmp_path / "check.json")
+
+
+def _calibration_check_reads_the_cache(work: Path, out: Path) -> None:
+    """benchmarks/calibration_check.py on the case just run: rates are fractions, the allowed count the
+    calibration set's (120 inputs show no 0.5% rate: 0), and the published results are left alone."""
+    before = (ROOT / "benchmarks" / "results" / "calibration_check.json").read_bytes()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "calibration_check.py"), str(work), "--splits", "2"]
+    done = subprocess.run([*cmd, "--detector", "known", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = json.loads(out.read_text()).values()
+    assert case["splits"] == 2 and case["calibration"] == 120 and case["test"] == 120 and case["allowed"] == 0
+    for name in ("calibration_flagged_mean", "test_flagged_mean", "test_flagged_p90", "share_over_target"):
+        assert is_fraction(case[name])
+    assert (ROOT / "benchmarks" / "results" / "calibration_check.json").read_bytes() == before
+
+
+def test_both_corpora_load_with_both_labels() -> None:
+    """The reviews and the convention sentences (`--data conventions`): what the splits draw from."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import text_backdoor
+
+    for name, corpus in text_backdoor.corpora().items():
+        texts = corpus.load()
+        labels = [t.label for t in texts]
+        budget = corpus.budget
+        assert len(texts) > budget.train + budget.calibration + budget.test + budget.debug, name
+        assert set(labels) == {0, 1} and min(labels.count(0), labels.count(1)) > len(texts) / 4, name
+        assert len({t.text for t in texts}) == len(texts), name
