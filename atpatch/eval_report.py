@@ -126,4 +126,19 @@ class EvalReport:
             counts += f", {self.n_triggered} triggered (target {target})"
         if self.n_counterfactual:
             counts += f", {self.n_counterfactual} counterfactual"
-        return "\n".join(lines) + f"\n\n{counts} inputs\n"
+        return "\n".join(lines) + f"\n\n{counts} inputs\n" + self._flag_rate_note()
+
+    def _flag_rate_note(self) -> str:
+        """The clean flag rate's 95% interval: one clean set is one draw, and a few hundred inputs cannot
+        tell a detector calibrated to 0.5% from one at 1% (measured: 10-15% of 900-1,200-input test sets
+        show over 0.5% from a true 0.32-0.38%, benchmarks/calibration_check.py)."""
+        from .detector.calibrate import flag_rate_interval
+
+        if self.patched.flag_rate_clean is None or not self.n_clean:
+            return ""
+        flagged = round(self.patched.flag_rate_clean * self.n_clean)
+        low, high = flag_rate_interval(flagged, self.n_clean)
+        return (
+            f"clean inputs flagged: {flagged} of {self.n_clean}, the true rate within {low:.2%}-{high:.2%} "
+            f"(95% interval)\n"
+        )

@@ -243,6 +243,8 @@ def test_report_serialises(tiny: TinyText, sets: dict[str, Dataset], tmp_path: P
     assert "| clean outputs bit-identical | | 100.0% |" in table
     assert "demographic-parity gap" not in table  # not measured: no row
     assert f"| clean accuracy (CACC) | {100 * report.original.clean_accuracy:.1f}% |" in table
+    n = len(sets["clean"].labels)  # nothing flagged: the interval's upper end is what the set size allows
+    assert f"clean inputs flagged: 0 of {n}, the true rate within 0.00%-" in table
 
 
 def test_evaluate_errors_are_one_line(tiny: TinyText, sets: dict[str, Dataset]) -> None:

@@ -12,6 +12,7 @@ from atpatch.detector.calibrate import (
     calibrate,
     calibration_size_needed,
     flag_rate_bound,
+    flag_rate_interval,
 )
 from atpatch.detector.columns import ColumnSet
 from atpatch.detector.fit import fit_one_class, fit_supervised, report
@@ -198,3 +199,12 @@ def test_fit_says_how_many_rules_a_small_calibration_set_lets_flag() -> None:
     some = calibration_note(1000, 0.005, 6, joint=True)
     assert f"allow {allowed} flagged" in some and f"at most {allowed + 1} of the 6 layers and the joint rule" in some
     assert f"at least {calibration_size_needed(0.005, 7)} with --calibration" in some
+
+
+@pytest.mark.parametrize(("flagged", "n"), [(0, 900), (7, 900), (9, 1200), (1, 1), (40, 40)])
+def test_flag_rate_interval_is_clopper_pearsons(flagged: int, n: int) -> None:
+    """Against scipy's beta quantiles (an independent implementation of the same interval)."""
+    beta = pytest.importorskip("scipy.stats").beta
+    low, high = flag_rate_interval(flagged, n)
+    assert low == pytest.approx(0.0 if flagged == 0 else beta.ppf(0.025, flagged, n - flagged + 1), abs=1e-9)
+    assert high == pytest.approx(1.0 if flagged == n else beta.ppf(0.975, flagged + 1, n - flagged), abs=1e-9)

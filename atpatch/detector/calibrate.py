@@ -26,6 +26,7 @@ __all__ = [
     "calibrate",
     "calibration_size_needed",
     "flag_rate_bound",
+    "flag_rate_interval",
     "max_score_per_input",
 ]
 
@@ -56,6 +57,13 @@ def flag_rate_bound(flagged: int, n: int, confidence: float = CONFIDENCE) -> flo
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cdf(mid) > 1 - confidence else (lo, mid)
     return hi
+
+
+def flag_rate_interval(flagged: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of the true flag rate after `flagged` of `n` inputs."""
+    tail = 1 - (1 - confidence) / 2
+    low = 0.0 if flagged == 0 else 1 - flag_rate_bound(n - flagged, n, tail)
+    return low, flag_rate_bound(flagged, n, tail)
 
 
 def allowed_flags(n: int, target_flag_rate: float, confidence: float = CONFIDENCE) -> int:
