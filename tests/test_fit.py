@@ -8,6 +8,7 @@ import pytest
 from atpatch.detector.calibrate import (
     NEVER,
     FlagBudget,
+    allocate,
     allowed_flags,
     calibrate,
     calibration_size_needed,
@@ -142,6 +143,23 @@ def test_thresholds_sit_midway_between_calibration_scores(rng: np.random.Generat
         assert abs(threshold - below.max()) >= abs(gap) / 2 * (1 - 1e-5)
         if rank:
             assert above.min() - threshold >= (above.min() - below.max()) / 2 * (1 - 1e-5)
+
+
+def test_between_layers_that_flag_the_same_culprits_the_widest_margin_wins(rng: np.random.Generator) -> None:
+    """Both layers score every culprit above every clean calibration input (a tie in culprits per
+    clean input spent); the second clears them by far more, as a layer that unseen triggers still
+    clear does: the budget goes to it, not to whichever layer comes first."""
+    n = 600
+    calibration = _columns(rng, n, 8, None)
+    train = _columns(rng, 50, 8, None)
+    train.positive[::8] = True
+    for layer, score in ((0, 4.0), (1, 9.0)):  # clean scores ~ N(1, 0.3): both clear them all
+        train.features[layer][train.positive, 0] = score + rng.normal(0, 0.05, int(train.positive.sum()))
+    layer = _linear_layer(calibration.features[0].shape[1])
+    budget = FlagBudget([layer, layer], calibration, n, train)
+    assert budget.gain([0, -1]) == budget.gain([-1, 0]) == budget.gain([0, 0])  # the tie
+    ranks = allocate(budget, 2, allowed_flags(n, 0.05))
+    assert ranks[0] < 0 <= ranks[1]
 
 
 def _linear_layer(features: int) -> LayerDetector:

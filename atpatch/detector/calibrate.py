@@ -128,6 +128,19 @@ class FlagBudget:
         middle = np.float32(low + (high - low) / 2) if np.isfinite(low) and np.isfinite(high) else low
         return float(middle if low < middle < high else np.nextafter(low, np.float32(np.inf)))
 
+    def margin(self, layer: int, rank: int) -> float:
+        """How far the culprits clear the layer's threshold at `rank`: their 10th-percentile score above
+        it, in standard deviations of the calibration inputs' scores. Between layers that flag the same
+        culprits at the same cost, the wider margin is the one unseen triggers, scattered around the
+        debugging set's, still clear: on a held-out MiniLM case three layers flagged every culprit, and
+        the first of them (margin 13) flagged 99.5% of the victims' triggers, the widest (39) all."""
+        if not len(self.weight):
+            return 0.0
+        clean = self.scores[layer][np.isfinite(self.scores[layer])]
+        spread = float(np.std(clean.astype(np.float64))) if len(clean) else 0.0
+        lowest = float(np.percentile(self.positive[layer].astype(np.float64), 10))
+        return (lowest - self.threshold(layer, rank)) / (spread if spread > 1e-12 else 1.0)
+
     def cost(self, ranks: Sequence[int]) -> int:
         active = [i for i, r in enumerate(ranks) if r >= 0]
         if not active:
@@ -145,12 +158,13 @@ class FlagBudget:
 
 def allocate(budget: FlagBudget, layers: int, allowed: int) -> list[int]:
     """Greedy: each step takes the change of one layer's rank with the most culprits gained per
-    calibration input spent; then what is left goes to the layers already on, one rank at a time
-    (the debugging set's culprits score higher than unseen ones, so lower thresholds still help)."""
+    calibration input spent (on ties, the widest margin: FlagBudget.margin); then what is left goes to
+    the layers already on, one rank at a time (the debugging set's culprits score higher than unseen
+    ones, so lower thresholds still help)."""
     ranks = [-1] * layers
     gain, cost = 0.0, 0
     while True:
-        best: tuple[float, float, list[int], int] | None = None
+        best: tuple[float, float, float, list[int], int] | None = None
         for layer in range(layers):
             for rank in range(ranks[layer] + 1, allowed + 1):
                 trial = [*ranks[:layer], rank, *ranks[layer + 1 :]]
@@ -161,11 +175,13 @@ def allocate(budget: FlagBudget, layers: int, allowed: int) -> list[int]:
                 if g <= 1e-9:
                     continue
                 value = g / (c - cost + 0.1)
-                if best is None or (value, g) > (best[0], best[1]):
-                    best = (value, g, trial, c)
+                if best is None or (value, g) >= (best[0], best[1]):
+                    m = budget.margin(layer, rank)
+                    if best is None or (value, g, m) > best[:3]:
+                        best = (value, g, m, trial, c)
         if best is None:
             break
-        _, g, ranks, cost = best
+        _, g, _, ranks, cost = best
         gain += g
     grew = True
     while grew:
