@@ -86,9 +86,9 @@ def _calibration_check_reads_the_cache(work: Path, out: Path) -> None:
 def test_both_corpora_load_with_both_labels() -> None:
     """The reviews and the convention sentences (`--data conventions`): what the splits draw from."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import text_backdoor
+    import text_splits
 
-    for name, corpus in text_backdoor.corpora().items():
+    for name, corpus in text_splits.corpora().items():
         texts = corpus.load()
         labels = [t.label for t in texts]
         budget = corpus.budget
