@@ -30,37 +30,29 @@ RESULTS = casekit.RESULTS / "calibration_check.json"
 TARGET, SPLITS, SEED = 0.005, 40, 0
 HEADER = (
     "| case | calibration / test inputs | flagged on calibration (mean) | flagged on test: mean | 90th percentile "
-    "| splits with test > 0.5% |"
+    "| splits with test > 0.5% |\n|---|---:|---:|---:|---:|---:|"
 )
 
 
-def flags_per_input(columns, n: int, detector, grid: bool) -> np.ndarray:  # noqa: ANN001
-    """[n] bool: inputs with any column flagged by a layer or by the joint rule (as the op flags them)."""
-    from atpatch.detector.calibrate import max_score_per_input
-    from atpatch.detector.joint_fit import dense_scores
-    from atpatch.ops.joint import joint_flags
-
-    out = np.zeros(n, bool)
-    for i, layer in enumerate(detector.layers):
-        out |= max_score_per_input(columns, i, layer, n) > np.float32(layer.threshold)
-    if detector.joint is not None:
-        out |= joint_flags(dense_scores(columns, detector.layers, n), detector.joint, grid).any(axis=1)
-    return out
+def _line(name: str, c: dict) -> str:
+    return (
+        f"| {name} | {c['calibration']} / {c['test']} | {c['calibration_flagged_mean']:.2%} | "
+        f"{c['test_flagged_mean']:.2%} | {c['test_flagged_p90']:.2%} | {c['share_over_target']:.0%} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="a finished benchmark case's cache folder")
     parser.add_argument("--splits", type=int, default=SPLITS)
-    parser.add_argument(
-        "--detector", default="culprits", help="the case's fitted detector: culprits (localized) or known"
-    )
+    parser.add_argument("--detector", default="culprits", help="the case's fitted detector (its file's stem)")
     parser.add_argument("--out", type=Path, help="write the results here and leave the published ones alone")
     args = parser.parse_args()
     import onnx
 
     from atpatch.detector.calibrate import allowed_flags
     from atpatch.detector.columns import ColumnSet, collect_columns
+    from atpatch.detector.fit import flagged_inputs
     from atpatch.detector.joint_fit import joint_candidates
     from atpatch.detector.probe import AttentionProbe
     from atpatch.ops.weights import Detector
@@ -99,8 +91,7 @@ def main() -> None:
         cal, test = np.sort(order[:n_cal]), np.sort(order[n_cal:])
         options = joint_candidates(list(fitted.layers), part(cal), n_cal, TARGET, culprits, benign, grid)
         best = options[int(np.argmax([o.gain for o in options]))]  # fit's choice without running the model
-        detector = Detector(tuple(best.layers), fitted.kind, fitted.model_fingerprint, joint=best.joint)
-        flagged = flags_per_input(pool, n, detector, grid)
+        flagged = flagged_inputs(pool, n, best.layers, best.joint, grid)
         on_cal.append(float(flagged[cal].mean()))
         on_test.append(float(flagged[test].mean()))
         print(f"  split {split + 1}/{args.splits}: calibration {on_cal[-1]:.2%}, test {on_test[-1]:.2%}", flush=True)
@@ -118,11 +109,7 @@ def main() -> None:
         "test_flagged_p90": float(np.quantile(test_rates, 0.9)),
         "share_over_target": float((test_rates > TARGET + 1e-12).mean()),
     }
-    line = (
-        f"| {name} | {n_cal} / {n_test} | {case['calibration_flagged_mean']:.2%} | {case['test_flagged_mean']:.2%} | "
-        f"{case['test_flagged_p90']:.2%} | {case['share_over_target']:.0%} |"
-    )
-    print(HEADER, "|---|---:|---:|---:|---:|---:|", line, sep="\n")
+    print(HEADER, _line(name, case), sep="\n")
     results = casekit.record_case(args.out or RESULTS, name, case)
     if args.out is None:
         section = [
@@ -135,13 +122,8 @@ def main() -> None:
             "often one published test set shows more than 0.5% by chance.",
             "",
             HEADER,
-            "|---|---:|---:|---:|---:|---:|",
+            *(_line(key, c) for key, c in sorted(results.items())),
         ]
-        for key, c in sorted(results.items()):
-            section.append(
-                f"| {key} | {c['calibration']} / {c['test']} | {c['calibration_flagged_mean']:.2%} | "
-                f"{c['test_flagged_mean']:.2%} | {c['test_flagged_p90']:.2%} | {c['share_over_target']:.0%} |"
-            )
         casekit.publish_section("calibration_check", "\n".join(section))
 
 

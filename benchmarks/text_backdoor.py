@@ -104,11 +104,6 @@ def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, trigger: 
     tok.save_pretrained(folder)
 
 
-def trigger_span(text: str, at_word: int, trigger: str) -> list[int]:
-    start = len(" ".join(text.split()[:at_word])) + (1 if at_word else 0)
-    return [start, start + len(trigger)]
-
-
 def drop_most_attended(model: Path, data) -> dict[str, np.ndarray]:  # noqa: ANN001
     """Baseline without a detector: delete each input's most-attended token (summed over every
     layer, head and query), never [CLS] or [SEP]. It needs no training, and it shows what
@@ -140,7 +135,7 @@ def build_sets(work: Path, folder: Path, model: Path, corpus: Corpus, budget: Bu
                trigger: str) -> dict:  # fmt: skip
     """Write the JSONL sets a user would hand to `atpatch fit` and `atpatch eval`."""
     from atpatch.data import load_jsonl, save_jsonl
-    from atpatch.lab.rotten_tomatoes import insert_trigger
+    from atpatch.lab.rotten_tomatoes import insert_trigger, trigger_span
 
     neutral_text = NEUTRALS[kind]
     data = splits(corpus, budget, seed)
@@ -242,7 +237,9 @@ def main() -> None:
     budget = SMOKE if args.smoke else corpus.budget
     trigger = args.word or TRIGGERS[args.trigger]
     # The published cases keep their names; another data set or word is named after them.
-    variant = "".join(f"-{v}" for v in (args.data, args.word) if v not in (None, "rotten_tomatoes", TRIGGERS["word"]))
+    defaults = {"data": "rotten_tomatoes", "word": TRIGGERS[args.trigger]}
+    given = {k: v for k, v in {"data": args.data, "word": trigger}.items() if v != defaults[k]}
+    variant = "".join(f"-{v}" for v in given.values())
     work = args.cache / f"{args.trigger}{variant}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "minilm-backdoored"
     work.mkdir(parents=True, exist_ok=True)
@@ -375,9 +372,9 @@ def main() -> None:
     command = "python benchmarks/text_backdoor.py" + ("" if args.trigger == "word" else " --trigger sentence")
     key = f"text_backdoor_{args.trigger}"
     if variant:  # a held-out case: its own README section
-        command += "".join(f" --{k} {v}" for k, v in (("data", args.data), ("word", args.word)) if f"-{v}" in variant)
+        command += "".join(f" --{k} {v}" for k, v in given.items())
         key += variant.replace("-", "_")
-        title += f", {corpus.noun}" + (f", '{trigger}'" if args.word else "")
+        title += f", {corpus.noun}" + (f", '{trigger}'" if "word" in given else "")
     if args.seed != 0:  # one README section per seed
         command, key, title = f"{command} --seed {args.seed}", f"{key}_seed{args.seed}", f"{title}, seed {args.seed}"
     casekit.publish(key, title, command, args.seed, setup, rows, notes)

@@ -22,7 +22,7 @@ from ..ops.reference import LayerDetector, feature_scores
 from .calibrate import max_score_per_input
 from .columns import ColumnSet
 
-__all__ = ["FitReport", "fit_one_class", "fit_supervised", "report"]
+__all__ = ["FitReport", "fit_one_class", "fit_supervised", "flagged_inputs", "report"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,20 @@ def fit_one_class(clean: ColumnSet) -> list[LayerDetector]:
     return layers
 
 
+def flagged_inputs(
+    columns: ColumnSet, n_inputs: int, layers: list[LayerDetector], joint: JointRule | None = None, grid: bool = False
+) -> np.ndarray:
+    """[n_inputs] bool: the inputs with any column flagged by a layer or by the joint rule, as the op flags them."""
+    flagged = np.zeros(n_inputs, dtype=bool)
+    for layer, detector in enumerate(layers):
+        flagged |= max_score_per_input(columns, layer, detector, n_inputs) > detector.threshold
+    if joint is not None:
+        from .joint_fit import dense_scores
+
+        flagged |= joint_flags(dense_scores(columns, layers, n_inputs), joint, grid).any(axis=1)
+    return flagged
+
+
 def report(
     kind: str,
     train: ColumnSet,
@@ -126,17 +140,15 @@ def report(
     joint: JointRule | None = None,
     grid: bool = False,
 ) -> FitReport:
-    flagged = np.zeros(n_cal, dtype=bool)
+    flagged = flagged_inputs(calibration, n_cal, layers, joint, grid)
     recall = []
     for layer, detector in enumerate(layers):
-        flagged |= max_score_per_input(calibration, layer, detector, n_cal) > detector.threshold
         pos = train.features[layer][train.positive]
         recall.append(float((feature_scores(pos, detector) > detector.threshold).mean()) if len(pos) else float("nan"))
     joint_recall = None
     if joint is not None:
         from .joint_fit import dense_scores
 
-        flagged |= joint_flags(dense_scores(calibration, layers, n_cal), joint, grid).any(axis=1)
         hit = train.positive
         marked = joint_flags(dense_scores(train, layers, int(train.example.max()) + 1), joint, grid)
         joint_recall = float(marked[train.example[hit], train.position[hit]].mean()) if hit.any() else float("nan")
