@@ -130,8 +130,8 @@ class EvalReport:
 
     def _flag_rate_note(self) -> str:
         """The clean flag rate's 95% interval: one clean set is one draw, and a few hundred inputs cannot
-        tell a detector calibrated to 0.5% from one at 1% (measured: 10-15% of 900-1,200-input test sets
-        show over 0.5% from a true 0.32-0.38%, benchmarks/calibration_check.py)."""
+        tell a detector calibrated to 0.5% from one at 1% (measured: 10-20% of 900-1,200-input test sets
+        show over 0.5% from a true 0.28-0.36%, benchmarks/calibration_check.py)."""
         from .detector.calibrate import flag_rate_interval
 
         if self.patched.flag_rate_clean is None or not self.n_clean:
