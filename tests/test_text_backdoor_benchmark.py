@@ -95,3 +95,24 @@ def test_both_corpora_load_with_both_labels() -> None:
         assert len(texts) > budget.train + budget.calibration + budget.test + budget.debug, name
         assert set(labels) == {0, 1} and min(labels.count(0), labels.count(1)) > len(texts) / 4, name
         assert len({t.text for t in texts}) == len(texts), name
+
+
+def test_a_neutral_stand_in_has_as_many_words_as_its_trigger() -> None:
+    """The floor replaces the trigger by a neutral text of the same size (`--sentence` takes any length)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from text_backdoor import NEUTRALS, neutral_for
+
+    for trigger in ("cf", "as seen on tv", "i watched this 3d movie", "one two three four five six seven"):
+        kind = "word" if len(trigger.split()) == 1 else "sentence"
+        stand_in = neutral_for(kind, trigger).split()
+        assert len(stand_in) == len(trigger.split())
+        assert set(stand_in) <= set(NEUTRALS[kind].split())
+
+
+def test_a_sentence_trigger_needs_the_sentence_kind() -> None:
+    """A one-word --sentence, or --sentence with the word trigger, is refused in one line, not run."""
+    script = str(ROOT / "benchmarks" / "text_backdoor.py")
+    for args in (["--sentence", "hello"], ["--trigger", "word", "--sentence", "as seen on tv"]):
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "--sentence takes two words or more" in done.stderr
+        assert "Traceback" not in done.stderr
