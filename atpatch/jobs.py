@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from .detector import Detector
+from .detector.calibrate import NEVER
 from .errors import AtPatchError
 from .modelio import check_output_path, load_model, save_model
 from .ops import spec
@@ -127,10 +128,14 @@ def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
     if not parts:
         return []
     one = len(parts) == 1
+    # Calibration switches off layers that separate nothing (threshold NEVER): with all of them off,
+    # the joint rule is the whole detector, and the per-layer model flags nothing at all.
+    nothing = detector.joint is not None and all(layer.threshold >= NEVER for layer in detector.layers)
     return [
         f"--per-layer patches each layer's own flags only; the detector's {' and '.join(parts)} "
         f"{'acts' if one else 'act'} only through the cross-layer second pass and {'is' if one else 'are'} left "
         f"out (drop --per-layer to keep {'it' if one else 'them'})"
+        + ("; every layer of this detector is off, so this model flags nothing" if nothing else "")
     ]
 
 

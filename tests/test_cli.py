@@ -158,3 +158,12 @@ def test_per_layer_export_says_what_of_the_detector_it_leaves_out(tmp_path: Path
         assert ("note: --per-layer" in out) == noted, out
         if noted:
             assert "joint rule over layers and spread (1) act only through" in out and "drop --per-layer" in out
+            assert "every layer of this detector is off" not in out  # its layers are on (a threshold of 0)
+    # A detector whose layers calibration switched off flags through the joint rule alone.
+    from atpatch.detector.calibrate import NEVER
+
+    off = replace(detector, layers=tuple(replace(layer, threshold=NEVER) for layer in detector.layers))
+    off.save(tmp_path / "off.safetensors")
+    args = [str(model), "-o", str(tmp_path / "off.onnx"), "--detector", str(tmp_path / "off.safetensors")]
+    assert export_main([*args, "--per-layer"]) == 0
+    assert "every layer of this detector is off, so this model flags nothing" in capsys.readouterr().out
