@@ -19,7 +19,6 @@ each model's distance above them sits in its own metrics (`parity_gap_above_floo
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from .data import Dataset
 from .errors import AtPatchError
 from .eval_report import EvalReport, ModelMetrics
 from .group_gaps import above, group_gaps
+from .progress import Progress
 
 __all__ = [
     "EvalReport", "ModelMetrics", "Run", "check_pair", "evaluate", "oracle_logits", "run_original", "run_patched"
@@ -55,28 +55,6 @@ def _logits(values: np.ndarray, which: str) -> np.ndarray:
     return values
 
 
-class _Progress:
-    """A tqdm bar over batches when asked for and stderr is a terminal; silent otherwise."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
-            except ImportError:  # no tqdm installed: no bar, same results
-                return
-            self.bar = tqdm(total=total, unit="batch", desc="atpatch eval", file=sys.stderr)
-
-    def step(self, what: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(what, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @dataclass
 class Run:
     """One model's pass over a data set (run_original, run_patched)."""
@@ -92,9 +70,9 @@ def _batches(total: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, total))
 
 
-def run_original(session, data: Dataset, which: str, batch_size: int = 64, bar: _Progress | None = None) -> Run:  # noqa: ANN001
+def run_original(session, data: Dataset, which: str, batch_size: int = 64, bar: Progress | None = None) -> Run:  # noqa: ANN001
     """Logits of an onnxruntime `session` (any model: original or patched, without reading flags) on `data`."""
-    bar = bar or _Progress(False, 0)
+    bar = bar or Progress(0, "", enabled=False)
     names = [i.name for i in session.get_inputs()]
     feeds = _model_feeds(names, data, which)
     out_name = session.get_outputs()[0].name
@@ -107,9 +85,9 @@ def run_original(session, data: Dataset, which: str, batch_size: int = 64, bar: 
     return Run(logits, none, none)
 
 
-def run_patched(probe, data: Dataset, which: str, batch_size: int = 64, bar: _Progress | None = None) -> Run:  # noqa: ANN001
+def run_patched(probe, data: Dataset, which: str, batch_size: int = 64, bar: Progress | None = None) -> Run:  # noqa: ANN001
     """Logits of a patched model (through its AttentionProbe) on `data`, and which inputs it flagged."""
-    bar = bar or _Progress(False, 0)
+    bar = bar or Progress(0, "", enabled=False)
     feeds = _model_feeds(probe.input_names, data, which)
     logits, flagged, culprit_hit, keys = [], [], [], 0
     for part, out in probe.iter_batches(feeds, batch_size):
@@ -232,7 +210,7 @@ def evaluate(
     sets: dict[str, Dataset] = {k: v for k, v in given.items() if v is not None and len(v) > 0}
     steps = 2 * sum(-(-len(v) // batch_size) for v in sets.values())
     steps += -(-len(masked) // batch_size) if masked is not None else 0
-    bar = _Progress(progress, steps)
+    bar = Progress(steps, "atpatch eval", enabled=progress)
     session = create_session(original)
     probe = AttentionProbe(patched)
     runs: dict[str, dict[str, Run]] = {}

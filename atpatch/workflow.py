@@ -234,14 +234,14 @@ def run_fit(
     if len(calibration) < 2 or len(clean) < 1:
         raise AtPatchError("too few clean inputs to fit and calibrate; give at least a few hundred")
     probe = AttentionProbe(model)
-    clean_columns = collect_columns(probe, clean.feeds)
-    calibration_columns = collect_columns(probe, calibration.feeds)
+    clean_columns = collect_columns(probe, clean.feeds, desc="fit: clean inputs")
+    calibration_columns = collect_columns(probe, calibration.feeds, desc="fit: calibration inputs")
     bad, bad_columns = None, None
     if misbehaving is None:
         kind, trained, train = "one-class", fit_one_class(clean_columns), clean_columns
     else:
         bad, _ = _localized(model, misbehaving, budget)
-        bad_columns = collect_columns(probe, bad.feeds, bad.culprits)
+        bad_columns = collect_columns(probe, bad.feeds, bad.culprits, desc="fit: misbehaving inputs")
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
         if not train.positive.any():
             raise AtPatchError(

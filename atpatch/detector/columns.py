@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ops.reference import attended_columns, column_features
+from ..progress import Progress
 from .probe import AttentionProbe
 
 __all__ = ["ColumnSet", "collect_columns"]
@@ -37,24 +38,29 @@ def collect_columns(
     feeds: dict[str, np.ndarray],
     culprits: Sequence[Sequence[int] | None] | None = None,
     batch_size: int = 64,
+    desc: str = "",
 ) -> ColumnSet:
-    """Features of every unmasked key column of every input, batch by batch (maps are not kept)."""
+    """Features of every unmasked key column of every input, batch by batch (maps are not kept);
+    `desc` labels a progress bar (progress.py)."""
     per_layer: list[list[np.ndarray]] = [[] for _ in range(probe.num_layers)]
     example, positive, position = [], [], []
-    for part, out in probe.iter_batches(feeds, batch_size):
-        valid = attended_columns(out.before[0])  # [B, K]: a column some real query attends to
-        for layer, m in enumerate(out.before):
-            per_layer[layer].append(column_features(m)[valid])
-        rows, cols = np.nonzero(valid)
-        example.append(rows + part.start)
-        position.append(cols)
-        flags = np.zeros(valid.shape, dtype=bool)
-        for r in range(valid.shape[0]):
-            given = culprits[part.start + r] if culprits is not None else None
-            for p in given or ():
-                if p < valid.shape[1]:
-                    flags[r, p] = True
-        positive.append(flags[rows, cols])
+    total = len(next(iter(feeds.values())))
+    with Progress(total, desc, unit="input", enabled=bool(desc)) as bar:
+        for part, out in probe.iter_batches(feeds, batch_size):
+            valid = attended_columns(out.before[0])  # [B, K]: a column some real query attends to
+            for layer, m in enumerate(out.before):
+                per_layer[layer].append(column_features(m)[valid])
+            rows, cols = np.nonzero(valid)
+            example.append(rows + part.start)
+            position.append(cols)
+            flags = np.zeros(valid.shape, dtype=bool)
+            for r in range(valid.shape[0]):
+                given = culprits[part.start + r] if culprits is not None else None
+                for p in given or ():
+                    if p < valid.shape[1]:
+                        flags[r, p] = True
+            positive.append(flags[rows, cols])
+            bar.step(n=part.stop - part.start)
     return ColumnSet(
         [np.concatenate(f) for f in per_layer],
         np.concatenate(example),

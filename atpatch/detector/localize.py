@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ..ops.reference import column_features
+from ..progress import Progress
 from .probe import AttentionProbe
 
 __all__ = ["Localization", "localize"]
@@ -135,39 +136,50 @@ def localize(
     budget: int = 64,
     max_guided: int = 6,
     probe: AttentionProbe | None = None,
+    progress: bool = True,
 ) -> list[Localization]:
-    """Localize the culprits of each input in `feeds` (batch first) against its `expected` label."""
+    """Localize the culprits of each input in `feeds` (batch first) against its `expected` label
+    (`progress`: a bar on a terminal's stderr, progress.py)."""
     probe = probe or AttentionProbe(model)
-    results = []
-    for i in range(len(expected)):
-        one = {k: v[i : i + 1] for k, v in feeds.items()}
-        run = probe.run(one)
-        length = run.before[0].shape[-1]
-        tester = _Tester(probe, one, int(expected[i]), budget)
-        if tester.is_image:
-            tester.grid = int(round(np.sqrt(length - 1)))
-        evidence: dict[str, object] = {"predicted": int(np.argmax(run.outputs[0][0]))}
-        if evidence["predicted"] == int(expected[i]):
-            results.append(Localization(i, [], True, 0, "already-correct", evidence))
-            continue
-        anomaly = _anomaly(run.before)
-        candidates = sorted(_removable(one, tokens[i] if tokens else None, length), key=lambda p: -anomaly[p])
-        positions, method, restored = [], "budget-exhausted", False
-        try:
-            for k in range(1, min(max_guided, len(candidates)) + 1):
-                if tester.restores(candidates[:k]):
-                    positions, method, restored = _ddmin(candidates[:k], tester.restores), "guided", True
-                    break
-            else:
-                if candidates and tester.restores(candidates):
-                    positions, method, restored = _ddmin(candidates, tester.restores), "ddmin", True
-                else:
-                    method = "not-restorable"
-        except _BudgetExhausted:
-            pass
-        evidence["attention_anomaly"] = {int(p): round(float(anomaly[p]), 4) for p in positions}
-        if restored:
-            after = tester.probs[tuple(sorted(positions))]
-            evidence["expected_probability_after_removal"] = round(float(after[int(expected[i])]), 4)
-        results.append(Localization(i, sorted(positions), restored, tester.calls, method, evidence))
+    results, found = [], 0
+    with Progress(len(expected), "localize", unit="input", enabled=progress) as bar:
+        for i in range(len(expected)):
+            one = {k: v[i : i + 1] for k, v in feeds.items()}
+            result = _localize_one(probe, one, i, int(expected[i]), tokens[i] if tokens else None, budget, max_guided)
+            results.append(result)
+            found += result.restored and result.method != "already-correct"
+            bar.step(f"culprits found for {found}")
     return results
+
+
+def _localize_one(probe: AttentionProbe, one: dict[str, np.ndarray], i: int, expected: int,
+                  tokens: list[str] | None, budget: int, max_guided: int) -> Localization:  # fmt: skip
+    """Input `i` (`one`, a batch of 1): the smallest set of positions whose removal restores `expected`."""
+    run = probe.run(one)
+    length = run.before[0].shape[-1]
+    tester = _Tester(probe, one, expected, budget)
+    if tester.is_image:
+        tester.grid = int(round(np.sqrt(length - 1)))
+    evidence: dict[str, object] = {"predicted": int(np.argmax(run.outputs[0][0]))}
+    if evidence["predicted"] == expected:
+        return Localization(i, [], True, 0, "already-correct", evidence)
+    anomaly = _anomaly(run.before)
+    candidates = sorted(_removable(one, tokens, length), key=lambda p: -anomaly[p])
+    positions, method, restored = [], "budget-exhausted", False
+    try:
+        for k in range(1, min(max_guided, len(candidates)) + 1):
+            if tester.restores(candidates[:k]):
+                positions, method, restored = _ddmin(candidates[:k], tester.restores), "guided", True
+                break
+        else:
+            if candidates and tester.restores(candidates):
+                positions, method, restored = _ddmin(candidates, tester.restores), "ddmin", True
+            else:
+                method = "not-restorable"
+    except _BudgetExhausted:
+        pass
+    evidence["attention_anomaly"] = {int(p): round(float(anomaly[p]), 4) for p in positions}
+    if restored:
+        after = tester.probs[tuple(sorted(positions))]
+        evidence["expected_probability_after_removal"] = round(float(after[expected]), 4)
+    return Localization(i, sorted(positions), restored, tester.calls, method, evidence)
