@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import AtPatchError
 
-__all__ = ["Dataset", "label_names_of", "load_groups", "load_jsonl", "load_npz", "save_jsonl"]
+__all__ = ["Dataset", "label_names_of", "load_groups", "load_jsonl", "load_npz", "save_jsonl", "word_pieces_of"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,14 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
             f"save a fast one (tokenizer.json) with PreTrainedTokenizerFast.save_pretrained"
         )
     return tokenizer
+
+
+def word_pieces_of(model_dir: str | Path) -> np.ndarray | None:
+    """The tokenizer's table of word-continuing token ids (ops/words.py), or None when it has none."""
+    from .ops.words import continuation_table
+
+    tokenizer = _tokenizer(Path(model_dir))
+    return continuation_table(tokenizer.get_vocab(), set(tokenizer.all_special_ids))
 
 
 def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:

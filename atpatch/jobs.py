@@ -192,7 +192,10 @@ def run_export(options: ExportOptions) -> ExportReport:
     if options.optimize:
         model, fusion = fuse_for_ort(model, family)
         if options.cross_layer:
-            add_cross_layer(model, detector.spread if detector else 0, detector.joint if detector else None)
+            if detector is None:
+                add_cross_layer(model)
+            else:
+                add_cross_layer(model, detector.spread, detector.joint, detector.word_pieces)
     if output is not None:
         save_model(model, output, base_dir=base_dir, check=options.patch)
     triton = None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .culprits import protected_culprits, read_culprits, write_culprits
-from .data import Dataset, load_jsonl, load_npz
+from .data import Dataset, load_jsonl, load_npz, word_pieces_of
 from .detector import Detector
 from .errors import AtPatchError
 from .modelio import atomic_output, check_output_path, load_model, model_fingerprint
@@ -254,12 +254,14 @@ def run_fit(
     # The fairness sweep (tradeoff.py) keys, records and switches off its candidates by their layer
     # thresholds, so it gets per-layer thresholds only: no clean columns for the joint rule's weights.
     benign = clean_columns if joint and fair is None else None
+    # Text: a flagged word piece is patched with its whole word (ops/words.py).
+    words = None if clean.tokens is None else word_pieces_of(model_dir)
 
     def calibrated(rate: float, by_fixes: bool = False) -> Detector:
         """Thresholds at a clean flag budget, with the joint rule over layers where it flags more culprits;
         `by_fixes`: the candidate whose patched model fixes the most misbehaving inputs (the first on ties)."""
         options = joint_candidates(trained, calibration_columns, len(calibration), rate, bad_columns, benign, grid)
-        tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint) for c in options]
+        tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint, word_pieces=words) for c in options]
         if by_fixes and bad is not None and len(tried) > 1:
             return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]
         return tried[int(np.argmax([c.gain for c in options]))]
@@ -304,6 +306,8 @@ def run_fit(
                 "columns, besides what the layers flag\n"
             )
         detector, fixed, wrong, note = _choose_spread(model, detector, bad)
+        if detector.word_pieces is not None:
+            note += "whole words: a flagged word piece is patched with every piece of its word\n"
         text += (
             note + f"misbehaving inputs fixed by the patched model: {fixed} of {wrong} ({fixed / max(wrong, 1):.1%})\n"
         )

@@ -25,6 +25,7 @@ from ..ops.reference import LayerDetector
 from ..ops.weights import Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
 from ..rewrite.crosslayer import JOINT, ROWS, UNION, inline_second_pass, second_pass_prefix
+from ..rewrite.positions import WORD_PIECES
 
 __all__ = ["AttentionProbe", "ProbeOutput", "patch_nodes", "read_detector"]
 
@@ -75,6 +76,7 @@ def read_detector(model: onnx.ModelProto) -> Detector:
         kind=meta.get("atpatch.detector", "fitted"),
         spread=int(meta.get("atpatch.spread", 0)),
         joint=None if joint is None else JointRule(tuple(joint["weights"]), joint["threshold"], joint["window"]),
+        word_pieces=weights.get(WORD_PIECES),
     )
 
 

@@ -4,15 +4,15 @@ They are the AtPatch op's parameters, so they live with the op: the rewrite (whi
 into the graph) and the detector package (which fits them) both use them without importing
 each other.
 
-The file is safetensors (tensors `layer{i}.w1|b1|w2|b2`) with the JSON description in
-its metadata header: no pickle, readable from any language.
+The file is safetensors (tensors `layer{i}.w1|b1|w2|b2`, and `words.continues` for whole words)
+with the JSON description in its metadata header: no pickle, readable from any language.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = ["Detector", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _PARAMS = ("w1", "b1", "w2", "b2")
+_WORD_PIECES = "words.continues"  # the word_pieces table, uint8
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Detector:
     spread: int = 0
     # One score over all layers (ops/joint.py), flagging besides each layer's own threshold; None: off.
     joint: JointRule | None = None
+    # bool [vocab]: token ids that continue a word (ops/words.py); cross-layer patching then widens
+    # flags to whole words. None: off (images, tokenizers without WordPiece's "##" pieces).
+    word_pieces: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -57,6 +61,9 @@ class Detector:
                 )
         if self.joint is not None and len(self.joint.weights) != len(self.layers):
             raise ValueError(f"the joint rule has {len(self.joint.weights)} weights for {len(self.layers)} layers")
+        if self.word_pieces is not None and (np.ndim(self.word_pieces) != 1 or np.size(self.word_pieces) == 0):
+            shape = np.shape(self.word_pieces)
+            raise ValueError(f"word_pieces must be a 1-D table over the vocabulary, got shape {shape}")
         if not isinstance(self.spread, int) or self.spread < 0:
             raise ValueError(f"spread must be a whole number of positions >= 0, got {self.spread!r}")
         if self.feature_version != spec.FEATURE_VERSION:
@@ -99,6 +106,7 @@ class Detector:
             "thresholds": [float(layer.threshold) for layer in self.layers],
             "model_fingerprint": self.model_fingerprint,
             "spread": self.spread,
+            "whole_words": self.word_pieces is not None,
             "joint": None
             if self.joint is None
             else {
@@ -116,6 +124,8 @@ class Detector:
             for i, layer in enumerate(self.layers)
             for p in _PARAMS
         }
+        if self.word_pieces is not None:
+            tensors[_WORD_PIECES] = np.asarray(self.word_pieces, dtype=np.uint8)
         save_file(tensors, str(path), metadata={"atpatch_detector": json.dumps(self.describe())})
 
     @classmethod
@@ -153,6 +163,7 @@ class Detector:
                 model_fingerprint=meta.get("model_fingerprint"),
                 feature_version=int(meta["feature_version"]),
                 spread=int(meta.get("spread", 0)),
+                word_pieces=tensors[_WORD_PIECES].astype(np.bool_) if _WORD_PIECES in tensors else None,
                 joint=None
                 if joint is None
                 else JointRule(

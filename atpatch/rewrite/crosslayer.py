@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ops import spec
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
-from .positions import is_patch_grid, joint_flags
+from .positions import WORD_PIECES, is_patch_grid, joint_flags, whole_words, word_ids
 from .positions import spread as widen
 from .shape_only import shape_only_producers, small_initializers
 from .weight_aliases import weight_aliases
@@ -220,6 +220,7 @@ def add_second_pass(
     spread: int = 0,
     grid: bool = False,
     joint: JointRule | None = None,
+    words: np.ndarray | None = None,
 ) -> None:
     """Add the union of flags, pass 2 inside an `If`, and the per-input choice of outputs (module docstring).
 
@@ -227,7 +228,8 @@ def add_second_pass(
     scores). `joint` adds the positions one score over all layers flags (ops/joint.py) to the union.
     `spread` > 0 widens what pass 2 patches by that many positions around each flagged one (along
     the sequence, or on the patch grid with `grid`): a trigger spanning several positions is often
-    flagged at one of them only.
+    flagged at one of them only. `words` (ops/words.py's table) widens it to whole words, where the
+    graph has token ids (positions.word_ids).
     """
     b = NodeBuilder(opset, "atpatch/crosslayer/")
     # An encoder has nothing forced: every flag is new, and neither `forced` nor its Not is needed.
@@ -248,6 +250,11 @@ def add_second_pass(
     any_new = b.any(ROWS, [0])
     if spread > 0:
         union = widen(b, union, spread, grid)
+    ids = None if words is None else word_ids(graph, opset, decoder)
+    if ids is not None:
+        assert words is not None
+        graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.bool_), WORD_PIECES))
+        union = whole_words(b, union, ids)
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 
     # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map. Also the
@@ -342,7 +349,9 @@ def add_second_pass(
         graph.output.append(helper.make_tensor_value_info(PRESENT_FLAGS, TensorProto.BOOL, ["batch", "total_sequence"]))
 
 
-def add_cross_layer(model: onnx.ModelProto, spread: int = 0, joint: JointRule | None = None) -> None:
+def add_cross_layer(
+    model: onnx.ModelProto, spread: int = 0, joint: JointRule | None = None, words: np.ndarray | None = None
+) -> None:
     """Give a per-layer patched `model` (patch_model(..., cross_layer=False)) its second pass, in place.
 
     Separate from patching so that graph passes that cannot see into an `If` (onnxruntime's
@@ -352,12 +361,13 @@ def add_cross_layer(model: onnx.ModelProto, spread: int = 0, joint: JointRule | 
     nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     if any(n.op_type == "If" and n.name == SECOND_PASS for n in graph.node):
         raise ValueError("the model already has cross-layer patching")
-    if len(nodes) < 2 and not spread and joint is None:  # a second pass would redo the first
+    if len(nodes) < 2 and not spread and joint is None and words is None:  # a second pass would redo the first
         return
     opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {value.name for value in graph.input}
     decoder, grid = PAST_FLAGS in inputs, is_patch_grid(inputs)
-    add_second_pass(graph, nodes, nodes[0].input[len(spec.INPUTS) - 1], decoder, opset, spread, grid, joint)
+    forced = nodes[0].input[len(spec.INPUTS) - 1]
+    add_second_pass(graph, nodes, forced, decoder, opset, spread, grid, joint, words)
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":
             prop.value = "1"

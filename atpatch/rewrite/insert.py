@@ -282,5 +282,5 @@ def patch_model(
     for key, value in meta.items():
         patched.metadata_props.add(key=key, value=value)
     if cross_layer:
-        add_cross_layer(patched, detector.spread, detector.joint)
+        add_cross_layer(patched, detector.spread, detector.joint, detector.word_pieces)
     return patched, sites

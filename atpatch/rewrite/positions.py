@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
 
-__all__ = ["is_patch_grid", "joint_flags", "spread"]
+__all__ = ["WORD_PIECES", "is_patch_grid", "joint_flags", "spread", "whole_words", "word_ids"]
+
+WORD_PIECES = "atpatch/word_pieces"  # initializer: bool [vocab], ops/words.py's continuation table
+_WORDS_OPSET = 16  # ScatterElements with reduction="add"
 
 _END = np.iinfo(np.int64).max
 
@@ -98,3 +102,21 @@ def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) 
     position = b.op("Range", b.const(0, np.int64), keys, b.const(1, np.int64))
     counted = b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
     return b.op("Greater", counted, b.const(np.float32(rule.threshold)))
+
+
+def word_ids(graph: onnx.GraphProto, opset: int, decoder: bool) -> str | None:
+    """The input whose token ids name the key positions, where whole words can be taken: an encoder's
+    `input_ids` (a decoder's keys include its cache), at opset 16 or later; else None."""
+    names = {value.name for value in graph.input}
+    return "input_ids" if "input_ids" in names and not decoder and opset >= _WORDS_OPSET else None
+
+
+def whole_words(b: NodeBuilder, flags: str, ids: str) -> str:
+    """ops/words.py's whole_words: `flags` [B, K] widened so that a flagged piece flags its word, from
+    the token ids `ids` [B, K] and the WORD_PIECES table (the caller adds it to the graph)."""
+    starts = b.op("Cast", b.op("Not", b.op("Gather", WORD_PIECES, ids)), to=TensorProto.INT64)
+    one = b.const(1, np.int64)
+    word = b.op("Max", b.op("Sub", b.op("CumSum", starts, one), one), b.const(0, np.int64))  # [B, K] word index
+    x = b.to_float(flags)
+    per_word = b.op("ScatterElements", b.op("Mul", x, b.const(0.0)), word, x, axis=1, reduction="add")
+    return b.op("Greater", b.op("GatherElements", per_word, word, axis=1), b.const(0.0))
