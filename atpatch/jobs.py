@@ -15,6 +15,7 @@ from .ops import spec
 from .rewrite import AttentionSite, patch_model
 from .rewrite.crosslayer import add_cross_layer
 from .rewrite.optimize import FusionReport, fuse_for_ort
+from .rewrite.positions import WORD_PIECES
 from .serving.genai import is_genai_folder, patch_genai_folder
 from .serving.triton import TritonRepository, check_target, kernel_library, model_name_for, write_repository
 
@@ -124,6 +125,7 @@ def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
     parts = [
         *(["joint rule over layers"] if detector.joint is not None else []),
         *([f"spread ({detector.spread})"] if detector.spread else []),
+        *(["whole words"] if detector.word_pieces is not None else []),
     ]
     if not parts:
         return []
@@ -136,6 +138,18 @@ def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
         f"{'acts' if one else 'act'} only through the cross-layer second pass and {'is' if one else 'are'} left "
         f"out (drop --per-layer to keep {'it' if one else 'them'})"
         + ("; every layer of this detector is off, so this model flags nothing" if nothing else "")
+    ]
+
+
+def _words_left_out(options: ExportOptions, detector: Detector | None, model: onnx.ModelProto) -> list[str]:
+    """Whole words need token ids that name the key positions (rewrite/positions.py, word_ids)."""
+    if not options.cross_layer or detector is None or detector.word_pieces is None:
+        return []
+    if any(t.name == WORD_PIECES for t in model.graph.initializer):
+        return []
+    return [
+        "the detector patches whole words, which needs an encoder's input_ids at ai.onnx opset 16 or later; "
+        "this model has none, so a flagged word piece is patched alone"
     ]
 
 
@@ -211,5 +225,5 @@ def run_export(options: ExportOptions) -> ExportReport:
             base_dir=base_dir,
             check=options.patch,
         )
-    notes = _dropped(options, detector)
+    notes = _dropped(options, detector) + _words_left_out(options, detector, model)
     return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion, notes)

@@ -104,3 +104,20 @@ def test_the_patched_model_patches_whole_words(tmp_path: Path, rng: np.random.Ge
     np.testing.assert_array_equal(Detector.load(path).word_pieces, table)
     assert Detector.load(path).describe()["whole_words"] is True
     assert onnx.checker.check_model(patched) is None
+
+
+def test_export_says_when_the_model_cannot_take_whole_words(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A model without token ids (here q, k, v inputs) cannot widen to words: the export says so."""
+    import graphs
+
+    from atpatch.cli import export_main
+
+    model = graphs.attention_and_classifier()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    heads = patch_model(model)[1][0].heads
+    detector = replace(Detector.pass_through([heads]), word_pieces=np.ones(10, bool))
+    detector.save(tmp_path / "d.safetensors")
+    args = [str(path), "-o", str(tmp_path / "out.onnx"), "--detector", str(tmp_path / "d.safetensors")]
+    assert export_main(args) == 0
+    assert "a flagged word piece is patched alone" in capsys.readouterr().out
