@@ -68,7 +68,7 @@ class ExplainReport:
 
 def unpatched(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a patched model with its AtPatch nodes bypassed: the original computation."""
-    from .rewrite.crosslayer import unpatch_model
+    from .rewrite.unpatch import unpatch_model
 
     return unpatch_model(model)
 

@@ -24,8 +24,9 @@ from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
 from ..ops.weights import Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
-from ..rewrite.crosslayer import JOINT, ROWS, UNION, inline_second_pass, second_pass_prefix
+from ..rewrite.crosslayer import JOINT, ROWS, UNION, second_pass_prefix
 from ..rewrite.positions import WORD_PIECES
+from ..rewrite.unpatch import inline_second_pass
 
 __all__ = ["AttentionProbe", "ProbeOutput", "patch_nodes", "read_detector"]
 

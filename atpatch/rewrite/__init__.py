@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .crosslayer import unpatch_model
 from .decompose import Decomposed, decompose_fused_attention
 from .find import AttentionSite, find_attention_sites
 from .insert import patch_model
+from .unpatch import unpatch_model
 
 __all__ = [
     "AttentionSite",

@@ -23,8 +23,6 @@ positions to later generation steps as a state beside the KV cache (`past_atpatc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -32,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ops import spec
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
+from .graph_walk import rename_inputs, rename_outputs_inside, subgraphs, uses
 from .positions import WORD_PIECES, is_patch_grid, joint_flags, whole_words, word_ids
 from .positions import spread as widen
 from .shape_only import shape_only_producers, small_initializers
@@ -43,14 +42,14 @@ __all__ = [
     "PAST_FLAGS",
     "PRESENT_FLAGS",
     "JOINT",
+    "PASS1",
+    "PASS2",
     "ROWS",
     "SECOND_PASS",
     "UNION",
     "add_second_pass",
-    "inline_second_pass",
     "pass1_forced",
     "second_pass_prefix",
-    "unpatch_model",
 ]
 
 SECOND_PASS = "atpatch/second_pass"  # the If node
@@ -60,69 +59,14 @@ JOINT = "atpatch/joint_flags"  # bool [B, K]: what the joint rule over layers fl
 PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
 PRESENT_FLAGS = "present_atpatch_flags"  # decoder state out: bool [B, past + new]
 FORCED_INPUT = "atpatch_forced"  # optional graph input: bool [B, K], positions to patch in every layer
-_PASS2 = "atpatch/pass2/"
-_PASS1 = "atpatch/pass1/"
+PASS2 = "atpatch/pass2/"
+PASS1 = "atpatch/pass1/"
 _NOTHING = "atpatch/nothing_forced"
 
 
 def second_pass_prefix() -> str:
     """What pass 2's copies of tensor and node names start with."""
-    return _PASS2
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            out.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            out.extend(attr.graphs)
-    return out
-
-
-def _uses(node: onnx.NodeProto) -> set[str]:
-    """Every outer tensor `node` reads: its inputs, and what its subgraphs take from outside."""
-    names = {n for n in node.input if n}
-    for graph in _subgraphs(node):
-        inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-        for sub in graph.node:
-            names |= _uses(sub) - inner
-            inner |= set(sub.output)
-    return names
-
-
-def _rename_inputs(nodes: Iterable[onnx.NodeProto], names: dict[str, str]) -> None:
-    """Rename what `nodes` (and their subgraphs, recursively) read, by `names`."""
-    for node in nodes:
-        for k, name in enumerate(node.input):
-            if name in names:
-                node.input[k] = names[name]
-        for graph in _subgraphs(node):
-            _rename_inputs(graph.node, names)
-            for out in graph.output:
-                if out.name in names:
-                    out.name = names[out.name]
-
-
-def _rename_outputs_inside(graph: onnx.GraphProto, prefix: str) -> dict[str, str]:
-    """Prefix every name a (copied) subgraph defines, so the copy's names stay unique; returns the map."""
-    names: dict[str, str] = {}
-    for value in graph.input:
-        names[value.name] = prefix + value.name
-        value.name = names[value.name]
-    for node in graph.node:
-        for k, out in enumerate(node.output):
-            if out:
-                names[out] = prefix + out
-                node.output[k] = names[out]
-        if node.name:
-            node.name = prefix + node.name
-        for sub in _subgraphs(node):
-            names.update(_rename_outputs_inside(sub, prefix))
-    _rename_inputs(graph.node, names)
-    for out in graph.output:
-        out.name = names.get(out.name, out.name)
-    return names
+    return PASS2
 
 
 def pass1_forced(
@@ -188,7 +132,7 @@ def _with_shape_inputs(
     extra: dict[int, onnx.NodeProto] = {}
     held: dict[bytes, onnx.NodeProto] = {}
     aliases: dict[str, str] = {}
-    pending = [name for node in copied for name in _uses(node) - tainted - {forced}]  # pass 2 forces UNION
+    pending = [name for node in copied for name in uses(node) - tainted - {forced}]  # pass 2 forces UNION
     while pending:
         name = pending.pop()
         node = producers.get(name)
@@ -266,7 +210,7 @@ def add_second_pass(
     copied: list[onnx.NodeProto] = []
     for node in graph.node:
         is_patch = node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
-        if is_patch or _uses(node) & tainted:
+        if is_patch or uses(node) & tainted:
             copied.append(node)
             tainted.update(o for o in node.output if o)
         elif taps & set(node.output):
@@ -278,35 +222,35 @@ def add_second_pass(
         return
 
     # The affected graph outputs become the If's: pass 1 produces them under new names.
-    rename1 = {o.name: _PASS1 + o.name for o in outputs}
+    rename1 = {o.name: PASS1 + o.name for o in outputs}
     for node in graph.node:
         for k, out in enumerate(node.output):
             if out in rename1:
                 node.output[k] = rename1[out]
-    _rename_inputs(graph.node, rename1)
+    rename_inputs(graph.node, rename1)
     for value in graph.value_info:
         value.name = rename1.get(value.name, value.name)
 
-    branch = NodeBuilder(opset, _PASS2 + "select/")
+    branch = NodeBuilder(opset, PASS2 + "select/")
     rename2: dict[str, str] = {}
     body: list[onnx.NodeProto] = []
     for node in copied:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.name = _PASS2 + (node.name or node.output[0])
+        copy.name = PASS2 + (node.name or node.output[0])
         for k, out in enumerate(copy.output):
             if out:
-                rename2[out] = _PASS2 + out
+                rename2[out] = PASS2 + out
                 copy.output[k] = rename2[out]
-        for sub in _subgraphs(copy):
-            _rename_outputs_inside(sub, _PASS2)
+        for sub in subgraphs(copy):
+            rename_outputs_inside(sub, PASS2)
         if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
             copy.input[len(spec.INPUTS) - 1] = UNION
         body.append(copy)
     rename2.update({name: rename2[held] for name, held in constants.items()})
     # Weights by their own names, not through pass 1's Identity aliases (weight_aliases.py).
     rename2.update({alias: weight for alias, weight in weight_aliases(graph).items() if alias not in rename2})
-    _rename_inputs(body, rename2)
+    rename_inputs(body, rename2)
 
     batch_dims = _batch_dims(graph)
     then_out, else_out, else_nodes = [], [], []
@@ -371,71 +315,3 @@ def add_cross_layer(
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":
             prop.value = "1"
-
-
-def inline_second_pass(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose pass 2 always runs in the main graph, so that its maps can be read (probe, explain).
-
-    Its outputs equal the patched model's: inputs with no new flag still take pass 1's.
-    """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    nodes = list(graph.node)
-    index = next((i for i, n in enumerate(nodes) if n.op_type == "If" and n.name == SECOND_PASS), None)
-    if index is None:
-        return copy
-    node = nodes[index]
-    then_branch = next(a.g for a in node.attribute if a.name == "then_branch")
-    tail = [
-        helper.make_node("Identity", [inner.name], [outer], name=f"{_PASS2}out/{outer}")
-        for inner, outer in zip(then_branch.output, node.output, strict=True)
-    ]
-    del graph.node[:]
-    graph.node.extend([*nodes[:index], *then_branch.node, *tail, *nodes[index + 1 :]])
-    return copy
-
-
-def unpatch_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a patched model computing what the original did: AtPatch bypassed, no second pass,
-    and the inputs and outputs patching added (flag state, forced positions) gone."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    nodes = []
-    bypass: dict[str, str] = {}
-    for node in graph.node:
-        if node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE:
-            bypass[node.output[0]] = node.input[0]
-        elif node.op_type == "If" and node.name == SECOND_PASS:
-            else_branch = next(a.g for a in node.attribute if a.name == "else_branch")
-            kept = {n.output[0]: n.input[0] for n in else_branch.node}  # Identity(pass 1's output)
-            # Pass 1's outputs get their names back.
-            bypass.update(
-                {kept[inner.name]: outer for inner, outer in zip(else_branch.output, node.output, strict=True)}
-            )
-        else:
-            nodes.append(node)
-    for node in nodes:
-        for k, out in enumerate(node.output):
-            if out.startswith(_PASS1) and out in bypass:
-                node.output[k] = bypass[out]
-    _rename_inputs(nodes, bypass)
-    outputs = [o for o in graph.output if o.name != PRESENT_FLAGS]
-    needed = {o.name for o in outputs}
-    live = []
-    for node in reversed(nodes):  # dead-code elimination, from the outputs back
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed |= _uses(node)
-    del graph.node[:]
-    graph.node.extend(reversed(live))
-    del graph.output[:]
-    graph.output.extend(outputs)
-    inputs = [i for i in graph.input if i.name in needed or i.name not in (PAST_FLAGS, FORCED_INPUT)]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    return copy
