@@ -55,8 +55,8 @@ def test_a_real_wordpiece_tokenizer_gives_its_table() -> None:
 
 def test_the_graph_widens_as_numpy_does(rng: np.random.Generator) -> None:
     b = NodeBuilder(17)
-    out = whole_words_graph(b, "flags", "ids")
     vocab = 50
+    out = whole_words_graph(b, "flags", "ids", vocab)
     table = rng.random(vocab) < 0.4
     graph = helper.make_graph(
         b.nodes,
@@ -75,6 +75,10 @@ def test_the_graph_widens_as_numpy_does(rng: np.random.Generator) -> None:
         flags = rng.random((3, 17)) < 0.15
         (got,) = session.run(None, {"flags": flags, "ids": ids})
         np.testing.assert_array_equal(got, whole_words(flags, ids, table))
+    # An id past the table (an embedding larger than the tokenizer's vocabulary) reads its last entry.
+    ids[0, 5] = vocab + 7
+    (got,) = session.run(None, {"flags": flags, "ids": ids})
+    np.testing.assert_array_equal(got, whole_words(flags, np.minimum(ids, vocab - 1), table))
 
 
 def test_the_patched_model_patches_whole_words(tmp_path: Path, rng: np.random.Generator) -> None:

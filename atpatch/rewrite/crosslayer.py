@@ -198,7 +198,7 @@ def add_second_pass(
     if ids is not None:
         assert words is not None
         graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.bool_), WORD_PIECES))
-        union = whole_words(b, union, ids)
+        union = whole_words(b, union, ids, len(words))
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 
     # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map. Also the

@@ -111,10 +111,13 @@ def word_ids(graph: onnx.GraphProto, opset: int, decoder: bool) -> str | None:
     return "input_ids" if "input_ids" in names and not decoder and opset >= _WORDS_OPSET else None
 
 
-def whole_words(b: NodeBuilder, flags: str, ids: str) -> str:
+def whole_words(b: NodeBuilder, flags: str, ids: str, vocab: int) -> str:
     """ops/words.py's whole_words: `flags` [B, K] widened so that a flagged piece flags its word, from
-    the token ids `ids` [B, K] and the WORD_PIECES table (the caller adds it to the graph)."""
-    starts = b.op("Cast", b.op("Not", b.op("Gather", WORD_PIECES, ids)), to=TensorProto.INT64)
+    the token ids `ids` [B, K] and the WORD_PIECES table of `vocab` entries (the caller adds it to the
+    graph). Ids past the table (a model's embedding may be larger than its tokenizer's vocabulary)
+    read its last entry rather than fail the run."""
+    known = b.op("Min", ids, b.const(vocab - 1, np.int64))
+    starts = b.op("Cast", b.op("Not", b.op("Gather", WORD_PIECES, known)), to=TensorProto.INT64)
     one = b.const(1, np.int64)
     word = b.op("Max", b.op("Sub", b.op("CumSum", starts, one), one), b.const(0, np.int64))  # [B, K] word index
     x = b.to_float(flags)
