@@ -80,9 +80,9 @@ def fitted(setup: dict[str, Path]) -> dict[str, object]:
     seen: list[object] = []
     original = columns.collect_columns
 
-    def recording(probe, feeds, culprits=None, batch_size=64):  # noqa: ANN001, ANN202
+    def recording(probe, feeds, culprits=None, batch_size=64, desc=""):  # noqa: ANN001, ANN202
         seen.append(culprits)
-        return original(probe, feeds, culprits, batch_size)
+        return original(probe, feeds, culprits, batch_size, desc)
 
     args = [*_fit_args(setup, out), "--validation", str(setup["validation"])]
     args += ["--counterfactual", str(setup["counterfactual"]), "--group-field", "group"]
