@@ -38,7 +38,7 @@ from latency_models import BENCHES
 
 from atpatch.ops.function import SUBGRAPH_PREFIX
 from atpatch.rewrite import patch_model
-from atpatch.rewrite.crosslayer import second_pass_prefix
+from atpatch.rewrite.crosslayer import PASS2
 from atpatch.runtime import create_session, native
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_profile.json"
@@ -48,7 +48,7 @@ def _group(name: str) -> str:
     """The op, the model's second pass, cross-layer glue or the model, from a profiled node's name."""
     if "AtPatch" in name:  # the kernel's node, the function's inlined nodes and its branches' (SUBGRAPH_PREFIX)
         return "op"
-    if name.startswith(second_pass_prefix()):
+    if name.startswith(PASS2):
         return "second pass"
     if name.startswith("atpatch/"):
         return "cross-layer"

@@ -24,7 +24,7 @@ from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
 from ..ops.weights import Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
-from ..rewrite.crosslayer import JOINT, ROWS, UNION, second_pass_prefix
+from ..rewrite.crosslayer import JOINT, PASS2, ROWS, UNION
 from ..rewrite.positions import WORD_PIECES
 from ..rewrite.unpatch import inline_second_pass
 
@@ -97,7 +97,7 @@ class AttentionProbe:
             _check_version(model)
             model = inline_second_pass(model)
             by_name = {n.name: n for n in model.graph.node}
-            second = [by_name.get(second_pass_prefix() + n.name) for n in first]
+            second = [by_name.get(PASS2 + n.name) for n in first]
             self.two_pass = all(n is not None for n in second)
             self.before_names = [n.input[0] for n in first]
             fetch = [*(n.output[0] for n in first), *(n.output[1] for n in first)]

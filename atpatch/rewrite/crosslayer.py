@@ -49,7 +49,6 @@ __all__ = [
     "UNION",
     "add_second_pass",
     "pass1_forced",
-    "second_pass_prefix",
 ]
 
 SECOND_PASS = "atpatch/second_pass"  # the If node
@@ -59,14 +58,9 @@ JOINT = "atpatch/joint_flags"  # bool [B, K]: what the joint rule over layers fl
 PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
 PRESENT_FLAGS = "present_atpatch_flags"  # decoder state out: bool [B, past + new]
 FORCED_INPUT = "atpatch_forced"  # optional graph input: bool [B, K], positions to patch in every layer
-PASS2 = "atpatch/pass2/"
+PASS2 = "atpatch/pass2/"  # what pass 2's copies of tensor and node names start with
 PASS1 = "atpatch/pass1/"
 _NOTHING = "atpatch/nothing_forced"
-
-
-def second_pass_prefix() -> str:
-    """What pass 2's copies of tensor and node names start with."""
-    return PASS2
 
 
 def pass1_forced(
@@ -194,9 +188,7 @@ def add_second_pass(
     any_new = b.any(ROWS, [0])
     if spread > 0:
         union = widen(b, union, spread, grid)
-    ids = None if words is None else word_ids(graph, opset, decoder)
-    if ids is not None:
-        assert words is not None
+    if words is not None and (ids := word_ids(graph, opset, decoder)) is not None:
         graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.bool_), WORD_PIECES))
         union = whole_words(b, union, ids, len(words))
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
