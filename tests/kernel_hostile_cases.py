@@ -4,6 +4,8 @@
     python tests/kernel_hostile_cases.py --all       # every case in this process
     python tests/kernel_hostile_cases.py --fuzz 120  # random shapes/values/detectors for 120 s
 
+The fused op AtPatchAttention's cases and fuzzing (fused_hostile_cases.py) run here too.
+
 A case passes when onnxruntime raises an error whose message contains the expected text,
 or, for inputs with no defined answer (NaN, Inf, extreme thresholds), when the run returns
 outputs of the right shape and type. Anything else exits 1; a crash shows as a signal.
@@ -25,6 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_hostile_cases import FUSED_CASES, fused_fuzz  # noqa: E402
 from maps import (  # noqa: E402
     FORCED_KINDS,
     MASKS_V2,
@@ -347,6 +350,9 @@ CASES: dict[str, Callable[[], str]] = {
 }
 
 
+CASES.update(FUSED_CASES)
+
+
 def fuzz(seconds: float, seed: int) -> int:
     """Random maps (often hostile) through the kernel; checked against the reference when defined."""
     rng = np.random.default_rng(seed)
@@ -416,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             print(f"{name}: FAILED ({err})", flush=True)
             failed += 1
-    if args.fuzz:
-        fuzz(args.fuzz, args.seed)
+    if args.fuzz:  # two thirds of the time for AtPatch, a third for AtPatchAttention
+        fuzz(args.fuzz * 2 / 3, args.seed)
+        fused_fuzz(args.fuzz / 3, args.seed)
     return 1 if failed else 0
 
 

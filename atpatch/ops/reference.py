@@ -12,6 +12,7 @@ import numpy as np
 __all__ = [
     "LayerDetector",
     "atpatch",
+    "atpatch_attention",
     "attended_columns",
     "column_features",
     "column_scores",
@@ -137,3 +138,24 @@ def patch_columns(attention: np.ndarray, flagged: np.ndarray) -> np.ndarray:
         patched = np.where(hit, benign / total, np.where(kept, a / total, 0.0)).astype(np.float32)
     out = np.where(change, patched.astype(attention.dtype), attention)
     return out.astype(attention.dtype)
+
+
+def atpatch_attention(
+    query: np.ndarray,
+    key_t: np.ndarray,
+    bias: np.ndarray,
+    value: np.ndarray,
+    detector: LayerDetector,
+    forced: np.ndarray,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fused op AtPatchAttention (spec.py): (output, flags, scores), in float32."""
+    scores = np.matmul(query.astype(np.float32), key_t.astype(np.float32)) * np.float32(scale) + bias
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        exp = np.exp(shifted)
+        attention = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    patched, flags = atpatch(attention, detector, forced)
+    with np.errstate(invalid="ignore"):  # a row of NaN (every key at -inf) stays NaN, as in onnxruntime
+        output = np.matmul(patched, value.astype(np.float32))
+    return output, flags, scores_output(attention, detector)

@@ -90,6 +90,10 @@ __all__ = [
     "ATTRIBUTES",
     "DOMAIN",
     "FEATURE_NAMES",
+    "FUSED_ATTRIBUTES",
+    "FUSED_INPUTS",
+    "FUSED_OP_TYPE",
+    "FUSED_OUTPUTS",
     "FEATURE_VERSION",
     "INPUTS",
     "FEATURES_PER_HEAD",
@@ -111,6 +115,11 @@ INPUTS = ("attention", "w1", "b1", "w2", "b2", "forced")
 OUTPUTS = ("patched", "flags", "scores")
 # name -> (type, default)
 ATTRIBUTES: dict[str, tuple[type, float | int]] = {"threshold": (float, 0.0), "map_type": (int, 0)}
+
+FUSED_OP_TYPE = "AtPatchAttention"
+FUSED_INPUTS = ("query", "key_t", "bias", "value", *INPUTS[1:])
+FUSED_OUTPUTS = ("output", "flags", "scores")
+FUSED_ATTRIBUTES: dict[str, tuple[type, float | int]] = {"scale": (float, 1.0), "threshold": (float, 0.0)}
 
 FEATURE_VERSION = 4  # 4: own-row features (op v2); 2: every row, first three features (op v1)
 FEATURE_NAMES = ("mass", "peak", "top", "self", "opeak", "ofocus")  # each per head

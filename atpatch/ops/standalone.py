@@ -10,8 +10,9 @@ from onnx import TensorProto, helper
 
 from . import spec
 from .function import build_function
+from .fused_function import build_fused_function
 
-__all__ = ["standalone_model"]
+__all__ = ["fused_standalone_model", "standalone_model"]
 
 
 def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold: float = 0.0) -> onnx.ModelProto:
@@ -41,6 +42,35 @@ def standalone_model(opset: int = 17, dtype: int = TensorProto.FLOAT, threshold:
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(spec.DOMAIN, spec.VERSION)],
         functions=[build_function(opset)],
+    )
+    model.ir_version = spec.MAX_IR_VERSION
+    return model
+
+
+def fused_standalone_model(opset: int = 17, threshold: float = 0.0, scale: float = 1.0) -> onnx.ModelProto:
+    """`output, flags, scores = AtPatchAttention(query, key_t, bias, value, w1, b1, w2, b2, forced)`, every
+    tensor a graph input (each of any shape: the op checks them)."""
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(name, f, None) for name in spec.FUSED_INPUTS[:-1]]
+    inputs.append(helper.make_tensor_value_info("forced", TensorProto.BOOL, None))
+    outputs = [
+        helper.make_tensor_value_info("output", f, None),
+        helper.make_tensor_value_info("flags", TensorProto.BOOL, None),
+        helper.make_tensor_value_info("scores", f, None),
+    ]
+    node = helper.make_node(
+        spec.FUSED_OP_TYPE,
+        list(spec.FUSED_INPUTS),
+        list(spec.FUSED_OUTPUTS),
+        domain=spec.DOMAIN,
+        threshold=threshold,
+        scale=scale,
+    )
+    graph = helper.make_graph([node], "atpatch_fused_standalone", inputs, outputs)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(spec.DOMAIN, spec.VERSION)],
+        functions=[build_function(opset), build_fused_function(opset)],
     )
     model.ir_version = spec.MAX_IR_VERSION
     return model

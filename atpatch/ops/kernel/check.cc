@@ -44,14 +44,16 @@ std::string counts_str(size_t inputs, size_t outputs) {
          (outputs == 1 ? " output" : " outputs");
 }
 
-// The detector's tensors; w1 must have the version's features per head (kFeaturesPerHead for v2,
-// kFeaturesPerHeadV1 for v1) rows per head of this map.
-OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, Checked* c) {
+}  // namespace
+
+// w1 must have the version's features per head (kFeaturesPerHead for v2, kFeaturesPerHeadV1 for
+// v1) rows per head of this map.
+OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, size_t first, Checked* c) {
   const char* names[] = {"attention", "w1", "b1", "w2", "b2"};
   std::vector<int64_t> shapes[5];
   const float* data[5] = {};
   for (size_t i = 1; i < 5; ++i) {
-    Ort::ConstValue v = ctx.GetInput(i);
+    Ort::ConstValue v = ctx.GetInput(first + i - 1);
     if (!v || !v.IsTensor()) return make_status(ORT_INVALID_ARGUMENT, std::string(names[i]) + " must be a tensor");
     auto info = v.GetTensorTypeAndShapeInfo();
     if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
@@ -94,10 +96,10 @@ OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, C
 }
 
 // `forced` (v2): bool, rank 2, each axis 1 or the map's (numpy broadcasting to [batch, k_len]).
-OrtStatusPtr ReadForced(Ort::KernelContext& ctx, int64_t batch, int64_t k_len, Checked* c) {
+OrtStatusPtr ReadForced(Ort::KernelContext& ctx, size_t index, int64_t batch, int64_t k_len, Checked* c) {
   const std::string fix = "; feed a bool mask [batch, k_len] = [" + std::to_string(batch) + "," +
                           std::to_string(k_len) + "], or [1,1], [batch,1], [1,k_len] to broadcast";
-  Ort::ConstValue forced = ctx.GetInput(kForcedInput);
+  Ort::ConstValue forced = ctx.GetInput(index);
   if (!forced || !forced.IsTensor()) {
     return make_status(ORT_INVALID_ARGUMENT, "forced is missing (op version 2 needs it; all false patches only "
                                              "what the detector flags)" + fix);
@@ -124,7 +126,24 @@ OrtStatusPtr ReadForced(Ort::KernelContext& ctx, int64_t batch, int64_t k_len, C
   return nullptr;
 }
 
-}  // namespace
+OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const std::string& what,
+                           Checked* c) {
+  if (ctx.GetOutputCount() <= first) return nullptr;
+  // batch * k_len may overflow where the map is empty (heads or q_len 0).
+  int64_t count = 0;
+  if (!checked_mul(batch, k_len, &count)) return make_status(ORT_INVALID_ARGUMENT, what + " is invalid or too large");
+  const std::vector<int64_t> flags_shape{batch, k_len};
+  Ort::UnownedValue flags = ctx.GetOutput(first, flags_shape.data(), flags_shape.size());
+  if (flags && count > 0) {
+    c->flags = static_cast<uint8_t*>(flags.GetTensorMutableRawData());
+    c->flag_count = count;
+  }
+  if (ctx.GetOutputCount() > first + 1) {
+    Ort::UnownedValue scores = ctx.GetOutput(first + 1, flags_shape.data(), flags_shape.size());
+    if (scores && count > 0) c->scores = static_cast<float*>(scores.GetTensorMutableRawData());
+  }
+  return nullptr;
+}
 
 OrtStatusPtr NodeVersion(const OrtApi& api, const OrtKernelInfo* info, int* version) {
   size_t inputs = 0, outputs = 0;
@@ -165,7 +184,7 @@ OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataTy
 
   const int64_t batch = shape[0], heads = shape[1], q_len = shape[2], k_len = shape[3];
   c->detector.threshold = threshold;
-  if (OrtStatusPtr status = ReadDetector(ctx, version, heads, c)) return status;
+  if (OrtStatusPtr status = ReadDetector(ctx, version, heads, 1, c)) return status;
 
   int64_t total = 1;
   for (int64_t d : shape) {
@@ -174,24 +193,12 @@ OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataTy
     }
   }
   if (version != kVersionV1) {
-    if (OrtStatusPtr status = ReadForced(ctx, batch, k_len, c)) return status;
+    if (OrtStatusPtr status = ReadForced(ctx, kForcedInput, batch, k_len, c)) return status;
   }
   Ort::UnownedValue output = ctx.GetOutput(0, shape.data(), shape.size());
-  if (version != kVersionV1 && ctx.GetOutputCount() > kFlagsOutput) {
-    // batch * k_len <= total, unless heads or q_len is 0: then it may still overflow.
-    int64_t count = 0;
-    if (!checked_mul(batch, k_len, &count)) {
-      return make_status(ORT_INVALID_ARGUMENT, "attention shape " + shape_str(shape) + " is invalid or too large");
-    }
-    const std::vector<int64_t> flags_shape{batch, k_len};
-    Ort::UnownedValue flags = ctx.GetOutput(kFlagsOutput, flags_shape.data(), flags_shape.size());
-    if (flags && count > 0) {
-      c->flags = static_cast<uint8_t*>(flags.GetTensorMutableRawData());
-      c->flag_count = count;
-    }
-    if (ctx.GetOutputCount() > kScoresOutput) {
-      Ort::UnownedValue scores = ctx.GetOutput(kScoresOutput, flags_shape.data(), flags_shape.size());
-      if (scores && count > 0) c->scores = static_cast<float*>(scores.GetTensorMutableRawData());
+  if (version != kVersionV1) {
+    if (OrtStatusPtr status = AllocateFlags(ctx, kFlagsOutput, batch, k_len, "attention shape " + shape_str(shape), c)) {
+      return status;
     }
   }
   c->shape = shape;

@@ -70,6 +70,16 @@ struct Checked {
   float* scores = nullptr;  // the scores output [batch, k_len], nullptr when the node omits it or it is empty
 };
 
+// The detector's tensors, inputs first..first+3 (w1, b1, w2, b2): w1 must have the version's
+// features per head rows for each of `heads`.
+OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, size_t first, Checked* c);
+// `forced` (v2), input `index`: bool, rank 2, each axis 1 or the map's (broadcast to [batch, k_len]).
+OrtStatusPtr ReadForced(Ort::KernelContext& ctx, size_t index, int64_t batch, int64_t k_len, Checked* c);
+// The flags output `first` and the scores output after it, each [batch, k_len], where the node has
+// them; `what` names the shape in the refusal when batch * k_len overflows.
+OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const std::string& what,
+                           Checked* c);
+
 // Checks one call of a node of op `version` whose attention must be `attention_type`, and
 // allocates its outputs. Returns nullptr or the refusal.
 OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataType attention_type, float threshold,

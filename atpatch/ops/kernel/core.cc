@@ -6,15 +6,6 @@
 #include <limits>
 #include <vector>
 
-// On x86-64 Linux, build an AVX2 clone of each hot loop next to the baseline one and let
-// the loader pick (ifunc): the library stays portable and still uses wide vectors.
-#if defined(ATPATCH_TARGET_CLONES) && defined(__x86_64__) && defined(__linux__) && \
-    (defined(__GNUC__) || defined(__clang__))
-#define ATPATCH_HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define ATPATCH_HOT
-#endif
-
 namespace atpatch {
 
 // Reductions run in kLanes independent lanes: a single float accumulator is a chain the
