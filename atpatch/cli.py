@@ -82,6 +82,12 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="apply onnxruntime's transformer fusions (LayerNorm, GELU, ...) around the patch; needs onnxruntime",
     )
+    parser.add_argument(
+        "--fuse-attention",
+        action="store_true",
+        help="put each patched attention in one AtPatchAttention node (native CPU kernel: the map never leaves it; "
+        "float32; outputs equal the unfused model to float rounding)",
+    )
     triton = parser.add_argument_group("serving with Triton Inference Server")
     triton.add_argument("--triton", type=Path, metavar="DIR", help="write a model repository to DIR (new or empty)")
     triton.add_argument("--triton-name", metavar="NAME", help="model name in it (default: from -o or the input)")
@@ -107,6 +113,7 @@ def _export(args: argparse.Namespace) -> str:
         patch=args.patch,
         cross_layer=args.cross_layer,
         optimize=args.optimize,
+        fuse_attention=args.fuse_attention,
         triton=args.triton,
         triton_name=args.triton_name,
         triton_mount=args.triton_mount,

@@ -14,6 +14,7 @@ from .modelio import check_output_path, load_model, save_model
 from .ops import spec
 from .rewrite import AttentionSite, patch_model
 from .rewrite.crosslayer import add_cross_layer
+from .rewrite.fuse import FuseReport, fuse_attention
 from .rewrite.optimize import FusionReport, fuse_for_ort
 from .rewrite.positions import WORD_PIECES
 from .serving.genai import is_genai_folder, patch_genai_folder
@@ -37,6 +38,7 @@ class ExportOptions:
     patch: bool = True
     cross_layer: bool = True  # a position flagged in any layer is patched in every layer
     optimize: bool = False  # ORT's transformer fusions (LayerNorm, GELU, ...) on the patched graph
+    fuse_attention: bool = False  # each patched attention in one AtPatchAttention node
     triton: Path | None = None  # a Triton model repository to write
     triton_name: str | None = None
     triton_mount: str | None = None
@@ -65,6 +67,8 @@ class ExportOptions:
             raise AtPatchError("--per-layer says how to patch; drop it or drop --no-patch")
         if not self.patch and self.optimize:
             raise AtPatchError("--optimize fuses around the AtPatch nodes of a patched model; drop --no-patch")
+        if not self.patch and self.fuse_attention:
+            raise AtPatchError("--fuse-attention fuses the AtPatch nodes of a patched model; drop --no-patch")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ExportReport:
     exporter: str | None = None
     triton: TritonRepository | None = None
     fusion: FusionReport | None = None
+    fused: FuseReport | None = None
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -97,6 +102,8 @@ class ExportReport:
                 lines.append(f"  layer {s.layer:>2}  heads {s.heads or '?':>3}  {s.scope}{extra}")
         if self.fusion is not None:
             lines.append(self.fusion.summary())
+        if self.fused is not None:
+            lines.append(self.fused.summary())
         lines += [f"note: {n}" for n in self.notes]
         if self.output is not None:
             lines.append(f"wrote {self.output}")
@@ -108,10 +115,11 @@ class ExportReport:
 def _run_genai_export(options: ExportOptions) -> ExportReport:
     """An onnxruntime-genai folder in, a patched folder out (serving/genai.py)."""
     assert options.model is not None
-    if options.output is None or options.triton is not None or options.optimize or not options.patch:
+    ort_only = options.triton is not None or options.optimize or options.fuse_attention
+    if options.output is None or ort_only or not options.patch:
         raise AtPatchError(
             f"{options.model} is an onnxruntime-genai folder: give -o NEW_FOLDER only "
-            f"(--triton, --optimize and --no-patch apply to ONNX files)"
+            f"(--triton, --optimize, --fuse-attention and --no-patch apply to ONNX files)"
         )
     detector = Detector.load(options.detector) if options.detector else None
     done = patch_genai_folder(options.model, options.output, detector, cross_layer=options.cross_layer)
@@ -210,6 +218,9 @@ def run_export(options: ExportOptions) -> ExportReport:
                 add_cross_layer(model)
             else:
                 add_cross_layer(model, detector.spread, detector.joint, detector.word_pieces)
+    fused = None
+    if options.fuse_attention:
+        model, fused = fuse_attention(model)
     if output is not None:
         save_model(model, output, base_dir=base_dir, check=options.patch)
     triton = None
@@ -226,4 +237,4 @@ def run_export(options: ExportOptions) -> ExportReport:
             check=options.patch,
         )
     notes = _dropped(options, detector) + _words_left_out(options, detector, model)
-    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion, notes)
+    return ExportReport(output, _opset_of(model), sites, kind, diffs, exporter, triton, fusion, fused, notes)

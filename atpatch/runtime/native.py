@@ -145,16 +145,17 @@ def _attention_types(model: onnx.ModelProto) -> tuple[list[int | None], int | No
     graph = model.graph
 
     def is_atpatch(node: onnx.NodeProto) -> bool:
-        return node.domain == spec.DOMAIN and node.op_type == spec.OP_TYPE
+        return node.domain == spec.DOMAIN and node.op_type in (spec.OP_TYPE, spec.FUSED_OP_TYPE)
 
     nodes = [n for n in graph.node if is_atpatch(n)]
     # Cross-layer patching's second pass (an If) re-runs the main graph's AtPatch nodes on maps of
-    # the same types; any other subgraph or function holding AtPatch is of unknown type.
+    # the same types; any other subgraph or function holding AtPatch (but the op's own functions) is
+    # of unknown type. An AtPatchAttention node's type is its query's.
     nested = any(
         is_atpatch(inner)
         for f in model.functions
         for inner in f.node
-        if not (f.domain == spec.DOMAIN and f.name == spec.OP_TYPE)
+        if not (f.domain == spec.DOMAIN and f.name in (spec.OP_TYPE, spec.FUSED_OP_TYPE))
     ) or any(
         a.g.node or a.graphs
         for n in graph.node
@@ -277,4 +278,20 @@ def coverage_problem(
     bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})
     if bad:
         return f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
+    return _fused_problem(model, providers, types)
+
+
+def _fused_problem(model: onnx.ModelProto, providers: list[str], types: list[int | None]) -> str | None:
+    """What the fused op's kernel (CPU, float32 only) lacks for this session, or None."""
+    nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type in (spec.OP_TYPE, spec.FUSED_OP_TYPE)]
+    fused = [t for n, t in zip(nodes, types, strict=False) if n.op_type == spec.FUSED_OP_TYPE]
+    if not fused:
+        return None
+    if any(p != "CPUExecutionProvider" for p in providers):
+        return (
+            f"the native {spec.FUSED_OP_TYPE} kernel covers only CPUExecutionProvider "
+            f"(export without --fuse-attention for GPUs)"
+        )
+    if any(t != TensorProto.FLOAT for t in fused):
+        return f"the native {spec.FUSED_OP_TYPE} kernel covers float32 attention only"
     return None
