@@ -174,3 +174,37 @@ def test_coverage_sends_gpu_sessions_to_the_function(tiny: tuple[Path, onnx.Mode
     assert native.coverage_problem(fused, ["CPUExecutionProvider"]) is None
     problem = native.coverage_problem(fused, ["CUDAExecutionProvider"], native.KERNEL_PROVIDERS)
     assert problem is not None and "--fuse-attention" in problem
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_cli_fuse_attention_writes_a_model_that_runs_as_the_unfused_one(
+    tiny: tuple[Path, onnx.ModelProto, onnx.ModelProto],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    optimize: bool,
+) -> None:
+    from atpatch.cli import export_main
+    from atpatch.modelio import save_model
+    from atpatch.runtime import create_session
+
+    folder, plain, _ = tiny
+    save_model(plain, tmp_path / "plain.onnx")
+    feature_detector(2, "mass", 2.0).save(tmp_path / "d.safetensors")
+    common = [str(tmp_path / "plain.onnx"), "--detector", str(tmp_path / "d.safetensors")]
+    common += ["--optimize"] if optimize else []
+    assert export_main([*common, "-o", str(tmp_path / "fused.onnx"), "--fuse-attention"]) == 0
+    assert "fused 4 attention chains into AtPatchAttention" in capsys.readouterr().out
+    assert export_main([*common, "-o", str(tmp_path / "unfused.onnx")]) == 0
+    feeds = random_text_inputs(folder, np.random.default_rng(4), batch=6, seq=12)
+    want = create_session(tmp_path / "unfused.onnx").run(None, feeds)[0]
+    got = create_session(tmp_path / "fused.onnx").run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if optimize else 1e-5)
+
+
+def test_cli_fuse_attention_needs_a_patched_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from atpatch.cli import export_main
+
+    code = export_main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--no-patch", "--fuse-attention"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--fuse-attention fuses the AtPatch nodes of a patched model; drop --no-patch" in err
+    assert "Traceback" not in err and not (tmp_path / "o.onnx").exists()
