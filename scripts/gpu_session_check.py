@@ -14,9 +14,11 @@ machine once onnxruntime-gpu and a CUDA build of the library are there.
 3. Time on the device (latency.py's paired_ratios: each round runs every variant in a fresh random order;
    a ratio is the median over rounds of variant / fused): the plain export, onnxruntime's optimized
    model (attention fused into its CUDA kernel, the map never written) and the patched model (native
-   kernel; clean inputs, and every input flagged). Targets: the op equal to the CPU kernel; the best
-   patched form within 1.15x of the fused unpatched model (it cannot fuse attention: that needs a
-   fused AtPatchAttention op, which atpatch does not have).
+   kernel; clean inputs, and every input flagged), and the same after `--fuse-attention` (the fused
+   AtPatchAttention op, whose CUDA kernel forms the map in its workspace). The fused op alone is also
+   checked against the CPU kernel (float32, atol 1e-5: the device's expf and the softmax's sum order
+   differ from the CPU's). Targets: the ops equal to the CPU kernel; the fused patched model within
+   1.15x of the fused unpatched model.
 
 Writes gpu_session_check.json (into --out) and prints a table. Exit status 0 when every check passes.
 """
@@ -41,8 +43,9 @@ from latency_models import BENCHES  # noqa: E402
 from onnxruntime.transformers.optimizer import optimize_model  # noqa: E402
 
 from atpatch.ops import spec  # noqa: E402
-from atpatch.ops.standalone import standalone_model  # noqa: E402
+from atpatch.ops.standalone import fused_standalone_model, standalone_model  # noqa: E402
 from atpatch.rewrite import patch_model  # noqa: E402
+from atpatch.rewrite.fuse import fuse_attention  # noqa: E402
 from atpatch.runtime import native  # noqa: E402
 
 PROVIDER = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -113,6 +116,26 @@ def check_op(library: Path, device: str, rng: np.random.Generator) -> list[dict]
     return rows
 
 
+def check_fused_op(library: Path, device: str, rng: np.random.Generator) -> list[dict]:
+    """AtPatchAttention on the device against the CPU kernel (float32 only; the same random cases as
+    tests/test_fused_attention.py: masks, broadcasts, flags)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fused_cases import random_case as fused_case
+
+    rows = []
+    for shape, bias in (((2, 4, 37, 37), "padding"), ((1, 12, 128, 128), "causal"), ((8, 12, 512, 512), "padding")):
+        case = fused_case(rng, shape, depth=64, width=64, bias=bias, flags="some", forced="[B,K]", scale=0.125)
+        model = fused_standalone_model(scale=case.scale)
+        got = session(model, library, device, strict=True).run(None, case.feeds)
+        want = session(model, library, "cpu").run(None, case.feeds)
+        diff = float(np.abs(got[0] - want[0]).max())
+        flags_equal = bool(np.array_equal(got[1], want[1]))
+        rows.append({"check": "fused op", "dtype": "float32", "shape": list(shape), "max_diff": diff,
+                     "flags_equal": flags_equal, "flagged": int(want[1].sum()),
+                     "passed": diff <= 1e-5 and flags_equal})  # fmt: skip
+    return rows
+
+
 def check_model(args: argparse.Namespace, library: Path, rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
     bench = BENCHES[args.model]
     base = onnx.load(str(bench.export(args.cache_dir)))
@@ -125,12 +148,18 @@ def check_model(args: argparse.Namespace, library: Path, rng: np.random.Generato
         use_gpu=args.device == "cuda",
     ).model
     passing = patch_model(base, None)[0]
-    on_cpu = {"unpatched": session(base, library, "cpu"), "patched/pass": session(passing, library, "cpu")}
+    fused_passing = fuse_attention(passing)[0]
+    on_cpu = {
+        "unpatched": session(base, library, "cpu"),
+        "patched/pass": session(passing, library, "cpu"),
+        "fused/pass": session(fused_passing, library, "cpu"),
+    }
     # paired_ratios times round-robin against its "unpatched" session: here the fused one.
     on_device = {
         "unpatched": session(fused, library, args.device),
         "plain": session(base, library, args.device),
         "patched/pass": session(passing, library, args.device),
+        "fused/pass": session(fused_passing, library, args.device),
     }
     agreement, latency = [], []
     for seq, batch in bench.cells if not args.cells else [tuple(map(int, c.split("x"))) for c in args.cells]:
@@ -141,7 +170,9 @@ def check_model(args: argparse.Namespace, library: Path, rng: np.random.Generato
             base, bench, feeds, unpatched, lambda model: session(model, library, "cpu")
         )
         on_device["patched/flag"] = session(flagging, library, args.device)
-        for name in ("patched/pass", "patched/flag"):
+        on_cpu["fused/flag"] = session(fuse_attention(flagging)[0], library, "cpu")
+        on_device["fused/flag"] = session(fuse_attention(flagging)[0], library, args.device)
+        for name in ("patched/pass", "patched/flag", "fused/pass", "fused/flag"):
             got, want = on_device[name].run(None, feeds)[0], on_cpu[name].run(None, feeds)[0]
             diff = float(np.abs(got - want).max())
             agreement.append({"check": "model", "variant": name, "seq": seq, "batch": batch, "max_diff": diff,
@@ -185,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if r["passed"] else "FAILED"
         print(f"  op {r['dtype']:>7} {str(r['shape']):>18}: max diff {r['max_diff']:.2g}, "
               f"flags equal {r['flags_equal']}, {r['flagged']} flagged: {verdict}")  # fmt: skip
+    fused_rows = check_fused_op(Path(library), args.device, rng)
+    for r in fused_rows:
+        verdict = "ok" if r["passed"] else "FAILED"
+        print(f"  fused op {str(r['shape']):>18}: max diff {r['max_diff']:.2g}, flags equal {r['flags_equal']}, "
+              f"{r['flagged']} flagged: {verdict}")  # fmt: skip
+    op_rows += fused_rows
     model_rows, latency = check_model(args, Path(library), rng)
     for r in model_rows:
         print(f"  {r['variant']:>12} {r['seq']:>4} x {r['batch']:<3}: max diff {r['max_diff']:.2g}: "

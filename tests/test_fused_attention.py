@@ -169,11 +169,18 @@ def test_exposed_map_and_float16_stay_unfused() -> None:
 
 
 @needs_kernel
-def test_coverage_sends_gpu_sessions_to_the_function(tiny: tuple[Path, onnx.ModelProto, onnx.ModelProto]) -> None:
+def test_coverage_follows_what_the_library_registers_the_fused_op_for(
+    tiny: tuple[Path, onnx.ModelProto, onnx.ModelProto],
+) -> None:
     fused, _ = fuse_attention(tiny[2])
+    assert "CPUExecutionProvider" in native.library_fused_providers(LIBRARY)
     assert native.coverage_problem(fused, ["CPUExecutionProvider"]) is None
-    problem = native.coverage_problem(fused, ["CUDAExecutionProvider"], native.KERNEL_PROVIDERS)
-    assert problem is not None and "--fuse-attention" in problem
+    cuda = ["CUDAExecutionProvider"]
+    problem = native.coverage_problem(fused, cuda, native.KERNEL_PROVIDERS, ("CPUExecutionProvider",))
+    assert problem is not None and "AtPatchAttention kernel covers CPUExecutionProvider, not CUDA" in problem
+    assert native.coverage_problem(fused, cuda, native.KERNEL_PROVIDERS, native.KERNEL_PROVIDERS) is None
+    old_library = native.coverage_problem(fused, ["CPUExecutionProvider"], fused_covered=())
+    assert old_library is not None and "reinstall atpatch" in old_library  # built before the fused op
 
 
 @pytest.mark.parametrize("optimize", [False, True])

@@ -33,13 +33,14 @@ def test_the_wiring_runs_every_check_with_the_cpu_provider(tmp_path: Path) -> No
     assert {(r["dtype"], tuple(r["shape"])) for r in record["op"]} >= {("float32", (8, 12, 512, 512)),
                                                                       ("float16", (8, 12, 512, 512))}  # fmt: skip
     assert sum(r["flagged"] for r in record["op"]) > 0  # the patch itself ran, not only the features
-    assert [r["variant"] for r in record["model_agreement"]] == ["patched/pass", "patched/flag"]
+    fused_op = [r for r in record["op"] if r["check"] == "fused op"]
+    assert len(fused_op) == 3 and all(r["flags_equal"] and r["flagged"] > 0 for r in fused_op)
+    variants = ("patched/pass", "patched/flag", "fused/pass", "fused/flag")
+    assert [r["variant"] for r in record["model_agreement"]] == list(variants)
     (cell,) = record["latency"]
     assert cell["ort_fused_ms"] > 0
-    assert {k for k in cell if k.endswith("_vs_ort_fused")} == {
-        f"{k}_vs_ort_fused" for k in ("plain", "patched/pass", "patched/flag")
-    }
-    assert all(cell[f"{k}_vs_ort_fused"] > 0 for k in ("plain", "patched/pass", "patched/flag"))
+    assert {k for k in cell if k.endswith("_vs_ort_fused")} == {f"{k}_vs_ort_fused" for k in ("plain", *variants)}
+    assert all(cell[f"{k}_vs_ort_fused"] > 0 for k in ("plain", *variants))
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this onnxruntime has CUDA")

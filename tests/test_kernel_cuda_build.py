@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from maps import FORCED_KINDS, MASKS_V2, own_row_map, random_detector, random_fo
 from onnx import TensorProto
 
 from atpatch.ops import reference, spec
-from atpatch.ops.standalone import standalone_model
+from atpatch.ops.standalone import fused_standalone_model, standalone_model
 from atpatch.runtime import native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,6 +202,10 @@ def test_coverage_claims_cuda_only_for_a_cuda_build(library: Path, monkeypatch) 
     assert session_module._choose_native(model, "cpu", CPU, None) == library
     # A library that does not say which providers it covers is taken as CPU only.
     assert native._providers_of("/nonexistent/libatpatch_ops.so", 0, 0) == native.COVERED_PROVIDERS
+    # The fused op is registered for both providers too: a fused model's CUDA session runs its kernel.
+    assert native.library_fused_providers(library) == ("CPUExecutionProvider", "CUDAExecutionProvider")
+    covered = native.library_providers(library), native.library_fused_providers(library)
+    assert native.coverage_problem(fused_standalone_model(), CUDA, *covered) is None
 
 
 def test_selftest_binary(build: Path) -> None:
@@ -248,3 +253,8 @@ def test_device_code_on_the_cpu_emulation_equals_the_cpu_kernel(build: Path) -> 
     if platform.machine() in ("x86_64", "AMD64"):
         # No fused multiply-add on either side here: the same operations in the same order.
         assert all(r[7] == "100.0000" for r in rows), report
+    # AtPatchAttention's device code (cuda_fused.cu): every bias kind, broadcasts, none/some/all flagged,
+    # against the host's map, core.cc's patch and the host's values.
+    assert re.search(r"fused \(AtPatchAttention\): \d+ cases, 0 failed", result.stdout), report
+    for what in ("fused padding bias", "fused causal bias", "fused broadcast", "fused some flagged"):
+        assert what in result.stdout, report

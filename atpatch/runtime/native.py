@@ -32,6 +32,7 @@ __all__ = [
     "compute_counts",
     "coverage_problem",
     "float16_maps_without_map_type",
+    "library_fused_providers",
     "library_info",
     "library_path",
     "library_providers",
@@ -122,6 +123,16 @@ def library_providers(path: Path) -> tuple[str, ...]:
     except OSError:
         return COVERED_PROVIDERS
     return _providers_of(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def library_fused_providers(path: Path) -> tuple[str, ...]:
+    """The execution providers the library registers AtPatchAttention for (its AtPatchOpsInfo "fused"
+    "providers"); none for a library built before the fused op, whose sessions then run its function."""
+    try:
+        reported = library_info(path).get("fused", {}).get("providers")
+    except (OSError, AttributeError, ValueError):
+        return ()
+    return tuple(p for p in KERNEL_PROVIDERS if isinstance(reported, list) and p in reported)
 
 
 @functools.lru_cache(maxsize=8)
@@ -255,11 +266,15 @@ def _known_types(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def coverage_problem(
-    model: onnx.ModelProto, providers: list[str], covered: Sequence[str] = COVERED_PROVIDERS
+    model: onnx.ModelProto,
+    providers: list[str],
+    covered: Sequence[str] = COVERED_PROVIDERS,
+    fused_covered: Sequence[str] = COVERED_PROVIDERS,
 ) -> str | None:
     """Why the kernel does not fully cover a session of `model` on `providers`, or None if it does.
 
-    `covered`: the providers the library implements (`library_providers`); CPU only by default.
+    `covered`: the providers the library implements AtPatch for (`library_providers`), and
+    `fused_covered` AtPatchAttention (`library_fused_providers`); CPU only by default.
     """
     extra = [p for p in providers if p not in covered]
     if extra:
@@ -278,20 +293,21 @@ def coverage_problem(
     bad = sorted({TensorProto.DataType.Name(t) for t in types if t not in COVERED_DTYPES})
     if bad:
         return f"the native kernel covers attention of {'/'.join(COVERED_DTYPES.values())}, not {', '.join(bad)}"
-    return _fused_problem(model, providers, types)
+    return _fused_problem(model, providers, types, fused_covered)
 
 
-def _fused_problem(model: onnx.ModelProto, providers: list[str], types: list[int | None]) -> str | None:
-    """What the fused op's kernel (CPU, float32 only) lacks for this session, or None."""
+def _fused_problem(
+    model: onnx.ModelProto, providers: list[str], types: list[int | None], covered: Sequence[str]
+) -> str | None:
+    """What the fused op's kernel (float32 only) lacks for this session, or None."""
     nodes = [n for n in model.graph.node if n.domain == spec.DOMAIN and n.op_type in (spec.OP_TYPE, spec.FUSED_OP_TYPE)]
     fused = [t for n, t in zip(nodes, types, strict=False) if n.op_type == spec.FUSED_OP_TYPE]
     if not fused:
         return None
-    if any(p != "CPUExecutionProvider" for p in providers):
-        return (
-            f"the native {spec.FUSED_OP_TYPE} kernel covers only CPUExecutionProvider "
-            f"(export without --fuse-attention for GPUs)"
-        )
+    extra = [p for p in providers if p not in covered]
+    if extra:
+        what = ", ".join(covered) or "no provider (a library built before it; reinstall atpatch)"
+        return f"the native {spec.FUSED_OP_TYPE} kernel covers {what}, not {', '.join(extra)}"
     if any(t != TensorProto.FLOAT for t in fused):
         return f"the native {spec.FUSED_OP_TYPE} kernel covers float32 attention only"
     return None

@@ -59,7 +59,9 @@ def _choose_native(
         )
         return None
     proto = _as_proto(model)
-    problem = native.coverage_problem(proto, providers, native.library_providers(library))
+    problem = native.coverage_problem(
+        proto, providers, native.library_providers(library), native.library_fused_providers(library)
+    )
     if problem == "the model has no AtPatch node":
         return None  # nothing to run natively; no reason to say anything
     if problem is not None:

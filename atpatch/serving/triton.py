@@ -151,7 +151,9 @@ def kernel_library(model: onnx.ModelProto) -> tuple[Path | None, str]:
     library = native.library_path()
     if library is None:
         return None, "the native kernel is not built: run scripts/fetch_ort_headers.sh and reinstall"
-    problem = native.coverage_problem(model, ["CPUExecutionProvider"])
+    problem = native.coverage_problem(
+        model, ["CPUExecutionProvider"], fused_covered=native.library_fused_providers(library)
+    )
     return (None, problem) if problem else (library, "")
 
 

@@ -1,6 +1,7 @@
 // GPU self-test of the CUDA AtPatch kernel, without onnxruntime: runs cuda_kernel.cu's entry
 // point (the one the CUDA custom op calls) on fresh random maps and compares it with the CPU
-// kernel's arithmetic (core.cc, driven as custom_op.cc drives it), then times both.
+// kernel's arithmetic (core.cc, driven as custom_op.cc drives it), then times both. Then the
+// fused op's entry point (cuda_fused.h) on random attention (cuda_fused_selftest.h).
 //
 //   atpatch_cuda_selftest [--cases N] [--seed S] [--no-big] [--small] [--no-bench] [--cpu-only]
 //
@@ -127,6 +128,13 @@ struct Coverage {
 };
 
 bool bits_equal(const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
+
+}  // namespace
+
+// The fused op's cases use CUDA_OK, Coverage and the case helpers above.
+#include "cuda_fused_selftest.h"
+
+namespace {
 
 // Variant `kind` (0-5): op v1; v2 with nothing forced; v2 with forced of shape [B,K], [B,1],
 // [1,K] or [1,1], each position forced with probability 0.2.
@@ -532,6 +540,7 @@ int main(int argc, char** argv) {
   ok &= own_row_case<float>(cpu_only, &coverage);
   ok &= own_row_case<__half>(cpu_only, &coverage);
   ok &= grouped_rows_case(rng);
+  ok &= fused_cases(rng, std::max(8, cases / 4), cpu_only, &coverage);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   std::printf("\n%-16s %6s %12s %10s %10s %13s %12s %12s %7s\n", "dtype flagged", "cases", "entries", "unchanged",
@@ -558,8 +567,9 @@ int main(int argc, char** argv) {
   std::printf("\n");
   // Every category must have been exercised, or the run proves less than it says.
   for (const char* what : {"forced [B,K]", "forced [B,1]", "forced [1,K]", "forced [1,1]", "op v1",
-                           "own-row-only detector", "own-row case",
-                           "padding query rows", "q_len > k_len"}) {
+                           "own-row-only detector", "own-row case", "padding query rows", "q_len > k_len",
+                           "fused none bias", "fused padding bias", "fused causal bias", "fused random bias",
+                           "fused broadcast", "fused some flagged", "fused all flagged"}) {
     if (coverage.counts[what] == 0) {
       std::fprintf(stderr, "FAIL: no case with %s; raise --cases\n", what);
       ok = false;

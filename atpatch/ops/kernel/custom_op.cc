@@ -288,6 +288,7 @@ OrtCustomOpDomain* shared_domain(const OrtApi& api, OrtStatus** status) {
 #if defined(ATPATCH_WITH_CUDA)
     if ((*status = api.CustomOpDomain_Add(d, &cuda_float))) return;
     if ((*status = api.CustomOpDomain_Add(d, &cuda_half))) return;
+    if ((*status = api.CustomOpDomain_Add(d, atpatch::fused_attention_cuda_op()))) return;
 #endif
     domain = d;
   });
@@ -318,11 +319,13 @@ ATPATCH_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 // atpatch.runtime.native reads to decide which sessions the library covers; "versions" lists
 // the op versions registered, "v1" what version 1 differs in.
 #if defined(ATPATCH_WITH_CUDA)
+#define ATPATCH_PROVIDER_LIST "[\"CPUExecutionProvider\", \"CUDAExecutionProvider\"]"
 #define ATPATCH_PROVIDERS_JSON                                                             \
-  "\"providers\": [\"CPUExecutionProvider\", \"CUDAExecutionProvider\"], \"cuda_runtime\": \"" \
+  "\"providers\": " ATPATCH_PROVIDER_LIST ", \"cuda_runtime\": \"" \
   ATPATCH_CUDA_RUNTIME "\", \"cuda_architectures\": \"" ATPATCH_CUDA_ARCHITECTURES "\", "
 #else
-#define ATPATCH_PROVIDERS_JSON "\"providers\": [\"CPUExecutionProvider\"], "
+#define ATPATCH_PROVIDER_LIST "[\"CPUExecutionProvider\"]"
+#define ATPATCH_PROVIDERS_JSON "\"providers\": " ATPATCH_PROVIDER_LIST ", "
 #endif
 static_assert(atpatch::kFeaturesPerHead == 6 && atpatch::kFeaturesPerHeadV1 == 3 && atpatch::kFeatureVersion == 4 &&
                   atpatch::kFeatureVersionEveryRow == 2 && atpatch::kVersion == 2 && atpatch::kVersionV1 == 1,
@@ -338,7 +341,7 @@ ATPATCH_EXPORT const char* AtPatchOpsInfo() {
          "\"fused\": {\"op_type\": \"AtPatchAttention\", \"inputs\": [\"query\", \"key_t\", \"bias\", \"value\", \"w1\", "
          "\"b1\", \"w2\", \"b2\", \"forced\"], \"outputs\": [\"output\", \"flags\", \"scores\"], "
          "\"attributes\": {\"scale\": 1.0, \"threshold\": 0.0}, \"dtypes\": [\"float32\"], "
-         "\"providers\": [\"CPUExecutionProvider\"]}, " ATPATCH_PROVIDERS_JSON
+         "\"providers\": " ATPATCH_PROVIDER_LIST "}, " ATPATCH_PROVIDERS_JSON
          "\"ort_api_version\": " ATPATCH_STR(ORT_API_VERSION) "}";
 }
 

@@ -1,4 +1,5 @@
-// AtPatchAttention on the CPU provider: the map of each (batch, head) block is formed in the
+// AtPatchAttention on the CPU provider (and, built with ATPATCH_CUDA, the CUDA one: cuda_fused.h):
+// the map of each (batch, head) block is formed in the
 // kernel's workspace, and AtPatch's three phases (phases.h) run on it before P.V; the map is never
 // an onnxruntime tensor, and the patch costs one extra dispatch over plain attention's two.
 //   phase A, per block: each query row's map row (fused_core.h), then the block's column features
@@ -18,6 +19,9 @@
 #include "core.h"
 #include "fused_core.h"
 #include "phases.h"
+#if defined(ATPATCH_WITH_CUDA)
+#include "cuda_fused.h"
+#endif
 
 namespace {
 
@@ -42,6 +46,7 @@ struct FusedJob {
   float scale = 1.0f;
   float* map = nullptr;     // [batch, heads, q_len, k_len] workspace
   float* output = nullptr;  // [batch, heads, q_len, width]
+  int64_t width_total = 0;  // entries of output
 };
 
 void map_task(void* data, size_t block_index) {
@@ -152,8 +157,46 @@ OrtStatusPtr ReadOperands(Ort::KernelContext& ctx, FusedJob* f, std::vector<int6
   return nullptr;
 }
 
+// A checked call: the operands in `f` (but its job), the map's shape and the AtPatch part in `c`,
+// the outputs allocated (on the provider's device).
+OrtStatusPtr Prepare(Ort::KernelContext& ctx, float threshold, FusedJob* f, atpatch::Checked* c) {
+  if (ctx.GetInputCount() != atpatch::kFusedInputs || ctx.GetOutputCount() < 1 ||
+      ctx.GetOutputCount() > atpatch::kFusedOutputs) {
+    return make_status(ORT_INVALID_ARGUMENT, "AtPatchAttention expects 9 inputs (query, key_t, bias, value, w1, b1, "
+                                             "w2, b2, forced) and up to 3 outputs (output, flags, scores)");
+  }
+  if (OrtStatusPtr s = ReadOperands(ctx, f, &c->shape)) return s;
+  const int64_t batch = c->shape[0], heads = c->shape[1], q_len = c->shape[2], k_len = c->shape[3];
+  c->detector.threshold = threshold;
+  if (OrtStatusPtr s = atpatch::ReadDetector(ctx, atpatch::kVersion, heads, atpatch::kFusedDetectorInput, c)) return s;
+  if (OrtStatusPtr s = atpatch::ReadForced(ctx, atpatch::kFusedForcedInput, batch, k_len, c)) return s;
+  const std::vector<int64_t> out_shape{batch, heads, q_len, f->width};
+  int64_t total = 1, out_total = 1;
+  for (int axis = 0; axis < 4; ++axis) {
+    if (!checked_mul(total, c->shape[axis], &total) || !checked_mul(out_total, out_shape[axis], &out_total)) {
+      return make_status(ORT_INVALID_ARGUMENT, "attention of shape " + shape_str(c->shape) + " is too large");
+    }
+  }
+  if (static_cast<uint64_t>(std::max(total, out_total)) > std::numeric_limits<size_t>::max() / sizeof(float)) {
+    return make_status(ORT_INVALID_ARGUMENT, "attention of shape " + shape_str(c->shape) + " is too large");
+  }
+  f->output = ctx.GetOutput(0, out_shape.data(), out_shape.size()).GetTensorMutableData<float>();
+  if (OrtStatusPtr s = atpatch::AllocateFlags(ctx, 1, batch, k_len, "attention of shape " + shape_str(c->shape), c)) {
+    return s;
+  }
+  if (q_len > atpatch::kMaxLen || k_len > atpatch::kMaxLen) {
+    return make_status(ORT_INVALID_ARGUMENT, "q_len and k_len must be at most 16777216 (float32 counts), got " +
+                                                 shape_str(c->shape) + "; split the sequence");
+  }
+  c->batch = batch, c->heads = heads, c->q_len = q_len, c->k_len = k_len, c->total = total;
+  f->width_total = out_total;
+  return nullptr;
+}
+
 struct FusedKernel {
-  explicit FusedKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
+  using Elem = float;
+  static constexpr const char* kProvider = "CPUExecutionProvider";
+  FusedKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
     return phases::guarded([&] { return Compute(context); });
@@ -162,58 +205,30 @@ struct FusedKernel {
  private:
   OrtStatusPtr Compute(OrtKernelContext* raw) const {
     Ort::KernelContext ctx(raw);
-    if (ctx.GetInputCount() != atpatch::kFusedInputs || ctx.GetOutputCount() < 1 ||
-        ctx.GetOutputCount() > atpatch::kFusedOutputs) {
-      return make_status(ORT_INVALID_ARGUMENT, "AtPatchAttention expects 9 inputs (query, key_t, bias, value, w1, b1, "
-                                               "w2, b2, forced) and up to 3 outputs (output, flags, scores)");
-    }
     FusedJob f;
     atpatch::Checked c;
-    if (OrtStatusPtr s = ReadOperands(ctx, &f, &c.shape)) return s;
-    const int64_t batch = c.shape[0], heads = c.shape[1], q_len = c.shape[2], k_len = c.shape[3];
-    c.detector.threshold = threshold_;
-    if (OrtStatusPtr s = atpatch::ReadDetector(ctx, atpatch::kVersion, heads, atpatch::kFusedDetectorInput, &c)) return s;
-    if (OrtStatusPtr s = atpatch::ReadForced(ctx, atpatch::kFusedForcedInput, batch, k_len, &c)) return s;
-    const std::vector<int64_t> out_shape{batch, heads, q_len, f.width};
-    int64_t total = 1, out_total = 1;
-    for (int axis = 0; axis < 4; ++axis) {
-      if (!checked_mul(total, c.shape[axis], &total) || !checked_mul(out_total, out_shape[axis], &out_total)) {
-        return make_status(ORT_INVALID_ARGUMENT, "attention of shape " + shape_str(c.shape) + " is too large");
-      }
-    }
-    f.output = ctx.GetOutput(0, out_shape.data(), out_shape.size()).GetTensorMutableData<float>();
-    if (OrtStatusPtr s = atpatch::AllocateFlags(ctx, 1, batch, k_len, "attention of shape " + shape_str(c.shape), &c)) {
-      return s;
-    }
-    if (q_len > atpatch::kMaxLen || k_len > atpatch::kMaxLen) {
-      return make_status(ORT_INVALID_ARGUMENT, "q_len and k_len must be at most 16777216 (float32 counts), got " +
-                                                   shape_str(c.shape) + "; split the sequence");
-    }
-    c.batch = batch, c.heads = heads, c.q_len = q_len, c.k_len = k_len, c.total = total;
-    if (total == 0) {  // no map: weights over no keys sum to 0, and nothing is flagged
-      if (out_total > 0) std::memset(f.output, 0, static_cast<size_t>(out_total) * sizeof(float));
+    if (OrtStatusPtr s = Prepare(ctx, threshold_, &f, &c)) return s;
+    if (c.total == 0) {  // no map: weights over no keys sum to 0, and nothing is flagged
+      if (f.width_total > 0) std::memset(f.output, 0, static_cast<size_t>(f.width_total) * sizeof(float));
       if (c.flag_count > 0) std::memset(c.flags, 0, static_cast<size_t>(c.flag_count));
       if (c.scores != nullptr) {
-        std::fill_n(c.scores, static_cast<size_t>(batch * k_len), -std::numeric_limits<float>::infinity());
+        std::fill_n(c.scores, static_cast<size_t>(c.batch * c.k_len), -std::numeric_limits<float>::infinity());
       }
       return nullptr;
     }
-    if (static_cast<uint64_t>(total) > std::numeric_limits<size_t>::max() / sizeof(float)) {
-      return make_status(ORT_INVALID_ARGUMENT, "attention of shape " + shape_str(c.shape) + " is too large");
-    }
     // Every entry is written by phase A before it is read: no need to clear the map.
-    const std::unique_ptr<float[]> map(new float[static_cast<size_t>(total)]);
+    const std::unique_ptr<float[]> map(new float[static_cast<size_t>(c.total)]);
     std::vector<float> workspace, patch;
     if (OrtStatusPtr s = phases::make_job(c, map.get(), map.get(), false, false, &workspace, &patch, &f.job)) return s;
     f.map = map.get();
     f.scale = scale_;
-    const int64_t blocks = batch * heads;
+    const int64_t blocks = c.batch * c.heads;
     // AtPatch's inline rule in its units (a map entry costs it about 8 operations); here an entry also
     // costs depth multiply-adds to form and width to weigh the values.
     int64_t work = 0;
-    const bool inline_run = checked_mul(total, f.depth + f.width + 8, &work) && work < phases::kInlineElements * 8;
+    const bool inline_run = checked_mul(c.total, f.depth + f.width + 8, &work) && work < phases::kInlineElements * 8;
     if (OrtStatusPtr s = phases::parallel(raw, &map_task, blocks, &f, inline_run)) return s;
-    if (OrtStatusPtr s = phases::parallel(raw, &score_task, batch, &f, inline_run)) return s;
+    if (OrtStatusPtr s = phases::parallel(raw, &score_task, c.batch, &f, inline_run)) return s;
     return phases::parallel(raw, &values_task, blocks, &f, inline_run);
   }
 
@@ -221,7 +236,62 @@ struct FusedKernel {
   const float scale_;
 };
 
-struct FusedOp : Ort::CustomOpBase<FusedOp, FusedKernel, /*WithStatus=*/true> {
+#if defined(ATPATCH_WITH_CUDA)
+// The fused op on onnxruntime's CUDA provider: every input and output is device memory; the
+// kernels are enqueued on onnxruntime's compute stream (cuda_fused.h).
+struct FusedCudaKernel {
+  using Elem = float;
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
+  FusedCudaKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
+    return phases::guarded([&] { return Compute(context); });
+  }
+
+ private:
+  OrtStatusPtr Compute(OrtKernelContext* raw) const {
+    Ort::KernelContext ctx(raw);
+    FusedJob f;
+    atpatch::Checked c;
+    if (OrtStatusPtr s = Prepare(ctx, threshold_, &f, &c)) return s;
+    void* stream = ctx.GetGPUComputeStream();
+    if (stream == nullptr) {
+      return make_status(ORT_FAIL, "onnxruntime gave no CUDA compute stream; run the model with ATPATCH_NATIVE=0");
+    }
+    atpatch::cuda::FusedProblem p;
+    const auto operand = [](const Operand& o) {
+      return atpatch::cuda::Operand{o.data, o.batch_stride, o.head_stride};
+    };
+    p.query = operand(f.query);
+    p.key_t = operand(f.key_t);
+    p.value = operand(f.value);
+    p.bias = f.bias;
+    std::copy(f.bias_strides, f.bias_strides + 4, p.bias_strides);
+    p.batch = c.batch, p.heads = c.heads, p.q_len = c.q_len, p.k_len = c.k_len, p.depth = f.depth, p.width = f.width;
+    p.scale = scale_;
+    p.output = f.output;
+    p.patch.w1 = c.detector.w1;
+    p.patch.b1 = c.detector.b1;
+    p.patch.w2 = c.detector.w2;
+    p.patch.b2 = c.b2;
+    p.patch.hidden = c.detector.hidden;
+    p.patch.threshold = threshold_;
+    p.patch.forced = c.forced;
+    p.patch.forced_batch_stride = c.forced_batch_stride;
+    p.patch.forced_key_stride = c.forced_key_stride;
+    p.patch.flags = c.flags;
+    p.patch.scores = c.scores;
+    const std::string error = atpatch::cuda::run_fused(p, stream);
+    return error.empty() ? nullptr : make_status(ORT_FAIL, "CUDA kernel: " + error);
+  }
+
+  const float threshold_;
+  const float scale_;
+};
+#endif
+
+template <typename Kernel>
+struct FusedOp : Ort::CustomOpBase<FusedOp<Kernel>, Kernel, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
     size_t inputs = 0, outputs = 0;
     if (OrtStatus* s = api.KernelInfo_GetInputCount(info, &inputs)) return s;
@@ -242,7 +312,7 @@ struct FusedOp : Ort::CustomOpBase<FusedOp, FusedKernel, /*WithStatus=*/true> {
       scale = 1.0f;
     }
     try {
-      *kernel = new FusedKernel(threshold, scale);
+      *kernel = new Kernel(threshold, scale);
     } catch (const std::bad_alloc&) {
       return make_status(ORT_FAIL, "out of memory creating the kernel");
     }
@@ -250,7 +320,7 @@ struct FusedOp : Ort::CustomOpBase<FusedOp, FusedKernel, /*WithStatus=*/true> {
   }
 
   const char* GetName() const { return atpatch::kFusedOpType; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  const char* GetExecutionProviderType() const { return Kernel::kProvider; }
   size_t GetInputTypeCount() const { return atpatch::kFusedInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     // `forced` takes any type here so that a wrong one reaches ReadForced, which names the fix.
@@ -271,8 +341,15 @@ struct FusedOp : Ort::CustomOpBase<FusedOp, FusedKernel, /*WithStatus=*/true> {
 namespace atpatch {
 
 OrtCustomOp* fused_attention_op() {
-  static FusedOp op;
+  static FusedOp<FusedKernel> op;
   return &op;
 }
+
+#if defined(ATPATCH_WITH_CUDA)
+OrtCustomOp* fused_attention_cuda_op() {
+  static FusedOp<FusedCudaKernel> op;
+  return &op;
+}
+#endif
 
 }  // namespace atpatch

@@ -1,4 +1,5 @@
-// AtPatchAttention: attention and its patch in one op (spec.py, "AtPatchAttention"), CPU, float32.
+// AtPatchAttention: attention and its patch in one op (spec.py, "AtPatchAttention"), float32, CPU
+// (and CUDA with ATPATCH_CUDA).
 #pragma once
 
 #define ORT_API_MANUAL_INIT
@@ -16,5 +17,9 @@ constexpr const char* kScaleAttr = "scale";
 
 // The op for the CPU execution provider; lives as long as the process (the domain refers to it).
 OrtCustomOp* fused_attention_op();
+#if defined(ATPATCH_WITH_CUDA)
+// The op for the CUDA execution provider (cuda_fused.h).
+OrtCustomOp* fused_attention_cuda_op();
+#endif
 
 }  // namespace atpatch
