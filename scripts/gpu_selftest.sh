@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build and run the CUDA AtPatch kernel's self-test on a GPU machine (no onnxruntime, no
 # internet needed): the device code of atpatch/ops/kernel/cuda_kernel.cu against the CPU
-# kernel's arithmetic (core.cc) on fresh random maps, float32 and float16, then timed against
+# kernel's arithmetic (core.cc) on fresh random maps, float32 and float16, and the fused op's
+# (cuda_fused.cu: AtPatchAttention) against the host's attention, then timed against
 # the CPU on [8,12,512,512]; then compute-sanitizer memcheck/initcheck on small cases, if the
 # toolkit has it; then, when the onnxruntime-gpu wheel was carried into .ortgpu/
 # (scripts/fetch_ort_gpu.sh), the library built with its CUDA op and run inside an onnxruntime-gpu
