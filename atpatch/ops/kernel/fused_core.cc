@@ -9,6 +9,10 @@
 
 namespace atpatch {
 
+#if !defined(__GNUC__)  // GCC and Clang both define it
+#error "fused_core.cc uses GCC/Clang vector extensions: build the AtPatch library with GCC or Clang"
+#endif
+
 // The vector helpers below are inlined into each clone of the hot functions, never called across
 // the ABI, so GCC's note that an AVX vector return changes it does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
