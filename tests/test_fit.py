@@ -145,6 +145,28 @@ def test_thresholds_sit_midway_between_calibration_scores(rng: np.random.Generat
             assert above.min() - threshold >= (above.min() - below.max()) / 2 * (1 - 1e-5)
 
 
+def test_thresholds_stay_clear_of_tied_calibration_scores(rng: np.random.Generator) -> None:
+    """Tabular rows repeat, so calibration scores tie (here: a handful of values, each many times, some
+    within float32 rounding of each other). A threshold on a tie (1 ulp above it) let the kernel and the
+    ONNX function disagree on 8 of 1,000 COMPAS rows: every threshold keeps clear of every calibration
+    score by more than rounding, and flags no more inputs than its rank asks (fewer where it splits a tie)."""
+    n = 400
+    calibration = _columns(rng, n, 8, None)
+    values = np.float32([2.5, 2.0, 2.0 * (1 + 2e-6), 1.5, 1.2])  # the third is the second, rounded differently
+    for x in calibration.features:
+        x[:, 0] = rng.choice(values[1:], size=len(x))  # scores repeat: 2.0, ~2.0, 1.5, 1.2 ...
+        x[:: 8 * 40, 0] = values[0]  # ... and 10 inputs score 2.5
+    layer = _linear_layer(calibration.features[0].shape[1])
+    budget = FlagBudget([layer], calibration, n, None)
+    scores = budget.scores[0]
+    for rank in (0, 5, 10, 11, 60, n - 1):
+        threshold = budget.threshold(0, rank)
+        assert np.abs(scores - threshold).min() > 1e-5 * abs(threshold), (rank, threshold)
+        assert (scores > threshold).sum() <= max(rank, 0)
+    assert (scores > budget.threshold(0, 10)).sum() == 10  # the 2.5s, clear of the tie below them
+    assert (scores > budget.threshold(0, 11)).sum() == 10  # the tie at ~2.0 is left unflagged
+
+
 def test_between_layers_that_flag_the_same_culprits_the_widest_margin_wins(rng: np.random.Generator) -> None:
     """Both layers score every culprit above every clean calibration input (a tie in culprits per
     clean input spent); the second clears them by far more, as a layer that unseen triggers still

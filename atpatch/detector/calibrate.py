@@ -87,6 +87,11 @@ def calibration_size_needed(target_flag_rate: float, layers: int = 1, confidence
     return max(hi, layers)
 
 
+# Relative difference below which two detector scores count as the same (float32 rounding of the
+# kernel, the ONNX function and numpy differ by about 1e-6 relative).
+TIE_TOLERANCE = 1e-5
+
+
 class FlagBudget:
     """Per layer, a rank r (flag the r highest-scoring calibration inputs; -1: the layer is off), and
     what a choice of ranks costs (calibration inputs flagged, plus one per active layer beyond the
@@ -122,11 +127,24 @@ class FlagBudget:
         # score by half the gap below it, for rank 0). Just above the former, the op's own float32 rounding
         # flagged that calibration input too: 6 of 2000 where fit counted 5, on a MiniLM. Unseen inputs land
         # anywhere in the gap, so the middle keeps the conformal bound and flags no more of them.
+        # Scores within float32 rounding of each other (TIE_TOLERANCE) are one score: tabular rows repeat,
+        # and a threshold on such a tie (1 ulp above it) left the kernel and the ONNX function flagging
+        # 8 of 1,000 COMPAS test rows differently (logits up to 2.8 apart). A tie across the cut is left
+        # unflagged, so at most `rank` calibration inputs are flagged (fewer, when the cut splits a tie).
         ranked = self.ranked[layer]
         low = np.float32(ranked[min(rank, self.n - 1)])
-        high = np.float32(ranked[rank - 1] if 0 < rank < self.n else 2 * low - ranked[min(1, self.n - 1)])
-        middle = np.float32(low + (high - low) / 2) if np.isfinite(low) and np.isfinite(high) else low
-        return float(middle if low < middle < high else np.nextafter(low, np.float32(np.inf)))
+        if not np.isfinite(low):
+            return float(low)
+        tie = np.float32(TIE_TOLERANCE * max(1.0, abs(float(low))))
+        flagged = ranked[: min(rank, self.n)]
+        above = flagged[np.isfinite(flagged) & (flagged > low + tie)]
+        if len(above):
+            high = np.float32(above[-1])
+        else:  # nothing to flag clear of the tie: above it by the gap below it (1 when there is none)
+            below = ranked[np.isfinite(ranked) & (ranked < low - tie)]
+            high = np.float32(low + (low - below[0] if len(below) else max(1.0, abs(float(low)))))
+        middle = np.float32(low + (high - low) / 2)
+        return float(middle if np.isfinite(middle) and middle > low else np.nextafter(low, np.float32(np.inf)))
 
     def margin(self, layer: int, rank: int) -> float:
         """How far the culprits clear the layer's threshold at `rank`: their 10th-percentile score above
