@@ -128,10 +128,10 @@ def _fuse_site(g: _Graph, patch: onnx.NodeProto) -> tuple[onnx.NodeProto, list[o
         chain.append(readers[0])
         probs = readers[0].output[0]
         readers = g.readers.get(probs, [])
-    if not g.only_reader(probs, readers[0] if readers else patch) or not _is(readers[0], "MatMul"):
+    if len(readers) != 1 or not _is(readers[0], "MatMul") or not g.only_reader(probs, readers[0]):
         return None
     values = readers[0]
-    if list(values.input).count(probs) != 1 or values.input[0] != probs:
+    if list(values.input) != [probs, values.input[1]] or values.input[1] == probs:  # P.V, P read once
         return None
     logits = softmax.input[0]
     if not g.only_reader(logits, softmax):
