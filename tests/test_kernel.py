@@ -222,6 +222,12 @@ def test_library_reports_the_spec_contract() -> None:
         "features_per_head": 3,
         "feature_version": 2,
     }
+    # The fused op, in the same domain: spec.py's contract, float32, on the providers the library has.
+    fused = info["fused"]
+    assert fused["op_type"] == spec.FUSED_OP_TYPE
+    assert (tuple(fused["inputs"]), tuple(fused["outputs"])) == (spec.FUSED_INPUTS, spec.FUSED_OUTPUTS)
+    assert fused["attributes"] == {k: v[1] for k, v in spec.FUSED_ATTRIBUTES.items()}
+    assert fused["dtypes"] == ["float32"] and fused["providers"] == info["providers"]
 
 
 def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
@@ -469,3 +475,4 @@ def test_doctor_reports_the_kernel() -> None:
     text = report()
     assert "onnxruntime" in text and "CPUExecutionProvider" in text
     assert "native kernel loadable: yes" in text
+    assert "fused AtPatchAttention: float32 on CPUExecutionProvider" in text

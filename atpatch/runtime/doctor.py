@@ -47,6 +47,12 @@ def _native_status() -> list[str]:
             f"  native kernel contract: {info['domain']}::{info['op_type']} v{info['version']}, "
             f"dtypes {dtype_text}, built for ORT API {info['ort_api_version']}"
         )
+        fused = native.library_fused_providers(library)
+        lines.append(
+            f"  fused {spec.FUSED_OP_TYPE}: float32 on {', '.join(fused)} (atpatch-export --fuse-attention)"
+            if fused
+            else f"  fused {spec.FUSED_OP_TYPE}: not in this build (its ONNX function runs; reinstall atpatch)"
+        )
     except Exception as err:  # noqa: BLE001
         lines.append(f"  native kernel contract: unreadable ({type(err).__name__}: {err})")
     # Loadable = registers and runs one tiny op in a real session.
