@@ -111,79 +111,53 @@ ATPATCH_INLINE void softmax_row(float* row, int64_t k_len, float scale, const fl
   for (int64_t k = 0; k < k_len; ++k) row[k] /= sum;
 }
 
-// R rows of scores: out[i * k_len + k] = sum_d query[i * query_stride + d] * key_t[d * k_len + k].
-// Keys go two vectors at a time where they can (2R sums in flight, what two FMA units need), then
-// one, then one by one.
+// R rows of a product: out[i * cols + j] = sum_t a[i * a_stride + t] * b[t * cols + j], t in order
+// (the scores: query rows times key_t; the weighted values: probability rows times the values).
+// Columns go two vectors at a time where they can (2R sums in flight, what two FMA units need),
+// then one, then one by one.
 template <int R>
-ATPATCH_INLINE void score_rows(const float* query, int64_t query_stride, const float* key_t, int64_t depth,
-                               int64_t k_len, float* out) {
-  int64_t k0 = 0;
-  for (; k0 + 2 * kLaneBlock <= k_len; k0 += 2 * kLaneBlock) {
+ATPATCH_INLINE void product_rows(const float* a, int64_t a_stride, const float* b, int64_t inner, int64_t cols,
+                                 float* out) {
+  int64_t j0 = 0;
+  for (; j0 + 2 * kLaneBlock <= cols; j0 += 2 * kLaneBlock) {
     Lanes lo[R] = {}, hi[R] = {};
-    for (int64_t d = 0; d < depth; ++d) {
-      const Lanes keys_lo = load(key_t + d * k_len + k0), keys_hi = load(key_t + d * k_len + k0 + kLaneBlock);
+    for (int64_t t = 0; t < inner; ++t) {
+      const Lanes b_lo = load(b + t * cols + j0), b_hi = load(b + t * cols + j0 + kLaneBlock);
       for (int i = 0; i < R; ++i) {
-        const float a = query[i * query_stride + d];
-        lo[i] += a * keys_lo;
-        hi[i] += a * keys_hi;
+        const float x = a[i * a_stride + t];
+        lo[i] += x * b_lo;
+        hi[i] += x * b_hi;
       }
     }
     for (int i = 0; i < R; ++i) {
-      store(out + i * k_len + k0, lo[i]);
-      store(out + i * k_len + k0 + kLaneBlock, hi[i]);
+      store(out + i * cols + j0, lo[i]);
+      store(out + i * cols + j0 + kLaneBlock, hi[i]);
     }
   }
-  for (; k0 + kLaneBlock <= k_len; k0 += kLaneBlock) {
+  for (; j0 + kLaneBlock <= cols; j0 += kLaneBlock) {
     Lanes acc[R] = {};
-    for (int64_t d = 0; d < depth; ++d) {
-      const Lanes keys = load(key_t + d * k_len + k0);
-      for (int i = 0; i < R; ++i) acc[i] += query[i * query_stride + d] * keys;
+    for (int64_t t = 0; t < inner; ++t) {
+      const Lanes lanes = load(b + t * cols + j0);
+      for (int i = 0; i < R; ++i) acc[i] += a[i * a_stride + t] * lanes;
     }
-    for (int i = 0; i < R; ++i) store(out + i * k_len + k0, acc[i]);
+    for (int i = 0; i < R; ++i) store(out + i * cols + j0, acc[i]);
   }
   for (int i = 0; i < R; ++i) {
-    for (int64_t k = k0; k < k_len; ++k) {
+    for (int64_t j = j0; j < cols; ++j) {
       float acc = 0.0f;
-      for (int64_t d = 0; d < depth; ++d) acc += query[i * query_stride + d] * key_t[d * k_len + k];
-      out[i * k_len + k] = acc;
+      for (int64_t t = 0; t < inner; ++t) acc += a[i * a_stride + t] * b[t * cols + j];
+      out[i * cols + j] = acc;
     }
   }
 }
 
-// R rows of weighted values: out[i * width + e] = sum_k probs[i * k_len + k] * value[k * width + e],
-// value columns two vectors at a time where they can, as score_rows takes keys.
-template <int R>
-ATPATCH_INLINE void value_rows(const float* probs, const float* value, int64_t k_len, int64_t width, float* out) {
-  int64_t e0 = 0;
-  for (; e0 + 2 * kLaneBlock <= width; e0 += 2 * kLaneBlock) {
-    Lanes lo[R] = {}, hi[R] = {};
-    for (int64_t k = 0; k < k_len; ++k) {
-      const Lanes v_lo = load(value + k * width + e0), v_hi = load(value + k * width + e0 + kLaneBlock);
-      for (int i = 0; i < R; ++i) {
-        const float p = probs[i * k_len + k];
-        lo[i] += p * v_lo;
-        hi[i] += p * v_hi;
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      store(out + i * width + e0, lo[i]);
-      store(out + i * width + e0 + kLaneBlock, hi[i]);
-    }
-  }
-  for (; e0 + kLaneBlock <= width; e0 += kLaneBlock) {
-    Lanes acc[R] = {};
-    for (int64_t k = 0; k < k_len; ++k) {
-      const Lanes v = load(value + k * width + e0);
-      for (int i = 0; i < R; ++i) acc[i] += probs[i * k_len + k] * v;
-    }
-    for (int i = 0; i < R; ++i) store(out + i * width + e0, acc[i]);
-  }
-  for (int i = 0; i < R; ++i) {
-    for (int64_t e = e0; e < width; ++e) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < k_len; ++k) acc += probs[i * k_len + k] * value[k * width + e];
-      out[i * width + e] = acc;
-    }
+// `count` rows (1..kQueryGroup) of product_rows: four at once, or one by one.
+ATPATCH_INLINE void product(int count, const float* a, int64_t a_stride, const float* b, int64_t inner, int64_t cols,
+                            float* out) {
+  if (count == kQueryGroup) {
+    product_rows<kQueryGroup>(a, a_stride, b, inner, cols, out);
+  } else {
+    for (int i = 0; i < count; ++i) product_rows<1>(a + i * a_stride, 0, b, inner, cols, out + i * cols);
   }
 }
 
@@ -192,21 +166,13 @@ ATPATCH_INLINE void value_rows(const float* probs, const float* value, int64_t k
 ATPATCH_HOT_FMA void attention_rows(int count, const float* query, int64_t query_stride, const float* key_t, int64_t depth,
                                 int64_t k_len, float scale, const float* bias, int64_t bias_row_stride,
                                 int64_t bias_stride, float* rows) {
-  if (count == kQueryGroup) {
-    score_rows<kQueryGroup>(query, query_stride, key_t, depth, k_len, rows);
-  } else {
-    for (int i = 0; i < count; ++i) score_rows<1>(query + i * query_stride, 0, key_t, depth, k_len, rows + i * k_len);
-  }
+  product(count, query, query_stride, key_t, depth, k_len, rows);
   for (int i = 0; i < count; ++i) softmax_row(rows + i * k_len, k_len, scale, bias + i * bias_row_stride, bias_stride);
 }
 
 ATPATCH_HOT_FMA void weighted_values(int count, const float* probs, const float* value, int64_t k_len, int64_t width,
                                  float* out) {
-  if (count == kQueryGroup) {
-    value_rows<kQueryGroup>(probs, value, k_len, width, out);
-  } else {
-    for (int i = 0; i < count; ++i) value_rows<1>(probs + i * k_len, value, k_len, width, out + i * width);
-  }
+  product(count, probs, k_len, value, k_len, width, out);
 }
 
 }  // namespace atpatch
