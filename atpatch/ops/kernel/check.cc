@@ -145,6 +145,15 @@ OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch,
   return nullptr;
 }
 
+float FloatAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float fallback) {
+  float value = fallback;
+  if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, name, &value)) {
+    api.ReleaseStatus(missing);
+    return fallback;
+  }
+  return value;
+}
+
 OrtStatusPtr NodeVersion(const OrtApi& api, const OrtKernelInfo* info, int* version) {
   size_t inputs = 0, outputs = 0;
   if (OrtStatus* s = api.KernelInfo_GetInputCount(info, &inputs)) return s;

@@ -46,6 +46,9 @@ std::string shape_str(const std::vector<int64_t>& shape);
 // a * b, or false when it would overflow int64.
 bool checked_mul(int64_t a, int64_t b, int64_t* out);
 
+// At kernel creation: a node's float attribute, or `fallback` (the spec's default) when it has none.
+float FloatAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, float fallback);
+
 // At kernel creation: the op version of a node, from its arity. 5 inputs and 1 output: version 1
 // (a model patched before v2); 6 inputs: version 2 (`flags` and `scores` may be left off). Anything else is
 // refused. A v2 node missing `forced` with one output would pass for v1: such a node is no

@@ -213,11 +213,7 @@ struct AtPatchOp : Ort::CustomOpBase<AtPatchOp<Kernel>, Kernel, /*WithStatus=*/t
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
     int version = 0;
     if (OrtStatusPtr status = atpatch::NodeVersion(api, info, &version)) return status;
-    float threshold = atpatch::kThresholdDefault;
-    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, atpatch::kThresholdAttr, &threshold)) {
-      api.ReleaseStatus(missing);  // absent: the spec's default
-      threshold = atpatch::kThresholdDefault;
-    }
+    const float threshold = atpatch::FloatAttribute(api, info, atpatch::kThresholdAttr, atpatch::kThresholdDefault);
     int64_t map_type = 0;
     if (OrtStatus* missing = api.KernelInfoGetAttribute_int64(info, atpatch::kMapTypeAttr, &map_type)) {
       api.ReleaseStatus(missing);  // absent: the type received

@@ -193,21 +193,11 @@ OrtStatusPtr Prepare(Ort::KernelContext& ctx, float threshold, FusedJob* f, atpa
   return nullptr;
 }
 
-struct FusedKernel {
-  using Elem = float;
+// The CPU provider's run of a prepared call.
+struct Cpu {
   static constexpr const char* kProvider = "CPUExecutionProvider";
-  FusedKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
-    return phases::guarded([&] { return Compute(context); });
-  }
-
- private:
-  OrtStatusPtr Compute(OrtKernelContext* raw) const {
-    Ort::KernelContext ctx(raw);
-    FusedJob f;
-    atpatch::Checked c;
-    if (OrtStatusPtr s = Prepare(ctx, threshold_, &f, &c)) return s;
+  static OrtStatusPtr Run(OrtKernelContext* raw, Ort::KernelContext& /*ctx*/, float /*threshold*/, float scale,
+                          FusedJob& f, const atpatch::Checked& c) {
     if (c.total == 0) {  // no map: weights over no keys sum to 0, and nothing is flagged
       if (f.width_total > 0) std::memset(f.output, 0, static_cast<size_t>(f.width_total) * sizeof(float));
       if (c.flag_count > 0) std::memset(c.flags, 0, static_cast<size_t>(c.flag_count));
@@ -215,80 +205,86 @@ struct FusedKernel {
         std::fill_n(c.scores, static_cast<size_t>(c.batch * c.k_len), -std::numeric_limits<float>::infinity());
       }
       return nullptr;
-    }
-    // Every entry is written by phase A before it is read: no need to clear the map.
-    const std::unique_ptr<float[]> map(new float[static_cast<size_t>(c.total)]);
-    std::vector<float> workspace, patch;
-    if (OrtStatusPtr s = phases::make_job(c, map.get(), map.get(), false, false, &workspace, &patch, &f.job)) return s;
-    f.map = map.get();
-    f.scale = scale_;
-    const int64_t blocks = c.batch * c.heads;
-    // AtPatch's inline rule in its units (a map entry costs it about 8 operations); here an entry also
-    // costs depth multiply-adds to form and width to weigh the values.
-    int64_t work = 0;
-    const bool inline_run = checked_mul(c.total, f.depth + f.width + 8, &work) && work < phases::kInlineElements * 8;
-    if (OrtStatusPtr s = phases::parallel(raw, &map_task, blocks, &f, inline_run)) return s;
-    if (OrtStatusPtr s = phases::parallel(raw, &score_task, c.batch, &f, inline_run)) return s;
-    return phases::parallel(raw, &values_task, blocks, &f, inline_run);
   }
-
-  const float threshold_;
-  const float scale_;
+  // Every entry is written by phase A before it is read: no need to clear the map.
+  const std::unique_ptr<float[]> map(new float[static_cast<size_t>(c.total)]);
+  std::vector<float> workspace, patch;
+  if (OrtStatusPtr s = phases::make_job(c, map.get(), map.get(), false, false, &workspace, &patch, &f.job)) return s;
+  f.map = map.get();
+  f.scale = scale;
+  const int64_t blocks = c.batch * c.heads;
+  // AtPatch's inline rule in its units (a map entry costs it about 8 operations); here an entry also
+  // costs depth multiply-adds to form and width to weigh the values.
+  int64_t work = 0;
+  const bool inline_run = checked_mul(c.total, f.depth + f.width + 8, &work) && work < phases::kInlineElements * 8;
+  if (OrtStatusPtr s = phases::parallel(raw, &map_task, blocks, &f, inline_run)) return s;
+  if (OrtStatusPtr s = phases::parallel(raw, &score_task, c.batch, &f, inline_run)) return s;
+  return phases::parallel(raw, &values_task, blocks, &f, inline_run);
+  }
 };
 
 #if defined(ATPATCH_WITH_CUDA)
-// The fused op on onnxruntime's CUDA provider: every input and output is device memory; the
-// kernels are enqueued on onnxruntime's compute stream (cuda_fused.h).
-struct FusedCudaKernel {
-  using Elem = float;
+// The CUDA provider's: every input and output is device memory; the kernels are enqueued on
+// onnxruntime's compute stream (cuda_fused.h).
+struct Cuda {
   static constexpr const char* kProvider = "CUDAExecutionProvider";
-  FusedCudaKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
-    return phases::guarded([&] { return Compute(context); });
-  }
-
- private:
-  OrtStatusPtr Compute(OrtKernelContext* raw) const {
-    Ort::KernelContext ctx(raw);
-    FusedJob f;
-    atpatch::Checked c;
-    if (OrtStatusPtr s = Prepare(ctx, threshold_, &f, &c)) return s;
+  static OrtStatusPtr Run(OrtKernelContext* /*raw*/, Ort::KernelContext& ctx, float threshold, float scale,
+                          FusedJob& f, const atpatch::Checked& c) {
     void* stream = ctx.GetGPUComputeStream();
     if (stream == nullptr) {
       return make_status(ORT_FAIL, "onnxruntime gave no CUDA compute stream; run the model with ATPATCH_NATIVE=0");
-    }
-    atpatch::cuda::FusedProblem p;
-    const auto operand = [](const Operand& o) {
-      return atpatch::cuda::Operand{o.data, o.batch_stride, o.head_stride};
-    };
-    p.query = operand(f.query);
-    p.key_t = operand(f.key_t);
-    p.value = operand(f.value);
-    p.bias = f.bias;
-    std::copy(f.bias_strides, f.bias_strides + 4, p.bias_strides);
-    p.batch = c.batch, p.heads = c.heads, p.q_len = c.q_len, p.k_len = c.k_len, p.depth = f.depth, p.width = f.width;
-    p.scale = scale_;
-    p.output = f.output;
-    p.patch.w1 = c.detector.w1;
-    p.patch.b1 = c.detector.b1;
-    p.patch.w2 = c.detector.w2;
-    p.patch.b2 = c.b2;
-    p.patch.hidden = c.detector.hidden;
-    p.patch.threshold = threshold_;
-    p.patch.forced = c.forced;
-    p.patch.forced_batch_stride = c.forced_batch_stride;
-    p.patch.forced_key_stride = c.forced_key_stride;
-    p.patch.flags = c.flags;
-    p.patch.scores = c.scores;
-    const std::string error = atpatch::cuda::run_fused(p, stream);
-    return error.empty() ? nullptr : make_status(ORT_FAIL, "CUDA kernel: " + error);
+  }
+  atpatch::cuda::FusedProblem p;
+  const auto operand = [](const Operand& o) {
+    return atpatch::cuda::Operand{o.data, o.batch_stride, o.head_stride};
+  };
+  p.query = operand(f.query);
+  p.key_t = operand(f.key_t);
+  p.value = operand(f.value);
+  p.bias = f.bias;
+  std::copy(f.bias_strides, f.bias_strides + 4, p.bias_strides);
+  p.batch = c.batch, p.heads = c.heads, p.q_len = c.q_len, p.k_len = c.k_len, p.depth = f.depth, p.width = f.width;
+  p.scale = scale;
+  p.output = f.output;
+  p.patch.w1 = c.detector.w1;
+  p.patch.b1 = c.detector.b1;
+  p.patch.w2 = c.detector.w2;
+  p.patch.b2 = c.b2;
+  p.patch.hidden = c.detector.hidden;
+  p.patch.threshold = threshold;
+  p.patch.forced = c.forced;
+  p.patch.forced_batch_stride = c.forced_batch_stride;
+  p.patch.forced_key_stride = c.forced_key_stride;
+  p.patch.flags = c.flags;
+  p.patch.scores = c.scores;
+  const std::string error = atpatch::cuda::run_fused(p, stream);
+  return error.empty() ? nullptr : make_status(ORT_FAIL, "CUDA kernel: " + error);
+  }
+};
+#endif
+
+// The fused op's kernel on one provider: the call checked and its outputs allocated (Prepare), then
+// the provider's run.
+template <typename Backend>
+struct FusedKernel {
+  using Elem = float;
+  static constexpr const char* kProvider = Backend::kProvider;
+  FusedKernel(float threshold, float scale) : threshold_(threshold), scale_(scale) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) const noexcept {
+    return phases::guarded([&] {
+      Ort::KernelContext ctx(raw);
+      FusedJob f;
+      atpatch::Checked c;
+      if (OrtStatusPtr s = Prepare(ctx, threshold_, &f, &c)) return s;
+      return Backend::Run(raw, ctx, threshold_, scale_, f, c);
+    });
   }
 
+ private:
   const float threshold_;
   const float scale_;
 };
-#endif
 
 template <typename Kernel>
 struct FusedOp : Ort::CustomOpBase<FusedOp<Kernel>, Kernel, /*WithStatus=*/true> {
@@ -302,15 +298,8 @@ struct FusedOp : Ort::CustomOpBase<FusedOp<Kernel>, Kernel, /*WithStatus=*/true>
                                                    " outputs; it takes 9 inputs (query, key_t, bias, value, w1, b1, "
                                                    "w2, b2, forced) and up to 3 outputs; patch the model again");
     }
-    float threshold = atpatch::kThresholdDefault, scale = 1.0f;
-    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, atpatch::kThresholdAttr, &threshold)) {
-      api.ReleaseStatus(missing);
-      threshold = atpatch::kThresholdDefault;
-    }
-    if (OrtStatus* missing = api.KernelInfoGetAttribute_float(info, atpatch::kScaleAttr, &scale)) {
-      api.ReleaseStatus(missing);
-      scale = 1.0f;
-    }
+    const float threshold = atpatch::FloatAttribute(api, info, atpatch::kThresholdAttr, atpatch::kThresholdDefault);
+    const float scale = atpatch::FloatAttribute(api, info, atpatch::kScaleAttr, 1.0f);
     try {
       *kernel = new Kernel(threshold, scale);
     } catch (const std::bad_alloc&) {
@@ -341,13 +330,13 @@ struct FusedOp : Ort::CustomOpBase<FusedOp<Kernel>, Kernel, /*WithStatus=*/true>
 namespace atpatch {
 
 OrtCustomOp* fused_attention_op() {
-  static FusedOp<FusedKernel> op;
+  static FusedOp<FusedKernel<Cpu>> op;
   return &op;
 }
 
 #if defined(ATPATCH_WITH_CUDA)
 OrtCustomOp* fused_attention_cuda_op() {
-  static FusedOp<FusedCudaKernel> op;
+  static FusedOp<FusedKernel<Cuda>> op;
   return &op;
 }
 #endif
