@@ -1,38 +1,21 @@
 // AtPatchAttention on a CUDA device: see cuda_fused.h.
 #include "cuda_fused.h"
 
-#if defined(ATPATCH_CUDA_EMULATION)
-#include "cuda_emulation.h"  // the same source on the CPU, for tests without a GPU
-#else
-#include <cuda_runtime.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <string>
+
+#include "cuda_common.h"
 
 namespace atpatch {
 namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kFusedThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-#if defined(ATPATCH_CUDA_EMULATION)
-#define ATPATCH_FUSED_LAUNCH(kernel, grid, stream, ...) \
-  atpatch_emulation::launch(grid, kFusedThreads, kernel, __VA_ARGS__)
-#else
-#define ATPATCH_FUSED_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kFusedThreads, 0, stream>>>(__VA_ARGS__)
-#endif
-
-unsigned fused_grid(int64_t threads) {
-  const int64_t blocks = (threads + kFusedThreads - 1) / kFusedThreads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t{1} << 20));
-}
-
 std::string fused_error(cudaError_t err, const char* what) {
-  return std::string("AtPatchAttention ") + what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+  return "AtPatchAttention " + error_text(err, what);
 }
 
 // One warp per map row (b, h, q), rows strided over the grid; lane l holds keys l, l + 32, ...
@@ -118,14 +101,14 @@ std::string run_fused(const FusedProblem& f, void* raw_stream) {
   }
   auto* probs = static_cast<float*>(map);
   std::string error;
-  ATPATCH_FUSED_LAUNCH(map_kernel, fused_grid(rows * kWarp), stream, f, probs);
+  ATPATCH_LAUNCH(map_kernel, grid_for(rows * kWarp), stream, f, probs);
   if (cudaError_t err = cudaGetLastError()) error = fused_error(err, "forming the map");
   if (error.empty()) {
     p.in = p.out = probs;  // in place: the map is the kernel's own
     error = run(p, raw_stream);
   }
   if (error.empty() && outputs > 0) {
-    ATPATCH_FUSED_LAUNCH(values_kernel, fused_grid(outputs), stream, f, static_cast<const float*>(probs));
+    ATPATCH_LAUNCH(values_kernel, grid_for(outputs), stream, f, static_cast<const float*>(probs));
     if (cudaError_t err = cudaGetLastError()) error = fused_error(err, "weighing the values");
   }
   if (cudaError_t err = cudaFreeAsync(map, stream); err != cudaSuccess && error.empty()) {

@@ -10,11 +10,8 @@
 // CPU kernel's bit for bit (see cuda_kernel.h).
 #include "cuda_kernel.h"
 
-#if defined(ATPATCH_CUDA_EMULATION)
-#include "cuda_emulation.h"  // the same source on the CPU, for tests without a GPU
-#else
+#if !defined(ATPATCH_CUDA_EMULATION)
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #endif
 
 #include <algorithm>
@@ -22,6 +19,7 @@
 #include <string>
 
 #include "core.h"
+#include "cuda_common.h"
 
 namespace atpatch {
 namespace cuda {
@@ -30,13 +28,6 @@ namespace {
 // core.cc's lane count: row_stats and patch_row sum a row in kLanes interleaved lanes, then
 // combine the lanes in double. The row_stats and patch kernels give each lane its own thread.
 constexpr int kLanes = 16;
-constexpr int kThreads = 256;
-
-#if defined(ATPATCH_CUDA_EMULATION)
-#define ATPATCH_LAUNCH(kernel, grid, stream, ...) atpatch_emulation::launch(grid, kThreads, kernel, __VA_ARGS__)
-#else
-#define ATPATCH_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
-#endif
 
 // Plain loads (no __ldg): the patch kernel may run in place, where the map is written.
 __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
@@ -266,21 +257,6 @@ __global__ void patch_kernel(const T* in, T* out, int64_t rows, int64_t rows_per
       for (int64_t j = lane; j < k_len; j += kLanes) row_out[j] = row[j];
     }
   }
-}
-
-// Enough blocks to fill the device several times over; the kernels loop over the rest.
-unsigned grid_for(int64_t threads) {
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t{1} << 20));
-}
-
-std::string error_text(cudaError_t err, const char* what) {
-  std::string text = std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
-  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice) {
-    text += "; this kernel was built with CUDA runtime " + std::to_string(CUDART_VERSION / 1000) + "." +
-            std::to_string(CUDART_VERSION % 1000 / 10) + ", which needs a matching NVIDIA driver";
-  }
-  return text;
 }
 
 template <typename T>
