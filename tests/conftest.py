@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta")
+ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta", "albert")
 
 
 def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time)
@@ -51,6 +51,16 @@ def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time
             pad_token_id=1,
             num_labels=3,
             architectures=["RobertaForSequenceClassification"],
+            **common,
+        )
+    if arch == "albert":
+        # ALBERT shares one layer's weights across its layers: the export still has one softmax per layer.
+        return T.AlbertConfig(
+            vocab_size=97,
+            embedding_size=16,
+            max_position_embeddings=64,
+            num_labels=3,
+            architectures=["AlbertForSequenceClassification"],
             **common,
         )
     if arch == "vit":

@@ -1,4 +1,4 @@
-"""Tiny random BERT, DistilBERT, RoBERTa, ViT and GPT-2, exported both ways, patched, and run in onnxruntime."""
+"""Tiny random BERT, DistilBERT, RoBERTa, ALBERT, ViT and GPT-2, exported both ways, patched, and run in onnxruntime."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CASES = [
     for dynamo in (False, True)
     for opset in (17, 18)
     if not (arch == "gpt2" and dynamo and opset == 17)  # see test below
-] + [(arch, dynamo, 17) for arch in ("distilbert", "roberta") for dynamo in (False, True)]  # BERT-like encoders
+] + [(arch, dynamo, 17) for arch in ("distilbert", "roberta", "albert") for dynamo in (False, True)]  # BERT-likes
 IDS = [f"{a}-{'dynamo' if d else 'legacy'}-opset{o}" for a, d, o in CASES]
 NUM_LAYERS = 2
 

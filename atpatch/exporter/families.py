@@ -55,7 +55,7 @@ class Family:
 
 TEXT_ENCODER = Family(
     name="text encoder",
-    model_types=("bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "mpnet"),
+    model_types=("bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "mpnet", "albert"),
     make_inputs=_text_inputs,
     dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
 )
