@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta", "albert")
+ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta", "albert", "deberta-v2")
 
 
 def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time)
@@ -61,6 +61,22 @@ def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time
             max_position_embeddings=64,
             num_labels=3,
             architectures=["AlbertForSequenceClassification"],
+            **common,
+        )
+    if arch == "deberta-v2":
+        # DeBERTa-v3's attention: relative positions (c2p and p2c terms added to the scores), and the
+        # scores reshaped from [B*H, q, k] to [B, H, q, k] between Q.K^T and the softmax.
+        return T.DebertaV2Config(
+            vocab_size=97,
+            max_position_embeddings=64,
+            relative_attention=True,
+            position_buckets=16,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            num_labels=3,
+            architectures=["DebertaV2ForSequenceClassification"],
             **common,
         )
     if arch == "vit":

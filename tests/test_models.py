@@ -1,4 +1,5 @@
-"""Tiny random BERT, DistilBERT, RoBERTa, ALBERT, ViT and GPT-2, exported both ways, patched, and run in onnxruntime."""
+"""Tiny random BERT, DistilBERT, RoBERTa, ALBERT, DeBERTa-v2, ViT and GPT-2: exported both ways, patched, run in
+onnxruntime."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ CASES = [
     for dynamo in (False, True)
     for opset in (17, 18)
     if not (arch == "gpt2" and dynamo and opset == 17)  # see test below
-] + [(arch, dynamo, 17) for arch in ("distilbert", "roberta", "albert") for dynamo in (False, True)]  # BERT-likes
+] + [(arch, dynamo, 17) for arch in ("distilbert", "roberta", "albert", "deberta-v2") for dynamo in (False, True)]
 IDS = [f"{a}-{'dynamo' if d else 'legacy'}-opset{o}" for a, d, o in CASES]
 NUM_LAYERS = 2
 

@@ -55,7 +55,17 @@ class Family:
 
 TEXT_ENCODER = Family(
     name="text encoder",
-    model_types=("bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "mpnet", "albert"),
+    model_types=(
+        "bert",
+        "roberta",
+        "distilbert",
+        "electra",
+        "xlm-roberta",
+        "camembert",
+        "mpnet",
+        "albert",
+        "deberta-v2",
+    ),
     make_inputs=_text_inputs,
     dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
 )

@@ -37,10 +37,12 @@ FUSED_ATTENTION_OPS = {
     ("com.microsoft", "LongformerAttention"),
     ("com.microsoft", "SparseAttention"),
 }
-# Elementwise steps allowed between Q.K^T and the softmax (scale, mask, cast, soft-capping).
-_SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "CastLike", "Tanh", "Identity"}
-# Steps allowed between the softmax and P.V (dtype cast, NaN guard, dropout).
-_PROB_STEPS = {"Cast", "CastLike", "Where", "Dropout", "Identity"}
+# Steps allowed between Q.K^T and the softmax: elementwise (scale, mask, cast, soft-capping), and
+# Reshape (DeBERTa-v2/v3 form the scores as [B*H, q, k] and reshape them to [B, H, q, k]; the map
+# must still be rank 4 and feed P.V, checked below).
+_SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "CastLike", "Tanh", "Identity", "Reshape"}
+# Steps allowed between the softmax and P.V (dtype cast, NaN guard, dropout, DeBERTa's reshape back).
+_PROB_STEPS = {"Cast", "CastLike", "Where", "Dropout", "Identity", "Reshape"}
 _MATMULS = {"MatMul", "FusedMatMul", "Einsum"}
 _SEARCH_DEPTH = 6
 # Soft-capped scores sit 7 steps above the softmax in onnx's own Attention function body
