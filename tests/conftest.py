@@ -9,7 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta", "albert", "deberta-v2")
+# Encoders the export recipes claim besides the ones _config spells out, each with an attention of its
+# own (relative position bias added to the scores: MPNet, BEiT, Data2Vec-vision; rotary: RoFormer;
+# local and global layers: ModernBERT): config class, model class, settings beyond the shared sizes.
+MORE_ENCODERS = {
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {"embedding_size": 32}),
+    "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", {"max_position_embeddings": 66}),
+    "ernie": ("ErnieConfig", "ErnieForSequenceClassification", {}),
+    "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", {"embedding_size": 32}),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", {"max_position_embeddings": 66}),
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", {"pad_token_id": 0}),
+    "beit": ("BeitConfig", "BeitForImageClassification", {"use_relative_position_bias": True}),
+    "data2vec-vision": ("Data2VecVisionConfig", "Data2VecVisionForImageClassification", {}),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", {}),
+}
+ARCHS = ("bert", "vit", "gpt2", "distilbert", "roberta", "albert", "deberta-v2", *MORE_ENCODERS)
 
 
 def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time)
@@ -88,6 +102,11 @@ def _config(arch: str):  # noqa: ANN202 (transformers is optional at import time
             architectures=["ViTForImageClassification"],
             **common,
         )
+    if arch in MORE_ENCODERS:
+        config_class, model_class, settings = MORE_ENCODERS[arch]
+        vision = model_class.endswith("ImageClassification")
+        shape = {"image_size": 16, "patch_size": 4} if vision else {"vocab_size": 97, "max_position_embeddings": 64}
+        return getattr(T, config_class)(**{**common, **shape, **settings}, num_labels=3, architectures=[model_class])
     if arch == "gpt2":
         return T.GPT2Config(
             vocab_size=97,

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import MORE_ENCODERS
 from torch_reference import cross_layer_forward, forward, patched_softmax
 
 from atpatch.detector import Detector
@@ -23,6 +24,7 @@ CASES = [
     for opset in (17, 18)
     if not (arch == "gpt2" and dynamo and opset == 17)  # see test below
 ] + [(arch, dynamo, 17) for arch in ("distilbert", "roberta", "albert", "deberta-v2") for dynamo in (False, True)]
+CASES += [(arch, False, 17) for arch in MORE_ENCODERS]  # the other encoders the export recipes claim
 IDS = [f"{a}-{'dynamo' if d else 'legacy'}-opset{o}" for a, d, o in CASES]
 NUM_LAYERS = 2
 

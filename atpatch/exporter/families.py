@@ -65,13 +65,17 @@ TEXT_ENCODER = Family(
         "mpnet",
         "albert",
         "deberta-v2",
+        "ernie",
+        "roformer",
+        "data2vec-text",
+        "modernbert",
     ),
     make_inputs=_text_inputs,
     dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
 )
 VISION_ENCODER = Family(
     name="vision encoder",
-    model_types=("vit", "deit"),
+    model_types=("vit", "deit", "beit", "data2vec-vision", "dinov2"),
     make_inputs=_image_inputs,
     dynamic_axes={"pixel_values": {0: "batch"}},
 )
