@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 
 # Encoders the export recipes claim besides the ones _config spells out, each with an attention of its
-# own (relative position bias added to the scores: MPNet, BEiT, Data2Vec-vision; rotary: RoFormer;
+# own (relative position bias added to the scores: DeBERTa, MPNet, BEiT, Data2Vec-vision; rotary: RoFormer;
 # local and global layers: ModernBERT): config class, model class, settings beyond the shared sizes.
 MORE_ENCODERS = {
     "electra": ("ElectraConfig", "ElectraForSequenceClassification", {"embedding_size": 32}),
+    "deberta": (
+        "DebertaConfig",
+        "DebertaForSequenceClassification",
+        {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "position_biased_input": False},
+    ),
     "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", {"max_position_embeddings": 66}),
     "ernie": ("ErnieConfig", "ErnieForSequenceClassification", {}),
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", {"embedding_size": 32}),

@@ -64,6 +64,7 @@ TEXT_ENCODER = Family(
         "camembert",
         "mpnet",
         "albert",
+        "deberta",
         "deberta-v2",
         "ernie",
         "roformer",

@@ -138,6 +138,19 @@ def _scores_come_from_matmul(g: _Graph, name: str) -> bool:
     return any(node.op_type in _MATMULS for node in steps)
 
 
+def _scores_rank(g: _Graph, name: str) -> int | None:
+    """The rank of the scores `name`: shape inference's, or where it lost track (DeBERTa's relative
+    terms come through GatherElements with computed indices), the rank of the Q.K^T MatMul they
+    come from through elementwise steps only, which broadcast to at least its rank."""
+    rank = g.rank(name)
+    if rank is not None:
+        return rank
+    elementwise = _SCORE_STEPS - {"Reshape"}
+    steps = _upstream(g, name, _SCORE_DEPTH, lambda n: n.input if n.op_type in elementwise else ())
+    ranks = {g.rank(node.output[0]) for node in steps if node.op_type in _MATMULS}
+    return ranks.pop() if len(ranks) == 1 else None
+
+
 def _feeds_value_matmul(g: _Graph, name: str) -> bool:
     frontier = [name]
     for _ in range(_SEARCH_DEPTH):
@@ -233,7 +246,7 @@ def find_attention_sites(model: onnx.ModelProto) -> list[AttentionSite]:
         if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
             continue
         name = node.name or node.output[0]
-        rank = g.rank(node.input[0])
+        rank = _scores_rank(g, node.input[0])
         axis = _int_attr(node, "axis", -1)
         if rank != 4:
             skipped.append(f"{name}: rank {rank if rank is not None else 'unknown'}, not a [B,H,Lq,Lk] map")
