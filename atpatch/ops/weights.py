@@ -42,8 +42,9 @@ class Detector:
     spread: int = 0
     # One score over all layers (ops/joint.py), flagging besides each layer's own threshold; None: off.
     joint: JointRule | None = None
-    # bool [vocab]: token ids that continue a word (ops/words.py); cross-layer patching then widens
-    # flags to whole words. None: off (images, tokenizers without WordPiece's "##" pieces).
+    # uint8 [vocab]: per token id, whether it starts a word, continues one or is a special token
+    # (ops/words.py); cross-layer patching then widens flags to whole words. None: off (images, and
+    # tokenizers that mark neither word starts nor continuations).
     word_pieces: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -163,7 +164,7 @@ class Detector:
                 model_fingerprint=meta.get("model_fingerprint"),
                 feature_version=int(meta["feature_version"]),
                 spread=int(meta.get("spread", 0)),
-                word_pieces=tensors[_WORD_PIECES].astype(np.bool_) if _WORD_PIECES in tensors else None,
+                word_pieces=tensors[_WORD_PIECES].astype(np.uint8) if _WORD_PIECES in tensors else None,
                 joint=None
                 if joint is None
                 else JointRule(

@@ -7,10 +7,13 @@ unpatched keeps part of the trigger's effect. Measured on a MiniLM backdoored wi
 343 of 401 victims and two of 54; widening its flags to whole words took the ASR from 3.24% to
 2.00%, the oracle's (every piece patched in every layer).
 
-A word is a piece that starts one and the continuation pieces after it. `continues[id]` says which
-token ids continue a word: WordPiece's "##" pieces. Tokenizers that mark word starts instead
-(SentencePiece's "▁", byte-level BPE's "Ġ") also start a word at special tokens and after them,
-which this table cannot tell; they get no table (`continuation_table` returns None) and no widening.
+The table gives each token id a code: 0 the piece starts a word, CONTINUES it continues one, SPECIAL
+a special token ([CLS], <s>, ...), a word of its own after which the next piece starts a word. Two
+conventions are read: WordPiece marks continuations ("##" pieces); SentencePiece ("▁") and byte-level
+BPE ("Ġ") mark word starts instead, so there every unmarked piece continues a word, and the piece
+after a special token, unmarked in byte-level BPE ("<s>", "Hello", "Ġworld"), still starts one. A
+piece of punctuation joins the word before it ("hello", ","): widened with it, which is harmless.
+Tables written before the codes hold 0 and 1 only and read the same.
 
 This module is the numpy form (tests) and the table; `rewrite/positions.py` builds the same in ONNX.
 """
@@ -24,24 +27,37 @@ import numpy as np
 __all__ = ["continuation_table", "whole_words"]
 
 CONTINUATION_PREFIX = "##"
+WORD_START_MARKERS = ("\u2581", "\u0120")  # SentencePiece's "▁", byte-level BPE's "Ġ"
+CONTINUES, SPECIAL = 1, 2  # table codes; 0: the piece starts a word
 
 
 def continuation_table(vocab: Mapping[str, int], special_ids: Collection[int] = ()) -> np.ndarray | None:
-    """bool [vocab size]: the ids of WordPiece continuation pieces ("##..."), or None when the
-    vocabulary has none (not a WordPiece tokenizer)."""
+    """uint8 [vocab size]: each token id's code (module docstring), or None when the vocabulary
+    follows neither convention (no "##" pieces, and under a tenth of it marked as word starts)."""
     if not vocab:
         return None
-    table = np.zeros(max(vocab.values()) + 1, np.bool_)
+
+    def wordpiece(token: str) -> bool:
+        return token.startswith(CONTINUATION_PREFIX) and len(token) > len(CONTINUATION_PREFIX)
+
+    continues = wordpiece
+    if not any(wordpiece(t) for t in vocab):
+        marker = next((m for m in WORD_START_MARKERS if 10 * sum(t.startswith(m) for t in vocab) >= len(vocab)), None)
+        if marker is None:
+            return None
+        continues = lambda token: not token.startswith(marker)  # noqa: E731
+    table = np.zeros(max(vocab.values()) + 1, np.uint8)
     for token, index in vocab.items():
-        if token.startswith(CONTINUATION_PREFIX) and len(token) > len(CONTINUATION_PREFIX) and index not in special_ids:
-            table[index] = True
-    return table if table.any() else None
+        table[index] = SPECIAL if index in special_ids else CONTINUES if continues(token) else 0
+    return table if (table == CONTINUES).any() else None
 
 
-def whole_words(flags: np.ndarray, ids: np.ndarray, continues: np.ndarray) -> np.ndarray:
+def whole_words(flags: np.ndarray, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """`flags` [B, K] widened to whole words of the token ids `ids` [B, K]: any piece flagged flags
     its word. A continuation piece at position 0 (none in practice) joins the first word."""
-    starts = ~continues[ids]
+    code = np.asarray(table, np.uint8)[ids]
+    starts = code != CONTINUES
+    starts[:, 1:] |= code[:, :-1] == SPECIAL
     word = np.maximum(np.cumsum(starts, axis=1) - 1, 0)
     out = np.zeros_like(flags)
     for b in range(flags.shape[0]):

@@ -189,7 +189,7 @@ def add_second_pass(
     if spread > 0:
         union = widen(b, union, spread, grid)
     if words is not None and (ids := word_ids(graph, opset, decoder)) is not None:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.bool_), WORD_PIECES))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.uint8), WORD_PIECES))
         union = whole_words(b, union, ids, len(words))
     b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
 

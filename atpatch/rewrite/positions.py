@@ -14,10 +14,11 @@ from onnx import TensorProto
 
 from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
+from ..ops.words import CONTINUES, SPECIAL
 
 __all__ = ["WORD_PIECES", "is_patch_grid", "joint_flags", "spread", "whole_words", "word_ids"]
 
-WORD_PIECES = "atpatch/word_pieces"  # initializer: bool [vocab], ops/words.py's continuation table
+WORD_PIECES = "atpatch/word_pieces"  # initializer: uint8 [vocab], ops/words.py's table (bool before its codes)
 _WORDS_OPSET = 16  # ScatterElements with reduction="add"
 
 _END = np.iinfo(np.int64).max
@@ -117,7 +118,14 @@ def whole_words(b: NodeBuilder, flags: str, ids: str, vocab: int) -> str:
     graph). Ids past the table (a model's embedding may be larger than its tokenizer's vocabulary)
     read its last entry rather than fail the run."""
     known = b.op("Min", ids, b.const(vocab - 1, np.int64))
-    starts = b.op("Cast", b.op("Not", b.op("Gather", WORD_PIECES, known)), to=TensorProto.INT64)
+    code = b.op("Cast", b.op("Gather", WORD_PIECES, known), to=TensorProto.INT64)
+    starts = b.op("Cast", b.op("Not", b.op("Equal", code, b.const(CONTINUES, np.int64))), to=TensorProto.INT64)
+    # The piece after a special token starts a word: `special` shifted one position right.
+    special = b.op("Cast", b.op("Equal", code, b.const(SPECIAL, np.int64)), to=TensorProto.INT64)
+    at_0, at_1 = b.const([0], np.int64), b.const([1], np.int64)
+    first = b.op("Mul", b.op("Slice", special, at_0, at_1, at_1), b.const(0, np.int64))  # zeros [B, 1]
+    before = b.op("Slice", special, at_0, b.const([-1], np.int64), at_1)
+    starts = b.op("Max", starts, b.op("Concat", first, before, axis=1))
     one = b.const(1, np.int64)
     word = b.op("Max", b.op("Sub", b.op("CumSum", starts, one), one), b.const(0, np.int64))  # [B, K] word index
     x = b.to_float(flags)
