@@ -62,8 +62,8 @@ def decoder_folder(hf_folder: Callable[[str], Path], tmp_path_factory: pytest.Te
         architectures=["LlamaForCausalLM"],
     )
     T.LlamaForCausalLM(config).save_pretrained(llama)
-    # Gemma (GQA, scaled embeddings, head_dim apart from hidden / heads) and Phi (partial rotary, a
-    # dense layer norm'd stack) go through the Llama-style recipe.
+    # Gemma (GQA, scaled embeddings, head_dim apart from hidden / heads) and Phi (partial rotary,
+    # attention and MLP side by side) go through the Llama-style recipe.
     shared = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
     shared.update(intermediate_size=37, max_position_embeddings=64, initializer_range=0.3)
     others = {
