@@ -20,6 +20,8 @@ MORE_ENCODERS = {
         {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "position_biased_input": False},
     ),
     "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", {"max_position_embeddings": 66}),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", {"max_position_embeddings": 66}),
+    "camembert": ("CamembertConfig", "CamembertForSequenceClassification", {"max_position_embeddings": 66}),
     "ernie": ("ErnieConfig", "ErnieForSequenceClassification", {}),
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", {"embedding_size": 32}),
     "data2vec-text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", {"max_position_embeddings": 66}),
