@@ -26,6 +26,7 @@ MORE_ENCODERS = {
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", {"embedding_size": 32}),
     "data2vec-text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", {"max_position_embeddings": 66}),
     "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", {"pad_token_id": 0}),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", {}),
     "beit": ("BeitConfig", "BeitForImageClassification", {"use_relative_position_bias": True}),
     "data2vec-vision": ("Data2VecVisionConfig", "Data2VecVisionForImageClassification", {}),
     "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", {}),
