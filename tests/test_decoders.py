@@ -37,14 +37,14 @@ CASES = [
     for attention in ("eager", "sdpa")
     for opset in (17, 18, 23)
     if not (arch == "gpt2" and dynamo and opset == 17)  # refused: see the test below
-] + [(arch, False, "eager", 17) for arch in ("gemma", "phi")]  # other Llama-style decoders: the default path
+] + [(arch, False, "eager", 17) for arch in ("gemma", "phi", "qwen3")]  # other Llama-style decoders: the default path
 IDS = [f"{a}-{'dynamo' if d else 'legacy'}-{att}-opset{o}" for a, d, att, o in CASES]
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def decoder_folder(hf_folder: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """GPT-2 from conftest; a tiny random Llama with grouped-query attention, Gemma and Phi made here."""
+    """GPT-2 from conftest; a tiny random Llama with grouped-query attention, Gemma, Phi and Qwen3 made here."""
     import torch
     import transformers as T
 
@@ -62,13 +62,15 @@ def decoder_folder(hf_folder: Callable[[str], Path], tmp_path_factory: pytest.Te
         architectures=["LlamaForCausalLM"],
     )
     T.LlamaForCausalLM(config).save_pretrained(llama)
-    # Gemma (GQA, scaled embeddings, head_dim apart from hidden / heads) and Phi (partial rotary,
-    # attention and MLP side by side) go through the Llama-style recipe.
+    # Gemma (GQA, scaled embeddings, head_dim apart from hidden / heads), Phi (partial rotary,
+    # attention and MLP side by side) and Qwen3 (each head of q and k normalised) go through the
+    # Llama-style recipe.
     shared = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
     shared.update(intermediate_size=37, max_position_embeddings=64, initializer_range=0.3)
     others = {
         "gemma": T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=2, head_dim=8, **shared)),
         "phi": T.PhiForCausalLM(T.PhiConfig(**shared)),
+        "qwen3": T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=8, **shared)),
     }
     for name, model in others.items():
         model.config.architectures = [type(model).__name__]

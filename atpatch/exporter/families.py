@@ -91,7 +91,7 @@ GPT2_DECODER = Family(
 )
 LLAMA_DECODER = Family(
     name="Llama-style causal decoder",
-    model_types=("llama", "mistral", "qwen2", "gemma", "phi"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi"),
     make_inputs=_text_inputs,
     dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
     forward_kwargs={"use_cache": False},

@@ -45,6 +45,9 @@ _SCORE_STEPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "CastLike", "Tanh",
 _PROB_STEPS = {"Cast", "CastLike", "Where", "Dropout", "Identity", "Reshape"}
 _MATMULS = {"MatMul", "FusedMatMul", "Einsum"}
 _SEARCH_DEPTH = 6
+# How far up from the scores the [B, S, H, Dh] reshape may sit: Qwen3 normalises each head of q and
+# k (RMSNorm, 7 nodes deep) between that reshape and the rotary embedding.
+_HEADS_DEPTH = 24
 # Soft-capped scores sit 7 steps above the softmax in onnx's own Attention function body
 # (Cast, Add mask, Mul cap, Tanh, Div cap, Cast, MatMul), as in eager softcapped exports; a
 # decomposed ONNX Attention with every mask (attn_mask, causal, window, cache padding) sits 10 up.
@@ -177,7 +180,7 @@ def _nan_guard(g: _Graph, probs: str) -> str | None:
 
 def _heads_from_reshape(g: _Graph, scores: str) -> int | None:
     """Best effort for graphs without static shapes: the H in a `Reshape(x, [B, S, H, Dh])` upstream."""
-    for node in _upstream(g, scores, _SEARCH_DEPTH + 4, lambda n: n.input[:1] if n.op_type == "Reshape" else n.input):
+    for node in _upstream(g, scores, _HEADS_DEPTH, lambda n: n.input[:1] if n.op_type == "Reshape" else n.input):
         if node.op_type != "Reshape":
             continue
         shape = _constant_shape(g, node.input[1])
