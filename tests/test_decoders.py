@@ -340,3 +340,16 @@ def test_with_past_for_an_onnx_file_is_refused(tmp_path) -> None:  # noqa: ANN00
     (tmp_path / "m.onnx").write_bytes(b"")
     assert export_main([str(tmp_path / "m.onnx"), "--with-past", "-o", str(tmp_path / "out.onnx")]) == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_head_count_probe_runs_a_kv_cache_step(exported_step) -> None:  # noqa: ANN001
+    """Where shapes say nothing, patching reads each map's head count off one run on a small input
+    (rewrite/insert.py); a generation step's cache lengths must then be empty, or its mask's total
+    length would not be the cache's plus the new tokens' and the run fails."""
+    from atpatch.rewrite.find import find_attention_sites
+    from atpatch.rewrite.insert import _heads_by_running
+
+    for arch in ("gpt2", "llama"):
+        model = exported_step(arch, False, "eager", 17).model
+        sites = find_attention_sites(model)
+        assert _heads_by_running(model, sites) == [site.heads for site in sites] == [HEADS] * NUM_LAYERS

@@ -64,7 +64,9 @@ _ORT_TYPES = {
 def _heads_by_running(model: onnx.ModelProto, sites: list[AttentionSite]) -> list[int]:
     """The head count of each attention map, read off one onnxruntime run on a tiny input.
 
-    For graphs whose shapes are all symbolic; symbolic dims become 2, token ids 1, masks 1.
+    For graphs whose shapes are all symbolic; symbolic dims become 2, token ids 1, masks 1. A dim
+    only cache inputs (`past...`) name is a cache length and becomes 0, an empty cache: filled with
+    2 as well, a KV-cache step's total length (past + new) would not match its mask's.
     """
     import onnxruntime as ort
 
@@ -74,15 +76,21 @@ def _heads_by_running(model: onnx.ModelProto, sites: list[AttentionSite]) -> lis
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=site.tap) for site in sites)
     initializers = {t.name for t in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    named = {False: set(), True: set()}  # symbolic dims of other inputs, of cache inputs
+    for value in inputs:
+        named["past" in value.name].update(d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param)
+    cache_lengths = named[True] - named[False]
     feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
+    for value in inputs:
         tensor = value.type.tensor_type
         dtype = _ORT_TYPES.get(tensor.elem_type)
         if dtype is None:
             raise ValueError(f"input {value.name} has a type this check cannot fill")
-        shape = [d.dim_value if d.HasField("dim_value") else 2 for d in tensor.shape.dim]
+        shape = [
+            d.dim_value if d.HasField("dim_value") else 0 if d.dim_param in cache_lengths else 2
+            for d in tensor.shape.dim
+        ]
         feeds[value.name] = (
             np.random.default_rng(0).random(shape).astype(dtype)
             if dtype in (np.float32, np.float16, np.float64)
