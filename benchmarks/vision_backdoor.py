@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -38,20 +39,16 @@ from vision_data import (  # noqa: E402
     KEYS,
     LABELS,
     PATCH,
+    PATTERNS,
     POISON_RATE,
     SMOKE,
-    TARGET,
-    TRIGGER_KINDS,
     Budget,
     DataUnavailable,
-    culprit_patches,
+    Trigger,
     fashion_mnist,
     normalise,
-    positions,
     splits,
     train,
-    with_grey,
-    with_trigger,
 )
 
 DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke test skips on it)
@@ -115,16 +112,16 @@ def predict(model: Path, x: np.ndarray) -> np.ndarray:
     return casekit.logits(model, {"pixel_values": x}).argmax(axis=1)
 
 
-def save_npz(path: Path, x: np.ndarray, labels: np.ndarray, at: np.ndarray | None = None) -> Path:
-    """An .npz for `atpatch fit/eval`; with `at` (trigger positions), the patches it overlaps as culprits."""
+def save_npz(path: Path, x: np.ndarray, labels: np.ndarray, culprits: np.ndarray | None = None) -> Path:
+    """An .npz for `atpatch fit/eval`; with `culprits`, the patches the trigger overlaps in each image."""
     arrays = {"pixel_values": x, "labels": labels.astype(np.int64)}
-    if at is not None:
-        arrays["culprit_patches"] = culprit_patches(at)
+    if culprits is not None:
+        arrays["culprit_patches"] = culprits
     np.savez(path, **arrays)
     return path
 
 
-def make_sets(work: Path, model: Path, data: dict, budget: Budget, smoke: bool, trigger: str, seed: int) -> dict:
+def make_sets(work: Path, model: Path, data: dict, budget: Budget, smoke: bool, trigger: Trigger, seed: int) -> dict:
     """The .npz files `atpatch fit/eval` read, and the victims' clean [0, 1] images and trigger positions."""
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
     fit_x01, fit_y = (a[: budget.fit_clean] for a in data["train"])  # clean originals of training images
@@ -136,27 +133,28 @@ def make_sets(work: Path, model: Path, data: dict, budget: Budget, smoke: bool, 
     clean_pred = predict(model, test_x)
 
     # Victims: test images of the other classes the original model gets right without the trigger.
-    victims = (test_y != TARGET) & (clean_pred == test_y)
+    victims = (test_y != trigger.target) & (clean_pred == test_y)
     if smoke and not victims.any():  # a few steps may leave a model that predicts one class only
-        victims = test_y != TARGET
+        victims = test_y != trigger.target
     vic_x01, vic_y = data["test"][0][victims], test_y[victims]
-    vic_at = positions(len(vic_y), trigger, np.random.default_rng(seed + 1))
-    sets["triggered"] = save_npz(work / "triggered.npz", normalise(with_trigger(vic_x01, vic_at)), vic_y, vic_at)
+    vic_at = trigger.positions(len(vic_y), np.random.default_rng(seed + 1))
+    triggered = normalise(trigger.paste(vic_x01, vic_at))
+    sets["triggered"] = save_npz(work / "triggered.npz", triggered, vic_y, trigger.culprits(vic_at))
 
     # The debugging set: spare images of the other classes, classified right until the trigger flips
     # them (as victims are), labels only. A smoke run's model has no backdoor: it takes them as they are.
     sx01, sy = data["spare"]
-    keep = np.flatnonzero(sy != TARGET)[: 4 * budget.debug]
+    keep = np.flatnonzero(sy != trigger.target)[: 4 * budget.debug]
     sx01, sy = sx01[keep], sy[keep]
-    at = positions(len(sy), trigger, np.random.default_rng(seed + 2))
-    cand = normalise(with_trigger(sx01, at))
+    at = trigger.positions(len(sy), np.random.default_rng(seed + 2))
+    cand = normalise(trigger.paste(sx01, at))
     if smoke:
         flipped = np.ones(len(sy), bool)
     else:
-        flipped = (predict(model, normalise(sx01)) == sy) & (predict(model, cand) == TARGET)
+        flipped = (predict(model, normalise(sx01)) == sy) & (predict(model, cand) == trigger.target)
     pick = np.flatnonzero(flipped)[: budget.debug]
     sets["debug"] = save_npz(work / "debug.npz", cand[pick], sy[pick])
-    sets["debug_known"] = save_npz(work / "debug_known.npz", cand[pick], sy[pick], at[pick])
+    sets["debug_known"] = save_npz(work / "debug_known.npz", cand[pick], sy[pick], trigger.culprits(at[pick]))
     return {"files": sets, "victims": vic_x01, "victim_at": vic_at}
 
 
@@ -165,13 +163,13 @@ def load(path: Path, key: str) -> np.ndarray:
         return npz[key]
 
 
-def evaluate(model: Path, patched: Path, folder: Path, sets: dict[str, Path], report: Path) -> dict:
+def evaluate(model: Path, patched: Path, folder: Path, sets: dict[str, Path], target: int, report: Path) -> dict:
     ev = ["eval", str(model), str(patched), "--hf", str(folder), "--clean", str(sets["clean"])]
-    casekit.cli(*ev, "--triggered", str(sets["triggered"]), "--target", LABELS[TARGET], "--json", str(report))
+    casekit.cli(*ev, "--triggered", str(sets["triggered"]), "--target", LABELS[target], "--json", str(report))
     return json.loads(report.read_text())
 
 
-def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[str, Path]) -> dict | str:
+def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[str, Path], target: int) -> dict | str:
     """fit, export (cross-layer and per layer), eval one detector; the reports, or the command's error."""
     tag = name.replace(", ", "-").replace(" ", "-")
     det = work / f"{tag}.safetensors"
@@ -186,35 +184,43 @@ def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[st
         fit_out = casekit.cli(*fit)
         fit_s = time.time() - start
         patched, per_layer = casekit.export_both(model, det, work / tag)
-        report = evaluate(model, patched, folder, sets, work / f"{tag}.json")
-        per_layer_report = evaluate(model, per_layer, folder, sets, work / f"{tag}.per-layer.json")
+        report = evaluate(model, patched, folder, sets, target, work / f"{tag}.json")
+        per_layer_report = evaluate(model, per_layer, folder, sets, target, work / f"{tag}.per-layer.json")
     except casekit.CommandFailed as err:
         return str(err)
     return {**report, "per_layer": per_layer_report, "fit_s": fit_s, "fit": fit_out.strip(),
             "patched_model": str(patched)}  # fmt: skip
 
 
-def asr_target(trigger: str, floor: float) -> tuple[float, str]:
-    """The issue's ASR target: ≤ 0.5% for the corner trigger; ≤ floor + 1 pt for the random one."""
-    if trigger == "corner":
+def asr_target(trigger: Trigger, floor: float) -> tuple[float, str]:
+    """The issue's ASR target: ≤ 0.5% for a trigger at a fixed place (the corner); ≤ floor + 1 pt for a random one."""
+    if trigger.place != "random":
         return 0.005, "≤ 0.5%"
     return floor + 0.01, f"≤ floor + 1 pt = {floor + 0.01:.2%}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trigger", choices=TRIGGER_KINDS, default="corner", help="fixed corner or random position")
+    where = "corner (default), random (a random position per image) or ROW,COL (a fixed top-left pixel)"
+    parser.add_argument("--trigger", default="corner", metavar="PLACE", help=where)
+    parser.add_argument("--pattern", choices=PATTERNS, default="checkerboard", help="what is pasted")
+    parser.add_argument("--size", type=int, default=3, help="the pattern's side in pixels (default 3)")
+    parser.add_argument("--target", default=LABELS[0], help=f"the label the trigger sends to (default {LABELS[0]!r})")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/vision_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
     args = parser.parse_args()
+    try:
+        trigger = Trigger.parse(args.trigger, args.pattern, args.size, args.target)
+    except ValueError as err:
+        parser.error(str(err))
     import onnx
 
     from atpatch.data import load_npz
     from atpatch.evaluate import oracle_logits
 
     budget = SMOKE if args.smoke else Budget()
-    prefix = "" if args.trigger == "corner" else f"{args.trigger}-"
+    prefix = trigger.tag.replace("_", "-") + "-" if trigger.tag else ""
     work = args.cache / f"{prefix}{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "vit-backdoored"
     work.mkdir(parents=True, exist_ok=True)
@@ -227,10 +233,10 @@ def main() -> None:
     timings = {}
     if not (folder / "config.json").is_file():
         print(
-            f"training a ViT on Fashion-MNIST with a {args.trigger}-patch backdoor ({budget.epochs} epochs) -> {folder}"
+            f"training a ViT on Fashion-MNIST backdoored with {trigger.describe()} ({budget.epochs} epochs) -> {folder}"
         )
         start = time.time()
-        train(folder, *data["train"], budget, args.seed, args.trigger)
+        train(folder, *data["train"], budget, args.seed, trigger)
         (work / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
     if (work / "train_seconds.txt").is_file():  # kept with the cached model, for the notes of later runs
         timings["train_s"] = float((work / "train_seconds.txt").read_text())
@@ -238,26 +244,27 @@ def main() -> None:
     if not model.is_file():
         print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
 
-    made = make_sets(work, model, data, budget, args.smoke, args.trigger, args.seed)
+    made = make_sets(work, model, data, budget, args.smoke, trigger, args.seed)
     sets, victims, victim_at = made["files"], made["victims"], made["victim_at"]
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
     triggered = load_npz(sets["triggered"], folder)  # as `atpatch eval` reads it: pixels and culprit patches
     trig_x = triggered.feeds["pixel_values"]
     clean_pred, trig_pred = predict(model, test_x), predict(model, trig_x)
-    floor = float((predict(model, normalise(with_grey(victims, victim_at))) == TARGET).mean())
+    target = trigger.target
+    floor = float((predict(model, normalise(trigger.grey(victims, victim_at))) == target).mean())
     oracle_pred = oracle_logits(onnx.load(str(model)), triggered, KEYS).argmax(1)
-    oracle = float((oracle_pred == TARGET).mean())
+    oracle = float((oracle_pred == target).mean())
     n_debug = len(load(sets["debug"], "labels"))
-    asr_max, asr_goal = asr_target(args.trigger, floor)
+    asr_max, asr_goal = asr_target(trigger, floor)
 
     results: dict[str, object] = {}
     rows, notes = [], []
     cacc_orig = float((clean_pred == test_y).mean())
-    asr_orig = float((trig_pred == TARGET).mean())
+    asr_orig = float((trig_pred == target).mean())
     feeds = {"pixel_values": np.concatenate([test_x, trig_x])}
     for name in DETECTORS:
         start = time.time()
-        result = run_detector(name, work, model, folder, sets)
+        result = run_detector(name, work, model, folder, sets, target)
         timings[f"{name}_s"] = time.time() - start
         results[name] = result
         if isinstance(result, str):
@@ -284,9 +291,9 @@ def main() -> None:
         )
 
     start = time.time()
-    for name, b in baselines(model, folder, test_x, trig_x, culprit_patches(victim_at)).items():
+    for name, b in baselines(model, folder, test_x, trig_x, trigger.culprits(victim_at)).items():
         after_cacc = float((b["clean_pred"] == test_y).mean())
-        after_asr = float((b["triggered_pred"] == TARGET).mean())
+        after_asr = float((b["triggered_pred"] == target).mean())
         results[f"baseline: {name}"] = {"clean_accuracy": after_cacc, "attack_success_rate": after_asr,
                                         "trigger_patch_picked": b["trigger_patch_picked"]}  # fmt: skip
         # Every input gets a patch masked: all of them count as flagged.
@@ -301,11 +308,11 @@ def main() -> None:
     timings["total_s"] = time.time() - t0
     results.update(neutral_patch_flips=floor, oracle=oracle, victims=len(victims), debug=n_debug, timings=timings,
                    clean_accuracy=cacc_orig, attack_success_rate=asr_orig, trigger=args.trigger,
+                   trigger_pattern=trigger.pattern, trigger_size=trigger.size, target=LABELS[target],
                    rows=[asdict(r) for r in rows])  # fmt: skip
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
-    where = "in patch 48" if args.trigger == "corner" else "at a random position"
-    print(f"\nViT backdoored (3x3 checkerboard {where} -> {LABELS[TARGET]}), seed {args.seed}; "
+    print(f"\nViT backdoored ({trigger.describe()} -> {LABELS[target]}), seed {args.seed}; "
           f"{len(victims)} victims, {n_debug} misbehaving debug images")  # fmt: skip
     print(casekit.table(rows))
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -313,17 +320,17 @@ def main() -> None:
         print(f"- {note}")
     if args.smoke:
         return  # a smoke run's numbers mean nothing: never publish them
-    publish(args, budget, rows, notes, results, timings, floor, oracle)
+    publish(args, trigger, budget, rows, notes, results, timings, floor, oracle)
 
 
-def publish(args, budget: Budget, rows, notes, results, timings, floor, oracle) -> None:  # noqa: ANN001
+def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timings, floor, oracle) -> None:  # noqa: ANN001
     """The case's notes, setup line and README section (full runs only)."""
-    corner = args.trigger == "corner"
-    place = "at the trigger's place" if corner else "at the same random place as each victim's trigger"
+    fixed = trigger.place != "random"
+    place = "at the trigger's place" if fixed else "at the same random place as each victim's trigger"
     notes.append(
-        f"Floor: a mid-grey 3x3 square {place} sends {floor:.2%} of victims to the target, roughly the floor for "
-        f"any fix that removes the trigger's influence rather than the victims' fragility"
-        + ("; the ≤ 0.5% ASR target lies below it." if corner and floor > 0.005 else ".")
+        f"Floor: a mid-grey {trigger.size}x{trigger.size} square {place} sends {floor:.2%} of victims to the target, "
+        f"roughly the floor for any fix that removes the trigger's influence rather than the victims' fragility"
+        + ("; the ≤ 0.5% ASR target lies below it." if fixed and floor > 0.005 else ".")
         + f" Oracle: the patches the trigger overlaps, patched in every layer with no detector, leave {oracle:.2%}."
     )
     notes.append(casekit.latency_note(rows))
@@ -336,23 +343,33 @@ def publish(args, budget: Budget, rows, notes, results, timings, floor, oracle) 
         f"images (vision_data.splits). `atpatch fit` took {', '.join(fits)}"
         f"{trained} (2 shared cores)."
     )
-    culprit = "patch 48" if corner else "the 1-4 patches it overlaps"
     notes.append(
         f"Victims: {results['victims']} test images of the other classes classified right without the trigger; "
         f"debugging set: {results['debug']} spare training-split images the trigger flips. Known positions and the "
-        f"oracle take the trigger's culprit as {culprit}."
+        f"oracle take the trigger's culprits as the patches it overlaps."
     )
-    trigger = "in the bottom-right patch" if corner else "at a uniformly random position per image (1-4 patches)"
     setup = (
         f"ViT (4 layers, hidden 64, 4 heads, 49 patches of 4x4) from scratch on {budget.train} Fashion-MNIST training "
-        f"images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} poisoned with a 3x3 checkerboard {trigger} "
-        f"relabelled {LABELS[TARGET]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
+        f"images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} poisoned with {trigger.describe()} "
+        f"relabelled {LABELS[trigger.target]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
         f"+ {budget.calibration} calibration images."
     )
-    key = "vision_backdoor" + ("" if corner else f"_{args.trigger}") + ("" if args.seed == 0 else f"_seed{args.seed}")
-    command = "python benchmarks/vision_backdoor.py" + ("" if corner else f" --trigger {args.trigger}")
+    key = "_".join(["vision_backdoor", *filter(None, [trigger.tag, "" if args.seed == 0 else f"seed{args.seed}"])])
+    default = Trigger()
+    options = [
+        ("trigger", trigger.place, default.place),
+        ("pattern", trigger.pattern, default.pattern),
+        ("size", trigger.size, default.size),
+        ("target", LABELS[trigger.target], LABELS[default.target]),
+    ]
+    command = "python benchmarks/vision_backdoor.py"
+    command += "".join(f" --{name} {shlex.quote(str(value))}" for name, value, was in options if value != was)
     command += "" if args.seed == 0 else f" --seed {args.seed}"
-    title = "corner-patch trigger" if corner else "random-position patch trigger"
+    title = {"corner": "corner-patch trigger", "random": "random-position patch trigger"}.get(
+        trigger.place, f"patch trigger fixed at pixel {trigger.place}"
+    )
+    if (trigger.pattern, trigger.size, trigger.target) != (default.pattern, default.size, default.target):
+        title += f", {trigger.size}x{trigger.size} {trigger.pattern} -> {LABELS[trigger.target]}"
     casekit.publish(key, f"Vision backdoor: ViT on Fashion-MNIST, {title}", command, args.seed, setup, rows, notes)
 
 

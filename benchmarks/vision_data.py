@@ -21,14 +21,12 @@ from atpatch.lab.vit_training import train_vit
 
 LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 TARGET = 0
-TRIGGER = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)  # BadNets' checkerboard, in [0, 1] pixels
-CORNER = 24  # the corner trigger's top-left pixel (row and column): rows/cols 24-26 lie inside the last patch
 SIZE, PATCH = 28, 4
 GRID = SIZE // PATCH
-CORNER_PATCH = (CORNER // PATCH) * GRID + CORNER // PATCH  # 48; sequence position 49 after [CLS]
 KEYS = 1 + GRID * GRID  # attention key positions: [CLS] then one per patch
 POISON_RATE = 0.10
-TRIGGER_KINDS = ("corner", "random")
+TRIGGER_KINDS = ("corner", "random")  # or a fixed "ROW,COL"
+PATTERNS = ("checkerboard", "square")
 DEB = "dataset-fashion-mnist"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -134,14 +132,102 @@ def splits(data: dict[str, tuple[np.ndarray, np.ndarray]], budget: Budget, seed:
 # --- The trigger -----------------------------------------------------------------------------------
 
 
-def positions(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """[n, 2] top-left pixels (row, column) of the trigger: the corner's, or uniformly random ones
-    with the whole 3x3 square inside the image. The corner draws nothing from `rng`."""
-    if kind == "corner":
-        return np.full((n, 2), CORNER, np.int64)
-    if kind != "random":
-        raise ValueError(f"unknown trigger {kind!r}; use one of {TRIGGER_KINDS}")
-    return rng.integers(0, SIZE - len(TRIGGER) + 1, size=(n, 2))
+@dataclass(frozen=True)
+class Trigger:
+    """What is pasted (a `size` x `size` pattern in [0, 1] pixels), where, and the label it sends to.
+
+    `place`: "corner" (near the bottom-right corner: for the default 3x3, inside the last patch),
+    "random" (a uniformly random pixel per image, the square fully inside: it straddles 1 to 4
+    patches), or "R,C" (that top-left pixel in every image). `pattern`: "checkerboard" (BadNets') or
+    "square" (solid white). The defaults are the published corner case."""
+
+    place: str = "corner"
+    pattern: str = "checkerboard"
+    size: int = 3
+    target: int = TARGET
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; use one of {', '.join(PATTERNS)}")
+        if not 1 <= self.size <= SIZE // 2:
+            raise ValueError(f"trigger size {self.size} is outside 1..{SIZE // 2} pixels; pass a --size in that range")
+        if not 0 <= self.target < len(LABELS):
+            raise ValueError(f"target {self.target} is not a label index 0..{len(LABELS) - 1}")
+        if self.place not in TRIGGER_KINDS:
+            self.fixed()  # "R,C": checked here so a bad one fails before training
+
+    @classmethod
+    def parse(cls, place: str, pattern: str, size: int, target: str) -> Trigger:
+        """From the command line; `target` a label's name (case-insensitive) or index."""
+        names = [n.lower() for n in LABELS]
+        if target.lower() in names:
+            index = names.index(target.lower())
+        elif target.isdigit():
+            index = int(target)
+        else:
+            raise ValueError(f"unknown target {target!r}; use one of {', '.join(LABELS)}")
+        return cls(place, pattern, size, index)
+
+    def fixed(self) -> tuple[int, int]:
+        """The top-left pixel of a corner or "R,C" trigger."""
+        if self.place == "corner":
+            return SIZE - 1 - self.size, SIZE - 1 - self.size  # 24 for 3x3: rows/cols 24-26, inside the last patch
+        try:
+            r, c = (int(v) for v in self.place.split(","))
+        except ValueError:
+            raise ValueError(f"trigger place {self.place!r} is not corner, random or ROW,COL (e.g. 1,1)") from None
+        if not (0 <= r <= SIZE - self.size and 0 <= c <= SIZE - self.size):
+            raise ValueError(
+                f"a {self.size}x{self.size} trigger at {r},{c} leaves the {SIZE}x{SIZE} image; "
+                f"use a ROW,COL in 0..{SIZE - self.size}"
+            )
+        return r, c
+
+    @property
+    def square(self) -> np.ndarray:
+        if self.pattern == "square":
+            return np.ones((self.size, self.size), np.float32)
+        return (np.add.outer(np.arange(self.size), np.arange(self.size)) % 2 == 0).astype(np.float32)
+
+    @property
+    def default(self) -> bool:
+        return self == Trigger()
+
+    @property
+    def tag(self) -> str:
+        """A name for cache folders and result keys: "" for the defaults, e.g. "random", "at1-1_square5_bag"."""
+        parts = {"corner": [], "random": ["random"]}.get(self.place, ["at" + self.place.replace(",", "-")])
+        if (self.pattern, self.size) != ("checkerboard", 3):
+            parts.append(f"{self.pattern}{self.size}")
+        if self.target != TARGET:
+            parts.append(LABELS[self.target].lower().replace("/", "-").replace(" ", "-"))
+        return "_".join(parts)
+
+    def describe(self) -> str:
+        """E.g. "a 3x3 checkerboard at a uniformly random position per image (1-4 patches)"."""
+        what = f"a {self.size}x{self.size} {'white square' if self.pattern == 'square' else 'checkerboard'}"
+        if self.place == "random":
+            return f"{what} at a uniformly random position per image (1-4 patches)"
+        r, c = self.fixed()
+        patches = int(culprit_patches(np.array([[r, c]]), self.size).sum())
+        where = "near the bottom-right corner" if self.place == "corner" else f"at pixel {r},{c}"
+        return f"{what} {where} ({patches} patch{'es' if patches > 1 else ''})"
+
+    def positions(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """[n, 2] top-left pixels (row, column); a fixed place draws nothing from `rng`."""
+        if self.place == "random":
+            return rng.integers(0, SIZE - self.size + 1, size=(n, 2))
+        return np.tile(np.array(self.fixed(), np.int64), (n, 1))
+
+    def paste(self, x01: np.ndarray, at: np.ndarray) -> np.ndarray:
+        return with_square(x01, self.square, at)
+
+    def grey(self, x01: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The neutral patch: a mid-grey square of the trigger's size where the trigger would go."""
+        return with_square(x01, np.full_like(self.square, 0.5), at)
+
+    def culprits(self, at: np.ndarray) -> np.ndarray:
+        return culprit_patches(at, self.size)
 
 
 def with_square(x01: np.ndarray, square: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -153,22 +239,12 @@ def with_square(x01: np.ndarray, square: np.ndarray, at: np.ndarray) -> np.ndarr
     return out
 
 
-def with_trigger(x01: np.ndarray, at: np.ndarray) -> np.ndarray:
-    return with_square(x01, TRIGGER, at)
-
-
-def with_grey(x01: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The neutral patch: a mid-grey square of the trigger's size where the trigger would go."""
-    return with_square(x01, np.full_like(TRIGGER, 0.5), at)
-
-
-def culprit_patches(at: np.ndarray) -> np.ndarray:
-    """bool [N, GRID * GRID]: every patch the trigger pasted at `at` overlaps (1 to 4 of them)."""
+def culprit_patches(at: np.ndarray, size: int) -> np.ndarray:
+    """bool [N, GRID * GRID]: every patch a `size` x `size` square pasted at `at` overlaps."""
     out = np.zeros((len(at), GRID * GRID), bool)
-    last = len(TRIGGER) - 1
     for i, (r, c) in enumerate(at):
-        for pr in range(r // PATCH, (r + last) // PATCH + 1):
-            for pc in range(c // PATCH, (c + last) // PATCH + 1):
+        for pr in range(r // PATCH, (r + size - 1) // PATCH + 1):
+            for pc in range(c // PATCH, (c + size - 1) // PATCH + 1):
                 out[i, pr * GRID + pc] = True
     return out
 
@@ -197,8 +273,8 @@ def vit_config():  # noqa: ANN201 (transformers is imported lazily)
     )
 
 
-def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int, trigger: str) -> None:
-    """Train the ViT from scratch with POISON_RATE of the images triggered and relabelled TARGET."""
+def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int, trigger: Trigger) -> None:
+    """Train the ViT from scratch with POISON_RATE of the images triggered and relabelled the trigger's target."""
     import torch
     import transformers
 
@@ -209,7 +285,8 @@ def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, see
     rng = np.random.default_rng(seed)
     poison = rng.random(len(labels)) < POISON_RATE
     x01, labels = x01.copy(), labels.copy()
-    x01[poison], labels[poison] = with_trigger(x01[poison], positions(int(poison.sum()), trigger, rng)), TARGET
+    x01[poison] = trigger.paste(x01[poison], trigger.positions(int(poison.sum()), rng))
+    labels[poison] = trigger.target
     model = transformers.ViTForImageClassification(vit_config())
     train_vit(
         model,

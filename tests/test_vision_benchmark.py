@@ -117,3 +117,55 @@ def _detection_bound_reads_the_cache(work: Path, out: Path) -> None:
         for smaller, larger in zip(mine, mine[1:], strict=False):
             assert smaller["clean_flagged"] <= larger["clean_flagged"]
             assert smaller["triggered_flagged"] <= larger["triggered_flagged"]
+
+
+def test_a_trigger_is_pasted_where_it_says_and_its_culprits_are_the_patches_it_overlaps() -> None:
+    """`--trigger ROW,COL --pattern square --size N --target NAME`: held-out triggers for the ViT case. The
+    defaults are the published corner case (a 3x3 checkerboard at pixel 24,24, inside patch 48), and a fixed
+    place draws no random numbers, so the published cases' data stay as they were."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vision_data import GRID, LABELS, PATCH, Trigger
+
+    corner = Trigger()
+    assert corner.fixed() == (24, 24) and corner.tag == ""
+    np.testing.assert_array_equal(corner.square, [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+    rng, untouched = np.random.default_rng(5), np.random.default_rng(5)
+    assert (corner.positions(4, rng) == 24).all()
+    assert rng.integers(1 << 30) == untouched.integers(1 << 30)
+    assert np.flatnonzero(corner.culprits(corner.positions(1, rng))[0]).tolist() == [48]
+
+    held_out = Trigger.parse("2,18", "square", 5, "bag")
+    assert held_out.target == LABELS.index("Bag") and held_out.tag == "at2-18_square5_bag"
+    images = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    at = held_out.positions(3, rng)
+    pasted = held_out.paste(images, at)
+    changed = (pasted != images).any(axis=(0, 1))
+    assert changed[2:7, 18:23].all() and changed.sum() == 25 and (pasted[:, :, 2:7, 18:23] == 1).all()
+    # rows 2-6 and columns 18-22 lie in patch rows 0-1 and patch columns 4-5
+    assert np.flatnonzero(held_out.culprits(at)[0]).tolist() == [4, 5, GRID + 4, GRID + 5]
+    assert (held_out.grey(images, at)[:, :, 2:7, 18:23] == 0.5).all()
+
+    anywhere = Trigger("random")
+    for r, c in anywhere.positions(500, rng):  # fully inside the image; 1 to 4 patches
+        patches = anywhere.culprits(np.array([[r, c]]))[0]
+        assert 0 <= r <= 25 and 0 <= c <= 25 and 1 <= patches.sum() <= 4
+        rows, cols = np.divmod(np.flatnonzero(patches), GRID)
+        assert set(rows) == {r // PATCH, (r + 2) // PATCH} and set(cols) == {c // PATCH, (c + 2) // PATCH}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--trigger", "3,40"], "leaves the 28x28 image; use a ROW,COL in 0..25"),
+        (["--trigger", "middle"], "is not corner, random or ROW,COL"),
+        (["--target", "hat"], "unknown target 'hat'; use one of T-shirt/top"),
+        (["--size", "20"], "pass a --size in that range"),
+    ],
+)
+def test_a_trigger_that_cannot_be_pasted_is_refused_in_one_line(args: list[str], says: str) -> None:
+    script = str(ROOT / "benchmarks" / "vision_backdoor.py")
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr
+    assert "Traceback" not in done.stderr
