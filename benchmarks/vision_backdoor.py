@@ -12,6 +12,8 @@ eval`. Data and training: vision_data.py; the trained model is cached under --ca
     python benchmarks/vision_backdoor.py                   # ~15 min on 2 shared cores (6-8 of them training)
     python benchmarks/vision_backdoor.py --trigger random  # the same with the random-position trigger
     python benchmarks/vision_backdoor.py --smoke           # a few steps and images: checks the wiring
+    python benchmarks/vision_backdoor.py --trigger 2,18 --pattern square --size 5 --target Bag  # a held-out trigger
+    python benchmarks/vision_backdoor.py --trigger random --debug 800  # more misbehaving images for `atpatch fit`
 
 ASR counts triggered test images of the other classes that the original model classifies
 correctly without the trigger (victims). Baselines needing no retraining mask, in every input,
@@ -27,7 +29,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,7 @@ from vision_data import (  # noqa: E402
     train,
 )
 
+MAX_DEBUG = 2000  # misbehaving images: 4x as many spare ones are tried (the spare split holds 10,000)
 DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke test skips on it)
 # "no joint rule": the localized detector with per-layer thresholds only (`fit --no-joint`), what the joint rule adds.
 DETECTORS = ("localized", "localized, no joint rule", "known positions", "one-class")
@@ -76,7 +79,7 @@ def cls_attention(folder: Path, x: np.ndarray) -> np.ndarray:
 
 
 def mask_patch(x: np.ndarray, patch: np.ndarray) -> np.ndarray:
-    """Set one patch per image to 0 (mid-grey after normalising), as `atpatch localize` masks."""
+    """Set one patch per image to 0 (mid-grey after normalising)."""
     out = x.copy()
     for i, p in enumerate(patch):
         r, c = divmod(int(p), GRID)
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("--pattern", choices=PATTERNS, default="checkerboard", help="what is pasted")
     parser.add_argument("--size", type=int, default=3, help="the pattern's side in pixels (default 3)")
     parser.add_argument("--target", default=LABELS[0], help=f"the label the trigger sends to (default {LABELS[0]!r})")
+    what = f"misbehaving images handed to `atpatch fit` (default {Budget.debug})"
+    parser.add_argument("--debug", type=int, default=Budget.debug, help=what)
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/vision_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
@@ -219,11 +224,15 @@ def main() -> None:
     from atpatch.data import load_npz
     from atpatch.evaluate import oracle_logits
 
-    budget = SMOKE if args.smoke else Budget()
+    if not 1 <= args.debug <= MAX_DEBUG:
+        parser.error(f"--debug {args.debug}: the spare images hold misbehaving ones for 1..{MAX_DEBUG}")
+    budget = SMOKE if args.smoke else replace(Budget(), debug=args.debug)
     prefix = trigger.tag.replace("_", "-") + "-" if trigger.tag else ""
     work = args.cache / f"{prefix}{'smoke' if args.smoke else 'full'}-seed{args.seed}"
     folder = work / "vit-backdoored"
-    work.mkdir(parents=True, exist_ok=True)
+    # Another debugging-set size fits and evaluates beside the default's files, on the same cached model.
+    runs = work if budget.debug == Budget.debug or args.smoke else work / f"debug{budget.debug}"
+    runs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
         data = splits(fashion_mnist(args.cache), budget, args.seed)
@@ -244,7 +253,7 @@ def main() -> None:
     if not model.is_file():
         print(casekit.cli("export", "--hf", str(folder), "--no-patch", "-o", str(model)).strip().splitlines()[-1])
 
-    made = make_sets(work, model, data, budget, args.smoke, trigger, args.seed)
+    made = make_sets(runs, model, data, budget, args.smoke, trigger, args.seed)
     sets, victims, victim_at = made["files"], made["victims"], made["victim_at"]
     test_x, test_y = normalise(data["test"][0]), data["test"][1]
     triggered = load_npz(sets["triggered"], folder)  # as `atpatch eval` reads it: pixels and culprit patches
@@ -264,7 +273,7 @@ def main() -> None:
     feeds = {"pixel_values": np.concatenate([test_x, trig_x])}
     for name in DETECTORS:
         start = time.time()
-        result = run_detector(name, work, model, folder, sets, target)
+        result = run_detector(name, runs, model, folder, sets, target)
         timings[f"{name}_s"] = time.time() - start
         results[name] = result
         if isinstance(result, str):
@@ -310,7 +319,7 @@ def main() -> None:
                    clean_accuracy=cacc_orig, attack_success_rate=asr_orig, trigger=args.trigger,
                    trigger_pattern=trigger.pattern, trigger_size=trigger.size, target=LABELS[target],
                    rows=[asdict(r) for r in rows])  # fmt: skip
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    (runs / "results.json").write_text(json.dumps(results, indent=1))
 
     print(f"\nViT backdoored ({trigger.describe()} -> {LABELS[target]}), seed {args.seed}; "
           f"{len(victims)} victims, {n_debug} misbehaving debug images")  # fmt: skip
@@ -354,7 +363,9 @@ def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timing
         f"relabelled {LABELS[trigger.target]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
         f"+ {budget.calibration} calibration images."
     )
-    key = "_".join(["vision_backdoor", *filter(None, [trigger.tag, "" if args.seed == 0 else f"seed{args.seed}"])])
+    debug = "" if budget.debug == Budget.debug else f"debug{budget.debug}"
+    seed = "" if args.seed == 0 else f"seed{args.seed}"
+    key = "_".join(["vision_backdoor", *filter(None, [trigger.tag, debug, seed])])
     default = Trigger()
     options = [
         ("trigger", trigger.place, default.place),
@@ -364,6 +375,7 @@ def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timing
     ]
     command = "python benchmarks/vision_backdoor.py"
     command += "".join(f" --{name} {shlex.quote(str(value))}" for name, value, was in options if value != was)
+    command += "" if budget.debug == Budget.debug else f" --debug {budget.debug}"
     command += "" if args.seed == 0 else f" --seed {args.seed}"
     title = {"corner": "corner-patch trigger", "random": "random-position patch trigger"}.get(
         trigger.place, f"patch trigger fixed at pixel {trigger.place}"
