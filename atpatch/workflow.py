@@ -196,7 +196,7 @@ def run_fit(
     `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py);
     the fairness fit always has per-layer thresholds only."""
     from .detector.calibrate import NEVER
-    from .detector.columns import collect_columns
+    from .detector.columns import beside_culprits, collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
@@ -234,6 +234,7 @@ def run_fit(
     if len(calibration) < 2 or len(clean) < 1:
         raise AtPatchError("too few clean inputs to fit and calibrate; give at least a few hundred")
     probe = AttentionProbe(model)
+    grid = is_patch_grid(probe.input_names)
     clean_columns = collect_columns(probe, clean.feeds, desc="fit: clean inputs")
     calibration_columns = collect_columns(probe, calibration.feeds, desc="fit: calibration inputs")
     bad, bad_columns = None, None
@@ -242,6 +243,10 @@ def run_fit(
     else:
         bad, _ = _localized(model, misbehaving, budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits, desc="fit: misbehaving inputs")
+        if grid:  # a found patch may be part of a trigger (columns.beside_culprits): its neighbours are no negatives
+            localized = [i for i, c in enumerate(misbehaving.culprits) if c is None]
+            keys = int(bad_columns.position.max(initial=0)) + 1
+            bad_columns = bad_columns.subset(~beside_culprits(bad_columns, localized, keys))
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
         if not train.positive.any():
             raise AtPatchError(
@@ -250,7 +255,6 @@ def run_fit(
             )
         kind, trained = "supervised", fit_supervised(train)
     fingerprint = model_fingerprint(model)
-    grid = is_patch_grid(probe.input_names)
     # The fairness sweep (tradeoff.py) keys, records and switches off its candidates by their layer
     # thresholds, so it gets per-layer thresholds only: no clean columns for the joint rule's weights.
     benign = clean_columns if joint and fair is None else None

@@ -100,9 +100,7 @@ def fashion_mnist(cache: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def normalise(x01: np.ndarray) -> np.ndarray:
-    """[0, 1] pixels to the model's input, as ViT's image processor does (mean 0.5, std 0.5).
-
-    0.0 after this is mid-grey: the value `atpatch localize` masks patches with."""
+    """[0, 1] pixels to the model's input, as ViT's image processor does (mean 0.5, std 0.5)."""
     return np.ascontiguousarray((x01 - 0.5) / 0.5, dtype=np.float32)
 
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ops.joint import grid_lead
 from ..ops.reference import attended_columns, column_features
 from ..progress import Progress
 from .probe import AttentionProbe
 
-__all__ = ["ColumnSet", "collect_columns"]
+__all__ = ["ColumnSet", "beside_culprits", "collect_columns"]
 
 
 @dataclass
@@ -22,6 +23,10 @@ class ColumnSet:
     example: np.ndarray  # [n_columns] index of the input it belongs to
     positive: np.ndarray  # [n_columns] bool: a culprit column
     position: np.ndarray  # [n_columns] its key position in that input
+
+    def subset(self, keep: np.ndarray) -> ColumnSet:
+        """The columns where `keep` [n_columns] is True."""
+        return ColumnSet([f[keep] for f in self.features], self.example[keep], self.positive[keep], self.position[keep])
 
     def followed_by(self, other: ColumnSet, other_offset: int) -> ColumnSet:
         """Both sets in one; `other`'s input indices shifted by `other_offset` to stay distinct."""
@@ -67,3 +72,30 @@ def collect_columns(
         np.concatenate(positive),
         np.concatenate(position),
     )
+
+
+def beside_culprits(columns: ColumnSet, inputs: Sequence[int], keys: int) -> np.ndarray:
+    """bool [n_columns]: the columns of `inputs` that are not culprits but touch one of its culprit patches
+    on the patch grid (its 3 x 3 block; the grid as ops/joint.py reads it from `keys` positions).
+
+    Localization returns a 1-minimal set: the fewest patches whose masking restores the label. A trigger
+    straddling four patches is often undone by masking the one holding most of it, and the other three
+    are then neither found nor benign: taken as negatives, they teach the detector that trigger
+    patches are normal."""
+    lead = grid_lead(keys)
+    side = int(round((keys - lead) ** 0.5))
+    chosen = np.isin(columns.example, np.asarray(inputs, dtype=np.int64))
+    n_inputs = int(columns.example.max(initial=-1)) + 1
+    culprit = np.zeros((n_inputs, side + 2, side + 2), bool)  # padded by one on every side
+    hit = chosen & columns.positive & (columns.position >= lead)
+    rows, cols = np.divmod(columns.position[hit] - lead, side)
+    culprit[columns.example[hit], rows + 1, cols + 1] = True
+    near = np.zeros_like(culprit)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            near[:, 1:-1, 1:-1] |= culprit[:, 1 + dr : side + 1 + dr, 1 + dc : side + 1 + dc]
+    on_grid = chosen & ~columns.positive & (columns.position >= lead)
+    out = np.zeros(len(columns.example), bool)
+    r, c = np.divmod(columns.position[on_grid] - lead, side)
+    out[on_grid] = near[columns.example[on_grid], r + 1, c + 1]
+    return out

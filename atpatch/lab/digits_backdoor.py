@@ -49,7 +49,7 @@ HEADS, HIDDEN = 16, 64
 
 
 def normalise(x01: np.ndarray) -> np.ndarray:
-    """[0, 1] pixels to the model's input (mean 0.5, std 0.5): 0.0 is mid-grey, what localize masks with."""
+    """[0, 1] pixels to the model's input (mean 0.5, std 0.5)."""
     return np.ascontiguousarray((x01 - 0.5) / 0.5, dtype=np.float32)
 
 
