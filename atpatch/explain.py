@@ -4,7 +4,8 @@ For one input, one row per attention layer: the head-averaged map going into the
 node and the map coming out (of the pass whose outputs the input gets), with the key columns
 patched in that layer outlined: solid red where that layer's detector flagged the column,
 dashed orange where another layer or the joint rule over layers did (cross-layer patching). The predictions with and
-without the patch are in the title.
+without the patch are in the title. An image gets a first row of its own: the picture, with the
+patches patched in any layer outlined the same way (solid: flagged; dashed: patched as a neighbour).
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ def explain(
         f"input {index} (label {title_name(int(one.labels[0]))}): predicted {title_name(pred_before)} "
         f"before patching, {title_name(pred_after)} after"
     )
+    picture = None
+    if "pixel_values" in feeds:
+        found = set(joint).union(*flagged.values())
+        picture = (feeds["pixel_values"][0], found, set().union(*patched_at.values()) - found)
     with atomic_output(out_png) as tmp:
-        _draw(maps, flagged, patched_at, names, title, tmp)
+        _draw(maps, flagged, patched_at, names, title, tmp, picture)
     return ExplainReport(
         index=index,
         flagged=flagged,
@@ -185,7 +190,9 @@ def _draw(
     names: list[str],
     title: str,
     path: Path,
+    picture: tuple[np.ndarray, set[int], set[int]] | None = None,
 ) -> None:
+    """`picture`: an image [C, H, W] with the key positions flagged in it and those patched besides."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; also keeps tests and servers headless
@@ -196,13 +203,16 @@ def _draw(
     length = len(names)
     cell = 0.22 if length <= _MAX_TICKS else max(0.03, 8.0 / length)
     side = min(max(3.0, cell * length), 7.0)
-    rows = len(maps)
+    rows = len(maps) + (picture is not None)
     height = rows * (side + 1.0) + 0.8
     # Deep models make tall figures: lower the resolution so the PNG stays under ~12k pixels.
     dpi = min(110.0, max(40.0, 12_000 / height))
     fig, axes = plt.subplots(rows, 2, figsize=(2 * side + 2.2, height), squeeze=False, constrained_layout=True)
     fig.suptitle(title, fontsize=11)
-    for row, (layer, (before, after)) in enumerate(maps.items()):
+    if picture is not None:
+        _draw_picture(axes[0, 0], *picture, length)
+        axes[0, 1].axis("off")
+    for row, (layer, (before, after)) in enumerate(maps.items(), start=int(picture is not None)):
         own = flagged.get(layer, [])
         cols = sorted(set(own) | set(patched.get(layer, [])))
         # One colour scale per layer, so before and after compare directly; the power norm
@@ -248,3 +258,25 @@ def _draw(
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     fig.savefig(path, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def _draw_picture(ax, pixels: np.ndarray, flagged: set[int], besides: set[int], keys: int) -> None:  # noqa: ANN001
+    """The input image, its patches on the grid ops/joint.py reads from `keys` positions outlined."""
+    from matplotlib.patches import Rectangle
+
+    from .ops.joint import grid_lead
+
+    lead = grid_lead(keys)
+    side = int(round((keys - lead) ** 0.5))
+    low, high = float(pixels.min()), float(pixels.max())
+    image = (np.moveaxis(pixels, 0, -1) - low) / max(high - low, 1e-12)  # the model's input, stretched to [0, 1]
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
+    size_y, size_x = image.shape[0] / side, image.shape[1] / side
+    for positions, colour, style in ((besides, _ELSEWHERE_COLOUR, "--"), (flagged, _FLAG_COLOUR, "-")):
+        for p in sorted(q for q in positions if q >= lead):
+            row, col = divmod(p - lead, side)
+            box = (col * size_x - 0.5, row * size_y - 0.5)
+            ax.add_patch(Rectangle(box, size_x, size_y, fill=False, edgecolor=colour, linestyle=style, linewidth=2.0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("the input: patches flagged (solid) and patched besides (dashed)", fontsize=9)

@@ -133,3 +133,30 @@ def test_chosen_layers_only_are_drawn(tiny: TinyText, data: Dataset, tmp_path: P
     assert _png_size(one.png)[1] < 0.7 * _png_size(both.png)[1]  # but only one row is drawn
     with pytest.raises(AtPatchError, match=r"layers \[2\] are not layers of this model; choose among 0..1"):
         explain(patched, data, 1, tmp_path / "bad.png", layers=[0, 2])
+
+
+def test_an_image_is_drawn_with_its_flagged_and_patched_patches_outlined(rng: np.random.Generator) -> None:
+    """A 2 x 2 grid of 4 x 4 patches after [CLS] (5 keys): patch 0 flagged (solid red), patch 3 patched as
+    a neighbour (dashed orange); the picture is the input stretched to [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from atpatch.explain import _ELSEWHERE_COLOUR, _FLAG_COLOUR, _draw_picture
+
+    pixels = rng.normal(size=(1, 8, 8)).astype(np.float32)
+    fig, ax = plt.subplots()
+    try:
+        _draw_picture(ax, pixels, flagged={1}, besides={4, 0}, keys=5)  # position 0 is [CLS]: never drawn
+        boxes = {(r.get_xy(), r.get_width(), r.get_height(), r.get_edgecolor(), r.get_linestyle()) for r in ax.patches}
+        shown = ax.get_images()[0].get_array()
+    finally:
+        plt.close(fig)
+    assert boxes == {
+        ((-0.5, -0.5), 4.0, 4.0, to_rgba(_FLAG_COLOUR), "-"),
+        ((3.5, 3.5), 4.0, 4.0, to_rgba(_ELSEWHERE_COLOUR), "--"),
+    }
+    expected = (pixels[0] - pixels.min()) / (pixels.max() - pixels.min())
+    np.testing.assert_allclose(np.asarray(shown), expected, rtol=0, atol=1e-6)
