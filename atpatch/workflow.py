@@ -244,7 +244,9 @@ def run_fit(
         bad, _ = _localized(model, misbehaving, budget)
         bad_columns = collect_columns(probe, bad.feeds, bad.culprits, desc="fit: misbehaving inputs")
         if grid:  # a found patch may be part of a trigger (columns.beside_culprits): its neighbours are no negatives
-            localized = [i for i, c in enumerate(misbehaving.culprits) if c is None]
+            # What --culprits reads is localize's output, as much as what fit localizes itself.
+            given = [c is not None and culprits_path is None for c in misbehaving.culprits]
+            localized = [i for i, known in enumerate(given) if not known]
             keys = int(bad_columns.position.max(initial=0)) + 1
             bad_columns = bad_columns.subset(~beside_culprits(bad_columns, localized, keys))
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))

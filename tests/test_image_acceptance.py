@@ -139,6 +139,26 @@ def test_localization_finds_the_trigger_patch_without_being_told(run: dict) -> N
     assert exact / len(found) >= 0.90, f"trigger patch alone localized in {exact} of {len(found)}"
 
 
+def test_fit_given_localizes_output_fits_the_detector_it_fits_when_it_localizes(run: dict, patched: dict) -> None:
+    """`localize` then `fit --culprits` (the README's two steps) and `fit` alone treat what localization found
+    alike: on a patch grid, the patches touching a found one are left out of the negatives either way."""
+    from atpatch.detector import Detector
+
+    work = run["work"]
+    culprits, detector = work / "culprits-for-fit.jsonl", work / "detector-from-culprits.safetensors"
+    args = ["localize", str(run["model"]), "--hf", str(run["folder"]), "--data", str(run["debug"])]
+    assert main([*args, "-o", str(culprits)]) == 0
+    args = ["fit", str(run["model"]), "--hf", str(run["folder"]), "--clean", str(run["fit_clean"])]
+    args += ["--calibration", str(run["calibration"]), "--misbehaving", str(run["debug"])]
+    assert main([*args, "--culprits", str(culprits), "-o", str(detector)]) == 0
+    given, alone = Detector.load(detector), Detector.load(run["work"] / "detector.safetensors")
+    assert given.joint == alone.joint and given.spread == alone.spread
+    for mine, theirs in zip(given.layers, alone.layers, strict=True):
+        assert mine.threshold == theirs.threshold
+        for name in ("w1", "b1", "w2", "b2"):
+            np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name))
+
+
 def test_clean_inputs_are_left_alone(patched: dict) -> None:
     report = patched["report"]
     flagged = report.flags["clean"]
