@@ -4,8 +4,9 @@ scikit-learn's handwritten digits (1,797 real 8x8 images) with a BadNets corner 
 fit, export, eval and explain through the command line, every figure measured through onnxruntime.
 
 Measured at seed 0 (the one asserted): ASR 100% -> 0.00% on 394 victims, the trigger patch alone
-localized in 150 of 150 debugging images, no clean test image flagged. The localization figure
-varies with the seed: seed 1 gave 124 of 150 (83%) and 3 of 460 clean images flagged (0.65%).
+localized in 150 of 150 debugging images, 1 of 460 clean test images flagged (none before fit left
+the patches touching a localized one out of its negatives, 2026-12-02). The localization figure
+varies with the seed: seed 1 gave 124 of 150 (83%) and 3 of 460 clean images flagged (0.65%), before.
 """
 
 from __future__ import annotations
