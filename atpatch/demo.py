@@ -209,7 +209,7 @@ def run_demo(folder: Path) -> DemoReport:
         detector.name: "the detector, fitted on fit-clean.npz and calibrated on calibration.npz",
         patched.name: "the hot-fixed model: runs in any onnxruntime, no Python needed",
         report_json.name: "eval's figures",
-        png.name: f"explain: triggered digit {index}'s attention before/after, flagged patch outlined",
+        png.name: f"explain: triggered digit {index} and its attention before/after, flagged patch outlined",
     }
     # Relative names, run from the folder: short enough to read, and to paste.
     commands = [
