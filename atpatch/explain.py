@@ -264,10 +264,9 @@ def _draw_picture(ax, pixels: np.ndarray, flagged: set[int], besides: set[int], 
     """The input image, its patches on the grid ops/joint.py reads from `keys` positions outlined."""
     from matplotlib.patches import Rectangle
 
-    from .ops.joint import grid_lead
+    from .ops.joint import patch_grid
 
-    lead = grid_lead(keys)
-    side = int(round((keys - lead) ** 0.5))
+    lead, side = patch_grid(keys)
     low, high = float(pixels.min()), float(pixels.max())
     image = (np.moveaxis(pixels, 0, -1) - low) / max(high - low, 1e-12)  # the model's input, stretched to [0, 1]
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)

@@ -247,8 +247,7 @@ def run_fit(
             # What --culprits reads is localize's output, as much as what fit localizes itself.
             given = [c is not None and culprits_path is None for c in misbehaving.culprits]
             localized = [i for i, known in enumerate(given) if not known]
-            keys = int(bad_columns.position.max(initial=0)) + 1
-            bad_columns = bad_columns.subset(~beside_culprits(bad_columns, localized, keys))
+            bad_columns = bad_columns.subset(~beside_culprits(bad_columns, localized))
         train = bad_columns.followed_by(clean_columns, other_offset=len(bad))
         if not train.positive.any():
             raise AtPatchError(

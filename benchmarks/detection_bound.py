@@ -103,12 +103,11 @@ def train_mlp(x: np.ndarray, y: np.ndarray):  # noqa: ANN201
 def neighbours(flags: np.ndarray, grid: bool) -> np.ndarray:
     """`flags` [N, keys] widened by 1: the 3 x 3 block on a patch grid (after its lead positions, as
     ops/joint.py reads the grid), one either side otherwise."""
-    from atpatch.ops.joint import grid_lead
+    from atpatch.ops.joint import patch_grid
 
     out = flags.copy()
     if grid:
-        lead = grid_lead(flags.shape[1])
-        side = int(round((flags.shape[1] - lead) ** 0.5))
+        lead, side = patch_grid(flags.shape[1])
         g = np.pad(flags[:, lead:].reshape(len(flags), side, side), ((0, 0), (1, 1), (1, 1)))
         wide = np.zeros_like(g)
         for dy in (-1, 0, 1):

@@ -188,10 +188,6 @@ class Trigger:
         return (np.add.outer(np.arange(self.size), np.arange(self.size)) % 2 == 0).astype(np.float32)
 
     @property
-    def default(self) -> bool:
-        return self == Trigger()
-
-    @property
     def tag(self) -> str:
         """A name for cache folders and result keys: "" for the defaults, e.g. "random", "at1-1_square5_bag"."""
         parts = {"corner": [], "random": ["random"]}.get(self.place, ["at" + self.place.replace(",", "-")])

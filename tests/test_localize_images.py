@@ -65,12 +65,12 @@ def test_the_neighbours_of_a_localized_patch_are_left_out_of_the_negatives() -> 
     positive[1] = True  # input 0, grid (0, 0)
     positive[keys + 1 + 2 * 4 + 2] = True  # input 1, grid (2, 2)
     columns = ColumnSet([np.zeros((2 * keys, 1), np.float32)], example, positive, position)
-    marked = beside_culprits(columns, [0], keys)
+    marked = beside_culprits(columns, [0])
     assert sorted(position[marked & (example == 0)].tolist()) == [2, 5, 6]  # grid (0, 1), (1, 0), (1, 1)
     assert not marked[example == 1].any() and not marked[positive].any() and not marked[position == 0].any()
 
     # Given for both inputs: input 1's 3 x 3 block around (2, 2) too, wrapping at no edge.
-    marked = beside_culprits(columns, [0, 1], keys)
+    marked = beside_culprits(columns, [0, 1])
     block = [1 + r * 4 + c for r in (1, 2, 3) for c in (1, 2, 3) if (r, c) != (2, 2)]
     assert sorted(position[marked & (example == 1)].tolist()) == block
     kept = columns.subset(~marked)

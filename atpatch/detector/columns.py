@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops.joint import grid_lead
+from ..ops.joint import patch_grid
 from ..ops.reference import attended_columns, column_features
 from ..progress import Progress
 from .probe import AttentionProbe
@@ -74,16 +74,15 @@ def collect_columns(
     )
 
 
-def beside_culprits(columns: ColumnSet, inputs: Sequence[int], keys: int) -> np.ndarray:
+def beside_culprits(columns: ColumnSet, inputs: Sequence[int]) -> np.ndarray:
     """bool [n_columns]: the columns of `inputs` that are not culprits but touch one of its culprit patches
-    on the patch grid (its 3 x 3 block; the grid as ops/joint.py reads it from `keys` positions).
+    on the patch grid (its 3 x 3 block; the grid as ops/joint.py reads it from the key positions).
 
     Localization returns a 1-minimal set: the fewest patches whose masking restores the label. A trigger
     straddling four patches is often undone by masking the one holding most of it, and the other three
     are then neither found nor benign: taken as negatives, they teach the detector that trigger
     patches are normal."""
-    lead = grid_lead(keys)
-    side = int(round((keys - lead) ** 0.5))
+    lead, side = patch_grid(int(columns.position.max(initial=0)) + 1)
     chosen = np.isin(columns.example, np.asarray(inputs, dtype=np.int64))
     n_inputs = int(columns.example.max(initial=-1)) + 1
     culprit = np.zeros((n_inputs, side + 2, side + 2), bool)  # padded by one on every side

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JointRule", "grid_lead", "joint_flags", "joint_scores", "WINDOWS"]
+__all__ = ["JointRule", "grid_lead", "joint_flags", "joint_scores", "patch_grid", "WINDOWS"]
 
 WINDOWS = (1, 2)  # 1: each position alone; 2: pairs along a sequence, 2 x 2 on a patch grid
 
@@ -50,18 +50,22 @@ class JointRule:
             raise ValueError(f"joint threshold must be a finite number, got {self.threshold!r}")
 
 
+def patch_grid(k_len: int) -> tuple[int, int]:
+    """(lead, G): the special positions before an image's G x G patch grid, and G = floor(sqrt(k_len))."""
+    side = int(np.floor(np.sqrt(k_len)))
+    return k_len - side * side, side
+
+
 def grid_lead(k_len: int) -> int:
     """Special positions before an image's G x G patch grid, G = floor(sqrt(k_len))."""
-    side = int(np.floor(np.sqrt(k_len)))
-    return k_len - side * side
+    return patch_grid(k_len)[0]
 
 
 def _pool(x: np.ndarray, grid: bool) -> np.ndarray:
     """Each position's best mean over the windows of 2 (2 x 2 on a grid) that hold it; -inf where none."""
     n, k = x.shape
     if grid:
-        lead = grid_lead(k)
-        side = int(round(np.sqrt(k - lead)))
+        lead, side = patch_grid(k)
         g = x[:, lead:].reshape(n, side, side)
         win = (g[:, :-1, :-1] + g[:, 1:, :-1] + g[:, :-1, 1:] + g[:, 1:, 1:]) / 4
         pad = np.pad(win, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
