@@ -135,7 +135,8 @@ def _tokenizer(model_dir: Path):  # noqa: ANN202 (transformers is optional at im
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AtPatchError(
-            f"cannot load a tokenizer from {model_dir} ({first}); save it there with tokenizer.save_pretrained"
+            f"cannot load a tokenizer from {model_dir} ({first}); save it there with tokenizer.save_pretrained, "
+            "or, for an image model, give its data as .npz (pixel_values, labels)"
         ) from err
     if not getattr(tokenizer, "is_fast", False):
         raise AtPatchError(

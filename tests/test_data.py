@@ -162,7 +162,8 @@ def test_missing_files_and_folders(model_dir: Path, tmp_path: Path) -> None:
         load_jsonl(good, tmp_path / "nofolder")
     no_tokenizer = tmp_path / "bare"
     write_config(no_tokenizer)
-    with pytest.raises(AtPatchError, match="cannot load a tokenizer from .*tokenizer.save_pretrained"):
+    said = "cannot load a tokenizer from .*tokenizer.save_pretrained, or, for an image model, give its data as .npz"
+    with pytest.raises(AtPatchError, match=said):
         load_jsonl(good, no_tokenizer)
     with pytest.raises(AtPatchError, match="max_len 1 is too short"):
         load_jsonl(good, model_dir, max_len=1)
