@@ -274,9 +274,15 @@ def load_groups(path: str | Path, field: str = "group") -> np.ndarray:
     return np.asarray(values, np.int64)
 
 
+def _special_tokens(config: Mapping[str, Any]) -> int:
+    """Key positions before a vision encoder's patches: [CLS], and DeiT's distillation token."""
+    return 2 if config.get("model_type") == "deit" else 1
+
+
 def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
     """Read images: an .npz with pixel_values [N, C, H, W] float32, labels [N] and optionally
-    culprit_patches [N, P] bool (patch p is sequence position 1 + p, after ViT's [CLS])."""
+    culprit_patches [N, P] bool (patch p is key position lead + p, after the model's special tokens:
+    [CLS], and DeiT's distillation token)."""
     path, model_dir = Path(path), Path(model_dir)
     config = _config(model_dir)
     names = label_names_of(config)
@@ -328,7 +334,8 @@ def load_npz(path: str | Path, model_dir: str | Path) -> Dataset:
                 f"{path}: culprit_patches has shape {patches.shape} and type {patches.dtype}; "
                 f"give a bool array [{n}, {expected_p}] (one entry per image patch)"
             )
-        culprits = [[1 + int(p) for p in np.flatnonzero(row)] for row in patches]
+        lead = _special_tokens(config)
+        culprits = [[lead + int(p) for p in np.flatnonzero(row)] for row in patches]
     return Dataset(
         feeds={"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)},
         labels=labels.astype(np.int64),

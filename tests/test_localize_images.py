@@ -8,12 +8,16 @@ left 40.7% ASR (known positions: 2.1%); with them, 58 of 60 and 6.9%.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from atpatch.data import load_npz
 from atpatch.detector.columns import ColumnSet, beside_culprits
-from atpatch.detector.localize import _mask_patches, _restoring_window
+from atpatch.detector.localize import _mask_patches, _removable, _restoring_window, _Tester
+from atpatch.detector.probe import AttentionProbe
 
 
 def test_a_masked_patch_takes_the_images_background_per_channel(rng: np.random.Generator) -> None:
@@ -22,7 +26,7 @@ def test_a_masked_patch_takes_the_images_background_per_channel(rng: np.random.G
     with the border's median 92%)."""
     pixels = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
     pixels[0, 1] += 4.0  # channels with different backgrounds
-    out = _mask_patches(pixels, [1, 4], grid=2)  # patches (0, 0) and (1, 1) of 4x4 pixels
+    out = _mask_patches(pixels, [1, 4], lead=1, grid=2)  # patches (0, 0) and (1, 1) of 4x4 pixels
     image = pixels[0]
     border = np.concatenate([image[:, 0, :], image[:, -1, :], image[:, :, 0], image[:, :, -1]], axis=1)
     background = np.median(border, axis=1)
@@ -44,14 +48,17 @@ def test_the_window_scan_finds_a_trigger_over_four_patches_attention_does_not_si
         calls.append(block)
         return trigger <= set(block)
 
-    tester = SimpleNamespace(grid=4, restores=restores)
+    tester = SimpleNamespace(lead=1, grid=4, restores=restores)
     anomaly = np.zeros(17)
     anomaly[[1, 2, 5, 16]] = 1.0  # attention points elsewhere: those blocks are tried first
     assert sorted(_restoring_window(tester, anomaly)) == sorted(trigger)
     assert set(calls[0]) == {1, 2, 5, 6} and len(calls) <= 9 and len({tuple(c) for c in calls}) == len(calls)
 
     calls.clear()
-    assert _restoring_window(SimpleNamespace(grid=4, restores=lambda b: calls.append(b) and False), anomaly) is None
+    assert (
+        _restoring_window(SimpleNamespace(lead=1, grid=4, restores=lambda b: calls.append(b) and False), anomaly)
+        is None
+    )
     assert len(calls) == 9  # every 2 x 2 block of a 4 x 4 grid, once
 
 
@@ -75,3 +82,28 @@ def test_the_neighbours_of_a_localized_patch_are_left_out_of_the_negatives() -> 
     assert sorted(position[marked & (example == 1)].tolist()) == block
     kept = columns.subset(~marked)
     assert len(kept.example) == 2 * keys - 3 - 8 and kept.positive.sum() == 2
+
+
+def test_deit_patches_sit_after_its_two_special_tokens(exported, hf_folder: Callable[[str], Path], tmp_path: Path,
+                                                       rng: np.random.Generator) -> None:  # fmt: skip
+    """DeiT puts a distillation token after [CLS]: key position 2 is its first patch. Read as one special
+    token, localization masked the patch before the one it meant, and a culprit_patches file marked the
+    wrong position."""
+    probe = AttentionProbe(exported("deit", False, 17).model)
+    pixels = rng.normal(size=(1, 3, 16, 16)).astype(np.float32)  # 4 x 4 patches of 4 x 4 pixels
+    keys = probe.run({"pixel_values": pixels}).before[0].shape[-1]
+    tester = _Tester(probe, {"pixel_values": pixels}, expected=0, budget=8, keys=keys)
+    assert (keys, tester.lead, tester.grid) == (18, 2, 4)
+    assert _removable({"pixel_values": pixels}, None, keys) == list(range(2, 18))
+
+    masked = tester.removed([2 + 4 + 1])["pixel_values"]  # the patch at grid (1, 1)
+    changed = (masked != pixels).any(axis=1)[0]
+    assert changed[4:8, 4:8].all() and changed.sum() == 16
+
+    window = _restoring_window(SimpleNamespace(lead=2, grid=4, restores=lambda b: 17 in b), np.zeros(keys))
+    assert sorted(window) == [12, 13, 16, 17]  # the last 2 x 2 block: grid (2..3, 2..3)
+
+    np.savez(tmp_path / "d.npz", pixel_values=pixels, labels=np.array([1]),
+             culprit_patches=np.eye(16, dtype=bool)[[5]])  # fmt: skip
+    assert load_npz(tmp_path / "d.npz", hf_folder("deit")).culprits == [[2 + 5]]
+    assert load_npz(tmp_path / "d.npz", hf_folder("vit")).culprits == [[1 + 5]]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..ops.joint import patch_grid
 from ..ops.reference import column_features
 from ..progress import Progress
 from .probe import AttentionProbe
@@ -44,16 +45,18 @@ class _BudgetExhausted(Exception):
 class _Tester:
     """Runs the model on one input with some positions removed; counts calls against the budget."""
 
-    def __init__(self, probe: AttentionProbe, feeds: dict[str, np.ndarray], expected: int, budget: int) -> None:
+    def __init__(self, probe: AttentionProbe, feeds: dict[str, np.ndarray], expected: int, budget: int,
+                 keys: int) -> None:  # fmt: skip
         self.probe, self.feeds, self.expected, self.budget = probe, feeds, expected, budget
         self.calls = 0
         self.is_image = "pixel_values" in feeds
-        self.grid = 0  # patches per image side, set for images
+        # An image's keys: `lead` special tokens ([CLS]; DeiT's distillation token too), then the patches.
+        self.lead, self.grid = patch_grid(keys) if self.is_image else (0, 0)
         self.probs: dict[tuple[int, ...], np.ndarray] = {}  # removed positions -> class probabilities
 
     def removed(self, positions: Sequence[int]) -> dict[str, np.ndarray]:
         if self.is_image:
-            return {"pixel_values": _mask_patches(self.feeds["pixel_values"], positions, self.grid)}
+            return {"pixel_values": _mask_patches(self.feeds["pixel_values"], positions, self.lead, self.grid)}
         drop = set(positions)
         out = {}
         for name, value in self.feeds.items():
@@ -81,16 +84,16 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _mask_patches(pixels: np.ndarray, positions: Sequence[int], grid: int) -> np.ndarray:
-    """`pixels` [1, C, H, W] with each patch at `positions` filled with the image's background: per
-    channel, the median of its border pixels."""
+def _mask_patches(pixels: np.ndarray, positions: Sequence[int], lead: int, grid: int) -> np.ndarray:
+    """`pixels` [1, C, H, W] with each patch at key `positions` (patch p at lead + p) filled with the
+    image's background: per channel, the median of its border pixels."""
     out = pixels.copy()
     size = out.shape[-1] // grid
     image = pixels[0]
     border = np.concatenate([image[:, 0, :], image[:, -1, :], image[:, :, 0], image[:, :, -1]], axis=1)
     background = np.median(border, axis=1)[:, None, None]
     for pos in positions:
-        row, col = divmod(pos - 1, grid)  # position 0 is the [CLS] token, not a patch
+        row, col = divmod(pos - lead, grid)
         out[0, :, row * size : (row + 1) * size, col * size : (col + 1) * size] = background
     return out
 
@@ -124,7 +127,11 @@ def _restoring_window(tester: _Tester, anomaly: np.ndarray) -> list[int] | None:
     search, and masking every patch at once rarely restores an image's label (it leaves no image):
     each block is one model call, 36 for a 7 x 7 grid."""
     g = tester.grid
-    blocks = [[1 + (r + dr) * g + c + dc for dr in (0, 1) for dc in (0, 1)] for r in range(g - 1) for c in range(g - 1)]
+    blocks = [
+        [tester.lead + (r + dr) * g + c + dc for dr in (0, 1) for dc in (0, 1)]
+        for r in range(g - 1)
+        for c in range(g - 1)
+    ]
     for block in sorted(blocks, key=lambda b: -float(anomaly[b].sum())):
         if tester.restores(block):
             return block
@@ -138,7 +145,7 @@ def _anomaly(before: list[np.ndarray]) -> np.ndarray:
 
 def _removable(feeds: dict[str, np.ndarray], tokens: list[str] | None, length: int) -> list[int]:
     if "pixel_values" in feeds:
-        return list(range(1, length))
+        return list(range(patch_grid(length)[0], length))
     valid = int(feeds["attention_mask"][0].sum()) if "attention_mask" in feeds else length
     special = (
         set()
@@ -178,9 +185,7 @@ def _localize_one(probe: AttentionProbe, one: dict[str, np.ndarray], i: int, exp
     """Input `i` (`one`, a batch of 1): the smallest set of positions whose removal restores `expected`."""
     run = probe.run(one)
     length = run.before[0].shape[-1]
-    tester = _Tester(probe, one, expected, budget)
-    if tester.is_image:
-        tester.grid = int(round(np.sqrt(length - 1)))
+    tester = _Tester(probe, one, expected, budget, length)
     evidence: dict[str, object] = {"predicted": int(np.argmax(run.outputs[0][0]))}
     if evidence["predicted"] == expected:
         return Localization(i, [], True, 0, "already-correct", evidence)
