@@ -83,21 +83,11 @@ def column_scores(work: Path, detector: str) -> tuple[dict[str, tuple[np.ndarray
 
 
 def _pooled(joint: np.ndarray, real: np.ndarray, patches: bool) -> np.ndarray:
-    """Each position's best mean over the neighbour windows that contain it (2 along a sequence, 2x2 on a grid)."""
-    x = np.where(real, joint, -30.0)
-    n, k = x.shape
-    side = int(round((k - 1) ** 0.5))
-    if patches and side * side == k - 1:  # a ViT: [CLS] + side x side patches
-        grid = x[:, 1:].reshape(n, side, side)
-        win = (grid[:, :-1, :-1] + grid[:, 1:, :-1] + grid[:, :-1, 1:] + grid[:, 1:, 1:]) / 4
-        pad = np.pad(win, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-        best = np.maximum.reduce([pad[:, 1:, 1:], pad[:, :-1, 1:], pad[:, 1:, :-1], pad[:, :-1, :-1]])
-        return np.concatenate([x[:, :1], best.reshape(n, -1)], 1)
-    best = np.full_like(x, -np.inf)
-    for start in range(k - 1):
-        mean = x[:, start : start + 2].mean(1, keepdims=True)
-        best[:, start : start + 2] = np.maximum(best[:, start : start + 2], mean)
-    return best
+    """Each position's best mean over the neighbour windows that contain it (2 along a sequence, 2x2 on a grid
+    after the grid's special positions), as the joint rule pools (ops/joint.py)."""
+    from atpatch.ops.joint import pool
+
+    return pool(np.where(real, joint, -30.0), patches)
 
 
 def rules(sets: dict, detector_thresholds: np.ndarray, patches: bool) -> dict[str, dict[str, np.ndarray]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JointRule", "grid_lead", "joint_flags", "joint_scores", "patch_grid", "WINDOWS"]
+__all__ = ["JointRule", "grid_lead", "joint_flags", "joint_scores", "patch_grid", "pool", "WINDOWS"]
 
 WINDOWS = (1, 2)  # 1: each position alone; 2: pairs along a sequence, 2 x 2 on a patch grid
 
@@ -61,7 +61,7 @@ def grid_lead(k_len: int) -> int:
     return patch_grid(k_len)[0]
 
 
-def _pool(x: np.ndarray, grid: bool) -> np.ndarray:
+def pool(x: np.ndarray, grid: bool) -> np.ndarray:
     """Each position's best mean over the windows of 2 (2 x 2 on a grid) that hold it; -inf where none."""
     n, k = x.shape
     if grid:
@@ -85,7 +85,7 @@ def joint_scores(scores: Sequence[np.ndarray], rule: JointRule, grid: bool) -> n
     total = used[0][0] * used[0][1]
     for s, w in used[1:]:
         total = total + s * w
-    pooled = _pool(total, grid) if rule.window == 2 else total
+    pooled = pool(total, grid) if rule.window == 2 else total
     pooled = pooled.astype(np.float32)
     pooled[:, : grid_lead(pooled.shape[1]) if grid else 1] = -np.inf  # sinks, [CLS]: never this rule's
     return pooled

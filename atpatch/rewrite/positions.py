@@ -66,7 +66,7 @@ def _slice(b: NodeBuilder, x: str, starts: list[int], ends: list[int], axes: lis
 
 
 def _best_window(b: NodeBuilder, x: str, grid: bool) -> str:
-    """ops/joint.py's _pool, in the same float32 order: each position's best window mean."""
+    """ops/joint.py's pool, in the same float32 order: each position's best window mean."""
     minus_inf = b.const(-np.inf)
     if not grid:
         win = b.op("Div", b.op("Add", _slice(b, x, [0], [-1], [1]), _slice(b, x, [1], [_END], [1])), b.const(2.0))
