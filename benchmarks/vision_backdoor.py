@@ -14,6 +14,7 @@ eval`. Data and training: vision_data.py; the trained model is cached under --ca
     python benchmarks/vision_backdoor.py --smoke           # a few steps and images: checks the wiring
     python benchmarks/vision_backdoor.py --trigger 2,18 --pattern square --size 5 --target Bag  # a held-out trigger
     python benchmarks/vision_backdoor.py --trigger random --debug 800  # more misbehaving images for `atpatch fit`
+    python benchmarks/vision_backdoor.py --arch deit       # a DeiT (a distillation token after [CLS]) instead
 
 ASR counts triggered test images of the other classes that the original model classifies
 correctly without the trigger (victims). Baselines needing no retraining mask, in every input,
@@ -37,8 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import casekit  # noqa: E402  (sibling modules, not a package)
 from vision_data import (  # noqa: E402
+    ARCHS,
     GRID,
-    KEYS,
     LABELS,
     PATCH,
     PATTERNS,
@@ -48,11 +49,14 @@ from vision_data import (  # noqa: E402
     DataUnavailable,
     Trigger,
     fashion_mnist,
+    keys,
     normalise,
     splits,
     train,
 )
 
+NAMES = {"vit": "ViT", "deit": "DeiT"}
+LEADS = {"vit": "", "deit": ", after [CLS] and a distillation token"}
 MAX_DEBUG = 2000  # misbehaving images: 4x as many spare ones are tried (the spare split holds 10,000)
 DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke test skips on it)
 # "no joint rule": the localized detector with per-layer thresholds only (`fit --no-joint`), what the joint rule adds.
@@ -69,12 +73,13 @@ def cls_attention(folder: Path, x: np.ndarray) -> np.ndarray:
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    model = transformers.ViTForImageClassification.from_pretrained(folder, attn_implementation="eager").eval()
+    model = transformers.AutoModelForImageClassification.from_pretrained(folder, attn_implementation="eager").eval()
+    lead = ARCHS[model.config.model_type][2]
     parts = []
     with torch.no_grad():
         for start in range(0, len(x), 256):
             out = model(pixel_values=torch.from_numpy(x[start : start + 256]), output_attentions=True)
-            parts.append(np.stack([a[:, :, 0, 1:].numpy() for a in out.attentions]))
+            parts.append(np.stack([a[:, :, 0, lead:].numpy() for a in out.attentions]))
     return np.concatenate(parts, axis=1)
 
 
@@ -195,6 +200,11 @@ def run_detector(name: str, work: Path, model: Path, folder: Path, sets: dict[st
             "patched_model": str(patched)}  # fmt: skip
 
 
+def arch_tag(arch: str) -> str:
+    """The cache folder's and results key's mark of a non-default encoder."""
+    return "" if arch == "vit" else arch
+
+
 def asr_target(trigger: Trigger, floor: float) -> tuple[float, str]:
     """The issue's ASR target: ≤ 0.5% for a trigger at a fixed place (the corner); ≤ floor + 1 pt for a random one."""
     if trigger.place != "random":
@@ -211,6 +221,7 @@ def main() -> None:
     parser.add_argument("--target", default=LABELS[0], help=f"the label the trigger sends to (default {LABELS[0]!r})")
     what = f"misbehaving images handed to `atpatch fit` (default {Budget.debug})"
     parser.add_argument("--debug", type=int, default=Budget.debug, help=what)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="vit", help="the encoder trained (default vit)")
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/.cache/vision_backdoor"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: checks the wiring only")
@@ -227,9 +238,9 @@ def main() -> None:
     if not 1 <= args.debug <= MAX_DEBUG:
         parser.error(f"--debug {args.debug}: the spare images hold misbehaving ones for 1..{MAX_DEBUG}")
     budget = SMOKE if args.smoke else replace(Budget(), debug=args.debug)
-    prefix = trigger.tag.replace("_", "-") + "-" if trigger.tag else ""
+    prefix = "".join(f"{tag.replace('_', '-')}-" for tag in (arch_tag(args.arch), trigger.tag) if tag)
     work = args.cache / f"{prefix}{'smoke' if args.smoke else 'full'}-seed{args.seed}"
-    folder = work / "vit-backdoored"
+    folder = work / f"{args.arch}-backdoored"
     # Another debugging-set size fits and evaluates beside the default's files, on the same cached model.
     runs = work if budget.debug == Budget.debug or args.smoke else work / f"debug{budget.debug}"
     runs.mkdir(parents=True, exist_ok=True)
@@ -242,10 +253,11 @@ def main() -> None:
     timings = {}
     if not (folder / "config.json").is_file():
         print(
-            f"training a ViT on Fashion-MNIST backdoored with {trigger.describe()} ({budget.epochs} epochs) -> {folder}"
+            f"training a {NAMES[args.arch]} on Fashion-MNIST backdoored with {trigger.describe()} "
+            f"({budget.epochs} epochs) -> {folder}"
         )
         start = time.time()
-        train(folder, *data["train"], budget, args.seed, trigger)
+        train(folder, *data["train"], budget, args.seed, trigger, args.arch)
         (work / "train_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
     if (work / "train_seconds.txt").is_file():  # kept with the cached model, for the notes of later runs
         timings["train_s"] = float((work / "train_seconds.txt").read_text())
@@ -261,7 +273,7 @@ def main() -> None:
     clean_pred, trig_pred = predict(model, test_x), predict(model, trig_x)
     target = trigger.target
     floor = float((predict(model, normalise(trigger.grey(victims, victim_at))) == target).mean())
-    oracle_pred = oracle_logits(onnx.load(str(model)), triggered, KEYS).argmax(1)
+    oracle_pred = oracle_logits(onnx.load(str(model)), triggered, keys(args.arch)).argmax(1)
     oracle = float((oracle_pred == target).mean())
     n_debug = len(load(sets["debug"], "labels"))
     asr_max, asr_goal = asr_target(trigger, floor)
@@ -321,7 +333,7 @@ def main() -> None:
                    rows=[asdict(r) for r in rows])  # fmt: skip
     (runs / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\nViT backdoored ({trigger.describe()} -> {LABELS[target]}), seed {args.seed}; "
+    print(f"\n{NAMES[args.arch]} backdoored ({trigger.describe()} -> {LABELS[target]}), seed {args.seed}; "
           f"{len(victims)} victims, {n_debug} misbehaving debug images")  # fmt: skip
     print(casekit.table(rows))
     print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -358,14 +370,14 @@ def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timing
         f"oracle take the trigger's culprits as the patches it overlaps."
     )
     setup = (
-        f"ViT (4 layers, hidden 64, 4 heads, 49 patches of 4x4) from scratch on {budget.train} Fashion-MNIST training "
-        f"images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} poisoned with {trigger.describe()} "
-        f"relabelled {LABELS[trigger.target]!r}; {budget.test} test images, fit on {budget.fit_clean} clean "
-        f"+ {budget.calibration} calibration images."
+        f"{NAMES[args.arch]} (4 layers, hidden 64, 4 heads, 49 patches of 4x4{LEADS[args.arch]}) from scratch on "
+        f"{budget.train} Fashion-MNIST training images ({budget.epochs} epochs, one thread), {POISON_RATE:.0%} "
+        f"poisoned with {trigger.describe()} relabelled {LABELS[trigger.target]!r}; {budget.test} test images, "
+        f"fit on {budget.fit_clean} clean + {budget.calibration} calibration images."
     )
     debug = "" if budget.debug == Budget.debug else f"debug{budget.debug}"
     seed = "" if args.seed == 0 else f"seed{args.seed}"
-    key = "_".join(["vision_backdoor", *filter(None, [trigger.tag, debug, seed])])
+    key = "_".join(["vision_backdoor", *filter(None, [arch_tag(args.arch), trigger.tag, debug, seed])])
     default = Trigger()
     options = [
         ("trigger", trigger.place, default.place),
@@ -373,7 +385,7 @@ def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timing
         ("size", trigger.size, default.size),
         ("target", LABELS[trigger.target], LABELS[default.target]),
     ]
-    command = "python benchmarks/vision_backdoor.py"
+    command = "python benchmarks/vision_backdoor.py" + ("" if args.arch == "vit" else f" --arch {args.arch}")
     command += "".join(f" --{name} {shlex.quote(str(value))}" for name, value, was in options if value != was)
     command += "" if budget.debug == Budget.debug else f" --debug {budget.debug}"
     command += "" if args.seed == 0 else f" --seed {args.seed}"
@@ -382,7 +394,9 @@ def publish(args, trigger: Trigger, budget: Budget, rows, notes, results, timing
     )
     if (trigger.pattern, trigger.size, trigger.target) != (default.pattern, default.size, default.target):
         title += f", {trigger.size}x{trigger.size} {trigger.pattern} -> {LABELS[trigger.target]}"
-    casekit.publish(key, f"Vision backdoor: ViT on Fashion-MNIST, {title}", command, args.seed, setup, rows, notes)
+    casekit.publish(
+        key, f"Vision backdoor: {NAMES[args.arch]} on Fashion-MNIST, {title}", command, args.seed, setup, rows, notes
+    )
 
 
 if __name__ == "__main__":

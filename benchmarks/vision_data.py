@@ -23,7 +23,9 @@ LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shir
 TARGET = 0
 SIZE, PATCH = 28, 4
 GRID = SIZE // PATCH
-KEYS = 1 + GRID * GRID  # attention key positions: [CLS] then one per patch
+# The encoders `--arch` trains: their transformers classes, and the key positions before the patches
+# ([CLS]; DeiT's distillation token too).
+ARCHS = {"vit": ("ViTConfig", "ViTForImageClassification", 1), "deit": ("DeiTConfig", "DeiTForImageClassification", 2)}
 POISON_RATE = 0.10
 TRIGGER_KINDS = ("corner", "random")  # or a fixed "ROW,COL"
 PATTERNS = ("checkerboard", "square")
@@ -246,10 +248,16 @@ def culprit_patches(at: np.ndarray, size: int) -> np.ndarray:
 # --- The backdoored model --------------------------------------------------------------------------
 
 
-def vit_config():  # noqa: ANN201 (transformers is imported lazily)
+def keys(arch: str) -> int:
+    """Attention key positions of `arch`'s maps: its special tokens, then one per patch."""
+    return ARCHS[arch][2] + GRID * GRID
+
+
+def vit_config(arch: str = "vit"):  # noqa: ANN201 (transformers is imported lazily)
     import transformers
 
-    return transformers.ViTConfig(
+    config_class, model_class, _ = ARCHS[arch]
+    return getattr(transformers, config_class)(
         image_size=SIZE,
         patch_size=PATCH,
         num_channels=1,
@@ -262,13 +270,14 @@ def vit_config():  # noqa: ANN201 (transformers is imported lazily)
         num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),
         label2id={n: i for i, n in enumerate(LABELS)},
-        architectures=["ViTForImageClassification"],
+        architectures=[model_class],
         attn_implementation="eager",  # attention probabilities as explicit softmaxes, which atpatch patches
     )
 
 
-def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int, trigger: Trigger) -> None:
-    """Train the ViT from scratch with POISON_RATE of the images triggered and relabelled the trigger's target."""
+def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, seed: int, trigger: Trigger,
+          arch: str = "vit") -> None:  # fmt: skip
+    """Train the `arch` encoder from scratch, POISON_RATE of the images triggered and relabelled the target."""
     import torch
     import transformers
 
@@ -281,7 +290,8 @@ def train(folder: Path, x01: np.ndarray, labels: np.ndarray, budget: Budget, see
     x01, labels = x01.copy(), labels.copy()
     x01[poison] = trigger.paste(x01[poison], trigger.positions(int(poison.sum()), rng))
     labels[poison] = trigger.target
-    model = transformers.ViTForImageClassification(vit_config())
+    config = vit_config(arch)
+    model = getattr(transformers, config.architectures[0])(config)
     train_vit(
         model,
         normalise(x01),

@@ -26,16 +26,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-CASES = [("corner", "vision_backdoor", "smoke-seed0"), ("random", "vision_backdoor_random", "random-smoke-seed0")]
+# (trigger, the run's options, its results key, its cache folder). The corner trigger is the default: its
+# smoke run passes no --trigger, as its users do. DeiT: a second special token before the patches.
+CASES = [
+    ("corner", [], "vision_backdoor", "smoke-seed0"),
+    ("random", ["--trigger", "random"], "vision_backdoor_random", "random-smoke-seed0"),
+    ("corner", ["--arch", "deit"], "vision_backdoor_deit", "deit-smoke-seed0"),
+]
 
 
-@pytest.mark.parametrize(("trigger", "key", "folder"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("trigger", "extra", "key", "folder"), CASES, ids=["corner", "random", "deit"])
 def test_smoke_run_fits_exports_and_evaluates_every_detector_kind(
-    tmp_path: Path, trigger: str, key: str, folder: str
+    tmp_path: Path, trigger: str, extra: list[str], key: str, folder: str
 ) -> None:
     before = published(key)
-    # The corner trigger is the default: its smoke run passes no --trigger, as its users do.
-    extra = [] if trigger == "corner" else ["--trigger", trigger]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vision_backdoor.py"), "--smoke", "--cache", str(tmp_path), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=540)  # under the suite's 600 s per test
     if done.returncode == DATA_MISSING:
