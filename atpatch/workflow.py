@@ -107,49 +107,7 @@ def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Pat
     )
 
 
-def _fixed(model, detector: Detector, data: Dataset) -> tuple[int, int]:  # noqa: ANN001
-    """(inputs the patched model gets right, of those the original gets wrong) on `data`."""
-    from .evaluate import run_original
-    from .rewrite import patch_model
-    from .runtime import create_session
-
-    def predict(onnx_model) -> np.ndarray:  # noqa: ANN001
-        return run_original(create_session(onnx_model), data, "misbehaving").logits.argmax(axis=1)
-
-    wrong = predict(model) != data.labels
-    patched = predict(patch_model(model, detector)[0])
-    return int((wrong & (patched == data.labels)).sum()), int(wrong.sum())
-
-
 _LARGER_BUDGETS = (0.01, 0.02, 0.05)
-_SPREADS = (1, 2, 3)
-
-
-def _choose_spread(model, detector: Detector, bad: Dataset) -> tuple[Detector, int, int, str]:  # noqa: ANN001
-    """The detector with the spread that fixes the most misbehaving inputs (the smallest on ties):
-    a trigger spanning several positions may be flagged at one of them only. Returns it, its fixes,
-    the misbehaving count, and a line saying what spreading bought (empty when nothing)."""
-    fixed, wrong = _fixed(model, detector, bad)
-    alone = fixed
-    for radius in _SPREADS:
-        if fixed == wrong:
-            break
-        wider = replace(detector, spread=radius)
-        more, _ = _fixed(model, wider, bad)
-        if more > fixed:
-            detector, fixed = wider, more
-    if not detector.spread:
-        return detector, fixed, wrong, ""
-    where = "patches" if bad.tokens is None else "tokens"
-    return (
-        detector,
-        fixed,
-        wrong,
-        (
-            f"spread: the {where} within {detector.spread} of a flagged one are patched too, which fixes "
-            f"{fixed - alone} more misbehaving inputs\n"
-        ),
-    )
 
 
 def calibration_note(n: int, target_flag_rate: float, layers: int, joint: bool) -> str:
@@ -200,6 +158,7 @@ def run_fit(
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
+    from .fixes import choose_spread, fixed
     from .rewrite.positions import is_patch_grid
 
     if not 0 < target_flag_rate < 1:
@@ -268,8 +227,18 @@ def run_fit(
         options = joint_candidates(trained, calibration_columns, len(calibration), rate, bad_columns, benign, grid)
         tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint, word_pieces=words) for c in options]
         if by_fixes and bad is not None and len(tried) > 1:
-            return tried[int(np.argmax([_fixed(model, d, bad)[0] for d in tried]))]
+            return tried[int(np.argmax([fixed(model, d, bad)[0] for d in tried]))]
         return tried[int(np.argmax([c.gain for c in options]))]
+
+    def refit(keep: np.ndarray) -> Detector:
+        """The detector fitted as above (its joint rule chosen by culprits flagged) on the misbehaving inputs
+        `keep` only, to count its spreads' fixes on the others (fixes.choose_spread)."""
+        assert bad_columns is not None
+        mine = bad_columns.subset(np.isin(bad_columns.example, keep))
+        layers = fit_supervised(mine.followed_by(clean_columns, other_offset=len(bad)))
+        options = joint_candidates(layers, calibration_columns, len(calibration), target_flag_rate, mine, benign, grid)
+        best = max(options, key=lambda c: c.gain)
+        return Detector(tuple(best.layers), kind, fingerprint, joint=best.joint, word_pieces=words)
 
     detector = calibrated(target_flag_rate, by_fixes=fair is None)
     layers = list(detector.layers)
@@ -310,17 +279,21 @@ def run_fit(
                 f"joint rule (one score over all layers{window}): flags {summary.joint_recall:.1%} of culprit "
                 "columns, besides what the layers flag\n"
             )
-        detector, fixed, wrong, note = _choose_spread(model, detector, bad)
+        choice = choose_spread(model, detector, bad, refit)
+        detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
         if detector.word_pieces is not None:
             note += "whole words: a flagged word piece is patched with every piece of its word\n"
-        text += (
-            note + f"misbehaving inputs fixed by the patched model: {fixed} of {wrong} ({fixed / max(wrong, 1):.1%})\n"
-        )
-        if wrong and fixed < 0.9 * wrong:
+        text += note + f"misbehaving inputs fixed by the patched model: {got} of {wrong} ({got / max(wrong, 1):.1%})"
+        if choice.held_out is not None:
+            # What unseen misbehaving inputs can expect: the count above is on the inputs the detector was fitted on.
+            h_got, h_wrong = choice.held_out
+            text += f"; {h_got} of {h_wrong} ({h_got / max(h_wrong, 1):.1%}) when held out of the fit"
+        text += "\n"
+        if wrong and got < 0.9 * wrong:
             larger = []
             for rate in (r for r in _LARGER_BUDGETS if r > target_flag_rate):
                 wider = replace(calibrated(rate, by_fixes=True), spread=detector.spread)
-                larger.append(f"{_fixed(model, wider, bad)[0]} at --target-flag-rate {rate:g}")
+                larger.append(f"{fixed(model, wider, bad)[0]} at --target-flag-rate {rate:g}")
             text += (
                 "to fix more: "
                 + (f"a larger clean-flag budget fixes {', '.join(larger)}; " if larger else "")

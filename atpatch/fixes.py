@@ -1,0 +1,96 @@
+"""How many misbehaving inputs a detector's patched model fixes, and the spread that fixes the most.
+
+A trigger spanning several positions (a phrase, an image patch straddling two or four patches) may be
+flagged at one of them only; the spread patches a flagged position's neighbours too. Counted on the
+misbehaving inputs the detector was fitted on, the spread is chosen on the wrong evidence: there, the
+detector flags exactly the positions it was shown, and a localized culprit is by construction the one
+position whose removal restores the label, so patching it alone fixes the input. On inputs the fit did
+not see, the detector flags whichever of the trigger's positions scores highest. Measured on the
+random-position ViT (benchmarks/vision_backdoor.py --trigger random, seed 0): spread 0 fixed the most
+debugging inputs, and left 29.2% ASR on the test victims where spread 1 leaves 19.3%, with the same
+clean inputs flagged. So the spread is chosen by cross-fitting: the detector is fitted again without
+each fold of the misbehaving inputs and its spreads are counted on that fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .detector import Detector
+
+__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed"]
+
+SPREADS = (0, 1, 2, 3)  # radii tried: positions along a sequence, patches on an image's grid
+FOLDS = 2
+MIN_PER_FOLD = 10  # fewer misbehaving inputs than FOLDS x this: the spread is counted on the fitted ones
+
+
+def fixed(model: onnx.ModelProto, detector: Detector, data: Dataset) -> tuple[int, int]:
+    """(inputs the patched model gets right, of those the original gets wrong) on `data`."""
+    from .evaluate import run_original
+    from .rewrite import patch_model
+    from .runtime import create_session
+
+    def predict(onnx_model: onnx.ModelProto) -> np.ndarray:
+        return run_original(create_session(onnx_model), data, "misbehaving").logits.argmax(axis=1)
+
+    wrong = predict(model) != data.labels
+    patched = predict(patch_model(model, detector)[0])
+    return int((wrong & (patched == data.labels)).sum()), int(wrong.sum())
+
+
+@dataclass(frozen=True)
+class SpreadChoice:
+    detector: Detector  # with the chosen spread
+    fixed: int  # misbehaving inputs its patched model fixes (those it was fitted on)
+    wrong: int  # misbehaving inputs the original model gets wrong
+    held_out: tuple[int, int] | None  # (fixed, wrong) on inputs held out of the fit, at that spread; None: too few
+    note: str  # what the user is told about the choice (empty: nothing to say)
+
+
+def _counts(model: onnx.ModelProto, detector: Detector, data: Dataset) -> tuple[list[int], int]:
+    """Fixes at each of SPREADS (stopping once every input is fixed), and the misbehaving count."""
+    counts, wrong = [], 0
+    for radius in SPREADS:
+        if counts and counts[-1] == wrong:
+            counts.append(wrong)
+            continue
+        got, wrong = fixed(model, replace(detector, spread=radius), data)
+        counts.append(got)
+    return counts, wrong
+
+
+def choose_spread(
+    model: onnx.ModelProto, detector: Detector, bad: Dataset, refit: Callable[[np.ndarray], Detector]
+) -> SpreadChoice:
+    """The spread (smallest on ties) fixing the most misbehaving inputs held out of the fit: `refit(keep)`
+    fits the detector as `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only.
+    With too few misbehaving inputs to hold any out, the spread is counted on all of them."""
+    held_out = len(bad) >= FOLDS * MIN_PER_FOLD
+    if held_out:
+        order = np.random.default_rng(0).permutation(len(bad))
+        totals, wrong = np.zeros(len(SPREADS), np.int64), 0
+        for fold in range(FOLDS):
+            held = np.sort(order[fold::FOLDS])
+            counts, w = _counts(model, refit(np.setdiff1d(order, held)), bad.subset(held))
+            totals, wrong = totals + counts, wrong + w
+    else:
+        counts, wrong = _counts(model, detector, bad)
+        totals = np.asarray(counts)
+    best = int(np.argmax(totals))
+    chosen = replace(detector, spread=SPREADS[best])
+    got, wrong_all = fixed(model, chosen, bad) if held_out else (int(totals[best]), wrong)
+    note = ""
+    if best:
+        where = "patches" if bad.tokens is None else "tokens"
+        unseen = " held out of the fit" if held_out else ""
+        note = (
+            f"spread: the {where} within {SPREADS[best]} of a flagged one are patched too, which fixes "
+            f"{int(totals[best] - totals[0])} more misbehaving inputs{unseen}\n"
+        )
+    return SpreadChoice(chosen, got, wrong_all, (int(totals[best]), wrong) if held_out else None, note)
