@@ -65,20 +65,34 @@ def _counts(model: onnx.ModelProto, detector: Detector, data: Dataset) -> tuple[
     return counts, wrong
 
 
+def _held_out_counts(
+    model: onnx.ModelProto, bad: Dataset, refit: Callable[[np.ndarray], Detector | None]
+) -> tuple[np.ndarray, int] | None:
+    """Fixes at each of SPREADS summed over the folds, each counted by the detector refitted without it, and
+    the misbehaving count; None when some fold leaves no culprit to refit on (refit gives None)."""
+    order = np.random.default_rng(0).permutation(len(bad))
+    totals, wrong = np.zeros(len(SPREADS), np.int64), 0
+    for fold in range(FOLDS):
+        held = np.sort(order[fold::FOLDS])
+        detector = refit(np.setdiff1d(order, held))
+        if detector is None:
+            return None
+        counts, w = _counts(model, detector, bad.subset(held))
+        totals, wrong = totals + counts, wrong + w
+    return totals, wrong
+
+
 def choose_spread(
-    model: onnx.ModelProto, detector: Detector, bad: Dataset, refit: Callable[[np.ndarray], Detector]
+    model: onnx.ModelProto, detector: Detector, bad: Dataset, refit: Callable[[np.ndarray], Detector | None]
 ) -> SpreadChoice:
     """The spread (smallest on ties) fixing the most misbehaving inputs held out of the fit: `refit(keep)`
-    fits the detector as `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only.
-    With too few misbehaving inputs to hold any out, the spread is counted on all of them."""
-    held_out = len(bad) >= FOLDS * MIN_PER_FOLD
-    if held_out:
-        order = np.random.default_rng(0).permutation(len(bad))
-        totals, wrong = np.zeros(len(SPREADS), np.int64), 0
-        for fold in range(FOLDS):
-            held = np.sort(order[fold::FOLDS])
-            counts, w = _counts(model, refit(np.setdiff1d(order, held)), bad.subset(held))
-            totals, wrong = totals + counts, wrong + w
+    fits the detector as `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only, or
+    gives None when they hold no culprit. With too few misbehaving inputs to hold any out, the spread is
+    counted on all of them."""
+    counted = _held_out_counts(model, bad, refit) if len(bad) >= FOLDS * MIN_PER_FOLD else None
+    held_out = counted is not None
+    if counted is not None:
+        totals, wrong = counted
     else:
         counts, wrong = _counts(model, detector, bad)
         totals = np.asarray(counts)

@@ -230,11 +230,13 @@ def run_fit(
             return tried[int(np.argmax([fixed(model, d, bad)[0] for d in tried]))]
         return tried[int(np.argmax([c.gain for c in options]))]
 
-    def refit(keep: np.ndarray) -> Detector:
+    def refit(keep: np.ndarray) -> Detector | None:
         """The detector fitted as above (its joint rule chosen by culprits flagged) on the misbehaving inputs
         `keep` only, to count its spreads' fixes on the others (fixes.choose_spread)."""
         assert bad_columns is not None
         mine = bad_columns.subset(np.isin(bad_columns.example, keep))
+        if not mine.positive.any():
+            return None
         layers = fit_supervised(mine.followed_by(clean_columns, other_offset=len(bad)))
         options = joint_candidates(layers, calibration_columns, len(calibration), target_flag_rate, mine, benign, grid)
         best = max(options, key=lambda c: c.gain)

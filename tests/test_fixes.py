@@ -74,3 +74,13 @@ def test_too_few_misbehaving_inputs_are_all_counted_as_fitted(monkeypatch: pytes
     choice = fixes.choose_spread(None, _detector("all"), _images(few, rng), lambda keep: pytest.fail("refitted"))
     assert choice.detector.spread == 0 and choice.held_out is None and choice.note == ""
     assert (choice.fixed, choice.wrong) == (few, few) and choice.detector.kind == "all"
+
+
+def test_a_fold_without_culprits_falls_back_to_the_fitted_inputs(monkeypatch: pytest.MonkeyPatch,
+                                                                 rng: np.random.Generator) -> None:  # fmt: skip
+    """Localization may find culprits in a few misbehaving inputs only; a fold holding all of them leaves
+    the other nothing to refit on (refit gives None): no traceback, the spread counted on every input."""
+    refits: list[np.ndarray] = [np.array([], int)]
+    _table(monkeypatch, refits)
+    choice = fixes.choose_spread(None, _detector("all"), _images(40, rng), lambda keep: None)
+    assert choice.detector.spread == 0 and choice.held_out is None and (choice.fixed, choice.wrong) == (40, 40)
