@@ -23,25 +23,33 @@ import onnx
 from .data import Dataset
 from .detector import Detector
 
-__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed"]
+__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "wrong_answers"]
 
 SPREADS = (0, 1, 2, 3)  # radii tried: positions along a sequence, patches on an image's grid
 FOLDS = 2
 MIN_PER_FOLD = 10  # fewer misbehaving inputs than FOLDS x this: the spread is counted on the fitted ones
 
 
-def fixed(model: onnx.ModelProto, detector: Detector, data: Dataset) -> tuple[int, int]:
-    """(inputs the patched model gets right, of those the original gets wrong) on `data`."""
-    from .evaluate import run_original
+def wrong_answers(model: onnx.ModelProto, data: Dataset) -> np.ndarray:
+    """[len(data)] bool: the inputs the original `model` gets wrong, the only ones a patch can fix. Run
+    once per fit: every count of fixes then runs the patched model only, on these inputs only."""
+    return _predict(model, data) != data.labels
+
+
+def fixed(model: onnx.ModelProto, detector: Detector, wrong: Dataset) -> int:
+    """How many of `wrong` (inputs the original model gets wrong) the model patched with `detector` gets right."""
     from .rewrite import patch_model
+
+    if not len(wrong):
+        return 0
+    return int((_predict(patch_model(model, detector)[0], wrong) == wrong.labels).sum())
+
+
+def _predict(model: onnx.ModelProto, data: Dataset) -> np.ndarray:
+    from .evaluate import run_original
     from .runtime import create_session
 
-    def predict(onnx_model: onnx.ModelProto) -> np.ndarray:
-        return run_original(create_session(onnx_model), data, "misbehaving").logits.argmax(axis=1)
-
-    wrong = predict(model) != data.labels
-    patched = predict(patch_model(model, detector)[0])
-    return int((wrong & (patched == data.labels)).sum()), int(wrong.sum())
+    return run_original(create_session(model), data, "misbehaving").logits.argmax(axis=1)
 
 
 @dataclass(frozen=True)
@@ -53,52 +61,51 @@ class SpreadChoice:
     note: str  # what the user is told about the choice (empty: nothing to say)
 
 
-def _counts(model: onnx.ModelProto, detector: Detector, data: Dataset) -> tuple[list[int], int]:
-    """Fixes at each of SPREADS (stopping once every input is fixed), and the misbehaving count."""
-    counts, wrong = [], 0
+def _counts(model: onnx.ModelProto, detector: Detector, wrong: Dataset) -> list[int]:
+    """Fixes of `wrong` at each of SPREADS (stopping once every input is fixed)."""
+    counts: list[int] = []
     for radius in SPREADS:
-        if counts and counts[-1] == wrong:
-            counts.append(wrong)
-            continue
-        got, wrong = fixed(model, replace(detector, spread=radius), data)
-        counts.append(got)
-    return counts, wrong
+        counts.append(
+            len(wrong) if counts and counts[-1] == len(wrong) else fixed(model, replace(detector, spread=radius), wrong)
+        )
+    return counts
 
 
 def _held_out_counts(
-    model: onnx.ModelProto, bad: Dataset, refit: Callable[[np.ndarray], Detector | None]
-) -> tuple[np.ndarray, int] | None:
-    """Fixes at each of SPREADS summed over the folds, each counted by the detector refitted without it, and
-    the misbehaving count; None when some fold leaves no culprit to refit on (refit gives None)."""
+    model: onnx.ModelProto, bad: Dataset, wrong: np.ndarray, refit: Callable[[np.ndarray], Detector | None]
+) -> np.ndarray | None:
+    """Fixes at each of SPREADS summed over the folds, each counted by the detector refitted without it;
+    None when some fold leaves no culprit to refit on (refit gives None)."""
     order = np.random.default_rng(0).permutation(len(bad))
-    totals, wrong = np.zeros(len(SPREADS), np.int64), 0
+    totals = np.zeros(len(SPREADS), np.int64)
     for fold in range(FOLDS):
         held = np.sort(order[fold::FOLDS])
         detector = refit(np.setdiff1d(order, held))
         if detector is None:
             return None
-        counts, w = _counts(model, detector, bad.subset(held))
-        totals, wrong = totals + counts, wrong + w
-    return totals, wrong
+        totals += _counts(model, detector, bad.subset(held[wrong[held]]))
+    return totals
 
 
 def choose_spread(
-    model: onnx.ModelProto, detector: Detector, bad: Dataset, refit: Callable[[np.ndarray], Detector | None]
+    model: onnx.ModelProto,
+    detector: Detector,
+    bad: Dataset,
+    wrong: np.ndarray,
+    refit: Callable[[np.ndarray], Detector | None],
 ) -> SpreadChoice:
-    """The spread (smallest on ties) fixing the most misbehaving inputs held out of the fit: `refit(keep)`
-    fits the detector as `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only, or
-    gives None when they hold no culprit. With too few misbehaving inputs to hold any out, the spread is
-    counted on all of them."""
-    counted = _held_out_counts(model, bad, refit) if len(bad) >= FOLDS * MIN_PER_FOLD else None
-    held_out = counted is not None
-    if counted is not None:
-        totals, wrong = counted
-    else:
-        counts, wrong = _counts(model, detector, bad)
-        totals = np.asarray(counts)
+    """The spread (smallest on ties) fixing the most misbehaving inputs held out of the fit: `wrong` marks
+    the inputs of `bad` the original model gets wrong (wrong_answers), `refit(keep)` fits the detector as
+    `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only, or gives None when they hold
+    no culprit. With too few misbehaving inputs to hold any out, the spread is counted on all of them."""
+    every = bad.subset(np.flatnonzero(wrong))
+    totals = _held_out_counts(model, bad, wrong, refit) if len(bad) >= FOLDS * MIN_PER_FOLD else None
+    held_out = totals is not None
+    if totals is None:
+        totals = np.asarray(_counts(model, detector, every))
     best = int(np.argmax(totals))
     chosen = replace(detector, spread=SPREADS[best])
-    got, wrong_all = fixed(model, chosen, bad) if held_out else (int(totals[best]), wrong)
+    got = fixed(model, chosen, every) if held_out else int(totals[best])
     note = ""
     if best:
         where = "patches" if bad.tokens is None else "tokens"
@@ -107,4 +114,4 @@ def choose_spread(
             f"spread: the {where} within {SPREADS[best]} of a flagged one are patched too, which fixes "
             f"{int(totals[best] - totals[0])} more misbehaving inputs{unseen}\n"
         )
-    return SpreadChoice(chosen, got, wrong_all, (int(totals[best]), wrong) if held_out else None, note)
+    return SpreadChoice(chosen, got, len(every), (int(totals[best]), len(every)) if held_out else None, note)

@@ -154,11 +154,11 @@ def run_fit(
     `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py);
     the fairness fit always has per-layer thresholds only."""
     from .detector.calibrate import NEVER
-    from .detector.columns import beside_culprits, collect_columns
+    from .detector.columns import ColumnSet, beside_culprits, collect_columns
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
-    from .fixes import choose_spread, fixed
+    from .fixes import choose_spread, fixed, wrong_answers
     from .rewrite.positions import is_patch_grid
 
     if not 0 < target_flag_rate < 1:
@@ -221,14 +221,25 @@ def run_fit(
     # Text: a flagged word piece is patched with its whole word (ops/words.py).
     words = None if clean.tokens is None else word_pieces_of(model_dir)
 
+    wrong, fixable = None, None  # which misbehaving inputs the original gets wrong: run once, not per count
+    if bad is not None:
+        wrong = wrong_answers(model, bad)
+        fixable = bad.subset(np.flatnonzero(wrong))
+
+    def candidates(layers: list, rate: float, culprits: ColumnSet | None) -> list[tuple[Detector, float]]:
+        """The joint-rule candidates at a clean flag budget (detector/joint_fit.py), each with its gain."""
+        options = joint_candidates(layers, calibration_columns, len(calibration), rate, culprits, benign, grid)
+        return [
+            (Detector(tuple(c.layers), kind, fingerprint, joint=c.joint, word_pieces=words), c.gain) for c in options
+        ]
+
     def calibrated(rate: float, by_fixes: bool = False) -> Detector:
         """Thresholds at a clean flag budget, with the joint rule over layers where it flags more culprits;
         `by_fixes`: the candidate whose patched model fixes the most misbehaving inputs (the first on ties)."""
-        options = joint_candidates(trained, calibration_columns, len(calibration), rate, bad_columns, benign, grid)
-        tried = [Detector(tuple(c.layers), kind, fingerprint, joint=c.joint, word_pieces=words) for c in options]
-        if by_fixes and bad is not None and len(tried) > 1:
-            return tried[int(np.argmax([fixed(model, d, bad)[0] for d in tried]))]
-        return tried[int(np.argmax([c.gain for c in options]))]
+        tried = candidates(trained, rate, bad_columns)
+        if by_fixes and fixable is not None and len(tried) > 1:
+            return tried[int(np.argmax([fixed(model, d, fixable) for d, _ in tried]))][0]
+        return max(tried, key=lambda t: t[1])[0]
 
     def refit(keep: np.ndarray) -> Detector | None:
         """The detector fitted as above (its joint rule chosen by culprits flagged) on the misbehaving inputs
@@ -238,9 +249,7 @@ def run_fit(
         if not mine.positive.any():
             return None
         layers = fit_supervised(mine.followed_by(clean_columns, other_offset=len(bad)))
-        options = joint_candidates(layers, calibration_columns, len(calibration), target_flag_rate, mine, benign, grid)
-        best = max(options, key=lambda c: c.gain)
-        return Detector(tuple(best.layers), kind, fingerprint, joint=best.joint, word_pieces=words)
+        return max(candidates(layers, target_flag_rate, mine), key=lambda t: t[1])[0]
 
     detector = calibrated(target_flag_rate, by_fixes=fair is None)
     layers = list(detector.layers)
@@ -281,7 +290,8 @@ def run_fit(
                 f"joint rule (one score over all layers{window}): flags {summary.joint_recall:.1%} of culprit "
                 "columns, besides what the layers flag\n"
             )
-        choice = choose_spread(model, detector, bad, refit)
+        assert wrong is not None and fixable is not None
+        choice = choose_spread(model, detector, bad, wrong, refit)
         detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
         if detector.word_pieces is not None:
             note += "whole words: a flagged word piece is patched with every piece of its word\n"
@@ -295,7 +305,7 @@ def run_fit(
             larger = []
             for rate in (r for r in _LARGER_BUDGETS if r > target_flag_rate):
                 wider = replace(calibrated(rate, by_fixes=True), spread=detector.spread)
-                larger.append(f"{fixed(model, wider, bad)[0]} at --target-flag-rate {rate:g}")
+                larger.append(f"{fixed(model, wider, fixable)} at --target-flag-rate {rate:g}")
             text += (
                 "to fix more: "
                 + (f"a larger clean-flag budget fixes {', '.join(larger)}; " if larger else "")

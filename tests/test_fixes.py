@@ -35,13 +35,13 @@ def _table(monkeypatch: pytest.MonkeyPatch, refits: list[np.ndarray]) -> None:
     flags the very positions it was shown); refitted without a fold, spread 0 fixes a quarter of the fold
     and spread 1 all of it (unseen, the detector flags one of a trigger's positions)."""
 
-    def fake(model: object, detector: Detector, data: Dataset) -> tuple[int, int]:
+    def fake(model: object, detector: Detector, data: Dataset) -> int:
         n = len(data)
         if detector.kind == "all":
-            return (n if detector.spread == 0 else n // 2), n
+            return n if detector.spread == 0 else n // 2
         held = data.feeds["pixel_values"][:, 0, 0, 0].astype(int)
         assert not np.isin(held, refits[-1]).any(), "counted on inputs the refit was fitted on"
-        return (n // 4 if detector.spread == 0 else n), n
+        return n // 4 if detector.spread == 0 else n
 
     monkeypatch.setattr(fixes, "fixed", fake)
 
@@ -55,7 +55,7 @@ def test_the_spread_is_chosen_on_inputs_held_out_of_the_fit(monkeypatch: pytest.
         return _detector("fold")
 
     _table(monkeypatch, refits)
-    choice = fixes.choose_spread(None, _detector("all"), bad, refit)
+    choice = fixes.choose_spread(None, _detector("all"), bad, np.ones(40, bool), refit)
     assert choice.detector.spread == 1 and choice.detector.kind == "all"
     assert (choice.fixed, choice.wrong) == (20, 40)  # the fitted inputs, at the chosen spread
     assert choice.held_out == (40, 40)
@@ -71,7 +71,9 @@ def test_too_few_misbehaving_inputs_are_all_counted_as_fitted(monkeypatch: pytes
     refits: list[np.ndarray] = [np.array([], int)]
     _table(monkeypatch, refits)
     few = fixes.FOLDS * fixes.MIN_PER_FOLD - 1
-    choice = fixes.choose_spread(None, _detector("all"), _images(few, rng), lambda keep: pytest.fail("refitted"))
+    choice = fixes.choose_spread(
+        None, _detector("all"), _images(few, rng), np.ones(few, bool), lambda keep: pytest.fail("refitted")
+    )
     assert choice.detector.spread == 0 and choice.held_out is None and choice.note == ""
     assert (choice.fixed, choice.wrong) == (few, few) and choice.detector.kind == "all"
 
@@ -82,5 +84,23 @@ def test_a_fold_without_culprits_falls_back_to_the_fitted_inputs(monkeypatch: py
     the other nothing to refit on (refit gives None): no traceback, the spread counted on every input."""
     refits: list[np.ndarray] = [np.array([], int)]
     _table(monkeypatch, refits)
-    choice = fixes.choose_spread(None, _detector("all"), _images(40, rng), lambda keep: None)
+    choice = fixes.choose_spread(None, _detector("all"), _images(40, rng), np.ones(40, bool), lambda keep: None)
     assert choice.detector.spread == 0 and choice.held_out is None and (choice.fixed, choice.wrong) == (40, 40)
+
+
+def test_only_inputs_the_original_gets_wrong_are_counted(monkeypatch: pytest.MonkeyPatch,
+                                                         rng: np.random.Generator) -> None:  # fmt: skip
+    """An input the original model already gets right cannot be fixed: neither the folds nor the final
+    count run the patched model on it, and it is not in the misbehaving count."""
+    bad, right = _images(40, rng), np.array([3, 8, 21, 30])
+    wrong = ~np.isin(np.arange(40), right)
+    seen: list[np.ndarray] = []
+
+    def fake(model: object, detector: Detector, data: Dataset) -> int:
+        seen.append(data.feeds["pixel_values"][:, 0, 0, 0].astype(int))
+        return len(data) if detector.spread == 1 else 0
+
+    monkeypatch.setattr(fixes, "fixed", fake)
+    choice = fixes.choose_spread(None, _detector("all"), bad, wrong, lambda keep: _detector("fold"))
+    assert not np.isin(np.concatenate(seen), right).any()
+    assert choice.detector.spread == 1 and choice.wrong == 36 and choice.held_out == (36, 36)
