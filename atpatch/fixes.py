@@ -22,6 +22,7 @@ import onnx
 
 from .data import Dataset
 from .detector import Detector
+from .progress import Progress
 
 __all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "wrong_answers"]
 
@@ -61,18 +62,22 @@ class SpreadChoice:
     note: str  # what the user is told about the choice (empty: nothing to say)
 
 
-def _counts(model: onnx.ModelProto, detector: Detector, wrong: Dataset) -> list[int]:
+def _counts(model: onnx.ModelProto, detector: Detector, wrong: Dataset, bar: Progress) -> list[int]:
     """Fixes of `wrong` at each of SPREADS (stopping once every input is fixed)."""
     counts: list[int] = []
     for radius in SPREADS:
-        counts.append(
-            len(wrong) if counts and counts[-1] == len(wrong) else fixed(model, replace(detector, spread=radius), wrong)
-        )
+        done = counts and counts[-1] == len(wrong)
+        counts.append(len(wrong) if done else fixed(model, replace(detector, spread=radius), wrong))
+        bar.step(f"spread {radius}")
     return counts
 
 
 def _held_out_counts(
-    model: onnx.ModelProto, bad: Dataset, wrong: np.ndarray, refit: Callable[[np.ndarray], Detector | None]
+    model: onnx.ModelProto,
+    bad: Dataset,
+    wrong: np.ndarray,
+    refit: Callable[[np.ndarray], Detector | None],
+    bar: Progress,
 ) -> np.ndarray | None:
     """Fixes at each of SPREADS summed over the folds, each counted by the detector refitted without it;
     None when some fold leaves no culprit to refit on (refit gives None)."""
@@ -81,9 +86,10 @@ def _held_out_counts(
     for fold in range(FOLDS):
         held = np.sort(order[fold::FOLDS])
         detector = refit(np.setdiff1d(order, held))
+        bar.step(f"refit without fold {fold + 1}")
         if detector is None:
             return None
-        totals += _counts(model, detector, bad.subset(held[wrong[held]]))
+        totals += _counts(model, detector, bad.subset(held[wrong[held]]), bar)
     return totals
 
 
@@ -99,13 +105,15 @@ def choose_spread(
     `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only, or gives None when they hold
     no culprit. With too few misbehaving inputs to hold any out, the spread is counted on all of them."""
     every = bad.subset(np.flatnonzero(wrong))
-    totals = _held_out_counts(model, bad, wrong, refit) if len(bad) >= FOLDS * MIN_PER_FOLD else None
-    held_out = totals is not None
-    if totals is None:
-        totals = np.asarray(_counts(model, detector, every))
-    best = int(np.argmax(totals))
-    chosen = replace(detector, spread=SPREADS[best])
-    got = fixed(model, chosen, every) if held_out else int(totals[best])
+    steps = FOLDS * (1 + len(SPREADS)) + 1 + len(SPREADS)  # at most: the folds, the final count, a fallback
+    with Progress(steps, "fit: choosing the spread", unit="step") as bar:
+        totals = _held_out_counts(model, bad, wrong, refit, bar) if len(bad) >= FOLDS * MIN_PER_FOLD else None
+        held_out = totals is not None
+        if totals is None:
+            totals = np.asarray(_counts(model, detector, every, bar))
+        best = int(np.argmax(totals))
+        chosen = replace(detector, spread=SPREADS[best])
+        got = fixed(model, chosen, every) if held_out else int(totals[best])
     note = ""
     if best:
         where = "patches" if bad.tokens is None else "tokens"

@@ -8,6 +8,9 @@ every input is held out exactly once; the end-to-end effect is measured in bench
 
 from __future__ import annotations
 
+import io
+import sys
+
 import numpy as np
 import pytest
 
@@ -104,3 +107,23 @@ def test_only_inputs_the_original_gets_wrong_are_counted(monkeypatch: pytest.Mon
     choice = fixes.choose_spread(None, _detector("all"), bad, wrong, lambda keep: _detector("fold"))
     assert not np.isin(np.concatenate(seen), right).any()
     assert choice.detector.spread == 1 and choice.wrong == 36 and choice.held_out == (36, 36)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_choice_shows_a_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
+    """Two refits and up to nine patched models run here: a user at a terminal sees the steps go by."""
+    refits: list[np.ndarray] = []
+    _table(monkeypatch, refits)
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+
+    def refit(keep: np.ndarray) -> Detector:
+        refits.append(keep)
+        return _detector("fold")
+
+    choice = fixes.choose_spread(None, _detector("all"), _images(40, rng), np.ones(40, bool), refit)
+    assert "fit: choosing the spread" in err.getvalue() and choice.detector.spread == 1
