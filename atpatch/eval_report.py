@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .ops.weights import Calibration
+
 __all__ = ["EvalReport", "ModelMetrics"]
 
 
@@ -63,6 +65,8 @@ class EvalReport:
     oracle_attack_success_rate: float | None = None  # known culprits patched in every layer, no detector
     parity_gap_floor: float | None = None  # the original's parity gap on the attribute-masked clean set
     equalized_odds_gap_floor: float | None = None  # likewise its equalized-odds gap
+    calibration: Calibration | None = None  # what the patched model's thresholds promise (None: not recorded)
+    clean_length: float = -1.0  # median tokens of the clean inputs (-1: images)
     # Per-set predictions {"clean"|"triggered"|"counterfactual": {"original"|"patched": [N]}} (and
     # "masked": {"original": [N]}: only the original runs on it) and the patched model's per-input
     # flags {"clean"|"triggered": bool [N]}; not in to_dict.
@@ -81,6 +85,8 @@ class EvalReport:
             "oracle_attack_success_rate": self.oracle_attack_success_rate,
             "parity_gap_floor": self.parity_gap_floor,
             "equalized_odds_gap_floor": self.equalized_odds_gap_floor,
+            "calibration": None if self.calibration is None else self.calibration.describe(),
+            "clean_length": self.clean_length,
             "target_name": self.label_names[self.target]
             if self.target is not None and self.target < len(self.label_names)
             else None,
@@ -138,7 +144,26 @@ class EvalReport:
             return ""
         flagged = round(self.patched.flag_rate_clean * self.n_clean)
         low, high = flag_rate_interval(flagged, self.n_clean)
-        return (
+        text = (
             f"clean inputs flagged: {flagged} of {self.n_clean}, the true rate within {low:.2%}-{high:.2%} "
             f"(95% interval)\n"
         )
+        return text + self._calibration_note(low)
+
+    def _calibration_note(self, low: float) -> str:
+        """Why clean inputs are flagged more often than calibration promised, when the interval says they are:
+        thresholds hold for inputs like the calibration inputs only. Measured: a MiniLM detector calibrated to
+        0.5% on reviews of a median 27 tokens flagged 5.1% of the same reviews four to a row (103 tokens)."""
+        c = self.calibration
+        if c is None or low <= c.flag_rate:
+            return ""
+        text = (
+            f"note: more clean inputs are flagged than the detector was calibrated for (at most {c.flag_rate:.2%}, "
+            f"held with 90% confidence on inputs like its {c.inputs} calibration inputs)"
+        )
+        if c.length > 0 and self.clean_length > 1.5 * c.length:
+            text += (
+                f"; these have a median of {self.clean_length:.0f} tokens, its calibration inputs {c.length:.0f}: "
+                "longer inputs have more columns to flag, and their attention differs"
+            )
+        return text + "; fit it again with --calibration inputs like the ones the model will see\n"

@@ -20,6 +20,7 @@ from .data import Dataset, load_jsonl, load_npz, word_pieces_of
 from .detector import Detector
 from .errors import AtPatchError
 from .modelio import atomic_output, check_output_path, load_model, model_fingerprint
+from .ops.weights import Calibration
 
 if TYPE_CHECKING:
     from .detector.tradeoff import FairnessOptions
@@ -312,8 +313,10 @@ def run_fit(
                 + 'culprit spans in the misbehaving file (JSONL "culprit"), more misbehaving inputs, or a larger '
                 "--budget for localization may also help\n"
             )
+    lengths = calibration.lengths()
+    promise = Calibration(target_flag_rate, len(calibration), float(np.median(lengths)) if lengths[0] >= 0 else -1.0)
     with atomic_output(out) as tmp:
-        detector.save(tmp)
+        replace(detector, calibration=promise).save(tmp)
     return text + f"wrote {out}"
 
 

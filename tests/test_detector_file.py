@@ -10,6 +10,7 @@ import pytest
 from atpatch.detector import Detector
 from atpatch.errors import DetectorMismatchError
 from atpatch.ops import reference, spec
+from atpatch.ops.weights import Calibration
 
 
 def test_a_saved_detector_loads_back_equal(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -23,10 +24,12 @@ def test_a_saved_detector_loads_back_equal(tmp_path: Path, rng: np.random.Genera
         )
         for _ in range(3)
     )
-    detector = Detector(layers=layers, kind="fitted", model_fingerprint="abcd")
+    promise = Calibration(0.005, 2400, 27.5)
+    detector = Detector(layers=layers, kind="fitted", model_fingerprint="abcd", calibration=promise)
     detector.save(tmp_path / "d.safetensors")
     loaded = Detector.load(tmp_path / "d.safetensors")
     assert loaded.kind == "fitted" and loaded.model_fingerprint == "abcd" and loaded.num_layers == 3
+    assert loaded.calibration == promise
     for a, b in zip(layers, loaded.layers, strict=True):
         for p in ("w1", "b1", "w2", "b2"):
             assert np.array_equal(getattr(a, p), getattr(b, p))

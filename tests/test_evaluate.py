@@ -24,6 +24,7 @@ from atpatch.detector.probe import AttentionProbe
 from atpatch.errors import AtPatchError
 from atpatch.evaluate import evaluate
 from atpatch.ops.reference import column_scores, flag_columns
+from atpatch.ops.weights import Calibration
 from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session
 
@@ -162,6 +163,35 @@ def test_flagging_every_column_is_reported_but_leaves_outputs_identical(
     assert report.patched.culprit_flag_rate == 1.0
     assert report.identical_clean == 1.0
     assert report.patched.clean_accuracy == report.original.clean_accuracy
+
+
+@pytest.mark.parametrize("calibrated_on", ["shorter", "alike"])
+def test_more_flags_than_calibration_promised_are_explained(
+    tiny: TinyText, sets: dict[str, Dataset], calibrated_on: str
+) -> None:
+    """The patched model carries what its thresholds promise (fit records it); when the clean flag rate's
+    interval lies above it, eval says so, names longer inputs when they are, and says what to do."""
+    clean = sets["clean"]
+    median = float(np.median(clean.lengths()))
+    length = median / 3 if calibrated_on == "shorter" else median
+    promise = Calibration(0.005, 400, length)
+    patched, _ = patch_model(tiny.model, replace(flag_everything(2), calibration=promise))
+    report = evaluate(tiny.model, patched, clean, progress=False)
+    assert report.calibration == promise and report.clean_length == median
+    text = report.to_markdown()
+    assert "more clean inputs are flagged than the detector was calibrated for (at most 0.50%" in text
+    assert "fit it again with --calibration inputs like the ones the model will see" in text
+    assert (f"median of {median:.0f} tokens, its calibration inputs {length:.0f}" in text) == (
+        calibrated_on == "shorter"
+    )
+    assert report.to_dict()["calibration"] == {"flag_rate": 0.005, "inputs": 400, "length": length}
+
+
+def test_no_note_when_flags_stay_within_the_promise(tiny: TinyText, sets: dict[str, Dataset]) -> None:
+    quiet = replace(flag_only_padding(2), calibration=Calibration(0.005, 400, 3.0))
+    report = evaluate(tiny.model, patch_model(tiny.model, quiet)[0], sets["clean"], progress=False)
+    assert report.patched.flag_rate_clean == 0.0 and report.calibration == quiet.calibration
+    assert "calibrated for" not in report.to_markdown()
 
 
 def test_padded_columns_never_count_as_flagged(tiny: TinyText, sets: dict[str, Dataset]) -> None:

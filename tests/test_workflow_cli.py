@@ -51,6 +51,12 @@ def test_fit_export_eval_explain_run_end_to_end(setup: dict[str, Path], capsys) 
     detector = Detector.load(d / "det.safetensors")
     assert detector.kind == "supervised" and detector.num_layers == 2 and detector.model_fingerprint
     assert ("joint rule (one score over all layers" in out) == (detector.joint is not None)
+    # What the thresholds promise travels with the detector, for eval to hold the clean flags against.
+    assert detector.calibration is not None and (detector.calibration.flag_rate, detector.calibration.inputs) == (
+        0.05,
+        100,
+    )
+    assert detector.calibration.length > 2
 
     patched = d / "model.patched.onnx"
     assert export_main([str(setup["model"]), "-o", str(patched), "--detector", str(d / "det.safetensors")]) == 0

@@ -22,7 +22,7 @@ from ..errors import InvalidModelError
 from ..ops import spec
 from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
-from ..ops.weights import Detector
+from ..ops.weights import Calibration, Detector
 from ..rewrite import decompose_fused_attention, find_attention_sites
 from ..rewrite.crosslayer import JOINT, PASS2, ROWS, UNION
 from ..rewrite.positions import WORD_PIECES
@@ -78,6 +78,7 @@ def read_detector(model: onnx.ModelProto) -> Detector:
         spread=int(meta.get("atpatch.spread", 0)),
         joint=None if joint is None else JointRule(tuple(joint["weights"]), joint["threshold"], joint["window"]),
         word_pieces=weights.get(WORD_PIECES),
+        calibration=Calibration.read(json.loads(meta.get("atpatch.calibration", "null"))),
     )
 
 

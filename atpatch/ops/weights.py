@@ -22,11 +22,31 @@ from . import spec
 from .joint import JointRule
 from .reference import LayerDetector
 
-__all__ = ["Detector", "FORMAT_VERSION"]
+__all__ = ["Calibration", "Detector", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _PARAMS = ("w1", "b1", "w2", "b2")
 _WORD_PIECES = "words.continues"  # the word_pieces table, uint8
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the thresholds promise: at most `flag_rate` of clean inputs flagged (with 90% confidence), on
+    inputs like its `inputs` calibration inputs, whose median length was `length` tokens (-1: images,
+    all of one length). `atpatch eval` names it when clean inputs are flagged more often."""
+
+    flag_rate: float
+    inputs: int
+    length: float
+
+    def describe(self) -> dict[str, float | int]:
+        return {"flag_rate": self.flag_rate, "inputs": self.inputs, "length": self.length}
+
+    @classmethod
+    def read(cls, record: dict | None) -> Calibration | None:
+        if record is None:
+            return None
+        return cls(float(record["flag_rate"]), int(record["inputs"]), float(record["length"]))
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,7 @@ class Detector:
     # (ops/words.py); cross-layer patching then widens flags to whole words. None: off (images, and
     # tokenizers that mark neither word starts nor continuations).
     word_pieces: np.ndarray | None = field(default=None, compare=False, repr=False)
+    calibration: Calibration | None = None  # None: not recorded (fitted before, or by the fairness sweep)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -115,6 +136,7 @@ class Detector:
                 "threshold": float(self.joint.threshold),
                 "window": self.joint.window,
             },
+            "calibration": None if self.calibration is None else self.calibration.describe(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -164,6 +186,7 @@ class Detector:
                 model_fingerprint=meta.get("model_fingerprint"),
                 feature_version=int(meta["feature_version"]),
                 spread=int(meta.get("spread", 0)),
+                calibration=Calibration.read(meta.get("calibration")),
                 word_pieces=tensors[_WORD_PIECES].astype(np.uint8) if _WORD_PIECES in tensors else None,
                 joint=None
                 if joint is None

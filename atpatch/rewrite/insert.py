@@ -283,6 +283,7 @@ def patch_model(
         "atpatch.cross_layer": "0",  # add_cross_layer sets it
         "atpatch.spread": str(detector.spread),
         "atpatch.joint": json.dumps(detector.describe()["joint"]),
+        "atpatch.calibration": json.dumps(detector.describe()["calibration"]),
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
     del patched.metadata_props[:]
