@@ -153,7 +153,7 @@ class EvalReport:
     def _calibration_note(self, low: float) -> str:
         """Why clean inputs are flagged more often than calibration promised, when the interval says they are:
         thresholds hold for inputs like the calibration inputs only. Measured: a MiniLM detector calibrated to
-        0.5% on reviews of a median 27 tokens flagged 5.1% of the same reviews four to a row (103 tokens)."""
+        0.5% on reviews of a median 26 tokens flagged 5.1% of the same kind of reviews four to a row (102 tokens)."""
         c = self.calibration
         if c is None or low <= c.flag_rate:
             return ""

@@ -105,9 +105,10 @@ def choose_spread(
     `detector` was, on the misbehaving inputs `keep` (indices into `bad`) only, or gives None when they hold
     no culprit. With too few misbehaving inputs to hold any out, the spread is counted on all of them."""
     every = bad.subset(np.flatnonzero(wrong))
-    steps = FOLDS * (1 + len(SPREADS)) + 1 + len(SPREADS)  # at most: the folds, the final count, a fallback
+    folds = len(bad) >= FOLDS * MIN_PER_FOLD
+    steps = FOLDS * (1 + len(SPREADS)) + 1 if folds else len(SPREADS)  # refits, spreads, the final count
     with Progress(steps, "fit: choosing the spread", unit="step") as bar:
-        totals = _held_out_counts(model, bad, wrong, refit, bar) if len(bad) >= FOLDS * MIN_PER_FOLD else None
+        totals = _held_out_counts(model, bad, wrong, refit, bar) if folds else None
         held_out = totals is not None
         if totals is None:
             totals = np.asarray(_counts(model, detector, every, bar))
