@@ -57,6 +57,11 @@ class Dataset:
             return np.full(len(self), -1, np.int64)
         return mask.sum(axis=1).astype(np.int64)
 
+    def median_length(self) -> float:
+        """The median of `lengths()`: -1.0 for images."""
+        lengths = self.lengths()
+        return float(np.median(lengths)) if len(lengths) and lengths[0] >= 0 else -1.0
+
 
 def _config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"

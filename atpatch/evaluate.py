@@ -175,7 +175,7 @@ def evaluate(
     `masked` (`clean` with the protected attribute masked or removed, run by the original
     only) gives the floors and needs `group`; the equalized-odds gaps use `clean`'s labels.
     """
-    from .detector.probe import AttentionProbe, read_detector
+    from .detector.probe import AttentionProbe, read_calibration
     from .runtime import create_session
 
     if len(clean) == 0:
@@ -265,7 +265,6 @@ def evaluate(
             oracle = float((logits.argmax(axis=1) == target).mean())
 
     same = (runs["clean"]["original"].logits == runs["clean"]["patched"].logits).all(axis=1)
-    lengths = clean.lengths()  # -1 for images
     return EvalReport(
         original=metrics["original"],
         patched=metrics["patched"],
@@ -278,8 +277,8 @@ def evaluate(
         oracle_attack_success_rate=oracle,
         parity_gap_floor=floors["parity_gap"],
         equalized_odds_gap_floor=floors["equalized_odds_gap"],
-        calibration=read_detector(patched).calibration,
-        clean_length=float(np.median(lengths)) if lengths[0] >= 0 else -1.0,
+        calibration=read_calibration(patched),
+        clean_length=clean.median_length(),
         predictions=preds,
         flags={which: pair["patched"].flagged for which, pair in runs.items() if which in ("clean", "triggered")},
     )

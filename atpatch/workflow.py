@@ -222,10 +222,11 @@ def run_fit(
     # Text: a flagged word piece is patched with its whole word (ops/words.py).
     words = None if clean.tokens is None else word_pieces_of(model_dir)
 
-    wrong, fixable = None, None  # which misbehaving inputs the original gets wrong: run once, not per count
-    if bad is not None:
-        wrong = wrong_answers(model, bad)
-        fixable = bad.subset(np.flatnonzero(wrong))
+    # Which misbehaving inputs the original gets wrong: run once, not per count of fixes (the fairness fit counts none).
+    original_wrong, fixable = None, None
+    if bad is not None and fair is None:
+        original_wrong = wrong_answers(model, bad)
+        fixable = bad.subset(np.flatnonzero(original_wrong))
 
     def candidates(layers: list, rate: float, culprits: ColumnSet | None) -> list[tuple[Detector, float]]:
         """The joint-rule candidates at a clean flag budget (detector/joint_fit.py), each with its gain."""
@@ -291,8 +292,8 @@ def run_fit(
                 f"joint rule (one score over all layers{window}): flags {summary.joint_recall:.1%} of culprit "
                 "columns, besides what the layers flag\n"
             )
-        assert wrong is not None and fixable is not None
-        choice = choose_spread(model, detector, bad, wrong, refit)
+        assert original_wrong is not None and fixable is not None
+        choice = choose_spread(model, detector, bad, original_wrong, refit)
         detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
         if detector.word_pieces is not None:
             note += "whole words: a flagged word piece is patched with every piece of its word\n"
@@ -313,8 +314,7 @@ def run_fit(
                 + 'culprit spans in the misbehaving file (JSONL "culprit"), more misbehaving inputs, or a larger '
                 "--budget for localization may also help\n"
             )
-    lengths = calibration.lengths()
-    promise = Calibration(target_flag_rate, len(calibration), float(np.median(lengths)) if lengths[0] >= 0 else -1.0)
+    promise = Calibration(target_flag_rate, len(calibration), calibration.median_length())
     with atomic_output(out) as tmp:
         replace(detector, calibration=promise).save(tmp)
     return text + f"wrote {out}"

@@ -28,7 +28,7 @@ from ..rewrite.crosslayer import JOINT, PASS2, ROWS, UNION
 from ..rewrite.positions import WORD_PIECES
 from ..rewrite.unpatch import inline_second_pass
 
-__all__ = ["AttentionProbe", "ProbeOutput", "patch_nodes", "read_detector"]
+__all__ = ["AttentionProbe", "ProbeOutput", "patch_nodes", "read_calibration", "read_detector"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,14 @@ def read_detector(model: onnx.ModelProto) -> Detector:
         spread=int(meta.get("atpatch.spread", 0)),
         joint=None if joint is None else JointRule(tuple(joint["weights"]), joint["threshold"], joint["window"]),
         word_pieces=weights.get(WORD_PIECES),
-        calibration=Calibration.read(json.loads(meta.get("atpatch.calibration", "null"))),
+        calibration=read_calibration(model),
     )
+
+
+def read_calibration(model: onnx.ModelProto) -> Calibration | None:
+    """What a patched model's thresholds promise, from its metadata alone (no weights read); None: not recorded."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return Calibration.read(json.loads(meta.get("atpatch.calibration", "null")))
 
 
 class AttentionProbe:
