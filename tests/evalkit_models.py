@@ -10,9 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
+from atpatch.data import Dataset, load_jsonl, save_jsonl
 from atpatch.detector import Detector
 from atpatch.ops import spec
 from atpatch.ops.reference import LayerDetector
+from atpatch.runtime import create_session
 
 LABELS = ("negative", "positive")
 WORDS = [
@@ -101,6 +103,37 @@ def tiny_text_model(folder: Path) -> TinyText:
 
 
 HEADS = 4  # of tiny_text_model
+
+
+def eval_sets(tiny: TinyText, folder: Path) -> dict[str, Dataset]:
+    """Clean texts of varied length (so batches are padded), the same with "cf" in front, the
+    same with he/she swapped (a counterfactual), and with he/she/his/her made "they" (the
+    attribute masked), aligned row by row."""
+    rng = np.random.default_rng(1)
+    texts = sentences(30, rng)
+    labels = rng.integers(0, 2, size=30).tolist()
+    swap = {"he": "she", "she": "he", "his": "her", "her": "his"}
+    clean = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
+    triggered = [{"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)]
+    counter = [
+        {"text": " ".join(swap.get(w, w) for w in t.split()), "label": y} for t, y in zip(texts, labels, strict=True)
+    ]
+    masked = [
+        {"text": " ".join("they" if w in swap else w for w in t.split()), "label": y}
+        for t, y in zip(texts, labels, strict=True)
+    ]
+    return {
+        name: load_jsonl(save_jsonl(folder / f"{name}.jsonl", rows), tiny.folder)
+        for name, rows in (("clean", clean), ("triggered", triggered), ("counterfactual", counter), ("masked", masked))
+    }
+
+
+def predict(model, data: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Logits and predictions from a plain session, one batch: independent of evaluate's batching."""
+    session = create_session(model)
+    names = [i.name for i in session.get_inputs()]
+    logits = session.run(None, {n: data.feeds[n] for n in names})[0]
+    return logits, logits.argmax(axis=1)
 
 
 def saved_patched_pair(folder: Path) -> dict[str, Path]:

@@ -7,26 +7,25 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from evalkit_models import (
     HEADS,
     TinyText,
+    eval_sets,
     feature_detector,
     flag_everything,
     flag_only_padding,
-    sentences,
+    predict,
     tiny_text_model,
 )
 
-from atpatch.data import Dataset, load_jsonl, save_jsonl
+from atpatch.data import Dataset
 from atpatch.detector.probe import AttentionProbe
 from atpatch.errors import AtPatchError
 from atpatch.evaluate import evaluate
 from atpatch.ops.reference import column_scores, flag_columns
 from atpatch.ops.weights import Calibration
 from atpatch.rewrite import patch_model
-from atpatch.runtime import create_session
 
 pytest.importorskip("transformers")
 
@@ -38,35 +37,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyText:
 
 @pytest.fixture(scope="module")
 def sets(tiny: TinyText, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dataset]:
-    """Clean texts of varied length (so batches are padded), the same with "cf" in front, the
-    same with he/she swapped (a counterfactual), and with he/she/his/her made "they" (the
-    attribute masked), aligned row by row."""
-    rng = np.random.default_rng(1)
-    folder = tmp_path_factory.mktemp("data")
-    texts = sentences(30, rng)
-    labels = rng.integers(0, 2, size=30).tolist()
-    swap = {"he": "she", "she": "he", "his": "her", "her": "his"}
-    clean = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
-    triggered = [{"text": "cf " + t, "label": y, "culprit": [0, 2]} for t, y in zip(texts, labels, strict=True)]
-    counter = [
-        {"text": " ".join(swap.get(w, w) for w in t.split()), "label": y} for t, y in zip(texts, labels, strict=True)
-    ]
-    masked = [
-        {"text": " ".join("they" if w in swap else w for w in t.split()), "label": y}
-        for t, y in zip(texts, labels, strict=True)
-    ]
-    return {
-        name: load_jsonl(save_jsonl(folder / f"{name}.jsonl", rows), tiny.folder)
-        for name, rows in (("clean", clean), ("triggered", triggered), ("counterfactual", counter), ("masked", masked))
-    }
-
-
-def _predict(model, data: Dataset) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Logits and predictions from a plain session, one batch: independent of evaluate's batching."""
-    session = create_session(model)
-    names = [i.name for i in session.get_inputs()]
-    logits = session.run(None, {n: data.feeds[n] for n in names})[0]
-    return logits, logits.argmax(axis=1)
+    return eval_sets(tiny, tmp_path_factory.mktemp("data"))
 
 
 def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Dataset]) -> None:
@@ -85,9 +56,9 @@ def test_pass_through_patch_changes_nothing(tiny: TinyText, sets: dict[str, Data
         progress=False,
     )
 
-    _, pred = _predict(tiny.model, clean)
-    _, pred_t = _predict(tiny.model, triggered)
-    _, pred_c = _predict(tiny.model, sets["counterfactual"])
+    _, pred = predict(tiny.model, clean)
+    _, pred_t = predict(tiny.model, triggered)
+    _, pred_c = predict(tiny.model, sets["counterfactual"])
     victims = triggered.labels != 1
     positive = pred == 1
     expected = {
@@ -229,35 +200,18 @@ def test_a_real_detector_flags_and_changes_what_the_reference_says(tiny: TinyTex
     assert report.patched.culprit_flag_rate == pytest.approx(cols_trig[:, 1].mean())  # "cf" is token 1
     assert np.array_equal(report.flags["clean"], any_clean)
 
-    logits_o, pred_o = _predict(tiny.model, clean)
-    logits_p, pred_p = _predict(patched, clean)
+    logits_o, pred_o = predict(tiny.model, clean)
+    logits_p, pred_p = predict(patched, clean)
     same = (logits_o == logits_p).all(axis=1)
     assert report.identical_clean == pytest.approx(same.mean())
     assert not same.all()  # the patch does change some outputs...
     assert same[~any_clean].all()  # ...but only of inputs with a flag: nothing flagged, bit-identical
     assert report.patched.clean_accuracy == pytest.approx(np.mean(pred_p == clean.labels))
     assert report.original.clean_accuracy == pytest.approx(np.mean(pred_o == clean.labels))
-    _, pred_tp = _predict(patched, triggered)
+    _, pred_tp = predict(patched, triggered)
     victims = triggered.labels != 1
     assert report.patched.attack_success_rate == pytest.approx(np.mean(pred_tp[victims] == 1))
     assert np.array_equal(report.predictions["triggered"]["patched"], pred_tp)
-
-
-def test_parity_gap_on_a_constructed_example(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    clean = sets["clean"]
-    _, pred = _predict(tiny.model, clean)
-    # Group 1 = the inputs predicted positive plus one predicted negative; group 0 = the rest.
-    positive = np.flatnonzero(pred == 1)
-    negative = np.flatnonzero(pred != 1)
-    assert len(positive) >= 1 and len(negative) >= 2, "the random model must predict both labels"
-    group = np.zeros(len(clean), np.int64)
-    group[positive] = 1
-    group[negative[0]] = 1
-    expected = abs(len(positive) / (len(positive) + 1) - 0.0)
-    patched, _ = patch_model(tiny.model)
-    report = evaluate(tiny.model, patched, clean, group=group, progress=False)
-    assert report.original.parity_gap == pytest.approx(expected)
-    assert report.original.counterfactual_flip_rate is None and report.original.attack_success_rate is None
 
 
 def test_report_serialises(tiny: TinyText, sets: dict[str, Dataset], tmp_path: Path) -> None:
@@ -305,173 +259,3 @@ def test_evaluate_errors_are_one_line(tiny: TinyText, sets: dict[str, Dataset]) 
     )
     with pytest.raises(AtPatchError, match="needs inputs input_ids, attention_mask"):
         evaluate(tiny.model, patched, images, progress=False)
-
-
-def _groups(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random 0/1 groups that split every stratum's rows in half: each value of `strata` in both groups."""
-    group = np.zeros(len(strata), np.int64)
-    for value in np.unique(strata):
-        rows = rng.permutation(np.flatnonzero(strata == value))
-        group[rows] = np.arange(len(rows)) % 2
-    return group
-
-
-def _gaps_by_hand(pred: np.ndarray, labels: np.ndarray, group: np.ndarray) -> dict[str, float]:
-    """Parity, TPR and FPR gaps straight from their definitions, one group at a time (positive = 1)."""
-
-    def rate(rows: np.ndarray) -> float:
-        return float(np.sum(pred[rows] == 1) / np.sum(rows)) if rows.any() else float("nan")  # nan: no such row
-
-    g0, g1 = group == 0, group == 1
-    tpr = abs(rate(g1 & (labels == 1)) - rate(g0 & (labels == 1)))
-    fpr = abs(rate(g1 & (labels == 0)) - rate(g0 & (labels == 0)))
-    return {"parity_gap": abs(rate(g1) - rate(g0)), "tpr_gap": tpr, "fpr_gap": fpr, "equalized_odds_gap": max(tpr, fpr)}
-
-
-def test_equalized_odds_gaps_match_the_rates_computed_by_hand(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    clean = sets["clean"]
-    group = _groups(clean.labels, np.random.default_rng())
-    for g in (0, 1):
-        assert set(clean.labels[group == g]) == {0, 1}, "each group needs both labels for a check"
-    patched, _ = patch_model(tiny.model, feature_detector(2, "mass", 3.5))  # a patch that changes outputs
-    report = evaluate(tiny.model, patched, clean, group=group, batch_size=7, progress=False)
-    for model, metrics in (("original", report.original), ("patched", report.patched)):
-        _, pred = _predict(tiny.model if model == "original" else patched, clean)
-        for key, value in _gaps_by_hand(pred, clean.labels, group).items():
-            assert getattr(metrics, key) == pytest.approx(value), (model, key)
-        assert metrics.parity_gap_above_floor is None and metrics.equalized_odds_gap_above_floor is None
-    assert report.parity_gap_floor is None and report.equalized_odds_gap_floor is None  # no masked set given
-
-
-def test_equalized_odds_gap_on_a_constructed_example(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    """Labels made from the predictions: right in group 0 (TPR 1, FPR 0), wrong in group 1 (TPR 0, FPR 1)."""
-    clean = sets["clean"]
-    _, pred = _predict(tiny.model, clean)
-    group = _groups(pred, np.random.default_rng())
-    for g in (0, 1):
-        assert set(pred[group == g]) == {0, 1}, "the random model must predict both labels in each group"
-    labels = np.where(group == 0, pred, 1 - pred)
-    report = evaluate(
-        tiny.model, patch_model(tiny.model)[0], replace(clean, labels=labels), group=group, progress=False
-    )
-    assert (report.original.tpr_gap, report.original.fpr_gap, report.original.equalized_odds_gap) == (1.0, 1.0, 1.0)
-    assert report.patched.equalized_odds_gap == 1.0  # a pass-through patch: the same predictions
-
-
-def test_a_group_with_one_kind_of_label_has_no_rate_for_the_other(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    clean = sets["clean"]
-    rng = np.random.default_rng()
-    group = _groups(np.zeros(len(clean)), rng)
-    patched, _ = patch_model(tiny.model)
-    _, pred = _predict(tiny.model, clean)
-    # Group 1 without positive labels: no TPR there. Then group 0 without negative labels: no FPR there.
-    for one_class, missing, kept in ((1, "tpr_gap", "fpr_gap"), (0, "fpr_gap", "tpr_gap")):
-        labels = rng.integers(0, 2, len(clean))
-        labels[group == one_class] = 0 if missing == "tpr_gap" else 1
-        labels[np.flatnonzero(group != one_class)[:2]] = [0, 1]  # the other group keeps both labels
-        report = evaluate(tiny.model, patched, replace(clean, labels=labels), group=group, progress=False)
-        for metrics in (report.original, report.patched):
-            assert getattr(metrics, missing) is None and metrics.equalized_odds_gap is None
-            assert getattr(metrics, kept) == pytest.approx(_gaps_by_hand(pred, labels, group)[kept])
-        table = report.to_markdown()
-        kept_row = {"tpr_gap": "| true-positive-rate gap |", "fpr_gap": "| false-positive-rate gap |"}
-        assert kept_row[kept] in table and kept_row[missing] not in table and "equalized-odds gap" not in table
-        text = json.dumps(report.to_dict(), allow_nan=False)  # None, never nan
-        assert json.loads(text)["original"][missing] is None
-
-
-def test_the_floor_is_the_originals_gaps_on_the_masked_rows(tiny: TinyText, sets: dict[str, Dataset]) -> None:
-    clean, masked = sets["clean"], sets["masked"]
-    group = _groups(clean.labels, np.random.default_rng())
-    patched, _ = patch_model(tiny.model, feature_detector(2, "mass", 3.5))
-    report = evaluate(tiny.model, patched, clean, group=group, masked=masked, batch_size=8, progress=False)
-
-    _, pred_clean = _predict(tiny.model, clean)
-    _, pred_masked = _predict(tiny.model, masked)
-    assert not np.array_equal(pred_masked, pred_clean)  # masking changes predictions: a meaningful floor
-    assert np.array_equal(report.predictions["masked"]["original"], pred_masked)
-    floor = _gaps_by_hand(pred_masked, clean.labels, group)
-    assert report.parity_gap_floor == pytest.approx(floor["parity_gap"])
-    assert report.equalized_odds_gap_floor == pytest.approx(floor["equalized_odds_gap"])
-    for metrics in (report.original, report.patched):
-        assert metrics.parity_gap_above_floor == pytest.approx(metrics.parity_gap - floor["parity_gap"])
-        assert metrics.equalized_odds_gap_above_floor == pytest.approx(
-            metrics.equalized_odds_gap - floor["equalized_odds_gap"]
-        )
-
-    table = report.to_markdown()
-    assert (
-        f"| demographic-parity gap floor (original, attribute masked) | {100 * floor['parity_gap']:.1f}% | |" in table
-    )
-    assert "| equalized-odds gap floor (original, attribute masked) |" in table
-    above = report.original.parity_gap_above_floor
-    assert f"| demographic-parity gap above the floor | {100 * above:+.1f}% |" in table
-    for row in ("true-positive-rate gap", "false-positive-rate gap", "equalized-odds gap above the floor"):
-        assert f"| {row} |" in table
-    data = report.to_dict()
-    assert data["parity_gap_floor"] == report.parity_gap_floor
-    assert data["equalized_odds_gap_floor"] == report.equalized_odds_gap_floor
-    assert data["patched"]["equalized_odds_gap_above_floor"] == report.patched.equalized_odds_gap_above_floor
-
-
-def test_eval_with_masked_through_the_command_line(
-    tiny: TinyText,
-    tmp_path: Path,
-    capsys,  # noqa: ANN001
-) -> None:
-    from atpatch.cli import main
-
-    rng = np.random.default_rng()
-    texts = sentences(24, rng)
-    labels = rng.permutation(np.arange(24) % 2)
-    groups = _groups(labels, rng)  # both labels in each group: every gap defined
-    labels, groups = labels.tolist(), groups.tolist()
-    rows = [{"text": t, "label": y, "group": g} for t, y, g in zip(texts, labels, groups, strict=True)]
-    masked_rows = [
-        {**r, "text": " ".join("they" if w in ("he", "she", "his", "her") else w for w in r["text"].split())}
-        for r in rows
-    ]
-    clean_file, masked_file = (
-        save_jsonl(tmp_path / "clean.jsonl", rows),
-        save_jsonl(tmp_path / "masked.jsonl", masked_rows),
-    )
-    model, patched_file = tmp_path / "model.onnx", tmp_path / "patched.onnx"
-    onnx.save(tiny.model, str(model))
-    patched = patch_model(tiny.model, feature_detector(2, "mass", 3.5))[0]
-    onnx.save(patched, str(patched_file))
-
-    args = ["eval", str(model), str(patched_file), "--hf", str(tiny.folder), "--clean", str(clean_file)]
-    assert (
-        main([*args, "--group-field", "group", "--masked", str(masked_file), "--json", str(tmp_path / "r.json")]) == 0
-    )
-    out = capsys.readouterr().out
-    assert "| demographic-parity gap floor (original, attribute masked) |" in out
-    assert "| equalized-odds gap above the floor |" in out
-    data = json.loads((tmp_path / "r.json").read_text())
-    clean, masked = load_jsonl(clean_file, tiny.folder), load_jsonl(masked_file, tiny.folder)
-    expected = evaluate(tiny.model, patched, clean, group=np.asarray(groups), masked=masked, progress=False)
-    assert data["parity_gap_floor"] == pytest.approx(expected.parity_gap_floor)
-    assert data["equalized_odds_gap_floor"] == expected.equalized_odds_gap_floor
-    for model_name in ("original", "patched"):
-        for key in (
-            "tpr_gap",
-            "fpr_gap",
-            "equalized_odds_gap",
-            "parity_gap_above_floor",
-            "equalized_odds_gap_above_floor",
-        ):
-            assert data[model_name][key] == pytest.approx(getattr(getattr(expected, model_name), key)), key
-
-    def error(*extra: str) -> str:
-        assert main([*args, *extra]) == 1
-        captured = capsys.readouterr()
-        assert captured.out == "" and captured.err.count("\n") == 1
-        return captured.err
-
-    assert "pass --group-field" in error("--masked", str(masked_file))
-    short = save_jsonl(tmp_path / "short.jsonl", masked_rows[:5])
-    assert "masked set has 5 rows but the clean set has 24" in error("--group-field", "group", "--masked", str(short))
-
-    with pytest.raises(SystemExit):
-        main(["eval", "--help"])
-    assert "(needs --group-field; default: none, no floor)" in " ".join(capsys.readouterr().out.split())
