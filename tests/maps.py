@@ -74,6 +74,15 @@ def pad_batch_item(rng: np.random.Generator, attention: np.ndarray, length: int)
     return out
 
 
+def op_feeds(
+    attention: np.ndarray, d: reference.LayerDetector, forced: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The op's inputs; `forced` None: nothing forced (all false, [batch, k_len])."""
+    if forced is None:
+        forced = np.zeros((attention.shape[0], attention.shape[3]), bool)
+    return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2, "forced": forced}
+
+
 def random_detector(rng: np.random.Generator, heads: int) -> reference.LayerDetector:
     """A random detector for maps with `heads` heads."""
     hidden = int(rng.integers(1, 9))

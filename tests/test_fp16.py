@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from maps import detector_flagging, unchanged_rows
+from maps import detector_flagging, op_feeds, unchanged_rows
 
 from atpatch.detector import Detector
 from atpatch.ops import reference, spec
@@ -160,8 +160,7 @@ def test_kernel_reads_a_float32_map_declared_float16_as_that_float16_map(rng: np
     assert (reference.real_queries(rounded) != reference.real_queries(attention)).any()
     assert ((rounded > 0) & (rounded < 2.0**-14)).any()
     d = detector_flagging(rng, rounded, "some")
-    forced = np.zeros((b, n), bool)
-    feeds = {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2, "forced": forced}
+    feeds = op_feeds(attention, d)
 
     for declared, seen in ((onnx.TensorProto.FLOAT16, rounded), (None, attention)):
         model = standalone_model(17, onnx.TensorProto.FLOAT, 0.0)

@@ -6,10 +6,8 @@ Op v2 here; models patched with v1 are checked in test_kernel_v1.py.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from maps import (
@@ -17,6 +15,7 @@ from maps import (
     MASKS,
     MASKS_V2,
     detector_flagging,
+    op_feeds,
     own_row_map,
     pad_batch_item,
     random_detector,
@@ -69,13 +68,6 @@ def assert_scores_match(got: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(got[live], expected[live], rtol=0, atol=1e-5 * scale)
 
 
-def feeds(attention: np.ndarray, d: reference.LayerDetector, forced: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The op's inputs; `forced` None: nothing forced (all false, [batch, k_len])."""
-    if forced is None:
-        forced = np.zeros((attention.shape[0], attention.shape[3]), bool)
-    return {"attention": attention, "w1": d.w1, "b1": d.b1, "w2": d.w2, "b2": d.b2, "forced": forced}
-
-
 def random_shape(rng: np.random.Generator, i: int) -> tuple[int, int, int, int]:
     if i % 10 == 7:  # more queries than keys: rows with no key of their own are real
         return (int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(5, 10)), int(rng.integers(1, 5)))
@@ -101,7 +93,7 @@ def check_case(
     dtype = attention.dtype.type
     expected, expected_flags = reference.atpatch(attention, d, forced)
     expected_scores = reference.scores_output(attention, d)
-    got, flags, scores = sessions[dtype, True].run(None, feeds(attention, d, forced))
+    got, flags, scores = sessions[dtype, True].run(None, op_feeds(attention, d, forced))
     assert_scores_match(scores, expected_scores)
     assert got.dtype == attention.dtype and got.shape == attention.shape
     assert flags.dtype == np.bool_ and flags.shape == (attention.shape[0], attention.shape[3])
@@ -109,7 +101,7 @@ def check_case(
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=atol)
     np.testing.assert_array_equal(flags, expected_flags)
     if FUNCTION_IS_V2:
-        fn, fn_flags, fn_scores = sessions[dtype, False].run(None, feeds(attention, d, forced))
+        fn, fn_flags, fn_scores = sessions[dtype, False].run(None, op_feeds(attention, d, forced))
         np.testing.assert_allclose(got.astype(np.float32), fn.astype(np.float32), rtol=0, atol=atol)
         np.testing.assert_array_equal(flags, fn_flags)
         assert_scores_match(fn_scores, expected_scores)
@@ -166,7 +158,7 @@ def test_threshold_attribute_is_read(rng: np.random.Generator) -> None:
     threshold = float((scores[i] + scores[i + 1]) / 2)
     d = reference.LayerDetector(d.w1, d.b1, d.w2, d.b2, threshold)
     expected, expected_flags = reference.atpatch(attention, d)
-    got, flags, _ = session(np.float32, True, threshold).run(None, feeds(attention, d))
+    got, flags, _ = session(np.float32, True, threshold).run(None, op_feeds(attention, d))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, expected_flags)
 
@@ -188,7 +180,7 @@ def test_concurrent_runs_on_one_session(rng: np.random.Generator) -> None:
         try:
             for attention, d, forced, (expected, expected_flags) in work[part::4]:
                 for _ in range(3):
-                    got, flags, _ = sess.run(None, feeds(attention, d, forced))
+                    got, flags, _ = sess.run(None, op_feeds(attention, d, forced))
                     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
                     np.testing.assert_array_equal(flags, expected_flags)
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
@@ -242,23 +234,23 @@ def test_flagged_entries_get_the_smallest_unflagged_entry() -> None:
     )
     sess = session(np.float32, True, 0.4)
     expected = np.array([[[[0.2 / 0.7, 0.3 / 0.7, 0.0, 0.2 / 0.7]]]], np.float32)
-    got, flags, _ = sess.run(None, feeds(attention, d))
+    got, flags, _ = sess.run(None, op_feeds(attention, d))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, [[False, False, False, True]])
     np.testing.assert_allclose(reference.atpatch(attention, d)[0], expected, rtol=0, atol=1e-6)
     # Forcing the 0.3 column too: both get the smallest entry outside P, 0.2.
     forced = np.array([[False, True, False, False]])
     expected = np.array([[[[0.2 / 0.6, 0.2 / 0.6, 0.0, 0.2 / 0.6]]]], np.float32)
-    got, flags, _ = sess.run(None, feeds(attention, d, forced))
+    got, flags, _ = sess.run(None, op_feeds(attention, d, forced))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(flags, [[False, False, False, True]])  # forced is not folded into flags
     # A padding query (its own key masked) counts in no feature: nothing is flagged, but the
     # patch still applies to it, so forced columns are patched there too.
     padding = np.array([[[[0.5, 0.3, 0.2, 0.0]]]], np.float32)
-    got, flags, _ = sess.run(None, feeds(padding, d))
+    got, flags, _ = sess.run(None, op_feeds(padding, d))
     np.testing.assert_array_equal(got, padding)
     assert not flags.any()
-    got, flags, _ = sess.run(None, feeds(padding, d, np.array([[True, False, False, False]])))
+    got, flags, _ = sess.run(None, op_feeds(padding, d, np.array([[True, False, False, False]])))
     np.testing.assert_allclose(got, [[[[0.2 / 0.7, 0.3 / 0.7, 0.2 / 0.7, 0.0]]]], rtol=0, atol=1e-6)
     assert not flags.any()
 
@@ -275,7 +267,7 @@ def test_own_row_features_alone_flag_what_the_reference_flags(rng: np.random.Gen
     np.testing.assert_allclose(received, received[:, :1].repeat(received.shape[1], 1), rtol=1e-6)
     np.testing.assert_array_equal(reference.flag_columns(attention, d), want)
     for dtype in (np.float32, np.float16):
-        got, flags, _ = session(dtype, True).run(None, feeds(attention.astype(dtype), d))
+        got, flags, _ = session(dtype, True).run(None, op_feeds(attention.astype(dtype), d))
         np.testing.assert_array_equal(flags, want)
         expected = reference.atpatch(attention.astype(dtype), d)[0]
         np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=1e-3)
@@ -292,7 +284,7 @@ def test_own_row_features_alone_flag_what_the_reference_flags(rng: np.random.Gen
             if d is None:
                 continue
             expected, expected_flags = reference.atpatch(attention, d)
-            got, flags, _ = sess.run(None, feeds(attention, d))
+            got, flags, _ = sess.run(None, op_feeds(attention, d))
             np.testing.assert_array_equal(flags, expected_flags)
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
             checked += 1
@@ -310,8 +302,8 @@ def test_padding_changes_no_flag_and_no_real_row(rng: np.random.Generator) -> No
         d = with_flags(real, random_detector(rng, real.shape[1]), ("some", "one", "all")[i % 3], rng) or with_flags(
             real, random_detector(rng, real.shape[1]), "none", rng
         )
-        got, flags, scores = sess.run(None, feeds(real, d))
-        got_padded, flags_padded, scores_padded = sess.run(None, feeds(padded, d))
+        got, flags, scores = sess.run(None, op_feeds(real, d))
+        got_padded, flags_padded, scores_padded = sess.run(None, op_feeds(padded, d))
         np.testing.assert_array_equal(flags_padded[:, :n], flags)
         assert not flags_padded[:, n:].any()
         # Scores too (the joint rule sums them): the same on real keys, -inf on padded ones.
@@ -351,7 +343,7 @@ def test_output_in_place_of_a_softmax(rng: np.random.Generator) -> None:
         d = detector_flagging(rng, attention, "some")
         forced = random_forced(rng, shape[0], shape[3], FORCED_KINDS[1 + i % 4])
         expected, expected_flags = reference.atpatch(attention, d, forced)
-        inputs = feeds(attention, d, forced)
+        inputs = op_feeds(attention, d, forced)
         del inputs["attention"]
         got, flags, _ = sess.run(None, {**inputs, "logits": logits})
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -370,109 +362,4 @@ def test_kernel_refuses_a_detector_for_another_head_count(rng: np.random.Generat
         d = reference.LayerDetector(np.ones((w1_rows, d.w1.shape[1]), np.float32), d.b1, d.w2, d.b2, 0.0)
         wanted = rf"w1 must be \[6 \* heads, hidden\] = \[24, hidden\] for this map of 4 heads, got \[{w1_rows},"
         with pytest.raises(Exception, match=wanted):
-            sess.run(None, feeds(attention, d))
-
-
-def _with_node(edit: Callable[[onnx.NodeProto], None]) -> bytes:
-    model = standalone_model(17, TensorProto.FLOAT, 0.0)
-    edit(model.graph.node[0])
-    return model.SerializeToString()
-
-
-def test_registered_kernel_enforces_the_input_count() -> None:
-    """A v2 node takes exactly spec.INPUTS: one input fewer (and not v1's one output) is refused."""
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(LIBRARY))
-    options.log_severity_level = 4
-    without_forced = _with_node(lambda n: n.input.pop())
-    with pytest.raises(Exception, match="this node has 5 inputs and 3 outputs; version 2 takes 6 inputs"):
-        ort.InferenceSession(without_forced, options, providers=["CPUExecutionProvider"])
-    four_inputs = _with_node(lambda n: (n.input.pop(), n.input.pop()))  # onnxruntime's schema refuses it first
-    with pytest.raises(Exception, match="(?i)input"):
-        ort.InferenceSession(four_inputs, options, providers=["CPUExecutionProvider"])
-
-
-def test_registered_kernel_runs_the_spec_domain_and_name(rng: np.random.Generator) -> None:
-    """With the ONNX function removed, only the registered kernel can run ai.atpatch::AtPatch v2."""
-    model = standalone_model(17, TensorProto.FLOAT, 0.0)
-    del model.functions[:]
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(LIBRARY))
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    attention = random_map(rng, (1, 2, 3, 4), "none")
-    d = with_flags(attention, random_detector(rng, attention.shape[1]), "all", rng)
-    got, flags, _ = sess.run(None, feeds(attention, d))
-    np.testing.assert_array_equal(got, attention)
-    assert flags.all()
-    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error types vary by version
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
-# --- choosing the kernel for a session (atpatch.runtime) -------------------------------------
-
-
-def _softmax_then_atpatch(dtype: int) -> onnx.ModelProto:
-    """Softmax -> AtPatch with no value_info: the type must be traced through the softmax."""
-    from onnx import helper
-
-    model = standalone_model(17, dtype, 0.0)
-    graph = model.graph
-    graph.input[0].name = "scores"
-    graph.node.insert(0, helper.make_node("Softmax", ["scores"], ["attention"], axis=-1))
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("patched", dtype, None))
-    graph.output[0].type.tensor_type.ClearField("elem_type")
-    return model
-
-
-def test_session_uses_the_kernel_only_when_it_covers_the_model(monkeypatch, caplog) -> None:
-    from atpatch.runtime import session as session_module
-
-    monkeypatch.delenv(native.ENV_VAR, raising=False)
-    cpu = ["CPUExecutionProvider"]
-    for dtype in (TensorProto.FLOAT, TensorProto.FLOAT16):
-        assert native.coverage_problem(_softmax_then_atpatch(dtype), cpu) is None
-        assert session_module._choose_native(_softmax_then_atpatch(dtype), "cpu", cpu, None) == LIBRARY
-    double = _softmax_then_atpatch(TensorProto.DOUBLE)
-    assert "DOUBLE" in (native.coverage_problem(double, cpu) or "")
-    with caplog.at_level("WARNING", logger="atpatch"):
-        assert session_module._choose_native(double, "cpu", cpu, None) is None
-    assert "ONNX function" in caplog.text
-    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert "CUDAExecutionProvider" in (native.coverage_problem(_softmax_then_atpatch(TensorProto.FLOAT), cuda) or "")
-    assert native.coverage_problem(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), cpu)
-
-
-def test_env_var_forces_either_path(monkeypatch, rng: np.random.Generator) -> None:
-    from atpatch.errors import AtPatchError
-    from atpatch.runtime import create_session
-
-    model = standalone_model(17, TensorProto.FLOAT, 0.0)
-    attention = random_map(rng, (1, 2, 3, 4), "none")
-    d = with_flags(attention, random_detector(rng, attention.shape[1]), "some", rng) or with_flags(
-        attention, random_detector(rng, attention.shape[1]), "none", rng
-    )
-    for value in ("1", "0"):
-        monkeypatch.setenv(native.ENV_VAR, value)
-        out = create_session(model).run(None, feeds(attention, d))[0]
-        np.testing.assert_allclose(out, reference.atpatch(attention, d)[0], rtol=0, atol=1e-6)
-    monkeypatch.setenv(native.ENV_VAR, "1")
-    monkeypatch.setenv(native.LIBRARY_ENV_VAR, "/nonexistent/libatpatch_ops.so")
-    with pytest.raises(AtPatchError, match="not built"):
-        create_session(model)
-    monkeypatch.setenv(native.ENV_VAR, "1")
-    monkeypatch.delenv(native.LIBRARY_ENV_VAR)
-    with pytest.raises(AtPatchError, match=native.ENV_VAR):
-        create_session(_softmax_then_atpatch(TensorProto.DOUBLE))
-    monkeypatch.setenv(native.ENV_VAR, "maybe")
-    with pytest.raises(AtPatchError, match="not understood"):
-        create_session(model)
-
-
-def test_doctor_reports_the_kernel() -> None:
-    from atpatch.runtime.doctor import report
-
-    text = report()
-    assert "onnxruntime" in text and "CPUExecutionProvider" in text
-    assert "native kernel loadable: yes" in text
-    assert "fused AtPatchAttention: float32 on CPUExecutionProvider" in text
+            sess.run(None, op_feeds(attention, d))
