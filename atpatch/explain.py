@@ -40,6 +40,7 @@ class ExplainReport:
     label_names: tuple[str, ...] = field(default=())
     joint: list[int] = field(default_factory=list)  # key positions the joint rule over layers flagged
     joint_tokens: list[str] = field(default_factory=list)
+    checked: list[int] = field(default_factory=list)  # patched by the effect check (nothing flagged, class changed)
 
     def summary(self) -> str:
         def name(i: int) -> str:
@@ -55,7 +56,8 @@ class ExplainReport:
             shown = ", ".join(f"{t} (position {p})" for t, p in zip(tokens, positions, strict=True)) or "nothing"
             elsewhere = [p for p in self.patched.get(layer, []) if p not in positions]
             also = (
-                f"; also patched, flagged in another layer or by the joint rule: {', '.join(map(str, elsewhere))}"
+                f"; also patched, flagged in another layer, by the joint rule or the effect check: "
+                f"{', '.join(map(str, elsewhere))}"
                 if elsewhere
                 else ""
             )
@@ -63,6 +65,11 @@ class ExplainReport:
         if self.joint:
             shown = ", ".join(f"{t} (position {p})" for t, p in zip(self.joint_tokens, self.joint, strict=True))
             lines.append(f"  joint rule over all layers: flagged {shown}")
+        if self.checked:
+            lines.append(
+                f"  effect check: nothing flagged, but patching positions {', '.join(map(str, self.checked))} in "
+                "every layer changes the predicted class, so they are patched"
+            )
         lines.append(f"wrote {self.png}")
         return "\n".join(lines)
 
@@ -148,6 +155,9 @@ def explain(
     patched_at = {layer: [int(p) for p in np.flatnonzero(f[0]) if p < length] for layer, f in enumerate(out.patched)}
     flagged_tokens = {layer: [names[p] for p in cols] for layer, cols in flagged.items()}
     joint = [] if out.joint is None else [int(p) for p in np.flatnonzero(out.joint[0]) if p < length]
+    assert out.union is not None and out.second_pass is not None
+    by_check = bool(out.second_pass[0]) and not joint and not any(flagged.values())
+    checked = [int(p) for p in np.flatnonzero(out.union[0]) if p < length] if by_check else []
 
     label_names = dataset.label_names
     title_name = lambda i: label_names[i] if 0 <= i < len(label_names) else str(i)  # noqa: E731
@@ -180,6 +190,7 @@ def explain(
         label_names=label_names,
         joint=joint,
         joint_tokens=[names[p] for p in joint],
+        checked=checked,
     )
 
 

@@ -24,7 +24,7 @@ from .data import Dataset
 from .detector import Detector
 from .progress import Progress
 
-__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "wrong_answers"]
+__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "predict_classes", "wrong_answers"]
 
 SPREADS = (0, 1, 2, 3)  # radii tried: positions along a sequence, patches on an image's grid
 FOLDS = 2
@@ -34,7 +34,7 @@ MIN_PER_FOLD = 10  # fewer misbehaving inputs than FOLDS x this: the spread is c
 def wrong_answers(model: onnx.ModelProto, data: Dataset) -> np.ndarray:
     """[len(data)] bool: the inputs the original `model` gets wrong, the only ones a patch can fix. Run
     once per fit: every count of fixes then runs the patched model only, on these inputs only."""
-    return _predict(model, data) != data.labels
+    return predict_classes(model, data) != data.labels
 
 
 def fixed(model: onnx.ModelProto, detector: Detector, wrong: Dataset) -> int:
@@ -43,10 +43,11 @@ def fixed(model: onnx.ModelProto, detector: Detector, wrong: Dataset) -> int:
 
     if not len(wrong):
         return 0
-    return int((_predict(patch_model(model, detector)[0], wrong) == wrong.labels).sum())
+    return int((predict_classes(patch_model(model, detector)[0], wrong) == wrong.labels).sum())
 
 
-def _predict(model: onnx.ModelProto, data: Dataset) -> np.ndarray:
+def predict_classes(model: onnx.ModelProto, data: Dataset) -> np.ndarray:
+    """The class `model` gives each input of `data`."""
     from .evaluate import run_original
     from .runtime import create_session
 

@@ -134,6 +134,7 @@ def _dropped(options: ExportOptions, detector: Detector | None) -> list[str]:
         *(["joint rule over layers"] if detector.joint is not None else []),
         *([f"spread ({detector.spread})"] if detector.spread else []),
         *(["whole words"] if detector.word_pieces is not None else []),
+        *(["effect check"] if detector.confirm is not None else []),
     ]
     if not parts:
         return []
@@ -217,7 +218,7 @@ def run_export(options: ExportOptions) -> ExportReport:
             if detector is None:
                 add_cross_layer(model)
             else:
-                add_cross_layer(model, detector.spread, detector.joint, detector.word_pieces)
+                add_cross_layer(model, detector.spread, detector.joint, detector.word_pieces, detector.confirm)
     fused = None
     if options.fuse_attention:
         model, fused = fuse_attention(model)

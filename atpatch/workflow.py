@@ -111,30 +111,6 @@ def run_localize(model_path: Path, model_dir: Path, data_path: Path, output: Pat
 _LARGER_BUDGETS = (0.01, 0.02, 0.05)
 
 
-def calibration_note(n: int, target_flag_rate: float, layers: int, joint: bool) -> str:
-    """What a calibration set of `n` inputs lets the detector do, when it is too small for every layer and
-    the joint rule to flag: each rule switched on costs one of the count (detector/calibrate.py)."""
-    from .detector.calibrate import allowed_flags, calibration_size_needed
-
-    rules = layers + int(joint)
-    needed = calibration_size_needed(target_flag_rate, rules)
-    if n >= needed:
-        return ""
-    allowed = allowed_flags(n, target_flag_rate)
-    what = f"{layers} layers" + (" and the joint rule" if joint else "")
-    if allowed == 0:
-        return (
-            f"note: {n} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate: every threshold "
-            f"sits above all of them (give at least {calibration_size_needed(target_flag_rate)} with --calibration "
-            f"to let one layer flag, {needed} for all {what})\n"
-        )
-    return (
-        f"note: {n} calibration inputs allow {allowed} flagged at a {target_flag_rate:.2%} flag rate, and each layer "
-        f"or rule switched on costs one more, so at most {min(allowed + 1, rules)} of the {what} can flag (give at "
-        f"least {needed} with --calibration for all)\n"
-    )
-
-
 def run_fit(
     model_path: Path,
     model_dir: Path,
@@ -154,8 +130,9 @@ def run_fit(
     With `fairness`, the thresholds are chosen by the flips-against-accuracy sweep (detector/tradeoff.py).
     `joint` False: per-layer thresholds only, never the joint rule over layers (detector/joint_fit.py);
     the fairness fit always has per-layer thresholds only."""
-    from .detector.calibrate import NEVER
+    from .detector.calibrate import NEVER, allowed_flags, calibration_note
     from .detector.columns import ColumnSet, beside_culprits, collect_columns
+    from .detector.confirm_fit import RESERVE, effect_check
     from .detector.fit import fit_one_class, fit_supervised, report
     from .detector.joint_fit import joint_candidates
     from .detector.probe import AttentionProbe
@@ -295,6 +272,18 @@ def run_fit(
         assert original_wrong is not None and fixable is not None
         choice = choose_spread(model, detector, bad, original_wrong, refit)
         detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
+        checked = effect_check(
+            model,
+            lambda: replace(calibrated(target_flag_rate * (1 - RESERVE), by_fixes=True), spread=detector.spread),
+            calibration,
+            fixable,
+            allowed_flags(len(calibration), target_flag_rate),
+            grid,
+            got,
+        )
+        if checked is not None:  # the held-out count below is the detector's before the check
+            detector, got, checked_note = checked
+            note += checked_note
         if detector.word_pieces is not None:
             note += "whole words: a flagged word piece is patched with every piece of its word\n"
         text += note + f"misbehaving inputs fixed by the patched model: {got} of {wrong} ({got / max(wrong, 1):.1%})"
@@ -302,6 +291,7 @@ def run_fit(
             # What unseen misbehaving inputs can expect: the count above is on the inputs the detector was fitted on.
             h_got, h_wrong = choice.held_out
             text += f"; {h_got} of {h_wrong} ({h_got / max(h_wrong, 1):.1%}) when held out of the fit"
+            text += " (without the effect check)" if checked is not None else ""
         text += "\n"
         if wrong and got < 0.9 * wrong:
             larger = []

@@ -117,10 +117,12 @@ class Latency:
 
 
 def _pick(probe, feeds: dict[str, np.ndarray], want: bool, size: int) -> np.ndarray:  # noqa: ANN001
-    """Up to `size` rows of `feeds` whose `second_pass` is `want`, in order."""
+    """Up to `size` rows of `feeds` that make a batch run the second pass (`want`) or not, in order: those
+    whose outputs come from it, and those the effect check tries whatever it then keeps."""
     found: list[int] = []
     for part, out in probe.iter_batches(probe.model_feeds(feeds), 64):
-        found.extend(part.start + np.flatnonzero(out.second_pass == want))
+        runs = out.second_pass if out.tried is None else out.second_pass | out.tried
+        found.extend(part.start + np.flatnonzero(runs == want))
         if len(found) >= size:
             break
     return np.asarray(found[:size], np.int64)
@@ -141,10 +143,10 @@ def latency(
 ) -> Latency:
     """Time `patched` (a cross-layer patched model) against `original`, the one way every case does.
 
-    Two batches of `size`: clean inputs on which the patched model flags nothing (one pass; the
-    probe's `second_pass` is False for each) and triggered inputs it flags (`second_pass` True:
-    the second pass runs). Each round runs original, native kernel and ONNX function on both
-    batches, interleaved, so machine noise hits all of them; the ratios are medians over rounds.
+    Two batches of `size`: clean inputs on which the patched model flags nothing and the effect check
+    tries nothing (one pass) and triggered inputs that run the second pass (flagged or tried). Each
+    round runs original, native kernel and ONNX function on both batches, interleaved, so machine noise
+    hits all of them; the ratios are medians over rounds.
     Many rounds: the small models here run a batch in about a millisecond, where 15 rounds gave
     ratios from 0.74x to 1.41x for the same model on a shared machine."""
     import onnx
@@ -301,8 +303,8 @@ def latency_note(rows: list[Row], pool: str = "triggered inputs") -> str:
     none = [method for method, t in timed if t.flagged_distinct == 0]
     text = (
         f"Latency: patched / original wall time, median over interleaved rounds, on a batch of {batch} clean inputs "
-        f"the patched model flags nothing in (one pass; the probe's `second_pass` all False) and on a batch of {batch} "
-        f"{pool} it flags (`second_pass` all True: the second pass runs)"
+        f"the patched model flags nothing in and its effect check tries none of (one pass) and on a batch of {batch} "
+        f"{pool} it flags or tries (the second pass runs)"
     )
     if few:
         text += f"; where fewer are flagged they are repeated to fill the batch ({', '.join(few)} distinct)"

@@ -223,8 +223,7 @@ def test_the_joint_rule_takes_the_budget_when_no_single_layer_separates_culprits
 
 
 def test_fit_says_how_many_rules_a_small_calibration_set_lets_flag() -> None:
-    from atpatch.detector.calibrate import allowed_flags, calibration_size_needed
-    from atpatch.workflow import calibration_note
+    from atpatch.detector.calibrate import allowed_flags, calibration_note, calibration_size_needed
 
     assert calibration_note(calibration_size_needed(0.005, 7), 0.005, 6, joint=True) == ""
     # Below what one layer needs, nothing can flag.

@@ -24,6 +24,7 @@ __all__ = [
     "allocate",
     "allowed_flags",
     "calibrate",
+    "calibration_note",
     "calibration_size_needed",
     "flag_rate_bound",
     "flag_rate_interval",
@@ -245,3 +246,25 @@ def calibrate(
         LayerDetector(d.w1, d.b1, d.w2, d.b2, budget.threshold(i, r))
         for i, (d, r) in enumerate(zip(layers, ranks, strict=True))
     ]
+
+
+def calibration_note(n: int, target_flag_rate: float, layers: int, joint: bool) -> str:
+    """What a calibration set of `n` inputs lets the detector do, when it is too small for every layer and
+    the joint rule to flag: each rule switched on costs one of the count (detector/calibrate.py)."""
+    rules = layers + int(joint)
+    needed = calibration_size_needed(target_flag_rate, rules)
+    if n >= needed:
+        return ""
+    allowed = allowed_flags(n, target_flag_rate)
+    what = f"{layers} layers" + (" and the joint rule" if joint else "")
+    if allowed == 0:
+        return (
+            f"note: {n} calibration inputs are too few to show a {target_flag_rate:.2%} flag rate: every threshold "
+            f"sits above all of them (give at least {calibration_size_needed(target_flag_rate)} with --calibration "
+            f"to let one layer flag, {needed} for all {what})\n"
+        )
+    return (
+        f"note: {n} calibration inputs allow {allowed} flagged at a {target_flag_rate:.2%} flag rate, and each layer "
+        f"or rule switched on costs one more, so at most {min(allowed + 1, rules)} of the {what} can flag (give at "
+        f"least {needed} with --calibration for all)\n"
+    )

@@ -22,8 +22,9 @@ from ..errors import InvalidModelError
 from ..ops import spec
 from ..ops.joint import JointRule
 from ..ops.reference import LayerDetector
-from ..ops.weights import Calibration, Detector
+from ..ops.weights import Calibration, Detector, read_confirm
 from ..rewrite import decompose_fused_attention, find_attention_sites
+from ..rewrite.confirm import CANDIDATES
 from ..rewrite.crosslayer import JOINT, PASS2, ROWS, UNION
 from ..rewrite.positions import WORD_PIECES
 from ..rewrite.unpatch import inline_second_pass
@@ -38,9 +39,10 @@ class ProbeOutput:
     after: list[np.ndarray] | None = None  # per layer: the map after AtPatch (patched models only)
     flagged: list[np.ndarray] | None = None  # per layer [B, Lk]: what its detector flagged, first pass
     patched: list[np.ndarray] | None = None  # per layer [B, Lk]: the positions it patched (flagged or forced)
-    union: np.ndarray | None = None  # [B, Lk]: flagged in any layer (or forced), first pass
+    union: np.ndarray | None = None  # [B, Lk]: flagged in any layer (or forced), or patched by the effect check
     second_pass: np.ndarray | None = None  # [B]: inputs whose outputs come from the second pass
     joint: np.ndarray | None = None  # [B, Lk]: what the joint rule over layers flagged (None: no joint rule)
+    tried: np.ndarray | None = None  # [B]: inputs the effect check tried (each makes the batch run pass 2)
 
 
 def patch_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -79,6 +81,7 @@ def read_detector(model: onnx.ModelProto) -> Detector:
         joint=None if joint is None else JointRule(tuple(joint["weights"]), joint["threshold"], joint["window"]),
         word_pieces=weights.get(WORD_PIECES),
         calibration=read_calibration(model),
+        confirm=read_confirm(json.loads(meta.get("atpatch.confirm", "null"))),
     )
 
 
@@ -109,10 +112,12 @@ class AttentionProbe:
             self.before_names = [n.input[0] for n in first]
             fetch = [*(n.output[0] for n in first), *(n.output[1] for n in first)]
             self.has_joint = any(JOINT in n.output for n in model.graph.node)
+            self.has_confirm = any(CANDIDATES in n.output for n in model.graph.node)
             if self.two_pass:
                 fetch += [n.input[0] for n in second if n is not None]
                 fetch += [o for n in second if n is not None for o in n.output[:2]]
                 fetch += [ROWS, UNION] + ([JOINT] if self.has_joint else [])
+                fetch += [CANDIDATES] if self.has_confirm else []
             forced = first[0].input[-1]
             initializers = {t.name: t for t in model.graph.initializer}
             self.forced_value = numpy_helper.to_array(initializers[forced]) if forced in initializers else None
@@ -155,6 +160,9 @@ class AttentionProbe:
         before2, after2, flags2 = rest[:n], rest[n : 3 * n : 2], rest[n + 1 : 3 * n : 2]
         rows, union = rest[3 * n], rest[3 * n + 1]
         joint = rest[3 * n + 2] if self.has_joint else None
+        # Pass 2 patched the effect check's candidates too; those whose class it left alone keep pass 1.
+        tried = rest[3 * n + 2 + int(self.has_joint)] if self.has_confirm else np.zeros(len(rows), bool)
+        kept_union = union & ~(tried & ~rows)[:, None]
 
         def pick(second: list[np.ndarray], first_: list[np.ndarray]) -> list[np.ndarray]:
             return [np.where(rows.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(second, first_, strict=True)]
@@ -166,9 +174,10 @@ class AttentionProbe:
             pick(after2, after),
             flagged,
             pick(patched2, first_patched),
-            union,
+            kept_union,
             rows,
             joint,
+            tried,
         )
 
     def iter_batches(self, feeds: dict[str, np.ndarray], batch_size: int = 32) -> Iterator[tuple[slice, ProbeOutput]]:

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JointRule", "grid_lead", "joint_flags", "joint_scores", "patch_grid", "pool", "WINDOWS"]
+__all__ = [
+    "Confirm",
+    "JointRule",
+    "candidates",
+    "grid_lead",
+    "joint_flags",
+    "joint_scores",
+    "patch_grid",
+    "pool",
+    "WINDOWS",
+]
 
 WINDOWS = (1, 2)  # 1: each position alone; 2: pairs along a sequence, 2 x 2 on a patch grid
 
@@ -48,6 +58,29 @@ class JointRule:
             raise ValueError(f"joint window must be one of {WINDOWS}, got {self.window!r}")
         if not np.isfinite(self.threshold):
             raise ValueError(f"joint threshold must be a finite number, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """The effect check (rewrite/confirm.py): an input nothing flags, predicted `label` (the class the
+    misbehaving inputs went to), whose best position scores at least `threshold` on the joint score of
+    `weights` and `window`, has that position (its best window's) patched in every layer in the second
+    pass; the patched outputs are kept only where the predicted class changes, the original's elsewhere.
+    A trigger whose columns look like clean ones to the layers is still the column the model leans on."""
+
+    label: int
+    threshold: float
+    weights: tuple[float, ...]
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label, int) or isinstance(self.label, bool) or self.label < 0:
+            raise ValueError(f"the effect check's label must be a class index >= 0, got {self.label!r}")
+        JointRule(self.weights, self.threshold, self.window)  # the same checks
+
+    @property
+    def rule(self) -> JointRule:
+        return JointRule(self.weights, self.threshold, self.window)
 
 
 def patch_grid(k_len: int) -> tuple[int, int]:
@@ -94,3 +127,12 @@ def joint_scores(scores: Sequence[np.ndarray], rule: JointRule, grid: bool) -> n
 def joint_flags(scores: Sequence[np.ndarray], rule: JointRule, grid: bool) -> np.ndarray:
     """[batch, k_len] bool: the positions the rule flags."""
     return joint_scores(scores, rule, grid) > np.float32(rule.threshold)
+
+
+def candidates(scores: Sequence[np.ndarray], confirm: Confirm, grid: bool) -> tuple[np.ndarray, np.ndarray]:
+    """([batch] float32, [batch, k_len] bool): each input's best joint score under `confirm`, and the
+    positions holding it (the best window's) where that score reaches the threshold; the caller keeps
+    the inputs predicted `confirm.label` and flagged nowhere."""
+    s = joint_scores(scores, confirm.rule, grid)
+    top = s.max(axis=1)
+    return top, (s == top[:, None]) & (top >= np.float32(confirm.threshold))[:, None]

@@ -19,10 +19,10 @@ import numpy as np
 
 from ..errors import DetectorMismatchError
 from . import spec
-from .joint import JointRule
+from .joint import Confirm, JointRule
 from .reference import LayerDetector
 
-__all__ = ["Calibration", "Detector", "FORMAT_VERSION"]
+__all__ = ["Calibration", "Detector", "FORMAT_VERSION", "read_confirm"]
 
 FORMAT_VERSION = 1
 _PARAMS = ("w1", "b1", "w2", "b2")
@@ -62,6 +62,9 @@ class Detector:
     spread: int = 0
     # One score over all layers (ops/joint.py), flagging besides each layer's own threshold; None: off.
     joint: JointRule | None = None
+    # The effect check (ops/joint.py, Confirm): the best position of an unflagged input sent to the
+    # misbehaving class is patched, and kept where the class changes; None: off.
+    confirm: Confirm | None = None
     # uint8 [vocab]: per token id, whether it starts a word, continues one or is a special token
     # (ops/words.py); cross-layer patching then widens flags to whole words. None: off (images, and
     # tokenizers that mark neither word starts nor continuations).
@@ -81,8 +84,9 @@ class Detector:
                     f"detector layer {i} has weight shapes {shapes}; expected w1 "
                     f"[{spec.FEATURES_PER_HEAD} * heads, hidden], b1 [hidden], w2 [hidden], b2 [1]"
                 )
-        if self.joint is not None and len(self.joint.weights) != len(self.layers):
-            raise ValueError(f"the joint rule has {len(self.joint.weights)} weights for {len(self.layers)} layers")
+        for name, rule in (("the joint rule", self.joint), ("the effect check", self.confirm)):
+            if rule is not None and len(rule.weights) != len(self.layers):
+                raise ValueError(f"{name} has {len(rule.weights)} weights for {len(self.layers)} layers")
         if self.word_pieces is not None and (np.ndim(self.word_pieces) != 1 or np.size(self.word_pieces) == 0):
             shape = np.shape(self.word_pieces)
             raise ValueError(f"word_pieces must be a 1-D table over the vocabulary, got shape {shape}")
@@ -136,6 +140,14 @@ class Detector:
                 "threshold": float(self.joint.threshold),
                 "window": self.joint.window,
             },
+            "confirm": None
+            if self.confirm is None
+            else {
+                "label": self.confirm.label,
+                "threshold": float(self.confirm.threshold),
+                "weights": [float(w) for w in self.confirm.weights],
+                "window": self.confirm.window,
+            },
             "calibration": None if self.calibration is None else self.calibration.describe(),
         }
 
@@ -187,6 +199,7 @@ class Detector:
                 feature_version=int(meta["feature_version"]),
                 spread=int(meta.get("spread", 0)),
                 calibration=Calibration.read(meta.get("calibration")),
+                confirm=read_confirm(meta.get("confirm")),
                 word_pieces=tensors[_WORD_PIECES].astype(np.uint8) if _WORD_PIECES in tensors else None,
                 joint=None
                 if joint is None
@@ -198,3 +211,11 @@ class Detector:
             raise DetectorMismatchError(
                 f"{path} is a damaged detector file ({err!r}); refit it with atpatch fit"
             ) from err
+
+
+def read_confirm(record: dict | None) -> Confirm | None:
+    """The effect check from its description (Detector.describe()["confirm"]); None: off."""
+    if record is None:
+        return None
+    weights = tuple(float(w) for w in record["weights"])
+    return Confirm(int(record["label"]), float(record["threshold"]), weights, int(record["window"]))

@@ -12,6 +12,9 @@ comes too late. So the patched graph runs in two passes:
            downstream of the first AtPatch runs again, every AtPatch forced to patch the union;
            inputs with a new flag take pass 2's outputs, the others keep pass 1's.
 
+With the effect check (confirm.py), inputs nothing flags but the check tries take pass 2 as well,
+and keep its outputs only where their predicted class changes.
+
 Inputs with nothing flagged (the common case) run once and are bit-identical to the original.
 Pass 2 refers to the outer graph's weights and to what is upstream of the patches (the
 embeddings), so the file does not double in size. It computes its own first-layer map, shape
@@ -29,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops import spec
 from ..ops.builder import NodeBuilder
-from ..ops.joint import JointRule
+from ..ops.joint import Confirm, JointRule
+from .confirm import FLAGGED_ROWS, candidates, classifier_output, kept_rows
 from .graph_walk import rename_inputs, rename_outputs_inside, subgraphs, uses
 from .positions import WORD_PIECES, is_patch_grid, joint_flags, whole_words, word_ids
 from .positions import spread as widen
@@ -52,7 +56,7 @@ __all__ = [
 ]
 
 SECOND_PASS = "atpatch/second_pass"  # the If node
-UNION = "atpatch/union"  # bool [B, K]: positions flagged in any layer (or forced), spread, per input
+UNION = "atpatch/union"  # bool [B, K]: what pass 2 patches: flagged in any layer (or forced), check candidates, spread
 ROWS = "atpatch/second_pass_rows"  # bool [B]: inputs that take pass 2's outputs
 JOINT = "atpatch/joint_flags"  # bool [B, K]: what the joint rule over layers flags (ops/joint.py), when it is on
 PAST_FLAGS = "past_atpatch_flags"  # decoder state in: bool [B, past]
@@ -159,6 +163,7 @@ def add_second_pass(
     grid: bool = False,
     joint: JointRule | None = None,
     words: np.ndarray | None = None,
+    confirm: Confirm | None = None,
 ) -> None:
     """Add the union of flags, pass 2 inside an `If`, and the per-input choice of outputs (module docstring).
 
@@ -167,8 +172,13 @@ def add_second_pass(
     `spread` > 0 widens what pass 2 patches by that many positions around each flagged one (along
     the sequence, or on the patch grid with `grid`): a trigger spanning several positions is often
     flagged at one of them only. `words` (ops/words.py's table) widens it to whole words, where the
-    graph has token ids (positions.word_ids).
+    graph has token ids (positions.word_ids). `confirm` adds the effect check's candidates (confirm.py).
     """
+    if confirm is not None and decoder:
+        raise ValueError("the effect check (Confirm) needs a classifier: a decoder's steps have no class to check")
+    logits = None if confirm is None else classifier_output(list(graph.output), _batch_dims(graph))
+    if confirm is not None and logits is None:
+        raise ValueError("the effect check (Confirm) needs the model to output a classifier's logits [batch, classes]")
     b = NodeBuilder(opset, "atpatch/crosslayer/")
     # An encoder has nothing forced: every flag is new, and neither `forced` nor its Not is needed.
     nothing = forced == _NOTHING
@@ -182,10 +192,18 @@ def add_second_pass(
     for layer_flags in rest:
         union = b.op("Or", union, layer_flags)
     new = union if nothing else b.op("And", union, b.op("Not", forced))
+    flagged_rows = ROWS if confirm is None else FLAGGED_ROWS  # with the check, ROWS is chosen in pass 2
     b.any(new, [1])
-    b.nodes[-1].output[0] = ROWS
-    b.nodes[-1].name = ROWS
-    any_new = b.any(ROWS, [0])
+    b.nodes[-1].output[0] = b.nodes[-1].name = flagged_rows
+    if confirm is None:
+        any_new = b.any(ROWS, [0])
+    else:
+        assert logits is not None
+        tried, positions = candidates(
+            b, [node.output[2] for node in patch_nodes], confirm, grid, flagged_rows, PASS1 + logits
+        )
+        union = b.op("Or", union, positions)
+        any_new = b.any(b.op("Or", flagged_rows, tried), [0])
     if spread > 0:
         union = widen(b, union, spread, grid)
     if words is not None and (ids := word_ids(graph, opset, decoder)) is not None:
@@ -243,6 +261,12 @@ def add_second_pass(
     # Weights by their own names, not through pass 1's Identity aliases (weight_aliases.py).
     rename2.update({alias: weight for alias, weight in weight_aliases(graph).items() if alias not in rename2})
     rename_inputs(body, rename2)
+    if confirm is not None:
+        assert logits is not None
+        if logits not in rename1:
+            raise ValueError(f"the effect check (Confirm) needs logits that the attention changes; {logits} does not")
+        first_logits = rename1[logits]
+        kept_rows(branch, FLAGGED_ROWS, first_logits, rename2[first_logits], ROWS)
 
     batch_dims = _batch_dims(graph)
     then_out, else_out, else_nodes = [], [], []
@@ -286,7 +310,11 @@ def add_second_pass(
 
 
 def add_cross_layer(
-    model: onnx.ModelProto, spread: int = 0, joint: JointRule | None = None, words: np.ndarray | None = None
+    model: onnx.ModelProto,
+    spread: int = 0,
+    joint: JointRule | None = None,
+    words: np.ndarray | None = None,
+    confirm: Confirm | None = None,
 ) -> None:
     """Give a per-layer patched `model` (patch_model(..., cross_layer=False)) its second pass, in place.
 
@@ -297,13 +325,13 @@ def add_cross_layer(
     nodes = [n for n in graph.node if n.domain == spec.DOMAIN and n.op_type == spec.OP_TYPE]
     if any(n.op_type == "If" and n.name == SECOND_PASS for n in graph.node):
         raise ValueError("the model already has cross-layer patching")
-    if len(nodes) < 2 and not spread and joint is None and words is None:  # a second pass would redo the first
+    if len(nodes) < 2 and not spread and joint is None and words is None and confirm is None:  # pass 2 = pass 1
         return
     opset = next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {value.name for value in graph.input}
     decoder, grid = PAST_FLAGS in inputs, is_patch_grid(inputs)
     forced = nodes[0].input[len(spec.INPUTS) - 1]
-    add_second_pass(graph, nodes, forced, decoder, opset, spread, grid, joint, words)
+    add_second_pass(graph, nodes, forced, decoder, opset, spread, grid, joint, words, confirm)
     for prop in model.metadata_props:
         if prop.key == "atpatch.cross_layer":
             prop.value = "1"

@@ -283,6 +283,7 @@ def patch_model(
         "atpatch.cross_layer": "0",  # add_cross_layer sets it
         "atpatch.spread": str(detector.spread),
         "atpatch.joint": json.dumps(detector.describe()["joint"]),
+        "atpatch.confirm": json.dumps(detector.describe()["confirm"]),
         "atpatch.calibration": json.dumps(detector.describe()["calibration"]),
     }
     kept = [p for p in patched.metadata_props if p.key not in meta]
@@ -291,5 +292,5 @@ def patch_model(
     for key, value in meta.items():
         patched.metadata_props.add(key=key, value=value)
     if cross_layer:
-        add_cross_layer(patched, detector.spread, detector.joint, detector.word_pieces)
+        add_cross_layer(patched, detector.spread, detector.joint, detector.word_pieces, detector.confirm)
     return patched, sites

@@ -16,7 +16,7 @@ from ..ops.builder import NodeBuilder
 from ..ops.joint import JointRule
 from ..ops.words import CONTINUES, SPECIAL
 
-__all__ = ["WORD_PIECES", "is_patch_grid", "joint_flags", "spread", "whole_words", "word_ids"]
+__all__ = ["WORD_PIECES", "is_patch_grid", "joint_flags", "joint_score", "spread", "whole_words", "word_ids"]
 
 WORD_PIECES = "atpatch/word_pieces"  # initializer: uint8 [vocab], ops/words.py's table (bool before its codes)
 _WORDS_OPSET = 16  # ScatterElements with reduction="add"
@@ -91,6 +91,11 @@ def _best_window(b: NodeBuilder, x: str, grid: bool) -> str:
 
 def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) -> str:
     """bool [B, K]: the positions `rule` flags (ops/joint.py) from the layers' `scores` outputs."""
+    return b.op("Greater", joint_score(b, scores, rule, grid), b.const(np.float32(rule.threshold)))
+
+
+def joint_score(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) -> str:
+    """float [B, K]: ops/joint.py's joint_scores (-inf where the rule never flags)."""
     total = None
     for name, weight in zip(scores, rule.weights, strict=True):
         if weight > 0:  # a left-out layer would turn -inf (unattended) into NaN
@@ -101,8 +106,7 @@ def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) 
     keys = b.op("Squeeze", b.op("Slice", b.op("Shape", total), b.const([1], np.int64), b.const([2], np.int64)))
     lead = _lead(b, keys)[1] if grid else b.const(1, np.int64)
     position = b.op("Range", b.const(0, np.int64), keys, b.const(1, np.int64))
-    counted = b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
-    return b.op("Greater", counted, b.const(np.float32(rule.threshold)))
+    return b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
 
 
 def word_ids(graph: onnx.GraphProto, opset: int, decoder: bool) -> str | None:

@@ -1,0 +1,135 @@
+"""Fitting the effect check (ops/joint.py, Confirm; rewrite/confirm.py): its class, its score, its threshold.
+
+The class is the one the misbehaving inputs went to; the check applies only when nearly all of them went
+to one (a backdoor's target), and only to a classifier. Its score is the joint rule's weighted sum of the
+layers' column scores, over 2 x 2 blocks on an image's patch grid (a trigger straddles patches). Its
+threshold is the lowest at which the clean calibration inputs whose class the check changes, added to
+those the detector flags, stay within the count the clean-flag target allows (calibrate.allowed_flags),
+and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass).
+
+Measured first (benchmarks/vision_backdoor.py, seed 0, with the published localized detectors and the
+check's threshold swept on the calibration images): a 3 x 3 checkerboard straddling four patches,
+ASR 5.90% -> 1.54% with 0.55% of clean test images flagged (0.50% before); a 5 x 5 square, 4.36% ->
+0.59% (0.35% -> 0.45%); a random-position patch, 19.33% -> 12.21% (0.65% -> 0.75%). Trying every
+unflagged input instead of those sent to the misbehaving class flagged ten times as many clean images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from ..data import Dataset
+from ..ops.joint import Confirm
+from ..ops.weights import Detector
+from ..progress import Progress
+from ..rewrite import patch_model
+from ..rewrite.confirm import CANDIDATES, CONFIRM_SCORE, FLAGGED_ROWS, classifier_output
+from ..rewrite.crosslayer import ROWS
+from ..rewrite.unpatch import inline_second_pass
+
+__all__ = ["CANDIDATE_SHARE", "DOMINANT", "RESERVE", "check_label", "effect_check", "fit_confirm"]
+
+DOMINANT = 0.9  # share of the misbehaving inputs that must go to one class for the check to apply
+RESERVE = 0.2  # share of the clean-flag target the detector leaves to the check where it applies
+CANDIDATE_SHARE = 0.02  # most calibration inputs the check may try: each costs a second pass
+_LOWEST = float(np.finfo(np.float32).min)
+
+
+def check_label(model: onnx.ModelProto, predicted: np.ndarray) -> int | None:
+    """The class the check watches: the one (nearly) all misbehaving inputs went to (`predicted`, the
+    original's classes for them); None when they spread over classes or the model is no classifier."""
+    batch = {
+        d.dim_param
+        for v in model.graph.input
+        if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim) > 0
+        for d in v.type.tensor_type.shape.dim[:1]
+        if d.HasField("dim_param")
+    }
+    if not len(predicted) or classifier_output(list(model.graph.output), batch) is None:
+        return None
+    counts = np.bincount(predicted)
+    label = int(counts.argmax())
+    return label if counts[label] >= DOMINANT * len(predicted) else None
+
+
+def _tried(model: onnx.ModelProto, detector: Detector, calibration: Dataset) -> tuple[np.ndarray, ...]:
+    """Per calibration input: its check score, whether the check tries it (at no threshold), whether its
+    class then changes, and whether the detector flags it."""
+    from ..runtime import create_session
+
+    probe = inline_second_pass(patch_model(model, detector)[0])
+    names = [CONFIRM_SCORE, CANDIDATES, ROWS, FLAGGED_ROWS]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    session = create_session(probe)
+    inputs = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in calibration.feeds.items() if k in inputs}
+    parts = []
+    total = len(calibration)
+    with Progress(total, "fit: calibrating the effect check", unit="input") as bar:
+        for start in range(0, total, 64):
+            stop = min(start + 64, total)
+            parts.append(session.run(names, {k: v[start:stop] for k, v in feeds.items()}))
+            bar.step(n=stop - start)
+    score, tried, rows, flagged = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    return score, tried, tried & rows, flagged
+
+
+def fit_confirm(
+    model: onnx.ModelProto, detector: Detector, calibration: Dataset, label: int, allowed: int, grid: bool
+) -> Confirm | None:
+    """The check for `detector` (its joint rule's weights; window 2 x 2 on a grid), with the lowest threshold
+    at which the calibration inputs it flags or changes stay within `allowed`; None when none fits."""
+    if detector.joint is None:
+        return None
+    window = 2 if grid else detector.joint.window
+    probe = Confirm(label, _LOWEST, detector.joint.weights, window)
+    score, tried, changed, flagged = _tried(model, replace(detector, confirm=probe), calibration)
+    budget = allowed - int(flagged.sum())
+    cap = int(CANDIDATE_SHARE * len(calibration))
+    best = None
+    for t in np.unique(score[tried])[::-1]:  # from the highest: counts only grow as the threshold falls
+        if (changed & (score >= t)).sum() > budget or (tried & (score >= t)).sum() > cap:
+            break
+        best = float(t)
+    return None if best is None else replace(probe, threshold=best)
+
+
+def effect_check(
+    model: onnx.ModelProto,
+    reduced: Callable[[], Detector],
+    calibration: Dataset,
+    fixable: Dataset,
+    allowed: int,
+    grid: bool,
+    fixed_now: int,
+) -> tuple[Detector, int, str] | None:
+    """The detector with the check (and its layers calibrated by `reduced()` at the target less RESERVE),
+    the misbehaving inputs of `fixable` it fixes and what to tell the user; None when the check does not
+    apply or fixes no more than `fixed_now`. Patch grids only: on text every published localized detector
+    already reaches the oracle's ASR, where the reserve would only cost its layers flags."""
+    from ..fixes import fixed, predict_classes
+
+    if not grid or not len(fixable):
+        return None
+    label = check_label(model, predict_classes(model, fixable))
+    if label is None:
+        return None
+    base = reduced()
+    confirm = fit_confirm(model, base, calibration, label, allowed, grid)
+    if confirm is None:
+        return None
+    checked = replace(base, confirm=confirm)
+    got = fixed(model, checked, fixable)
+    if got <= fixed_now:
+        return None
+    note = (
+        f"effect check: an input nothing flags that the model sends to class {label} (where the misbehaving "
+        f"inputs went) has its best-scoring 2 x 2 patches patched, and keeps that only where its class changes; "
+        f"fixes {got - fixed_now} more misbehaving inputs, the layers keeping {1 - RESERVE:.0%} of the "
+        "clean-flag budget\n"
+    )
+    return checked, got, note

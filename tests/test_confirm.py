@@ -1,0 +1,151 @@
+"""The effect check (ops/joint.py Confirm, rewrite/confirm.py, detector/confirm_fit.py): which inputs it
+tries, what pass 2 patches for them, which keep pass 2, and how its threshold is chosen."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from torch_reference import forward, patched_softmax
+
+from atpatch.detector import confirm_fit
+from atpatch.detector.probe import AttentionProbe, read_detector
+from atpatch.ops import reference, spec
+from atpatch.ops.joint import Confirm, JointRule, candidates
+from atpatch.ops.weights import Detector
+from atpatch.rewrite import patch_model
+from atpatch.runtime import create_session, native
+
+NATIVE = [False, True] if native.library_path() is not None else [False]
+LOWEST = float(np.finfo(np.float32).min)
+
+
+def _mass_detector(heads: int) -> reference.LayerDetector:
+    """score = the column's attention mass summed over heads; never flags on its own."""
+    w1 = np.zeros((spec.num_features(heads), 1), np.float32)
+    w1[:heads, 0] = 1.0
+    zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
+    return reference.LayerDetector(w1, zero, one, zero, 1e30)
+
+
+def test_candidates_are_the_best_window_where_it_reaches_the_threshold() -> None:
+    # [CLS] then a 3 x 3 grid: a hot patch at (1, 2) in one image; another image whose best is low.
+    x = np.zeros((2, 10), np.float32)
+    x[:, 0] = 100.0  # [CLS] is never a candidate
+    x[0, 1 + 1 * 3 + 2] = 8.0
+    x[1, 1 + 0 * 3 + 0] = 0.4
+    confirm = Confirm(label=3, threshold=1.0, weights=(1.0,), window=2)
+    top, where = candidates([x], confirm, grid=True)
+    np.testing.assert_allclose(top, [2.0, 0.1])
+    # Image 0: the windows holding the hot patch tie at 2; image 1 stays under the threshold.
+    expected = np.zeros((2, 10), bool)
+    expected[0, 1:] = np.array([[0, 1, 1], [0, 1, 1], [0, 1, 1]], bool).ravel()
+    np.testing.assert_array_equal(where, expected)
+
+
+def test_check_and_detector_file_refuse_what_they_cannot_use(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="class index"):
+        Confirm(-1, 0.0, (1.0,))
+    with pytest.raises(ValueError, match="finite"):
+        Confirm(0, float("nan"), (1.0,))
+    with pytest.raises(ValueError, match="effect check has 1 weights for 2 layers"):
+        Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(0, 1.0, (1.0,)))
+    detector = Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(4, -2.5, (1.0, 0.25), 2))
+    detector.save(tmp_path / "d.safetensors")
+    assert Detector.load(tmp_path / "d.safetensors").confirm == detector.confirm
+
+
+@pytest.mark.parametrize("use_native", NATIVE, ids=lambda n: "kernel" if n else "function")
+def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
+    exported, rng: np.random.Generator, use_native: bool
+) -> None:  # noqa: ANN001
+    """Nothing flags on its own. Every image the model sends to the checked class has its best 2 x 2
+    window patched in both layers, as torch patched there computes; it keeps that only where its class
+    changes. Every other image keeps the unpatched model's outputs bit for bit."""
+    from atpatch.exporter.hf import load_hf_model
+
+    result = exported("vit", False, 17)
+    model = load_hf_model(result.folder)
+    pixels = {"pixel_values": (3 * rng.standard_normal((48, 3, 16, 16))).astype(np.float32)}
+    layers = (_mass_detector(4), _mass_detector(4))
+    seen: list[np.ndarray] = []
+    with patched_softmax(layers, seen):
+        original = forward(model, pixels)
+    predicted = original.argmax(axis=1)
+    label = int(np.bincount(predicted).argmax())
+    scores = [reference.scores_output(m, d) for m, d in zip(seen, layers, strict=True)]
+    confirm = Confirm(label, LOWEST, (0.5, 1.0), window=2)
+    _, where = candidates(scores, confirm, grid=True)
+    tried = predicted == label
+    forced = where & tried[:, None]
+    with patched_softmax(layers, forced=forced):
+        second = forward(model, pixels)
+    changed = tried & (second.argmax(axis=1) != predicted)
+    # Both outcomes occur (measured: 6-11 of 23-34 tried images change class over five seeds).
+    assert (~tried).any() and changed.any() and (tried & ~changed).any()
+
+    patched, _ = patch_model(result.model, Detector(layers, confirm=confirm))
+    assert read_detector(patched).confirm == confirm
+    out = AttentionProbe(patched, use_native=use_native).run(pixels)
+    np.testing.assert_array_equal(out.second_pass, changed)
+    np.testing.assert_array_equal(out.tried, tried)  # each of them runs pass 2, whatever it keeps
+    np.testing.assert_array_equal(out.union, forced & changed[:, None])  # flagged: what changed only
+    np.testing.assert_allclose(out.outputs[0][changed], second[changed], atol=1e-5, rtol=0)
+    plain = create_session(result.model).run(None, pixels)[0]
+    served = create_session(patched, use_native=use_native).run(None, pixels)[0]
+    np.testing.assert_array_equal(served[~changed], plain[~changed])
+    np.testing.assert_allclose(served[changed], second[changed], atol=1e-5, rtol=0)
+
+
+def test_the_graph_refuses_a_check_on_a_model_with_no_class(exported) -> None:  # noqa: ANN001
+    result = exported("gpt2", False, 17)  # logits [batch, sequence, vocabulary]
+    heads = [4] * 2
+    detector = replace(Detector.pass_through(heads), confirm=Confirm(0, 0.0, (1.0, 1.0)))
+    with pytest.raises(ValueError, match=r"logits \[batch, classes\]"):
+        patch_model(result.model, detector)
+
+
+def _calibrated(monkeypatch: pytest.MonkeyPatch, arrays: tuple[np.ndarray, ...], allowed: int) -> Confirm | None:
+    """fit_confirm on 200 calibration inputs whose (score, tried, changed, flagged) are `arrays`."""
+    monkeypatch.setattr(confirm_fit, "_tried", lambda *_: arrays)
+    detector = Detector((_mass_detector(1),), joint=JointRule((1.0,), 5.0, 1))
+    return confirm_fit.fit_confirm(None, detector, [None] * len(arrays[0]), label=2, allowed=allowed, grid=True)
+
+
+def test_the_threshold_is_the_lowest_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 200
+    score = np.linspace(10.0, 0.0, n).astype(np.float32)  # input i scores 10 - i * 0.05
+    tried = np.zeros(n, bool)
+    tried[:4] = True  # the four highest are tried (cap: 2% of 200 = 4)
+    changed = np.zeros(n, bool)
+    changed[[1, 3]] = True
+    flagged = np.zeros(n, bool)
+    flagged[10:12] = True  # the detector's two flags
+    # allowed 3: one change fits beside the two flags; the threshold stops above input 3's score
+    got = _calibrated(monkeypatch, (score, tried, changed, flagged), allowed=3)
+    assert got is not None and got.label == 2 and got.window == 2 and got.weights == (1.0,)
+    assert got.threshold == pytest.approx(score[2])
+    # allowed 4: both changes fit, and every tried input is within the cap
+    got = _calibrated(monkeypatch, (score, tried, changed, flagged), allowed=4)
+    assert got is not None and got.threshold == pytest.approx(score[3])
+    # allowed 2: the detector's flags use it all; even the best tried input changes its class
+    changed[0] = True
+    assert _calibrated(monkeypatch, (score, tried, changed, flagged), allowed=2) is None
+
+
+def test_the_number_tried_is_capped_for_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 200
+    score = np.linspace(10.0, 0.0, n).astype(np.float32)
+    tried = np.ones(n, bool)  # nothing changes: only the cap (4 of 200) stops the threshold
+    got = _calibrated(monkeypatch, (score, tried, np.zeros(n, bool), np.zeros(n, bool)), allowed=5)
+    assert got is not None and got.threshold == pytest.approx(score[3])
+
+
+def test_the_checked_class_is_where_nearly_all_misbehaving_inputs_went(exported) -> None:  # noqa: ANN001
+    vit = exported("vit", False, 17).model
+    assert confirm_fit.check_label(vit, np.array([1] * 19 + [0])) == 1
+    assert confirm_fit.check_label(vit, np.array([1] * 17 + [0] * 3)) is None  # 85% < 90%
+    assert confirm_fit.check_label(vit, np.array([], np.int64)) is None
+    gpt2 = exported("gpt2", False, 17).model  # no [batch, classes] output
+    assert confirm_fit.check_label(gpt2, np.array([1] * 20)) is None
