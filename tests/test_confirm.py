@@ -98,6 +98,29 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     np.testing.assert_allclose(served[changed], second[changed], atol=1e-5, rtol=0)
 
 
+def test_explain_names_what_the_check_patched(exported, rng: np.random.Generator, tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("matplotlib")
+    from atpatch.data import Dataset
+    from atpatch.explain import explain
+
+    result = exported("vit", False, 17)
+    pixels = (3 * rng.standard_normal((48, 3, 16, 16))).astype(np.float32)
+    layers = (_mass_detector(4), _mass_detector(4))
+    plain = create_session(result.model).run(None, {"pixel_values": pixels})[0].argmax(axis=1)
+    confirm = Confirm(int(np.bincount(plain).argmax()), LOWEST, (0.5, 1.0), window=2)
+    patched, _ = patch_model(result.model, Detector(layers, confirm=confirm))
+    out = AttentionProbe(patched).run({"pixel_values": pixels})
+    assert out.second_pass.any() and (out.tried & ~out.second_pass).any()
+    images = Dataset({"pixel_values": pixels}, plain, [None] * len(pixels), None, ())
+    kept = explain(patched, images, int(np.flatnonzero(out.second_pass)[0]), tmp_path / "kept.png")
+    where = np.flatnonzero(out.union[np.flatnonzero(out.second_pass)[0]]).tolist()
+    assert kept.checked == where and len(where) == 4 and not any(kept.flagged.values())
+    assert f"effect check: nothing flagged, but patching positions {', '.join(map(str, where))}" in kept.summary()
+    left = explain(patched, images, int(np.flatnonzero(out.tried & ~out.second_pass)[0]), tmp_path / "left.png")
+    assert left.checked == [] and "effect check" not in left.summary()
+    assert left.prediction_before == left.prediction_after
+
+
 def test_the_graph_refuses_a_check_on_a_model_with_no_class(exported) -> None:  # noqa: ANN001
     result = exported("gpt2", False, 17)  # logits [batch, sequence, vocabulary]
     heads = [4] * 2
