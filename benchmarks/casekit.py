@@ -210,8 +210,8 @@ def export_both(model: Path, detector: Path, stem: Path) -> tuple[Path, Path]:
 
 
 def fit_summary(printed: str) -> str:
-    """What `atpatch fit` said about the misbehaving inputs: how many the patch fixes, the spread."""
-    keep = ("spread:", "misbehaving inputs fixed", "to fix more:")
+    """What `atpatch fit` said about the misbehaving inputs: how many the patch fixes, the spread, the effect check."""
+    keep = ("spread:", "effect check:", "misbehaving inputs fixed", "to fix more:")
     return "; ".join(line.strip() for line in printed.splitlines() if line.strip().startswith(keep))
 
 
