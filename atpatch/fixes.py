@@ -24,7 +24,7 @@ from .data import Dataset
 from .detector import Detector
 from .progress import Progress
 
-__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "predict_classes", "wrong_answers"]
+__all__ = ["SPREADS", "SpreadChoice", "choose_spread", "fixed", "folds", "predict_classes", "wrong_answers"]
 
 SPREADS = (0, 1, 2, 3)  # radii tried: positions along a sequence, patches on an image's grid
 FOLDS = 2
@@ -73,6 +73,12 @@ def _counts(model: onnx.ModelProto, detector: Detector, wrong: Dataset, bar: Pro
     return counts
 
 
+def folds(n: int) -> list[np.ndarray]:
+    """The indices of each fold of `n` misbehaving inputs, the same in every count held out of the fit."""
+    order = np.random.default_rng(0).permutation(n)
+    return [np.sort(order[fold::FOLDS]) for fold in range(FOLDS)]
+
+
 def _held_out_counts(
     model: onnx.ModelProto,
     bad: Dataset,
@@ -82,11 +88,9 @@ def _held_out_counts(
 ) -> np.ndarray | None:
     """Fixes at each of SPREADS summed over the folds, each counted by the detector refitted without it;
     None when some fold leaves no culprit to refit on (refit gives None)."""
-    order = np.random.default_rng(0).permutation(len(bad))
     totals = np.zeros(len(SPREADS), np.int64)
-    for fold in range(FOLDS):
-        held = np.sort(order[fold::FOLDS])
-        detector = refit(np.setdiff1d(order, held))
+    for fold, held in enumerate(folds(len(bad))):
+        detector = refit(np.setdiff1d(np.arange(len(bad)), held))
         bar.step(f"refit without fold {fold + 1}")
         if detector is None:
             return None

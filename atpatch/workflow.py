@@ -220,15 +220,15 @@ def run_fit(
             return tried[int(np.argmax([fixed(model, d, fixable) for d, _ in tried]))][0]
         return max(tried, key=lambda t: t[1])[0]
 
-    def refit(keep: np.ndarray) -> Detector | None:
+    def refit(keep: np.ndarray, rate: float = target_flag_rate) -> Detector | None:
         """The detector fitted as above (its joint rule chosen by culprits flagged) on the misbehaving inputs
-        `keep` only, to count its spreads' fixes on the others (fixes.choose_spread)."""
+        `keep` only, to count its spreads' (or effect check's) fixes on the others (fixes.choose_spread)."""
         assert bad_columns is not None
         mine = bad_columns.subset(np.isin(bad_columns.example, keep))
         if not mine.positive.any():
             return None
         layers = fit_supervised(mine.followed_by(clean_columns, other_offset=len(bad)))
-        return max(candidates(layers, target_flag_rate, mine), key=lambda t: t[1])[0]
+        return max(candidates(layers, rate, mine), key=lambda t: t[1])[0]
 
     detector = calibrated(target_flag_rate, by_fixes=fair is None)
     layers = list(detector.layers)
@@ -271,19 +271,20 @@ def run_fit(
             )
         assert original_wrong is not None and fixable is not None
         choice = choose_spread(model, detector, bad, original_wrong, refit)
-        detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
+        reserved = target_flag_rate * (1 - RESERVE)
         checked = effect_check(
             model,
-            lambda: replace(calibrated(target_flag_rate * (1 - RESERVE), by_fixes=True), spread=detector.spread),
+            choice,
+            lambda: calibrated(reserved, by_fixes=True),
+            lambda keep: refit(keep, reserved),
             calibration,
-            fixable,
+            bad,
+            original_wrong,
             allowed_flags(len(calibration), target_flag_rate),
             grid,
-            got,
         )
-        if checked is not None:  # the held-out count below is the detector's before the check
-            detector, got, checked_note = checked
-            note += checked_note
+        choice = choice if checked is None else checked
+        detector, got, wrong, note = choice.detector, choice.fixed, choice.wrong, choice.note
         if detector.word_pieces is not None:
             note += "whole words: a flagged word piece is patched with every piece of its word\n"
         text += note + f"misbehaving inputs fixed by the patched model: {got} of {wrong} ({got / max(wrong, 1):.1%})"
@@ -291,7 +292,6 @@ def run_fit(
             # What unseen misbehaving inputs can expect: the count above is on the inputs the detector was fitted on.
             h_got, h_wrong = choice.held_out
             text += f"; {h_got} of {h_wrong} ({h_got / max(h_wrong, 1):.1%}) when held out of the fit"
-            text += " (without the effect check)" if checked is not None else ""
         text += "\n"
         if wrong and got < 0.9 * wrong:
             larger = []

@@ -172,3 +172,46 @@ def test_the_checked_class_is_where_nearly_all_misbehaving_inputs_went(exported)
     assert confirm_fit.check_label(vit, np.array([], np.int64)) is None
     gpt2 = exported("gpt2", False, 17).model  # no [batch, classes] output
     assert confirm_fit.check_label(gpt2, np.array([1] * 20)) is None
+
+
+def test_fit_keeps_the_check_only_where_it_fixes_more_held_out(
+    monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+) -> None:
+    """Fitted on, the detector fixes every misbehaving input with or without the check; held out, the
+    check is kept when it fixes more there, and the counts the user is told are the check's."""
+    from atpatch import fixes
+    from atpatch.data import Dataset
+
+    n = 40
+    pixels = rng.normal(size=(n, 1, 4, 4)).astype(np.float32)
+    bad = Dataset({"pixel_values": pixels}, np.zeros(n, np.int64), [None] * n, None, ("a", "b"))
+    wrong = np.ones(n, bool)
+    check = Confirm(1, 0.0, (1.0,), 2)
+    held_gain = {"value": 0}
+
+    def fake_fixed(model: object, detector: Detector, data: Dataset) -> int:
+        if detector.kind == "fold":  # refitted without the fold: half fixed, plus what the check adds
+            return len(data) // 2 + (held_gain["value"] if detector.confirm is not None else 0)
+        return len(data)
+
+    monkeypatch.setattr(fixes, "fixed", fake_fixed)
+    monkeypatch.setattr(fixes, "predict_classes", lambda model, data: np.ones(len(data), np.int64))
+    monkeypatch.setattr(confirm_fit, "check_label", lambda model, predicted: 1)
+    monkeypatch.setattr(confirm_fit, "fit_confirm", lambda *a, **k: check)
+    layer = _mass_detector(1)
+    choice = fixes.SpreadChoice(Detector((layer,), "all", spread=1), n, n, (n // 2, n), "spread: ...\n")
+
+    def run() -> fixes.SpreadChoice | None:
+        return confirm_fit.effect_check(
+            None, choice, lambda: Detector((layer,), "all"), lambda keep: Detector((layer,), "fold"),
+            None, bad, wrong, allowed=5, grid=True,
+        )  # fmt: skip
+
+    assert run() is None  # held out, the check fixes nothing more
+    held_gain["value"] = 3  # three more per fold
+    got = run()
+    assert got is not None and got.detector.confirm == check and got.detector.spread == 1
+    assert got.held_out == (n // 2 + 6, n) and got.fixed == n
+    assert got.note.startswith("spread: ...\n") and "fixes 6 more misbehaving inputs held out of the fit" in got.note
+    # Text (no patch grid): never tried
+    assert confirm_fit.effect_check(None, choice, None, None, None, bad, wrong, allowed=5, grid=False) is None

@@ -5,7 +5,8 @@ to one (a backdoor's target), and only to a classifier. Its score is the joint r
 layers' column scores, over 2 x 2 blocks on an image's patch grid (a trigger straddles patches). Its
 threshold is the lowest at which the clean calibration inputs whose class the check changes, added to
 those the detector flags, stay within the count the clean-flag target allows (calibrate.allowed_flags),
-and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass).
+and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass). `atpatch fit`
+keeps the check only where it fixes more misbehaving inputs held out of the fit (fixes.py says why).
 
 Measured first (benchmarks/vision_backdoor.py, seed 0, with the published localized detectors and the
 check's threshold swept on the calibration images): a 3 x 3 checkerboard straddling four patches,
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 
 from ..data import Dataset
+from ..fixes import SpreadChoice
 from ..ops.joint import Confirm
 from ..ops.weights import Detector
 from ..progress import Progress
@@ -100,36 +102,61 @@ def fit_confirm(
 
 def effect_check(
     model: onnx.ModelProto,
+    choice: SpreadChoice,
     reduced: Callable[[], Detector],
+    refit_reduced: Callable[[np.ndarray], Detector | None],
     calibration: Dataset,
-    fixable: Dataset,
+    bad: Dataset,
+    wrong: np.ndarray,
     allowed: int,
     grid: bool,
-    fixed_now: int,
-) -> tuple[Detector, int, str] | None:
-    """The detector with the check (and its layers calibrated by `reduced()` at the target less RESERVE),
-    the misbehaving inputs of `fixable` it fixes and what to tell the user; None when the check does not
-    apply or fixes no more than `fixed_now`. Patch grids only: on text every published localized detector
-    already reaches the oracle's ASR, where the reserve would only cost its layers flags."""
-    from ..fixes import fixed, predict_classes
+) -> SpreadChoice | None:
+    """`choice` (the detector fixes.choose_spread chose) with the check, its layers calibrated at the target
+    less RESERVE (`reduced()`; `refit_reduced(keep)` on the misbehaving inputs `keep` only), where that
+    fixes more of the misbehaving inputs the original gets wrong (`wrong` marks them in `bad`): counted
+    on inputs held out of the fit, as the spread is, where choose_spread could hold some out. None when
+    the check does not apply or fixes no more. Patch grids only: on text every published localized
+    detector already reaches the oracle's ASR, where the reserve would only cost its layers flags."""
+    from ..fixes import fixed, folds, predict_classes
 
+    fixable = bad.subset(np.flatnonzero(wrong))
     if not grid or not len(fixable):
         return None
     label = check_label(model, predict_classes(model, fixable))
     if label is None:
         return None
-    base = reduced()
-    confirm = fit_confirm(model, base, calibration, label, allowed, grid)
-    if confirm is None:
+    spread = choice.detector.spread
+
+    def with_check(detector: Detector) -> Detector:
+        confirm = fit_confirm(model, replace(detector, spread=spread), calibration, label, allowed, grid)
+        return replace(detector, spread=spread, confirm=confirm)
+
+    held_out = None
+    if choice.held_out is not None:  # fitted on, the detector flags what it was shown: the check looks useless
+        held_out = 0
+        for held in folds(len(bad)):
+            detector = refit_reduced(np.setdiff1d(np.arange(len(bad)), held))
+            if detector is None:
+                return None
+            held_out += fixed(model, with_check(detector), bad.subset(held[wrong[held]]))
+    checked = with_check(reduced())
+    if checked.confirm is None:
         return None
-    checked = replace(base, confirm=confirm)
     got = fixed(model, checked, fixable)
-    if got <= fixed_now:
+    before, after = (choice.fixed, got) if held_out is None else (choice.held_out[0], held_out)
+    if after <= before:
         return None
+    unseen = " held out of the fit" if held_out is not None else ""
     note = (
         f"effect check: an input nothing flags that the model sends to class {label} (where the misbehaving "
         f"inputs went) has its best-scoring 2 x 2 patches patched, and keeps that only where its class changes; "
-        f"fixes {got - fixed_now} more misbehaving inputs, the layers keeping {1 - RESERVE:.0%} of the "
+        f"fixes {after - before} more misbehaving inputs{unseen}, the layers keeping {1 - RESERVE:.0%} of the "
         "clean-flag budget\n"
     )
-    return checked, got, note
+    return replace(
+        choice,
+        detector=checked,
+        fixed=got,
+        held_out=None if held_out is None else (held_out, choice.held_out[1]),
+        note=choice.note + note,
+    )
