@@ -193,9 +193,12 @@ def test_flagged_columns_give_pytorch_patched_outputs_on_prefill_and_decode_step
         detector = robust_peak_detector(HEADS, NUM_LAYERS, cross_layer, changed)
         expected = cross_layer(detector, [])
         got = _session(patch_model(result.model, detector)[0]).run(outputs, {**inputs, PAST_FLAGS: nothing_before})
+        # ORT and PyTorch sum in different orders; over the layers float32 drifts by a few parts in 1e6 of
+        # the logits (|logit| near 4 drifted 2.05e-5 at seed 876907423), so the bound scales with them and
+        # stays 20x below the 1e-3 change that counts as patched.
         for name, g, e in zip(outputs, got, expected, strict=True):
             np.testing.assert_allclose(
-                _real(name, inputs, g), _real(name, inputs, e), atol=2e-5, rtol=0, err_msg=f"{step}: {name}"
+                _real(name, inputs, g), _real(name, inputs, e), atol=2e-5, rtol=1e-5, err_msg=f"{step}: {name}"
             )
 
 
