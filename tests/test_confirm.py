@@ -12,8 +12,8 @@ from torch_reference import forward, patched_softmax
 from atpatch.detector import confirm_fit
 from atpatch.detector.probe import AttentionProbe, read_detector
 from atpatch.ops import reference, spec
-from atpatch.ops.joint import Confirm, JointRule, candidates
-from atpatch.ops.weights import Detector
+from atpatch.ops.joint import Confirm, JointRule, candidates, kept
+from atpatch.ops.weights import Detector, read_confirm
 from atpatch.rewrite import patch_model
 from atpatch.runtime import create_session, native
 
@@ -49,11 +49,23 @@ def test_check_and_detector_file_refuse_what_they_cannot_use(tmp_path) -> None: 
         Confirm(-1, 0.0, (1.0,))
     with pytest.raises(ValueError, match="finite"):
         Confirm(0, float("nan"), (1.0,))
+    with pytest.raises(ValueError, match="drop must be a finite number >= 0"):
+        Confirm(0, 1.0, (1.0,), drop=-0.5)
     with pytest.raises(ValueError, match="effect check has 1 weights for 2 layers"):
         Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(0, 1.0, (1.0,)))
-    detector = Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(4, -2.5, (1.0, 0.25), 2))
+    detector = Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(4, -2.5, (1.0, 0.25), 2, 1.75))
     detector.save(tmp_path / "d.safetensors")
     assert Detector.load(tmp_path / "d.safetensors").confirm == detector.confirm
+    # Written before the drop existed: any change counts.
+    assert read_confirm({"label": 4, "threshold": -2.5, "weights": [1.0, 0.25], "window": 2}).drop == 0.0
+
+
+def test_a_change_counts_where_the_class_changes_and_its_logit_falls_by_the_drop() -> None:
+    first = np.array([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 2.0, 1.0]], np.float32)
+    second = np.array([[0.5, 1.0, 0.0], [2.0, 2.5, 0.0], [2.9, 1.0, 0.0], [0.0, 0.5, 1.0]], np.float32)
+    # falls of label 0's logit: 2.5, 1.0, 0.1 (class kept), 0 (input 3's class was not 0)
+    np.testing.assert_array_equal(kept(first, second, Confirm(0, 0.0, (1.0,))), [True, True, False, True])
+    np.testing.assert_array_equal(kept(first, second, Confirm(0, 0.0, (1.0,), drop=2.0)), [True, False, False, False])
 
 
 @pytest.mark.parametrize("use_native", NATIVE, ids=lambda n: "kernel" if n else "function")
@@ -97,6 +109,18 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     np.testing.assert_array_equal(served[~changed], plain[~changed])
     np.testing.assert_allclose(served[changed], second[changed], atol=1e-5, rtol=0)
 
+    # With a drop, only the changes whose label logit fell that far keep pass 2 (ops/joint.py, kept).
+    falls = original[:, label] - second[:, label]
+    strict = replace(confirm, drop=float(np.median(falls[changed])) + 1e-3)
+    keeps = tried & kept(original, second, strict)
+    assert keeps.any() and (changed & ~keeps).any()
+    patched, _ = patch_model(result.model, Detector(layers, confirm=strict))
+    out = AttentionProbe(patched, use_native=use_native).run(pixels)
+    np.testing.assert_array_equal(out.second_pass, keeps)
+    served = create_session(patched, use_native=use_native).run(None, pixels)[0]
+    np.testing.assert_array_equal(served[~keeps], plain[~keeps])
+    np.testing.assert_allclose(served[keeps], second[keeps], atol=1e-5, rtol=0)
+
 
 def test_explain_names_what_the_check_patched(exported, rng: np.random.Generator, tmp_path) -> None:  # noqa: ANN001
     pytest.importorskip("matplotlib")
@@ -129,11 +153,18 @@ def test_the_graph_refuses_a_check_on_a_model_with_no_class(exported) -> None:  
         patch_model(result.model, detector)
 
 
-def _calibrated(monkeypatch: pytest.MonkeyPatch, arrays: tuple[np.ndarray, ...], allowed: int) -> Confirm | None:
-    """fit_confirm on 200 calibration inputs whose (score, tried, changed, flagged) are `arrays`."""
-    monkeypatch.setattr(confirm_fit, "_tried", lambda *_: arrays)
+def _calibrated(
+    monkeypatch: pytest.MonkeyPatch, arrays: tuple[np.ndarray, ...], allowed: int, bad: tuple | None = None
+) -> Confirm | None:
+    """fit_confirm on the calibration inputs whose (score, tried, changed, flagged[, drop]) are `arrays`,
+    and the misbehaving inputs whose arrays are `bad` (none when None)."""
+    full = {"calibration": arrays if len(arrays) == 5 else (*arrays, np.zeros(len(arrays[0]), np.float32))}
+    full["misbehaving inputs"] = bad
+    monkeypatch.setattr(confirm_fit, "_tried", lambda model, detector, data, what: full[what])
     detector = Detector((_mass_detector(1),), joint=JointRule((1.0,), 5.0, 1))
-    return confirm_fit.fit_confirm(None, detector, [None] * len(arrays[0]), label=2, allowed=allowed, grid=True)
+    calibration = [None] * len(arrays[0])
+    misbehaving = None if bad is None else [None] * len(bad[0])
+    return confirm_fit.fit_confirm(None, detector, calibration, 2, allowed, True, misbehaving)
 
 
 def test_the_threshold_is_the_lowest_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,6 +194,33 @@ def test_the_number_tried_is_capped_for_latency(monkeypatch: pytest.MonkeyPatch)
     tried = np.ones(n, bool)  # nothing changes: only the cap (4 of 200) stops the threshold
     got = _calibrated(monkeypatch, (score, tried, np.zeros(n, bool), np.zeros(n, bool)), allowed=5)
     assert got is not None and got.threshold == pytest.approx(score[3])
+
+
+def test_the_drop_leaves_out_clean_changes_where_that_catches_more_misbehaving_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 200
+    score = np.linspace(10.0, 0.0, n).astype(np.float32)
+    tried = np.zeros(n, bool)
+    tried[:4] = True
+    changed = np.zeros(n, bool)
+    changed[[0, 2]] = True  # clean changes with small falls; allowed 1 leaves room for none of them
+    drop = np.zeros(n, np.float32)
+    drop[[0, 2]] = (0.5, 0.8)
+    cal = (score, tried, changed, np.zeros(n, bool), drop)
+    # Misbehaving inputs: tried and changed, falls of 3 and more, scoring like the 2nd-4th clean inputs.
+    m = 3
+    bad = (score[1:4].copy(), np.ones(m, bool), np.ones(m, bool), np.zeros(m, bool), np.full(m, 3.0, np.float32))
+    got = _calibrated(monkeypatch, cal, allowed=0, bad=bad)
+    assert got is not None and 0.8 < got.drop <= 0.8 + 1e-6 and got.threshold == pytest.approx(score[3])
+    # Without misbehaving inputs to weigh it, no drop: the threshold stops above the first clean change.
+    assert _calibrated(monkeypatch, cal, allowed=0) is None
+    got = _calibrated(monkeypatch, cal, allowed=1)
+    assert got is not None and got.drop == 0.0 and got.threshold == pytest.approx(score[1])
+    # Falls as small as the clean ones: a drop would lose them too, so none is chosen.
+    small = (*bad[:4], np.full(m, 0.4, np.float32))
+    got = _calibrated(monkeypatch, cal, allowed=1, bad=small)
+    assert got is not None and got.drop == 0.0
 
 
 def test_the_checked_class_is_where_nearly_all_misbehaving_inputs_went(exported) -> None:  # noqa: ANN001

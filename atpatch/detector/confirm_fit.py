@@ -5,8 +5,12 @@ to one (a backdoor's target), and only to a classifier. Its score is the joint r
 layers' column scores, over 2 x 2 blocks on an image's patch grid (a trigger straddles patches). Its
 threshold is the lowest at which the clean calibration inputs whose class the check changes, added to
 those the detector flags, stay within the count the clean-flag target allows (calibrate.allowed_flags),
-and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass). `atpatch fit`
-keeps the check only where it fixes more misbehaving inputs held out of the fit (fixes.py says why).
+and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass). A change counts
+only where the class's logit falls by the check's drop: removing a trigger takes it down far, while a
+clean image near a class boundary crosses it with a small fall, so a drop that leaves out clean changes
+buys a lower threshold. The drop is the one whose threshold changes most misbehaving debugging inputs.
+`atpatch fit` keeps the check only where it fixes more misbehaving inputs held out of the fit (fixes.py
+says why).
 
 Measured first (benchmarks/vision_backdoor.py, seed 0, with the published localized detectors and the
 check's threshold swept on the calibration images): a 3 x 3 checkerboard straddling four patches,
@@ -29,7 +33,7 @@ from ..ops.joint import Confirm
 from ..ops.weights import Detector
 from ..progress import Progress
 from ..rewrite import patch_model
-from ..rewrite.confirm import CANDIDATES, CONFIRM_SCORE, FLAGGED_ROWS, classifier_output
+from ..rewrite.confirm import CANDIDATES, CONFIRM_DROP, CONFIRM_SCORE, FLAGGED_ROWS, classifier_output
 from ..rewrite.crosslayer import ROWS
 from ..rewrite.unpatch import inline_second_pass
 
@@ -58,46 +62,74 @@ def check_label(model: onnx.ModelProto, predicted: np.ndarray) -> int | None:
     return label if counts[label] >= DOMINANT * len(predicted) else None
 
 
-def _tried(model: onnx.ModelProto, detector: Detector, calibration: Dataset) -> tuple[np.ndarray, ...]:
-    """Per calibration input: its check score, whether the check tries it (at no threshold), whether its
-    class then changes, and whether the detector flags it."""
+def _tried(model: onnx.ModelProto, detector: Detector, data: Dataset, what: str) -> tuple[np.ndarray, ...]:
+    """Per input of `data`: its check score, whether the check tries it (at no threshold), whether its
+    class then changes, whether the detector flags it, and how far the checked label's logit falls."""
     from ..runtime import create_session
 
     probe = inline_second_pass(patch_model(model, detector)[0])
-    names = [CONFIRM_SCORE, CANDIDATES, ROWS, FLAGGED_ROWS]
+    names = [CONFIRM_SCORE, CANDIDATES, ROWS, FLAGGED_ROWS, CONFIRM_DROP]
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     session = create_session(probe)
     inputs = {i.name for i in session.get_inputs()}
-    feeds = {k: v for k, v in calibration.feeds.items() if k in inputs}
+    feeds = {k: v for k, v in data.feeds.items() if k in inputs}
     parts = []
-    total = len(calibration)
-    with Progress(total, "fit: calibrating the effect check", unit="input") as bar:
+    total = len(data)
+    with Progress(total, f"fit: the effect check on the {what}", unit="input") as bar:
         for start in range(0, total, 64):
             stop = min(start + 64, total)
             parts.append(session.run(names, {k: v[start:stop] for k, v in feeds.items()}))
             bar.step(n=stop - start)
-    score, tried, rows, flagged = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    return score, tried, tried & rows, flagged
+    score, tried, rows, flagged, drop = (np.concatenate([p[i] for p in parts]) for i in range(5))
+    return score, tried, tried & rows, flagged, drop
+
+
+def _lowest_threshold(score: np.ndarray, tried: np.ndarray, kept: np.ndarray, budget: int, cap: int) -> float | None:
+    """The lowest threshold at which at most `budget` inputs are `kept` and at most `cap` tried."""
+    best = None
+    for t in np.unique(score[tried])[::-1]:  # from the highest: counts only grow as the threshold falls
+        if (kept & (score >= t)).sum() > budget or (tried & (score >= t)).sum() > cap:
+            break
+        best = float(t)
+    return best
 
 
 def fit_confirm(
-    model: onnx.ModelProto, detector: Detector, calibration: Dataset, label: int, allowed: int, grid: bool
+    model: onnx.ModelProto,
+    detector: Detector,
+    calibration: Dataset,
+    label: int,
+    allowed: int,
+    grid: bool,
+    bad: Dataset | None = None,
 ) -> Confirm | None:
-    """The check for `detector` (its joint rule's weights; window 2 x 2 on a grid), with the lowest threshold
-    at which the calibration inputs it flags or changes stay within `allowed`; None when none fits."""
+    """The check for `detector` (its joint rule's weights; window 2 x 2 on a grid). Each drop (0, or just
+    above a clean calibration input's fall) gets the lowest threshold at which the calibration inputs it
+    flags or changes stay within `allowed`; of those, the one that changes most of the misbehaving inputs
+    `bad` (the lowest drop on a tie; 0 without them). None when no threshold fits."""
     if detector.joint is None:
         return None
     window = 2 if grid else detector.joint.window
     probe = Confirm(label, _LOWEST, detector.joint.weights, window)
-    score, tried, changed, flagged = _tried(model, replace(detector, confirm=probe), calibration)
+    score, tried, changed, flagged, drop = _tried(model, replace(detector, confirm=probe), calibration, "calibration")
     budget = allowed - int(flagged.sum())
     cap = int(CANDIDATE_SHARE * len(calibration))
-    best = None
-    for t in np.unique(score[tried])[::-1]:  # from the highest: counts only grow as the threshold falls
-        if (changed & (score >= t)).sum() > budget or (tried & (score >= t)).sum() > cap:
-            break
-        best = float(t)
-    return None if best is None else replace(probe, threshold=best)
+    drops = [0.0]
+    if bad is not None and len(bad):
+        falls = np.unique(drop[changed & (drop >= 0)]).astype(np.float32)
+        drops += [float(np.nextafter(f, np.float32(np.inf))) for f in falls]
+        b_score, _, b_changed, _, b_drop = _tried(
+            model, replace(detector, confirm=probe), bad, "misbehaving inputs"
+        )
+    best, most = None, -1
+    for d in drops:
+        t = _lowest_threshold(score, tried, changed & (drop >= d), budget, cap)
+        if t is None:
+            continue
+        caught = 0 if bad is None or not len(bad) else int((b_changed & (b_drop >= d) & (b_score >= t)).sum())
+        if caught > most:
+            best, most = replace(probe, threshold=t, drop=d), caught
+    return best
 
 
 def effect_check(
@@ -127,19 +159,21 @@ def effect_check(
         return None
     spread = choice.detector.spread
 
-    def with_check(detector: Detector) -> Detector:
-        confirm = fit_confirm(model, replace(detector, spread=spread), calibration, label, allowed, grid)
+    def with_check(detector: Detector, fitted: np.ndarray) -> Detector:
+        fitted_bad = bad.subset(fitted[wrong[fitted]])
+        confirm = fit_confirm(model, replace(detector, spread=spread), calibration, label, allowed, grid, fitted_bad)
         return replace(detector, spread=spread, confirm=confirm)
 
     held_out = None
     if choice.held_out is not None:  # fitted on, the detector flags what it was shown: the check looks useless
         held_out = 0
         for held in folds(len(bad)):
-            detector = refit_reduced(np.setdiff1d(np.arange(len(bad)), held))
+            keep = np.setdiff1d(np.arange(len(bad)), held)
+            detector = refit_reduced(keep)
             if detector is None:
                 return None
-            held_out += fixed(model, with_check(detector), bad.subset(held[wrong[held]]))
-    checked = with_check(reduced())
+            held_out += fixed(model, with_check(detector, keep), bad.subset(held[wrong[held]]))
+    checked = with_check(reduced(), np.arange(len(bad)))
     if checked.confirm is None:
         return None
     got = fixed(model, checked, fixable)
@@ -147,9 +181,11 @@ def effect_check(
     if after <= before:
         return None
     unseen = " held out of the fit" if held_out is not None else ""
+    drop = checked.confirm.drop
+    fall = f" and the logit of class {label} falls by at least {drop:.3g}" if drop > 0 else ""
     note = (
         f"effect check: an input nothing flags that the model sends to class {label} (where the misbehaving "
-        f"inputs went) has its best-scoring 2 x 2 patches patched, and keeps that only where its class changes; "
+        f"inputs went) has its best-scoring 2 x 2 patches patched, and keeps that only where its class changes{fall}; "
         f"fixes {after - before} more misbehaving inputs{unseen}, the layers keeping {1 - RESERVE:.0%} of the "
         "clean-flag budget\n"
     )

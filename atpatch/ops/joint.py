@@ -65,17 +65,22 @@ class Confirm:
     """The effect check (rewrite/confirm.py): an input nothing flags, predicted `label` (the class the
     misbehaving inputs went to), whose best position scores at least `threshold` on the joint score of
     `weights` and `window`, has that position (its best window's) patched in every layer in the second
-    pass; the patched outputs are kept only where the predicted class changes, the original's elsewhere.
-    A trigger whose columns look like clean ones to the layers is still the column the model leans on."""
+    pass; the patched outputs are kept only where the predicted class changes and the logit of `label`
+    falls by at least `drop` (0: any change counts), the original's elsewhere. A trigger whose columns
+    look like clean ones to the layers is still the column the model leans on, and removing it takes
+    the label's logit down far, where a clean image near a class boundary moves a little."""
 
     label: int
     threshold: float
     weights: tuple[float, ...]
     window: int = 1
+    drop: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, int) or isinstance(self.label, bool) or self.label < 0:
             raise ValueError(f"the effect check's label must be a class index >= 0, got {self.label!r}")
+        if not np.isfinite(self.drop) or self.drop < 0:
+            raise ValueError(f"the effect check's drop must be a finite number >= 0, got {self.drop!r}")
         JointRule(self.weights, self.threshold, self.window)  # the same checks
 
     @property
@@ -136,3 +141,13 @@ def candidates(scores: Sequence[np.ndarray], confirm: Confirm, grid: bool) -> tu
     s = joint_scores(scores, confirm.rule, grid)
     top = s.max(axis=1)
     return top, (s == top[:, None]) & (top >= np.float32(confirm.threshold))[:, None]
+
+
+def kept(first: np.ndarray, second: np.ndarray, confirm: Confirm) -> np.ndarray:
+    """bool [batch]: where a tried input keeps pass 2's `second` logits over pass 1's `first` ([batch,
+    classes]): its predicted class changed and, with `confirm.drop` > 0, the label's logit fell by that."""
+    changed = second.argmax(axis=1) != first.argmax(axis=1)
+    if confirm.drop > 0:
+        fall = first[:, confirm.label].astype(np.float32) - second[:, confirm.label].astype(np.float32)
+        changed &= fall >= np.float32(confirm.drop)
+    return changed

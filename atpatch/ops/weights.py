@@ -147,6 +147,7 @@ class Detector:
                 "threshold": float(self.confirm.threshold),
                 "weights": [float(w) for w in self.confirm.weights],
                 "window": self.confirm.window,
+                "drop": float(self.confirm.drop),
             },
             "calibration": None if self.calibration is None else self.calibration.describe(),
         }
@@ -218,4 +219,5 @@ def read_confirm(record: dict | None) -> Confirm | None:
     if record is None:
         return None
     weights = tuple(float(w) for w in record["weights"])
-    return Confirm(int(record["label"]), float(record["threshold"]), weights, int(record["window"]))
+    drop = float(record.get("drop", 0.0))  # files from before the drop: any change counts
+    return Confirm(int(record["label"]), float(record["threshold"]), weights, int(record["window"]), drop)

@@ -5,9 +5,9 @@ layers' detectors, yet it is still the column the model leans on: patching it ch
 where patching a clean image's best column seldom does. So an input that nothing flags, that the
 model sends to the class the misbehaving inputs went to, and whose best joint score reaches the
 check's threshold is a candidate: pass 2 patches its best position (window) in every layer, and the
-input keeps pass 2's outputs only when its predicted class changes. Every other input keeps pass 1's
-outputs, bit-identical. The threshold is calibrated so that candidates whose class changes stay within
-the clean-flag budget (detector/confirm_fit.py).
+input keeps pass 2's outputs only when its predicted class changes and the label's logit falls by at
+least the check's drop. Every other input keeps pass 1's outputs, bit-identical. The threshold and drop
+are calibrated so that candidates kept stay within the clean-flag budget (detector/confirm_fit.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,19 @@ from ..ops.builder import NodeBuilder
 from ..ops.joint import Confirm
 from .positions import joint_score
 
-__all__ = ["CANDIDATES", "CONFIRM_SCORE", "FLAGGED_ROWS", "candidates", "classifier_output", "kept_rows"]
+__all__ = [
+    "CANDIDATES",
+    "CONFIRM_DROP",
+    "CONFIRM_SCORE",
+    "FLAGGED_ROWS",
+    "candidates",
+    "classifier_output",
+    "kept_rows",
+]
 
 CANDIDATES = "atpatch/confirm/rows"  # bool [B]: the inputs the effect check tries
 CONFIRM_SCORE = "atpatch/confirm/score"  # float [B]: each input's best joint score under the check
+CONFIRM_DROP = "atpatch/confirm/drop"  # float [B]: how far pass 2 took the checked label's logit down
 FLAGGED_ROWS = "atpatch/flagged_rows"  # bool [B]: inputs with a new flag (with the check on; else ROWS is this)
 
 
@@ -56,11 +65,21 @@ def candidates(
     return CANDIDATES, b.op("And", best, b.op("Unsqueeze", CANDIDATES, b.const([1], np.int64)))
 
 
-def kept_rows(b: NodeBuilder, flagged_rows: str, first_logits: str, second_logits: str, name: str) -> str:
+def kept_rows(
+    b: NodeBuilder, confirm: Confirm, flagged_rows: str, first_logits: str, second_logits: str, name: str
+) -> str:
     """`name`, bool [B]: the inputs that take pass 2's outputs: those flagged, and the candidates whose
-    predicted class pass 2 changed."""
+    predicted class pass 2 changed, the label's logit falling by at least confirm.drop (ops/joint.py, kept)."""
     first, second = (b.op("ArgMax", x, axis=1, keepdims=0) for x in (first_logits, second_logits))
     changed = b.op("Not", b.op("Equal", second, first))
+    label = b.const([confirm.label], np.int64)
+    falls = [
+        b.op("Cast", b.op("Gather", x, label, axis=1), to=TensorProto.FLOAT) for x in (first_logits, second_logits)
+    ]
+    b.op("Squeeze", b.op("Sub", *falls), b.const([1], np.int64))
+    b.nodes[-1].output[0] = b.nodes[-1].name = CONFIRM_DROP  # fetched by detector/confirm_fit.py
+    if confirm.drop > 0:
+        changed = b.op("And", changed, b.op("GreaterOrEqual", CONFIRM_DROP, b.const(np.float32(confirm.drop))))
     b.op("Or", flagged_rows, b.op("And", CANDIDATES, changed))
     b.nodes[-1].output[0] = b.nodes[-1].name = name
     return name

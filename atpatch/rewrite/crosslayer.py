@@ -266,7 +266,7 @@ def add_second_pass(
         if logits not in rename1:
             raise ValueError(f"the effect check (Confirm) needs logits that the attention changes; {logits} does not")
         first_logits = rename1[logits]
-        kept_rows(branch, FLAGGED_ROWS, first_logits, rename2[first_logits], ROWS)
+        kept_rows(branch, confirm, FLAGGED_ROWS, first_logits, rename2[first_logits], ROWS)
 
     batch_dims = _batch_dims(graph)
     then_out, else_out, else_nodes = [], [], []
