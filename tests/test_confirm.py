@@ -42,6 +42,12 @@ def test_candidates_are_the_best_window_where_it_reaches_the_threshold() -> None
     expected = np.zeros((2, 10), bool)
     expected[0, 1:] = np.array([[0, 1, 1], [0, 1, 1], [0, 1, 1]], bool).ravel()
     np.testing.assert_array_equal(where, expected)
+    # Two windows: with a warm patch at (0, 0), the window over (0, 0)-(1, 1) (mean 1) joins the best
+    # ones, so (0, 0) and (1, 0) are patched too; image 1 still stays under the threshold.
+    x[0, 1] = 4.0
+    _, where = candidates([x], Confirm(3, 1.0, (1.0,), 2, blocks=2), grid=True)
+    expected[0, 1:] = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 1]], bool).ravel()
+    np.testing.assert_array_equal(where, expected)
 
 
 def test_check_and_detector_file_refuse_what_they_cannot_use(tmp_path) -> None:  # noqa: ANN001
@@ -51,13 +57,16 @@ def test_check_and_detector_file_refuse_what_they_cannot_use(tmp_path) -> None: 
         Confirm(0, float("nan"), (1.0,))
     with pytest.raises(ValueError, match="drop must be a finite number >= 0"):
         Confirm(0, 1.0, (1.0,), drop=-0.5)
+    with pytest.raises(ValueError, match="patches 1 or 2 windows"):
+        Confirm(0, 1.0, (1.0,), blocks=3)
     with pytest.raises(ValueError, match="effect check has 1 weights for 2 layers"):
         Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(0, 1.0, (1.0,)))
-    detector = Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(4, -2.5, (1.0, 0.25), 2, 1.75))
+    detector = Detector((_mass_detector(2), _mass_detector(2)), confirm=Confirm(4, -2.5, (1.0, 0.25), 2, 1.75, 2))
     detector.save(tmp_path / "d.safetensors")
     assert Detector.load(tmp_path / "d.safetensors").confirm == detector.confirm
-    # Written before the drop existed: any change counts.
-    assert read_confirm({"label": 4, "threshold": -2.5, "weights": [1.0, 0.25], "window": 2}).drop == 0.0
+    # Written before the drop and the second window: any change counts, one window.
+    old = read_confirm({"label": 4, "threshold": -2.5, "weights": [1.0, 0.25], "window": 2})
+    assert old == Confirm(4, -2.5, (1.0, 0.25), 2, 0.0, 1)
 
 
 def test_a_change_counts_where_the_class_changes_and_its_logit_falls_by_the_drop() -> None:
@@ -109,14 +118,21 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     np.testing.assert_array_equal(served[~changed], plain[~changed])
     np.testing.assert_allclose(served[changed], second[changed], atol=1e-5, rtol=0)
 
-    # With a drop, only the changes whose label logit fell that far keep pass 2 (ops/joint.py, kept).
+    # Two windows and a drop: only the changes whose label logit fell that far keep pass 2 (ops/joint.py).
+    _, where = candidates(scores, replace(confirm, blocks=2), grid=True)
+    forced = where & tried[:, None]
+    assert (forced.sum(axis=1)[tried] > 4).all()
+    with patched_softmax(layers, forced=forced):
+        second = forward(model, pixels)
+    changed = tried & kept(original, second, confirm)
     falls = original[:, label] - second[:, label]
-    strict = replace(confirm, drop=float(np.median(falls[changed])) + 1e-3)
+    strict = replace(confirm, blocks=2, drop=float(np.median(falls[changed])) + 1e-3)
     keeps = tried & kept(original, second, strict)
     assert keeps.any() and (changed & ~keeps).any()
     patched, _ = patch_model(result.model, Detector(layers, confirm=strict))
     out = AttentionProbe(patched, use_native=use_native).run(pixels)
     np.testing.assert_array_equal(out.second_pass, keeps)
+    np.testing.assert_array_equal(out.union, forced & keeps[:, None])
     served = create_session(patched, use_native=use_native).run(None, pixels)[0]
     np.testing.assert_array_equal(served[~keeps], plain[~keeps])
     np.testing.assert_allclose(served[keeps], second[keeps], atol=1e-5, rtol=0)
@@ -221,6 +237,31 @@ def test_the_drop_leaves_out_clean_changes_where_that_catches_more_misbehaving_i
     small = (*bad[:4], np.full(m, 0.4, np.float32))
     got = _calibrated(monkeypatch, cal, allowed=1, bad=small)
     assert got is not None and got.drop == 0.0
+
+
+def test_two_windows_are_patched_where_they_change_more_misbehaving_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    n, m = 200, 3
+    score = np.linspace(10.0, 0.0, n).astype(np.float32)
+    tried = np.zeros(n, bool)
+    tried[:4] = True
+    nothing, falls = np.zeros(n, bool), np.zeros(n, np.float32)
+    cal = (score, tried, nothing, nothing, falls)  # no clean change with either
+    one = (
+        score[:m].copy(),
+        np.ones(m, bool),
+        np.array([True, False, False]),
+        np.zeros(m, bool),
+        np.ones(m, np.float32),
+    )
+    two = (*one[:2], np.array([True, True, False]), *one[3:])  # the second window reaches one more
+    arrays = {1: {"calibration": cal, "misbehaving inputs": one}, 2: {"calibration": cal, "misbehaving inputs": two}}
+    monkeypatch.setattr(confirm_fit, "_tried", lambda model, det, data, what: arrays[det.confirm.blocks][what])
+    detector = Detector((_mass_detector(1),), joint=JointRule((1.0,), 5.0, 1))
+    got = confirm_fit.fit_confirm(None, detector, [None] * n, 2, 1, True, [None] * m)
+    assert got is not None and got.blocks == 2 and got.drop == 0.0
+    arrays[2]["misbehaving inputs"] = one  # no more reached: one window, the simpler
+    got = confirm_fit.fit_confirm(None, detector, [None] * n, 2, 1, True, [None] * m)
+    assert got is not None and got.blocks == 1
 
 
 def test_the_checked_class_is_where_nearly_all_misbehaving_inputs_went(exported) -> None:  # noqa: ANN001

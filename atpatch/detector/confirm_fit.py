@@ -8,7 +8,9 @@ those the detector flags, stay within the count the clean-flag target allows (ca
 and at most CANDIDATE_SHARE of them are tried (each tried input runs the second pass). A change counts
 only where the class's logit falls by the check's drop: removing a trigger takes it down far, while a
 clean image near a class boundary crosses it with a small fall, so a drop that leaves out clean changes
-buys a lower threshold. The drop is the one whose threshold changes most misbehaving debugging inputs.
+buys a lower threshold. Pass 2 patches the best window, or the two best where the detector's best
+misses part of a trigger. The drop and the windows are those whose threshold changes most misbehaving
+debugging inputs.
 `atpatch fit` keeps the check only where it fixes more misbehaving inputs held out of the fit (fixes.py
 says why).
 
@@ -29,7 +31,7 @@ import onnx
 
 from ..data import Dataset
 from ..fixes import SpreadChoice
-from ..ops.joint import Confirm
+from ..ops.joint import BLOCKS, Confirm
 from ..ops.weights import Detector
 from ..progress import Progress
 from ..rewrite import patch_model
@@ -103,32 +105,33 @@ def fit_confirm(
     grid: bool,
     bad: Dataset | None = None,
 ) -> Confirm | None:
-    """The check for `detector` (its joint rule's weights; window 2 x 2 on a grid). Each drop (0, or just
-    above a clean calibration input's fall) gets the lowest threshold at which the calibration inputs it
-    flags or changes stay within `allowed`; of those, the one that changes most of the misbehaving inputs
-    `bad` (the lowest drop on a tie; 0 without them). None when no threshold fits."""
+    """The check for `detector` (its joint rule's weights; window 2 x 2 on a grid). Each number of windows
+    patched together (ops/joint.py BLOCKS) and each drop (0, or just above a clean calibration input's
+    fall) gets the lowest threshold at which the calibration inputs it flags or changes stay within
+    `allowed`; of those, the one that changes most of the misbehaving inputs `bad` (on a tie, the fewer
+    windows and the lower drop; one window and no drop without them). None when no threshold fits."""
     if detector.joint is None:
         return None
     window = 2 if grid else detector.joint.window
-    probe = Confirm(label, _LOWEST, detector.joint.weights, window)
-    score, tried, changed, flagged, drop = _tried(model, replace(detector, confirm=probe), calibration, "calibration")
-    budget = allowed - int(flagged.sum())
     cap = int(CANDIDATE_SHARE * len(calibration))
-    drops = [0.0]
-    if bad is not None and len(bad):
-        falls = np.unique(drop[changed & (drop >= 0)]).astype(np.float32)
-        drops += [float(np.nextafter(f, np.float32(np.inf))) for f in falls]
-        b_score, _, b_changed, _, b_drop = _tried(
-            model, replace(detector, confirm=probe), bad, "misbehaving inputs"
-        )
+    weigh = bad is not None and len(bad) > 0
     best, most = None, -1
-    for d in drops:
-        t = _lowest_threshold(score, tried, changed & (drop >= d), budget, cap)
-        if t is None:
-            continue
-        caught = 0 if bad is None or not len(bad) else int((b_changed & (b_drop >= d) & (b_score >= t)).sum())
-        if caught > most:
-            best, most = replace(probe, threshold=t, drop=d), caught
+    for blocks in BLOCKS if weigh else BLOCKS[:1]:
+        probe = replace(detector, confirm=Confirm(label, _LOWEST, detector.joint.weights, window, blocks=blocks))
+        score, tried, changed, flagged, drop = _tried(model, probe, calibration, "calibration")
+        budget = allowed - int(flagged.sum())
+        drops = [0.0]
+        if weigh:
+            falls = np.unique(drop[changed & (drop >= 0)]).astype(np.float32)
+            drops += [float(np.nextafter(f, np.float32(np.inf))) for f in falls]
+            b_score, _, b_changed, _, b_drop = _tried(model, probe, bad, "misbehaving inputs")
+        for d in drops:
+            t = _lowest_threshold(score, tried, changed & (drop >= d), budget, cap)
+            if t is None:
+                continue
+            caught = int((b_changed & (b_drop >= d) & (b_score >= t)).sum()) if weigh else 0
+            if caught > most:
+                best, most = replace(probe.confirm, threshold=t, drop=d), caught
     return best
 
 
@@ -183,9 +186,10 @@ def effect_check(
     unseen = " held out of the fit" if held_out is not None else ""
     drop = checked.confirm.drop
     fall = f" and the logit of class {label} falls by at least {drop:.3g}" if drop > 0 else ""
+    which = "best-scoring 2 x 2 patches" if checked.confirm.blocks == 1 else "two best-scoring 2 x 2 blocks of patches"
     note = (
         f"effect check: an input nothing flags that the model sends to class {label} (where the misbehaving "
-        f"inputs went) has its best-scoring 2 x 2 patches patched, and keeps that only where its class changes{fall}; "
+        f"inputs went) has its {which} patched, and keeps that only where its class changes{fall}; "
         f"fixes {after - before} more misbehaving inputs{unseen}, the layers keeping {1 - RESERVE:.0%} of the "
         "clean-flag budget\n"
     )

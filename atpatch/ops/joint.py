@@ -60,27 +60,34 @@ class JointRule:
             raise ValueError(f"joint threshold must be a finite number, got {self.threshold!r}")
 
 
+BLOCKS = (1, 2)  # windows the effect check patches together: its best, or its two best
+
+
 @dataclass(frozen=True)
 class Confirm:
     """The effect check (rewrite/confirm.py): an input nothing flags, predicted `label` (the class the
     misbehaving inputs went to), whose best position scores at least `threshold` on the joint score of
-    `weights` and `window`, has that position (its best window's) patched in every layer in the second
-    pass; the patched outputs are kept only where the predicted class changes and the logit of `label`
-    falls by at least `drop` (0: any change counts), the original's elsewhere. A trigger whose columns
-    look like clean ones to the layers is still the column the model leans on, and removing it takes
-    the label's logit down far, where a clean image near a class boundary moves a little."""
+    `weights` and `window`, has that position (its best window's; with `blocks` 2, the next best
+    window's too) patched in every layer in the second pass; the patched outputs are kept only where the
+    predicted class changes and the logit of `label` falls by at least `drop` (0: any change counts),
+    the original's elsewhere. A trigger whose columns look like clean ones to the layers is still the
+    column the model leans on, and removing it takes the label's logit down far, where a clean image
+    near a class boundary moves a little."""
 
     label: int
     threshold: float
     weights: tuple[float, ...]
     window: int = 1
     drop: float = 0.0
+    blocks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, int) or isinstance(self.label, bool) or self.label < 0:
             raise ValueError(f"the effect check's label must be a class index >= 0, got {self.label!r}")
         if not np.isfinite(self.drop) or self.drop < 0:
             raise ValueError(f"the effect check's drop must be a finite number >= 0, got {self.drop!r}")
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"the effect check patches {' or '.join(map(str, BLOCKS))} windows, got {self.blocks!r}")
         JointRule(self.weights, self.threshold, self.window)  # the same checks
 
     @property
@@ -137,10 +144,16 @@ def joint_flags(scores: Sequence[np.ndarray], rule: JointRule, grid: bool) -> np
 def candidates(scores: Sequence[np.ndarray], confirm: Confirm, grid: bool) -> tuple[np.ndarray, np.ndarray]:
     """([batch] float32, [batch, k_len] bool): each input's best joint score under `confirm`, and the
     positions holding it (the best window's) where that score reaches the threshold; the caller keeps
-    the inputs predicted `confirm.label` and flagged nowhere."""
+    the inputs predicted `confirm.label` and flagged nowhere. With `confirm.blocks` 2, also the positions
+    holding the best score outside the best window: the best other window's positions not in the first
+    (a position's joint score is that of the best window holding it), so the two windows' union."""
     s = joint_scores(scores, confirm.rule, grid)
     top = s.max(axis=1)
-    return top, (s == top[:, None]) & (top >= np.float32(confirm.threshold))[:, None]
+    where = s == top[:, None]
+    if confirm.blocks == 2:
+        rest = np.where(where, np.float32(-np.inf), s)
+        where |= (rest == rest.max(axis=1, keepdims=True)) & np.isfinite(rest)
+    return top, where & (top >= np.float32(confirm.threshold))[:, None]
 
 
 def kept(first: np.ndarray, second: np.ndarray, confirm: Confirm) -> np.ndarray:

@@ -148,6 +148,7 @@ class Detector:
                 "weights": [float(w) for w in self.confirm.weights],
                 "window": self.confirm.window,
                 "drop": float(self.confirm.drop),
+                "blocks": self.confirm.blocks,
             },
             "calibration": None if self.calibration is None else self.calibration.describe(),
         }
@@ -219,5 +220,6 @@ def read_confirm(record: dict | None) -> Confirm | None:
     if record is None:
         return None
     weights = tuple(float(w) for w in record["weights"])
-    drop = float(record.get("drop", 0.0))  # files from before the drop: any change counts
-    return Confirm(int(record["label"]), float(record["threshold"]), weights, int(record["window"]), drop)
+    # Files from before the drop and the second window: any change counts, one window.
+    drop, blocks = float(record.get("drop", 0.0)), int(record.get("blocks", 1))
+    return Confirm(int(record["label"]), float(record["threshold"]), weights, int(record["window"]), drop, blocks)

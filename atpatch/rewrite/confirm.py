@@ -4,7 +4,7 @@ An image trigger spread over several patches can leave every column looking like
 layers' detectors, yet it is still the column the model leans on: patching it changes the answer,
 where patching a clean image's best column seldom does. So an input that nothing flags, that the
 model sends to the class the misbehaving inputs went to, and whose best joint score reaches the
-check's threshold is a candidate: pass 2 patches its best position (window) in every layer, and the
+check's threshold is a candidate: pass 2 patches its best position (window; or its two best) in every layer, and the
 input keeps pass 2's outputs only when its predicted class changes and the label's logit falls by at
 least the check's drop. Every other input keeps pass 1's outputs, bit-identical. The threshold and drop
 are calibrated so that candidates kept stay within the clean-flag budget (detector/confirm_fit.py).
@@ -62,6 +62,11 @@ def candidates(
     b.op("And", b.op("And", b.op("Not", flagged_rows), sent), high)
     b.nodes[-1].output[0] = b.nodes[-1].name = CANDIDATES
     best = b.op("Equal", score, top)
+    if confirm.blocks == 2:  # ops/joint.py candidates: the best score outside the best window, too
+        rest = b.op("Where", best, b.const(-np.inf), score)
+        top2 = b.reduce("ReduceMax", rest, [1], 1)
+        finite = b.op("Greater", rest, b.const(-np.inf))
+        best = b.op("Or", best, b.op("And", b.op("Equal", rest, top2), finite))
     return CANDIDATES, b.op("And", best, b.op("Unsqueeze", CANDIDATES, b.const([1], np.int64)))
 
 
