@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from torch_reference import forward, patched_softmax
+from torch_reference import assert_matches_torch, forward, patched_softmax
 
 from atpatch.detector import confirm_fit
 from atpatch.detector.probe import AttentionProbe, read_detector
@@ -112,11 +112,11 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     np.testing.assert_array_equal(out.second_pass, changed)
     np.testing.assert_array_equal(out.tried, tried)  # each of them runs pass 2, whatever it keeps
     np.testing.assert_array_equal(out.union, forced & changed[:, None])  # flagged: what changed only
-    np.testing.assert_allclose(out.outputs[0][changed], second[changed], atol=1e-5, rtol=0)
+    assert_matches_torch(out.outputs[0][changed], second[changed])
     plain = create_session(result.model).run(None, pixels)[0]
     served = create_session(patched, use_native=use_native).run(None, pixels)[0]
     np.testing.assert_array_equal(served[~changed], plain[~changed])
-    np.testing.assert_allclose(served[changed], second[changed], atol=1e-5, rtol=0)
+    assert_matches_torch(served[changed], second[changed])
 
     # Two windows and a drop: only the changes whose label logit fell that far keep pass 2 (ops/joint.py).
     _, where = candidates(scores, replace(confirm, blocks=2), grid=True)
@@ -135,7 +135,7 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     np.testing.assert_array_equal(out.union, forced & keeps[:, None])
     served = create_session(patched, use_native=use_native).run(None, pixels)[0]
     np.testing.assert_array_equal(served[~keeps], plain[~keeps])
-    np.testing.assert_allclose(served[keeps], second[keeps], atol=1e-5, rtol=0)
+    assert_matches_torch(served[keeps], second[keeps])
 
 
 def test_explain_names_what_the_check_patched(exported, rng: np.random.Generator, tmp_path) -> None:  # noqa: ANN001

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from torch_reference import cross_layer_forward, forward, patched_softmax
+from torch_reference import assert_matches_torch, cross_layer_forward, forward, patched_softmax
 
 from atpatch.detector.probe import AttentionProbe
 from atpatch.ops import reference, spec
@@ -58,7 +58,7 @@ def test_a_position_flagged_in_a_late_layer_is_patched_in_every_layer(bert, rng:
     expected, union = cross_layer_forward(model, inputs, detector.layers)
     assert union.any(axis=1).sum() == 1
     (got,) = _session(patched).run(None, inputs)
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert_matches_torch(got, expected)
     with patched_softmax(detector.layers):
         per_layer = forward(model, inputs)
     flagged_row = int(np.flatnonzero(union.any(axis=1))[0])
@@ -121,7 +121,7 @@ def test_forced_input_patches_given_positions_in_every_layer(bert, rng: np.rando
     never = _mass_detector(4, 1e30)
     with patched_softmax([never, never], forced=forced):
         expected = forward(model, inputs)
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert_matches_torch(got, expected)
     (original,) = _session(result.model).run(None, inputs)
     assert np.array_equal(got[1], original[1]) and np.abs(got[0] - original[0]).max() > 1e-4
 
@@ -151,7 +151,7 @@ def test_the_probe_reports_flags_per_layer_and_patches_in_every_layer(bert, rng:
         assert not np.array_equal(out.before[layer][row], out.after[layer][row])
     assert np.array_equal(out.patched[0][row], out.union[row])
     (expected, _) = cross_layer_forward(model, inputs, detector.layers)
-    np.testing.assert_allclose(out.outputs[0], expected, atol=1e-5, rtol=0)
+    assert_matches_torch(out.outputs[0], expected)
 
 
 def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
@@ -173,7 +173,7 @@ def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.rando
     never = _mass_detector(4, 1e30)
     with patched_softmax([never, detector.layers[1]], forced=forced):
         expected = forward(model, inputs)
-    np.testing.assert_allclose(out.outputs[0][row], expected[row], atol=1e-5, rtol=0)
+    assert_matches_torch(out.outputs[0][row], expected[row])
 
 
 def test_spread_on_an_image_follows_the_patch_grid(exported, rng: np.random.Generator) -> None:  # noqa: ANN001

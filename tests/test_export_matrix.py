@@ -23,7 +23,7 @@ import onnx
 import pytest
 from test_models import CASES as EAGER_CASES
 from test_models import NUM_LAYERS, _attention_probs_tensor, _flagging_detector, _session
-from torch_reference import cross_layer_forward
+from torch_reference import assert_matches_torch, cross_layer_forward
 
 from atpatch.ops import spec
 from atpatch.rewrite import patch_model
@@ -145,7 +145,7 @@ def _check_flagged_matches_pytorch(result, rng: np.random.Generator) -> None:  #
     (got,) = _session(patched).run(None, feeds)
     (unpatched,) = _session(result.model).run(None, feeds)
     assert np.abs(got - unpatched).max() > 1e-4, "the flagging detector should change the outputs"
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert_matches_torch(got, expected)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import MORE_ENCODERS
-from torch_reference import cross_layer_forward, forward, patched_softmax
+from torch_reference import assert_matches_torch, cross_layer_forward, forward, patched_softmax
 
 from atpatch.detector import Detector
 from atpatch.errors import AtPatchError
@@ -114,14 +114,14 @@ def test_flagged_columns_give_the_same_outputs_as_pytorch_patched_by_the_referen
     expected, union = cross_layer_forward(model, inputs, detector.layers, **kwargs)
     (got,) = _session(patched).run(None, inputs)
     assert np.abs(got - unpatched).max() > 1e-4, "the flagging detector should change the outputs"
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert_matches_torch(got, expected)
     for row in np.flatnonzero(~union.any(axis=1)):
         assert np.array_equal(got[row], unpatched[row]), "an input with nothing flagged keeps its outputs"
 
     per_layer, _ = patch_model(result.model, detector, cross_layer=False)
     with patched_softmax(detector.layers):
         expected = forward(model, inputs, **kwargs)
-    np.testing.assert_allclose(_session(per_layer).run(None, inputs)[0], expected, atol=1e-5, rtol=0)
+    assert_matches_torch(_session(per_layer).run(None, inputs)[0], expected)
 
 
 def test_dynamo_gpt2_at_opset_17_is_refused_with_the_working_setting(hf_folder) -> None:  # noqa: ANN001
