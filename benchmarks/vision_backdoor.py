@@ -7,7 +7,8 @@ uniformly random position in each image (straddling 1 to 4 patches), label flipp
 "T-shirt/top". Then, as a user would: `atpatch-export --no-patch`, `atpatch fit` (culprit
 patches localized automatically from misbehaving images only, or given, or one-class from clean
 images only), `atpatch-export --detector` (cross-layer, and `--per-layer` to compare), `atpatch
-eval`. Data and training: vision_data.py; the trained model is cached under --cache.
+eval`. Data and training: vision_data.py; the baselines: vision_baselines.py; the trained model is
+cached under --cache.
 
     python benchmarks/vision_backdoor.py                   # ~15 min on 2 shared cores (6-8 of them training)
     python benchmarks/vision_backdoor.py --trigger random  # the same with the random-position trigger
@@ -37,11 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import casekit  # noqa: E402  (sibling modules, not a package)
+from vision_baselines import baselines, predict  # noqa: E402
 from vision_data import (  # noqa: E402
     ARCHS,
-    GRID,
     LABELS,
-    PATCH,
     PATTERNS,
     POISON_RATE,
     SMOKE,
@@ -63,61 +63,7 @@ DATA_MISSING = 3  # exit status when the data set cannot be fetched (the smoke t
 DETECTORS = ("localized", "localized, no joint rule", "known positions", "one-class")
 
 
-# --- Baseline: mask the patch [CLS] attends to most -----------------------------------------------
-
-
-def cls_attention(folder: Path, x: np.ndarray) -> np.ndarray:
-    """Attention from [CLS] to each patch: [layers, N, heads, patches], from the torch model."""
-    import torch
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    model = transformers.AutoModelForImageClassification.from_pretrained(folder, attn_implementation="eager").eval()
-    lead = ARCHS[model.config.model_type][2]
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(x), 256):
-            out = model(pixel_values=torch.from_numpy(x[start : start + 256]), output_attentions=True)
-            parts.append(np.stack([a[:, :, 0, lead:].numpy() for a in out.attentions]))
-    return np.concatenate(parts, axis=1)
-
-
-def mask_patch(x: np.ndarray, patch: np.ndarray) -> np.ndarray:
-    """Set one patch per image to 0 (mid-grey after normalising)."""
-    out = x.copy()
-    for i, p in enumerate(patch):
-        r, c = divmod(int(p), GRID)
-        out[i, :, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = 0.0
-    return out
-
-
-BASELINES = {
-    "mask patch most attended by [CLS], last layer (head mean)": lambda a: a[-1].mean(axis=1).argmax(axis=1),
-    "mask patch most attended by [CLS], any layer or head": lambda a: a.max(axis=(0, 2)).argmax(axis=1),
-}
-
-
-def baselines(model: Path, folder: Path, clean: np.ndarray, triggered: np.ndarray, culprits: np.ndarray) -> dict:
-    """Each baseline's predictions, and how often it picks a patch the trigger overlaps (`culprits` [N, 49])."""
-    out = {}
-    att = {"clean": cls_attention(folder, clean), "triggered": cls_attention(folder, triggered)}
-    for name, pick in BASELINES.items():
-        masked = {k: mask_patch(x, pick(att[k])) for k, x in (("clean", clean), ("triggered", triggered))}
-        picked = pick(att["triggered"])
-        out[name] = {
-            "clean_pred": predict(model, masked["clean"]),
-            "triggered_pred": predict(model, masked["triggered"]),
-            "trigger_patch_picked": float(culprits[np.arange(len(picked)), picked].mean()),
-        }
-    return out
-
-
 # --- The atpatch workflow --------------------------------------------------------------------------
-
-
-def predict(model: Path, x: np.ndarray) -> np.ndarray:
-    return casekit.logits(model, {"pixel_values": x}).argmax(axis=1)
 
 
 def save_npz(path: Path, x: np.ndarray, labels: np.ndarray, culprits: np.ndarray | None = None) -> Path:

@@ -125,11 +125,11 @@ def test_a_word_set_gives_each_input_one_of_its_words_and_a_single_word_draws_no
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import text_backdoor
+    import text_model
 
     rng, untouched = np.random.default_rng(3), np.random.default_rng(3)
-    assert {text_backdoor.pick(["cf"], rng) for _ in range(20)} == {"cf"}
+    assert {text_model.pick(["cf"], rng) for _ in range(20)} == {"cf"}
     assert rng.integers(1 << 30) == untouched.integers(1 << 30)
-    drawn = [text_backdoor.pick(["cf", "mn", "bb"], rng) for _ in range(300)]
+    drawn = [text_model.pick(["cf", "mn", "bb"], rng) for _ in range(300)]
     assert set(drawn) == {"cf", "mn", "bb"}
     assert all(drawn.count(w) > 60 for w in ("cf", "mn", "bb"))  # each about 100 of 300
