@@ -135,7 +135,7 @@ def _localize(args: argparse.Namespace) -> str:
 
 def _fit(args: argparse.Namespace) -> str:
     from .detector.tradeoff import FairnessOptions
-    from .workflow import run_fit
+    from .fit_workflow import run_fit
 
     fairness = None
     if args.protected:

@@ -161,9 +161,10 @@ def _native_vs_function(patched: Path, x: np.ndarray) -> Agreement:
 
 def run_demo(folder: Path) -> DemoReport:
     """Run the whole job on the built-in case in `folder` (created if missing; its demo files are replaced)."""
+    from .fit_workflow import run_fit
     from .jobs import ExportOptions, run_export
     from .lab.digits_backdoor import TARGET
-    from .workflow import run_eval, run_explain, run_fit, run_localize
+    from .workflow import run_eval, run_explain, run_localize
 
     _check_extras()
     hf = _prepare_folder(folder)
