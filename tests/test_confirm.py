@@ -88,7 +88,7 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
 
     result = exported("vit", False, 17)
     model = load_hf_model(result.folder)
-    pixels = {"pixel_values": (3 * rng.standard_normal((48, 3, 16, 16))).astype(np.float32)}
+    pixels = {"pixel_values": (3 * rng.standard_normal((144, 3, 16, 16))).astype(np.float32)}
     layers = (_mass_detector(4), _mass_detector(4))
     seen: list[np.ndarray] = []
     with patched_softmax(layers, seen):
@@ -103,7 +103,8 @@ def test_the_graph_keeps_pass_2_only_where_the_checked_class_changes(
     with patched_softmax(layers, forced=forced):
         second = forward(model, pixels)
     changed = tried & (second.argmax(axis=1) != predicted)
-    # Both outcomes occur (measured: 6-11 of 23-34 tried images change class over five seeds).
+    # Both outcomes occur: over 100 seeds of these 144 images at least 11 tried images change class and
+    # 49 do not (with 48 images, seed 27 changed none of its 25: the test failed one run in 60).
     assert (~tried).any() and changed.any() and (tried & ~changed).any()
 
     patched, _ = patch_model(result.model, Detector(layers, confirm=confirm))
@@ -144,7 +145,7 @@ def test_explain_names_what_the_check_patched(exported, rng: np.random.Generator
     from atpatch.explain import explain
 
     result = exported("vit", False, 17)
-    pixels = (3 * rng.standard_normal((48, 3, 16, 16))).astype(np.float32)
+    pixels = (3 * rng.standard_normal((144, 3, 16, 16))).astype(np.float32)  # both outcomes: as above
     layers = (_mass_detector(4), _mass_detector(4))
     plain = create_session(result.model).run(None, {"pixel_values": pixels})[0].argmax(axis=1)
     confirm = Confirm(int(np.bincount(plain).argmax()), LOWEST, (0.5, 1.0), window=2)
