@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -37,21 +39,26 @@ def bert(exported):  # noqa: ANN001, ANN201
     return result, load_hf_model(result.folder)
 
 
-def _late_only_detector(model, inputs: dict[str, np.ndarray]) -> Detector:  # noqa: ANN001
-    """Layer 0 never flags; layer 1 flags the most-attended column of exactly one input."""
+def _late_only_case(model, draw: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], Detector]:  # noqa: ANN001
+    """Inputs from `draw` and a detector for them: layer 0 never flags; layer 1 flags the most-attended
+    column of exactly one input. Inputs are drawn again while that column's score is within 1e-3 of the
+    next one's (onnxruntime's maps and PyTorch's could then disagree on which is flagged): 1 draw in
+    1500 at batch 3 x 10 tokens."""
     never = _mass_detector(4, 1e30)
-    seen: list[np.ndarray] = []
-    with patched_softmax([never, never], seen):
-        forward(model, inputs)
-    scores = np.sort(reference.column_scores(seen[1], never).ravel())[::-1]
-    assert scores[0] - scores[1] > 1e-3
-    return Detector((never, _mass_detector(4, float((scores[0] + scores[1]) / 2))), kind="test")
+    for _ in range(10):
+        inputs = draw()
+        seen: list[np.ndarray] = []
+        with patched_softmax([never, never], seen):
+            forward(model, inputs)
+        scores = np.sort(reference.column_scores(seen[1], never).ravel())[::-1]
+        if scores[0] - scores[1] > 1e-3:
+            return inputs, Detector((never, _mass_detector(4, float((scores[0] + scores[1]) / 2))), kind="test")
+    raise AssertionError("10 draws without a clearly most-attended column")
 
 
 def test_a_position_flagged_in_a_late_layer_is_patched_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
     result, model = bert
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
-    detector = _late_only_detector(model, inputs)
+    inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 4, 12, rng))
     patched, _ = patch_model(result.model, detector)
     onnx.checker.check_model(patched, full_check=True)
 
@@ -91,18 +98,20 @@ def test_padding_changes_neither_flags_nor_outputs(bert, rng: np.random.Generato
     """The same inputs, padded to different lengths, get the same flags and the same logits."""
     result, model = bert
     lengths = np.array([5, 9, 7, 11])
-    ids = rng.integers(5, result.config.vocab_size, size=(4, 11)).astype(np.int64)
 
-    def padded(width: int) -> dict[str, np.ndarray]:
+    def padded(ids: np.ndarray, width: int) -> dict[str, np.ndarray]:
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         full = np.zeros((4, width), np.int64)
         full[:, :11] = ids
         return {"input_ids": full * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
 
     # A detector that flags something in these inputs, in layer 1 only.
-    detector = _late_only_detector(model, padded(11))
+    inputs, detector = _late_only_case(
+        model, lambda: padded(rng.integers(5, result.config.vocab_size, size=(4, 11)).astype(np.int64), 11)
+    )
+    ids = inputs["input_ids"]
     probe = AttentionProbe(patch_model(result.model, detector)[0])
-    runs = {width: probe.run(padded(width)) for width in (11, 12, 16, 31)}
+    runs = {width: probe.run(padded(ids, width)) for width in (11, 12, 16, 31)}
     base = runs[11]
     assert base.union.any()
     for width, out in runs.items():
@@ -128,8 +137,8 @@ def test_forced_input_patches_given_positions_in_every_layer(bert, rng: np.rando
 
 def test_unpatching_gives_back_the_original_outputs(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
     result, model = bert
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
-    patched, _ = patch_model(result.model, _late_only_detector(model, inputs))
+    inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 4, 12, rng))
+    patched, _ = patch_model(result.model, detector)
     plain = unpatch_model(patched)
     assert not any(n.domain == spec.DOMAIN or n.op_type == "If" for n in plain.graph.node)
     assert [i.name for i in plain.graph.input] == [i.name for i in result.model.graph.input]
@@ -138,8 +147,7 @@ def test_unpatching_gives_back_the_original_outputs(bert, rng: np.random.Generat
 
 def test_the_probe_reports_flags_per_layer_and_patches_in_every_layer(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
     result, model = bert
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
-    detector = _late_only_detector(model, inputs)
+    inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 4, 12, rng))
     out = AttentionProbe(patch_model(result.model, detector)[0]).run(inputs)
     row = int(np.flatnonzero(out.second_pass)[0])
     assert not out.flagged[0].any() and out.flagged[1][row].any()
@@ -159,8 +167,8 @@ def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.rando
     from dataclasses import replace
 
     result, model = bert
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
-    detector = replace(_late_only_detector(model, inputs), spread=2)
+    inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 4, 12, rng))
+    detector = replace(detector, spread=2)
     out = AttentionProbe(patch_model(result.model, detector)[0]).run(inputs)
     row = int(np.flatnonzero(out.second_pass)[0])
     (flagged,) = np.flatnonzero(out.flagged[1][row])
@@ -180,12 +188,17 @@ def test_spread_on_an_image_follows_the_patch_grid(exported, rng: np.random.Gene
     """A ViT's 16 patches form a 4 x 4 grid after [CLS]: spread 1 patches the 3 x 3 block around a flagged patch."""
 
     result = exported("vit", False, 17)
-    pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     plain = AttentionProbe(patch_model(result.model, Detector.pass_through([4, 4]), cross_layer=False)[0])
-    before = plain.run({"pixel_values": pixels}).before[1]
-    scores = reference.column_scores(before, _mass_detector(4, 0.0))
-    scores[:, 0] = -np.inf  # never [CLS]
-    top = np.sort(scores.ravel())[::-1]
+    # Layer 1 is to flag one patch: the most-attended column, drawn again while that is [CLS] (which has no
+    # place on the grid) or leads the next column by 1e-3 or less (3.4% and 0.1% of 1000 draws).
+    for _ in range(10):
+        pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+        scores = reference.column_scores(plain.run({"pixel_values": pixels}).before[1], _mass_detector(4, 0.0))
+        top = np.sort(scores.ravel())[::-1]
+        if scores[:, 0].max() < top[0] and top[0] - top[1] > 1e-3:
+            break
+    else:
+        raise AssertionError("10 draws without a clearly most-attended patch")
     detector = Detector((_mass_detector(4, 1e30), _mass_detector(4, float((top[0] + top[1]) / 2))), spread=1)
     out = AttentionProbe(patch_model(result.model, detector)[0]).run({"pixel_values": pixels})
     row = int(np.flatnonzero(out.second_pass)[0])
@@ -227,8 +240,8 @@ def test_a_flagged_inputs_second_pass_patches_its_maps_in_place(bert, rng: np.ra
     if library is None:
         pytest.skip("native kernel not built: run scripts/install.sh")
     result, model = bert
-    inputs = result.family.make_inputs(result.config, 3, 10, rng)
-    patched, _ = patch_model(result.model, _late_only_detector(model, inputs))
+    inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 3, 10, rng))
+    patched, _ = patch_model(result.model, detector)
     session = create_session(patched, use_native=True)
     before = native.compute_counts(library)
     (got,) = session.run(None, inputs)

@@ -70,6 +70,12 @@ def test_rule_and_detector_file_refuse_what_they_cannot_use(tmp_path) -> None:  
     assert Detector.load(tmp_path / "d.safetensors").joint == detector.joint
 
 
+def _lead(scores: np.ndarray) -> float:
+    """How far the largest joint score is above the next distinct one (0 when there is none)."""
+    values = np.unique(scores[np.isfinite(scores)])[::-1]
+    return float(values[0] - values[1]) if len(values) > 1 else 0.0
+
+
 def _threshold_flagging_few(scores: np.ndarray) -> float:
     """A threshold between the largest joint score and the next distinct one below it."""
     values = np.unique(scores[np.isfinite(scores)])[::-1]
@@ -87,13 +93,16 @@ def test_the_patched_graph_flags_what_the_numpy_rule_flags_and_patches_it_everyw
 
     result = exported("bert", False, 17)
     model = load_hf_model(result.folder)
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
     layers = (_mass_detector(4), _mass_detector(4))
-    seen: list[np.ndarray] = []
-    with patched_softmax(layers, seen):
-        original = forward(model, inputs)
-    scores = [reference.scores_output(m, d) for m, d in zip(seen, layers, strict=True)]
     rule = JointRule((1.0, 0.5), 0.0, window=2)
+    for _ in range(10):  # inputs drawn again while the top joint score leads by 1e-3 or less (2 draws in 1000)
+        inputs = result.family.make_inputs(result.config, 4, 12, rng)
+        seen: list[np.ndarray] = []
+        with patched_softmax(layers, seen):
+            original = forward(model, inputs)
+        scores = [reference.scores_output(m, d) for m, d in zip(seen, layers, strict=True)]
+        if _lead(joint_scores(scores, rule, grid=False)) > 1e-3:
+            break
     rule = replace(rule, threshold=_threshold_flagging_few(joint_scores(scores, rule, grid=False)))
     expected = joint_flags(scores, rule, grid=False)
     assert expected.any(axis=1).sum() == 1
