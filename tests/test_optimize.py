@@ -53,8 +53,13 @@ def test_fusions_apply_around_the_patch_and_outputs_stay(exported, rng: np.rando
     assert all(producers[n.input[0]].op_type == "Softmax" for n in atpatch_nodes)  # still right after each softmax
     assert "SkipLayerNormalization" in report.summary() and "2 AtPatch kept" in report.summary()
 
-    inputs = result.family.make_inputs(result.config, 4, 12, rng)
-    unpatched = create_session(result.model).run(None, inputs)[0]
+    # Inputs drawn again while the detector flags nothing in them (15 draws in 1000).
+    plain, reference = create_session(result.model), create_session(patched, use_native=False)
+    for _ in range(10):
+        inputs = result.family.make_inputs(result.config, 4, 12, rng)
+        unpatched = plain.run(None, inputs)[0]
+        if np.abs(reference.run(None, inputs)[0] - unpatched).max() > 10 * ATOL:
+            break
     for use_native in _paths():
         want = create_session(patched, use_native=use_native).run(None, inputs)[0]
         got = create_session(optimized, use_native=use_native).run(None, inputs)[0]
