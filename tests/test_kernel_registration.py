@@ -119,6 +119,22 @@ def test_env_var_forces_either_path(monkeypatch, rng: np.random.Generator) -> No
         create_session(model)
 
 
+def test_threads_and_config_entries_reach_the_session(monkeypatch) -> None:
+    from atpatch.runtime import create_session
+
+    monkeypatch.delenv(native.ENV_VAR, raising=False)
+    for use_native in (True, False):
+        session = create_session(
+            standalone_model(17, TensorProto.FLOAT, 0.0),
+            use_native=use_native,
+            threads=1,
+            config={"session.force_spinning_stop": "1"},
+        )
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_doctor_reports_the_kernel() -> None:
     from atpatch.runtime.doctor import report
 

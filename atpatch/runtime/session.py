@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -84,11 +85,13 @@ def create_session(
     device: str = "cpu",
     use_native: bool | None = None,
     threads: int | None = None,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for `model` on `device` ("cpu" or "cuda").
 
     `use_native` None picks the native kernel when it is built and covers the session,
-    else the model's ONNX function; ATPATCH_NATIVE overrides the default.
+    else the model's ONNX function; ATPATCH_NATIVE overrides the default. `config`: onnxruntime
+    session config entries (e.g. {"session.intra_op.allow_spinning": "0"}).
     """
     if device not in PROVIDERS:
         raise AtPatchError(f"unknown device {device!r}; use one of: {', '.join(PROVIDERS)}")
@@ -102,9 +105,16 @@ def create_session(
         library = _choose_native(model, device, providers, use_native)
     except ValueError as err:  # a bad ATPATCH_NATIVE value
         raise AtPatchError(str(err)) from err
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
+
+    def fresh_options() -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
+        return options
+
+    options = fresh_options()
     if library is not None:
         try:
             options.register_custom_ops_library(str(library))
@@ -116,9 +126,7 @@ def create_session(
                     f"against this onnxruntime, or set {native.ENV_VAR}=0"
                 ) from err
             _say_once(f"atpatch: native AtPatch kernel does not load ({reason}); using the ONNX function")
-            options = ort.SessionOptions()
-            if threads is not None:
-                options.intra_op_num_threads = threads
+            options = fresh_options()
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif isinstance(model, Path):
