@@ -26,6 +26,13 @@ README = HERE / "README.md"
 RESULTS = HERE / "results"
 
 
+# onnxruntime's pool threads keep spinning after a run ends; when sessions take turns, as in a
+# round robin of variants, they take the cores from the next session's run, which no one-model
+# server sees. The 4-layer ViT at batch 32 timed 25.6 ms unpatched and 3.4x flagged that way,
+# 8.9 ms and 2.3x with the spinning stopped at each run's end (benchmarks/latency.py, 2026-12-03).
+QUIET_BETWEEN_RUNS = {"session.force_spinning_stop": "1"}
+
+
 class CommandFailed(Exception):
     pass
 
@@ -165,9 +172,9 @@ def latency(
         if len(flagged_rows):
             batches["flagged"] = _take(triggered, _fill(flagged_rows, size))
     sessions = {
-        "original": create_session(original, use_native=False),
-        "native": create_session(patched, use_native=True),
-        "function": create_session(patched, use_native=False),
+        "original": create_session(original, use_native=False, config=QUIET_BETWEEN_RUNS),
+        "native": create_session(patched, use_native=True, config=QUIET_BETWEEN_RUNS),
+        "function": create_session(patched, use_native=False, config=QUIET_BETWEEN_RUNS),
     }
     times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in batches for s in sessions}
     warmup = 2 if rounds >= 3 else 0  # fewer rounds: a smoke run, checking the wiring only

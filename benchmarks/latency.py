@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from casekit import QUIET_BETWEEN_RUNS
 from latency_models import BENCHES, Bench
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
@@ -58,10 +59,6 @@ from atpatch.runtime import create_session, native
 
 TARGETS = {"bert-base": {"native": 1.03, "function": 1.10, "best_vs_ort": 1.03}}
 SMALL_NATIVE_TARGET = 1.05
-# onnxruntime's pool threads keep spinning after a run ends; in a round robin they then take the
-# cores from the next variant's run, as no one-model server's would. On the 4-layer ViT at batch 32
-# that put the control at 0.49x and native at 1.33x; stopped at each run's end, 1.00x and 1.06x.
-QUIET_BETWEEN_RUNS = {"session.force_spinning_stop": "1"}
 FLAG_RATE = 0.005  # the clean-flag budget calibration aims at
 THRESHOLDS = (1.5, 0.5, 0.1, 0.03, 0.01, 0.003, 0.001)  # the flagging detector's, tried until it flags: small
 # random models attend almost uniformly, so their columns need a lower one
