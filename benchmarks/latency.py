@@ -1,6 +1,6 @@
 """Latency of patched models on onnxruntime CPU: native kernel vs ONNX function vs unpatched.
 
-    python benchmarks/latency.py                       # every model and cell, ~15 min on 2 cores
+    python benchmarks/latency.py                       # every model and cell: ~25 min on 2 cores, 23 GB at 512 x 8
     python benchmarks/latency.py --models bert-base --seq 128 --batch 1
     python benchmarks/latency.py --smoke --results DIR # the small models, a few rounds: the wiring
 
