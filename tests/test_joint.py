@@ -101,9 +101,10 @@ def test_the_patched_graph_flags_what_the_numpy_rule_flags_and_patches_it_everyw
         with patched_softmax(layers, seen):
             original = forward(model, inputs)
         scores = [reference.scores_output(m, d) for m, d in zip(seen, layers, strict=True)]
-        if _lead(joint_scores(scores, rule, grid=False)) > 1e-3:
+        joint = joint_scores(scores, rule, grid=False)
+        if _lead(joint) > 1e-3:
             break
-    rule = replace(rule, threshold=_threshold_flagging_few(joint_scores(scores, rule, grid=False)))
+    rule = replace(rule, threshold=_threshold_flagging_few(joint))
     expected = joint_flags(scores, rule, grid=False)
     assert expected.any(axis=1).sum() == 1
 
