@@ -97,27 +97,30 @@ OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, s
 
 // `forced` (v2): bool, rank 2, each axis 1 or the map's (numpy broadcasting to [batch, k_len]).
 OrtStatusPtr ReadForced(Ort::KernelContext& ctx, size_t index, int64_t batch, int64_t k_len, Checked* c) {
-  const std::string fix = "; feed a bool mask [batch, k_len] = [" + std::to_string(batch) + "," +
-                          std::to_string(k_len) + "], or [1,1], [batch,1], [1,k_len] to broadcast";
+  // The refusals' common fix, built only for a refusal: this runs on every call.
+  const auto fix = [&] {
+    return "; feed a bool mask [batch, k_len] = [" + std::to_string(batch) + "," + std::to_string(k_len) +
+           "], or [1,1], [batch,1], [1,k_len] to broadcast";
+  };
   Ort::ConstValue forced = ctx.GetInput(index);
   if (!forced || !forced.IsTensor()) {
     return make_status(ORT_INVALID_ARGUMENT, "forced is missing (op version 2 needs it; all false patches only "
-                                             "what the detector flags)" + fix);
+                                             "what the detector flags)" + fix());
   }
   auto info = forced.GetTensorTypeAndShapeInfo();
   if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
     return make_status(ORT_INVALID_ARGUMENT,
-                       std::string("forced must be bool, got ") + type_name(info.GetElementType()) + fix);
+                       std::string("forced must be bool, got ") + type_name(info.GetElementType()) + fix());
   }
   const std::vector<int64_t> shape = info.GetShape();
   if (shape.size() != 2) {
-    return make_status(ORT_INVALID_ARGUMENT, "forced must be rank 2, got shape " + shape_str(shape) + fix);
+    return make_status(ORT_INVALID_ARGUMENT, "forced must be rank 2, got shape " + shape_str(shape) + fix());
   }
   const bool batch_ok = shape[0] == 1 || shape[0] == batch, keys_ok = shape[1] == 1 || shape[1] == k_len;
   if (!batch_ok || !keys_ok) {
     return make_status(ORT_INVALID_ARGUMENT, "forced of shape " + shape_str(shape) + " does not broadcast to the map's " +
                                                  "[batch, k_len] = [" + std::to_string(batch) + "," +
-                                                 std::to_string(k_len) + "]" + fix);
+                                                 std::to_string(k_len) + "]" + fix());
   }
   // A [1, 1] forced for a map with no keys is fine (it broadcasts); nothing is read then.
   c->forced = static_cast<const uint8_t*>(forced.GetTensorRawData());
@@ -126,12 +129,14 @@ OrtStatusPtr ReadForced(Ort::KernelContext& ctx, size_t index, int64_t batch, in
   return nullptr;
 }
 
-OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const std::string& what,
-                           Checked* c) {
+OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const char* what,
+                           const std::vector<int64_t>& shape, Checked* c) {
   if (ctx.GetOutputCount() <= first) return nullptr;
   // batch * k_len may overflow where the map is empty (heads or q_len 0).
   int64_t count = 0;
-  if (!checked_mul(batch, k_len, &count)) return make_status(ORT_INVALID_ARGUMENT, what + " is invalid or too large");
+  if (!checked_mul(batch, k_len, &count)) {
+    return make_status(ORT_INVALID_ARGUMENT, what + shape_str(shape) + " is invalid or too large");
+  }
   const std::vector<int64_t> flags_shape{batch, k_len};
   Ort::UnownedValue flags = ctx.GetOutput(first, flags_shape.data(), flags_shape.size());
   if (flags && count > 0) {
@@ -206,7 +211,7 @@ OrtStatusPtr Check(Ort::KernelContext& ctx, int version, ONNXTensorElementDataTy
   }
   Ort::UnownedValue output = ctx.GetOutput(0, shape.data(), shape.size());
   if (version != kVersionV1) {
-    if (OrtStatusPtr status = AllocateFlags(ctx, kFlagsOutput, batch, k_len, "attention shape " + shape_str(shape), c)) {
+    if (OrtStatusPtr status = AllocateFlags(ctx, kFlagsOutput, batch, k_len, "attention shape ", shape, c)) {
       return status;
     }
   }

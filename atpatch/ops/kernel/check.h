@@ -79,9 +79,10 @@ OrtStatusPtr ReadDetector(Ort::KernelContext& ctx, int version, int64_t heads, s
 // `forced` (v2), input `index`: bool, rank 2, each axis 1 or the map's (broadcast to [batch, k_len]).
 OrtStatusPtr ReadForced(Ort::KernelContext& ctx, size_t index, int64_t batch, int64_t k_len, Checked* c);
 // The flags output `first` and the scores output after it, each [batch, k_len], where the node has
-// them; `what` names the shape in the refusal when batch * k_len overflows.
-OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const std::string& what,
-                           Checked* c);
+// them; `what` and `shape` name the map in the refusal when batch * k_len overflows (the message
+// is built only then: these run on every call).
+OrtStatusPtr AllocateFlags(Ort::KernelContext& ctx, size_t first, int64_t batch, int64_t k_len, const char* what,
+                           const std::vector<int64_t>& shape, Checked* c);
 
 // Checks one call of a node of op `version` whose attention must be `attention_type`, and
 // allocates its outputs. Returns nullptr or the refusal.

@@ -92,6 +92,10 @@ struct AtPatchKernel {
     const bool inline_run = c.total < phases::kInlineElements;
     if (OrtStatusPtr s = phases::parallel(raw, &phases::features_task<T>, blocks, &job, inline_run)) return s;
     if (OrtStatusPtr s = phases::parallel(raw, &phases::score_task<T>, c.batch, &job, inline_run)) return s;
+    // In place with nothing to patch (a clean input, the common case): phase 3 has nothing to do,
+    // and its pool dispatch alone is what it would cost.
+    const bool nothing_patched = std::all_of(job.patched.begin(), job.patched.end(), [](int64_t n) { return n == 0; });
+    if (c.out == c.in && nothing_patched) return nullptr;
     return phases::parallel(raw, &phases::patch_task<T>, blocks, &job, inline_run);
   }
 

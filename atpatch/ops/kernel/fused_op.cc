@@ -181,7 +181,7 @@ OrtStatusPtr Prepare(Ort::KernelContext& ctx, float threshold, FusedJob* f, atpa
     return make_status(ORT_INVALID_ARGUMENT, "attention of shape " + shape_str(c->shape) + " is too large");
   }
   f->output = ctx.GetOutput(0, out_shape.data(), out_shape.size()).GetTensorMutableData<float>();
-  if (OrtStatusPtr s = atpatch::AllocateFlags(ctx, 1, batch, k_len, "attention of shape " + shape_str(c->shape), c)) {
+  if (OrtStatusPtr s = atpatch::AllocateFlags(ctx, 1, batch, k_len, "attention of shape ", c->shape, c)) {
     return s;
   }
   if (q_len > atpatch::kMaxLen || k_len > atpatch::kMaxLen) {
