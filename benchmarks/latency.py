@@ -8,7 +8,9 @@ Models (benchmarks/latency_models.py, random weights, exported once and cached):
 seq 128/512 x batch 1/8, and the small ViT and tabular BERT of the vision and fairness cases at
 batch 1/32. Each cell runs every variant round-robin (drift hits all alike) after warm-up; a
 ratio is the median over rounds of variant / unpatched, "control" a second unpatched session (the
-noise floor). "pass": a pass-through detector, what a clean input costs (one pass). "flag": a
+noise floor). The small models run three sessions of each variant and take their mean per round:
+at their size one session's placement in memory moves its time by several percent for good.
+"pass": a pass-through detector, what a clean input costs (one pass). "flag": a
 detector that flags some columns of every input, so each batch takes cross-layer patching's second
 pass (about 2x: the graph downstream of the first softmax runs twice). "expected": the cost over
 traffic where 0.5% of inputs are flagged (the calibrated clean-flag budget), a batch of B taking
@@ -60,6 +62,7 @@ from atpatch.runtime import create_session, native
 TARGETS = {"bert-base": {"native": 1.03, "function": 1.10, "best_vs_ort": 1.03}}
 SMALL_NATIVE_TARGET = 1.05
 MAX_ROUNDS_PER_RUN = 100  # paired_ratios: rounds while the budget lasts, at most this many times `runs`
+SMALL_MODEL_SESSIONS = 3  # sessions per variant for the models without BERT-base's targets (paired_ratios)
 FLAG_RATE = 0.005  # the clean-flag budget calibration aims at
 THRESHOLDS = (1.5, 0.5, 0.1, 0.03, 0.01, 0.003, 0.001)  # the flagging detector's, tried until it flags: small
 # random models attend almost uniformly, so their columns need a lower one
@@ -119,7 +122,7 @@ def copying(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def paired_ratios(
-    sessions: dict[str, ort.InferenceSession],
+    sessions: dict[str, list[ort.InferenceSession]],
     feeds: dict[str, np.ndarray],
     warmup: int,
     runs: int,
@@ -129,7 +132,10 @@ def paired_ratios(
     """Median unpatched ms, and per variant the median over rounds of its time / unpatched time,
     for wall-clock time and for this process's CPU time (all onnxruntime threads).
 
-    Each round runs every variant once, in a fresh random order: a shared machine's noise
+    A variant may have several sessions of the same model (`sessions[name]`): each round runs each
+    once and takes their mean, as one session's placement in memory moves a small model's time by
+    several percent for good (a second unpatched session sat at 0.94x over a thousand rounds).
+    Each round runs every session once, in a fresh random order: a shared machine's noise
     then hits all variants alike, and a ratio taken within one round cancels slow drift.
     CPU time barely sees other tenants of the machine, wall time is what users get.
     At least `runs` rounds, then more while `budget_s` lasts (up to MAX_ROUNDS_PER_RUN x runs):
@@ -137,20 +143,26 @@ def paired_ratios(
     once allowed swung by 5% (controls 0.95-1.02x).
     """
     order = np.random.default_rng(seed)
-    names = list(sessions)
-    for s in sessions.values():
+    runners = [(name, s) for name, copies in sessions.items() for s in copies]
+    for _, s in runners:
         for _ in range(warmup):
             s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    cpu: dict[str, list[float]] = {k: [] for k in names}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    cpu: dict[str, list[float]] = {k: [] for k in sessions}
     start = time.perf_counter()
     rounds = 0
     while rounds < runs or (rounds < MAX_ROUNDS_PER_RUN * runs and time.perf_counter() - start < budget_s):
-        for i in order.permutation(len(names)):
+        wall = {k: 0.0 for k in sessions}
+        used = {k: 0.0 for k in sessions}
+        for i in order.permutation(len(runners)):
+            name, session = runners[i]
             t0, c0 = time.perf_counter(), time.process_time()
-            sessions[names[i]].run(None, feeds)
-            times[names[i]].append(time.perf_counter() - t0)
-            cpu[names[i]].append(time.process_time() - c0)
+            session.run(None, feeds)
+            wall[name] += (time.perf_counter() - t0) / len(sessions[name])
+            used[name] += (time.process_time() - c0) / len(sessions[name])
+        for k in sessions:
+            times[k].append(wall[k])
+            cpu[k].append(used[k])
         rounds += 1
 
     def ratios(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -327,14 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         if not chosen:
             continue
         base = onnx.load(str(bench.export(args.cache_dir)))
-        sessions = _sessions(bench, base, bench.feeds(*chosen[0], rng), args.threads)
+        # BERT-base's cells hold one session per variant: at 512 x 8 those alone take 23 GB.
+        copies = 1 if name in TARGETS else SMALL_MODEL_SESSIONS
+        setup = bench.feeds(*chosen[0], rng)
+        variants = [_sessions(bench, base, setup, args.threads) for _ in range(copies)]
+        sessions = variants[0]
+        timed = {k: [v[k] for v in variants] for k in sessions}
         for seq, batch in chosen:
             feeds = bench.feeds(seq, batch, rng)
             _check(sessions, feeds)
             in_place = {k: maps_in_place(sessions[k], feeds) for k in ("native/pass", "native/copy")}
             cost = max(1.0, bench.hidden * bench.layers * seq * batch / (768 * 12 * 128))  # ~ relative run time
             ms, r, rc = paired_ratios(
-                sessions,
+                timed,
                 feeds,
                 warmup=1 if cost >= 4 else 2,
                 runs=max(3 if args.smoke else 6, round(runs / cost)),
