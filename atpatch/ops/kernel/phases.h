@@ -203,9 +203,9 @@ OrtStatusPtr guarded(F&& fn) noexcept {
 // Below this many map entries the op's work is a few microseconds, about what a pool dispatch
 // costs, so it runs on the calling thread (onnxruntime's own kernels make the same cost-based
 // choice). It was 2^16 until 2026-12-03, when a 2-layer, 64-wide BERT at batch 32 ([32, 4, 16, 16]
-// maps, 32,768 entries: 0.1 ms a map on one core) ran at 1.13x unpatched that way and 1.07-1.08x
-// with the maps split over the pool (2 cores, side by side in one process; 4-layer ViT at batch 1,
-// 10,000 entries: 1.14x -> 1.12-1.13x).
+// maps, 32,768 entries: 0.1 ms a map on one core) ran at 1.11x unpatched that way and 1.07-1.08x
+// with the maps split over the pool (2 cores, benchmarks/latency.py; a 4-layer ViT at batch 1,
+// 10,000 entries: 1.12x -> 1.10x).
 constexpr int64_t kInlineElements = int64_t{1} << 12;
 
 // fn(data, i) for i in [0, total): on the calling thread, or split by onnxruntime's intra-op pool.
