@@ -10,7 +10,10 @@ they are combined, limit detection:
     culprit columns against clean fitting columns);
   - *all layers, half the victims*: the same MLP trained on the culprit columns of half the
     triggered test inputs (hundreds of trigger placements instead of the debugging set's few), then
-    measured on the other half: the features' separation when labels are plentiful.
+    measured on the other half: the features' separation when labels are plentiful;
+  - *all layers + neighbours*: each of the two, over a column's features beside the elementwise
+    max and mean of its neighbours' (the 8 around it on a patch grid, one either side in a
+    sequence): whether a trigger that straddles positions is found by looking at them together.
 
 Thresholds come from the calibration set as `atpatch fit` sets them (the most flagged calibration
 inputs whose Clopper-Pearson bound stays within the budget, 90% confidence). On the held-out half of
@@ -46,8 +49,9 @@ HEADER = (
 EXPLAINED = (
     "Not a patch: detectors the op cannot carry, to tell whether the column features or the way `atpatch fit` "
     "combines them limit detection (`benchmarks/detection_bound.py`, its docstring says how). One MLP over every "
-    "layer's features of a column at once, trained on the debugging set's known culprits, or on the culprits of "
-    "half the victims; thresholds calibrated as `atpatch fit` does. Rates and ASRs on the other half of the "
+    "layer's features of a column at once (+ neighbours: beside the max and mean of its neighbours' features), "
+    "trained on the debugging set's known culprits, or on the culprits of half the victims; thresholds calibrated "
+    "as `atpatch fit` does. Rates and ASRs on the other half of the "
     "victims (clean flagged: the clean test set); the ASR with the flagged positions patched in every layer, no "
     "detector in the graph, alone or with their neighbours within 1 (as `atpatch fit`'s spread 1 patches them)."
 )
@@ -71,6 +75,35 @@ def columns(probe, data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         position.append(cols)
         culprit.append(marked[rows, cols])
     return np.concatenate(feats), np.concatenate(example), np.concatenate(position), np.concatenate(culprit)
+
+
+def with_context(feats: np.ndarray, example: np.ndarray, position: np.ndarray, grid: bool) -> np.ndarray:
+    """`feats` [n, d] beside the elementwise max and mean of the same features over each column's
+    neighbours (the 8 around it on a patch grid, after its lead positions; one either side in a
+    sequence), attended columns only ([n, 3 d]): a trigger straddling patches or tokens splits its
+    anomaly over neighbours, which a detector scoring one column at a time sees in part only."""
+    from atpatch.ops.joint import patch_grid
+
+    n, keys, d = int(example.max()) + 1, int(position.max()) + 1, feats.shape[1]
+    dense = np.full((n, keys, d), np.nan, np.float32)
+    dense[example, position] = feats
+    if grid:
+        lead, side = patch_grid(keys)
+        g = np.pad(dense[:, lead:].reshape(n, side, side, d), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=np.nan)
+        near = [
+            g[:, 1 + dy : 1 + dy + side, 1 + dx : 1 + dx + side] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+        ]
+        near = np.stack(near).reshape(len(near), n, side * side, d)
+        near = np.concatenate([np.full((len(near), n, lead, d), np.nan, np.float32), near], 2)
+    else:
+        pad = np.full((n, 1, d), np.nan, np.float32)
+        near = np.stack([np.concatenate([pad, dense[:, :-1]], 1), np.concatenate([dense[:, 1:], pad], 1)])
+    near = near[:, example, position]  # [neighbours, columns, d]
+    here = np.isfinite(near)  # attended neighbours; a column without any gets zeros
+    count = here.sum(0)
+    peak = np.where(count > 0, np.where(here, near, -np.inf).max(0), 0)
+    mean = np.where(here, near, 0).sum(0) / np.maximum(count, 1)
+    return np.concatenate([feats, peak, mean], 1).astype(np.float32)
 
 
 def train_mlp(x: np.ndarray, y: np.ndarray):  # noqa: ANN201
@@ -183,43 +216,43 @@ def main() -> None:
     def asr_of(positions: np.ndarray) -> float:
         return float((logits_with(positions).argmax(1) == target).mean())
 
-    fit_x, _, _, _ = cols["fit_clean"]
-    bug_x, _, _, bug_y = cols["debug_known"]
-    trig_x, trig_ex, trig_pos, trig_y = cols["triggered"]
+    trig_ex, trig_pos, trig_y = cols["triggered"][1:]
     culprit = np.zeros((len(triggered), keys), bool)
     culprit[trig_ex[trig_y], trig_pos[trig_y]] = True
     train_half = half[trig_ex] & trig_y  # only the culprit columns of the training half: its clean columns stay out
-    detectors = {
-        "all layers, debugging set": (
-            np.concatenate([bug_x, fit_x]),
-            np.concatenate([bug_y, np.zeros(len(fit_x), bool)]),
-        ),
-        "all layers, half the victims": (
-            np.concatenate([trig_x[train_half], fit_x]),
-            np.concatenate([np.ones(int(train_half.sum()), bool), np.zeros(len(fit_x), bool)]),
-        ),
-    }
     command = " ".join(["python benchmarks/detection_bound.py", *sys.argv[1:]])
     rows = []
-    for name, (x, y) in detectors.items():
-        score = train_mlp(x, y)
-
-        dense = {}
-        for set_name in ("calibration", "clean", "triggered"):
-            feats, example, position, _ = cols[set_name]
-            dense[set_name] = np.full((len(sets[set_name]), int(position.max()) + 1), -np.inf, np.float32)
-            dense[set_name][example, position] = score(feats)
-        cal = np.sort(dense["calibration"].max(1))[::-1]
-        clean, trig = dense["clean"].max(1), dense["triggered"][held_out]
-        for budget in BUDGETS:
-            threshold = cal[min(allowed_flags(len(cal), budget), len(cal) - 1)]
-            flags = trig > threshold
-            asr, asr_alone = asr_of(neighbours(flags, grid)), asr_of(flags)
-            rows.append({"detector": name, "budget": budget, "clean_flagged": float((clean > threshold).mean()),
-                         "triggered_flagged": float(flags.any(1).mean()),
-                         "culprit_hit": float((flags & culprit[held_out]).any(1).mean()),
-                         "asr_flags_alone": asr_alone, "asr": asr})  # fmt: skip
-            print(_line(rows[-1]), flush=True)
+    for context in (False, True):
+        x = {name: with_context(*c[:3], grid) if context else c[0] for name, c in cols.items()}
+        both = " + neighbours" if context else ""
+        detectors = {
+            f"all layers{both}, debugging set": (
+                np.concatenate([x["debug_known"], x["fit_clean"]]),
+                np.concatenate([cols["debug_known"][3], np.zeros(len(x["fit_clean"]), bool)]),
+            ),
+            f"all layers{both}, half the victims": (
+                np.concatenate([x["triggered"][train_half], x["fit_clean"]]),
+                np.concatenate([np.ones(int(train_half.sum()), bool), np.zeros(len(x["fit_clean"]), bool)]),
+            ),
+        }
+        for name, (train_x, train_y) in detectors.items():
+            score = train_mlp(train_x, train_y)
+            dense = {}
+            for set_name in ("calibration", "clean", "triggered"):
+                _, example, position, _ = cols[set_name]
+                dense[set_name] = np.full((len(sets[set_name]), int(position.max()) + 1), -np.inf, np.float32)
+                dense[set_name][example, position] = score(x[set_name])
+            cal = np.sort(dense["calibration"].max(1))[::-1]
+            clean, trig = dense["clean"].max(1), dense["triggered"][held_out]
+            for budget in BUDGETS:
+                threshold = cal[min(allowed_flags(len(cal), budget), len(cal) - 1)]
+                flags = trig > threshold
+                asr, asr_alone = asr_of(neighbours(flags, grid)), asr_of(flags)
+                rows.append({"detector": name, "budget": budget, "clean_flagged": float((clean > threshold).mean()),
+                             "triggered_flagged": float(flags.any(1).mean()),
+                             "culprit_hit": float((flags & culprit[held_out]).any(1).mean()),
+                             "asr_flags_alone": asr_alone, "asr": asr})  # fmt: skip
+                print(_line(rows[-1]), flush=True)
     true = culprit[held_out]
     case = {
         "command": command,
