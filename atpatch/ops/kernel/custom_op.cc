@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -82,7 +83,7 @@ struct AtPatchKernel {
     }
     g_computes.fetch_add(1, std::memory_order_relaxed);
     if (c.out == c.in) g_in_place.fetch_add(1, std::memory_order_relaxed);
-    std::vector<float> workspace, patch;
+    std::unique_ptr<float[]> workspace, patch;
     phases::Job<T> job;
     if (OrtStatusPtr s = phases::make_job(c, c.in, c.out, version_ == atpatch::kVersionV1, as_float16_, &workspace,
                                           &patch, &job)) {

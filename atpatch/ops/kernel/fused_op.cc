@@ -208,7 +208,7 @@ struct Cpu {
   }
   // Every entry is written by phase A before it is read: no need to clear the map.
   const std::unique_ptr<float[]> map(new float[static_cast<size_t>(c.total)]);
-  std::vector<float> workspace, patch;
+  std::unique_ptr<float[]> workspace, patch;
   if (OrtStatusPtr s = phases::make_job(c, map.get(), map.get(), false, false, &workspace, &patch, &f.job)) return s;
   f.map = map.get();
   f.scale = scale;
