@@ -31,7 +31,6 @@ RESULTS = HERE / "results"
 # server sees. The 4-layer ViT at batch 32 timed 25.6 ms unpatched and 3.4x flagged that way,
 # 8.9 ms and 2.3x with the spinning stopped at each run's end (benchmarks/latency.py, 2026-12-03).
 QUIET_BETWEEN_RUNS = {"session.force_spinning_stop": "1"}
-SESSIONS = 3  # latency(): sessions of each model, timed once each per round and averaged
 
 
 class CommandFailed(Exception):
@@ -114,7 +113,6 @@ class Latency:
     flagged_distinct: int = 0  # distinct flagged inputs in the flagged batch (repeated to fill it when fewer)
     clean_distinct: int = 0  # distinct unflagged clean inputs in the clean batch
     load: float | None = None  # the highest 1-minute load average seen while timing (None: not measured)
-    sessions: int = 1  # sessions of each model, their times averaged within a round
 
     def __str__(self) -> str:
         return f"{self.native:.2f}× / {self.function:.2f}×"
@@ -149,7 +147,6 @@ def latency(
     triggered: dict[str, np.ndarray] | None = None,
     rounds: int = 200,
     size: int = 32,
-    sessions: int = SESSIONS,
 ) -> Latency:
     """Time `patched` (a cross-layer patched model) against `original`, the one way every case does.
 
@@ -158,10 +155,7 @@ def latency(
     round runs original, native kernel and ONNX function on both batches, interleaved, so machine noise
     hits all of them; the ratios are medians over rounds.
     Many rounds: the small models here run a batch in about a millisecond, where 15 rounds gave
-    ratios from 0.74x to 1.41x for the same model on a shared machine. `sessions` of each model, each
-    run once a round and their times averaged: at these sizes one session's placement in memory moves
-    its time for good by as much as the targets (benchmarks/latency.py measured a second unpatched
-    session of a small ViT at 0.94x over a thousand rounds)."""
+    ratios from 0.74x to 1.41x for the same model on a shared machine."""
     import onnx
 
     from atpatch.detector.probe import AttentionProbe
@@ -177,24 +171,21 @@ def latency(
         flagged_rows = _pick(probe, triggered, True, size)
         if len(flagged_rows):
             batches["flagged"] = _take(triggered, _fill(flagged_rows, size))
-    models = {"original": (original, False), "native": (patched, True), "function": (patched, False)}
-    copies = {
-        name: [create_session(path, use_native=native, config=QUIET_BETWEEN_RUNS) for _ in range(sessions)]
-        for name, (path, native) in models.items()
+    sessions = {
+        "original": create_session(original, use_native=False, config=QUIET_BETWEEN_RUNS),
+        "native": create_session(patched, use_native=True, config=QUIET_BETWEEN_RUNS),
+        "function": create_session(patched, use_native=False, config=QUIET_BETWEEN_RUNS),
     }
-    times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in batches for s in copies}
+    times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in batches for s in sessions}
     warmup = 2 if rounds >= 3 else 0  # fewer rounds: a smoke run, checking the wiring only
     load = os.getloadavg()[0]
     for _ in range(rounds + warmup):
         for b, feeds in batches.items():
-            for name, runners in copies.items():
-                total = 0.0
-                for session in runners:
-                    part = _session_feeds(session, feeds)
-                    start = time.perf_counter()
-                    session.run(None, part)
-                    total += time.perf_counter() - start
-                times[b, name].append(total / len(runners))
+            for name, session in sessions.items():
+                part = _session_feeds(session, feeds)
+                start = time.perf_counter()
+                session.run(None, part)
+                times[b, name].append(time.perf_counter() - start)
     t = {k: np.asarray(v[warmup:]) for k, v in times.items()}
     load = max(load, os.getloadavg()[0])
 
@@ -213,7 +204,6 @@ def latency(
         flagged_distinct=len(flagged_rows),
         clean_distinct=len(clean_rows),
         load=load,
-        sessions=sessions,
     )
 
 
@@ -318,12 +308,10 @@ def latency_note(rows: list[Row], pool: str = "triggered inputs") -> str:
     batch = timed[0][1].batch
     few = [f"{method} {t.flagged_distinct}" for method, t in timed if 0 < t.flagged_distinct < t.batch]
     none = [method for method, t in timed if t.flagged_distinct == 0]
-    copies = sorted({t.sessions for _, t in timed})
-    each = "" if copies == [1] else f" (each round the mean of {' or '.join(map(str, copies))} sessions of each model)"
     text = (
-        f"Latency: patched / original wall time, median over interleaved rounds{each}, on a batch of {batch} clean "
-        f"inputs the patched model flags nothing in and its effect check tries none of (one pass) and on a batch of "
-        f"{batch} {pool} it flags or tries (the second pass runs)"
+        f"Latency: patched / original wall time, median over interleaved rounds, on a batch of {batch} clean inputs "
+        f"the patched model flags nothing in and its effect check tries none of (one pass) and on a batch of {batch} "
+        f"{pool} it flags or tries (the second pass runs)"
     )
     if few:
         text += f"; where fewer are flagged they are repeated to fill the batch ({', '.join(few)} distinct)"

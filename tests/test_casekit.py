@@ -25,11 +25,3 @@ def test_the_latency_note_gives_the_load_it_was_timed_under_and_says_when_it_was
     assert f"0.2–{cores + 1.5:.1f} on {cores} cores while timing (other work shared the cores" in busy
     # Rows timed before the load was recorded say nothing about it rather than a made-up figure.
     assert "load average" not in casekit.latency_note([_row("a", None)])
-
-
-def test_the_latency_note_says_how_many_sessions_of_each_model_a_round_averaged() -> None:
-    timed = casekit.Latency(1.02, 1.1, 5.0, 32, 1.9, 2.2, 9.0, 32, 32, load=0.5, sessions=3)
-    three = casekit.latency_note([casekit.Row("a", "ASR", 1.0, 0.01, 0.8, 0.8, 0.002, latency=timed)])
-    assert "median over interleaved rounds (each round the mean of 3 sessions of each model), on" in three
-    # One session each (rows timed before sessions were averaged) says nothing of sessions.
-    assert "sessions" not in casekit.latency_note([_row("a", 0.5)])
