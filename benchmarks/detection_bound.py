@@ -77,14 +77,15 @@ def columns(probe, data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(feats), np.concatenate(example), np.concatenate(position), np.concatenate(culprit)
 
 
-def with_context(feats: np.ndarray, example: np.ndarray, position: np.ndarray, grid: bool) -> np.ndarray:
+def with_context(feats: np.ndarray, example: np.ndarray, position: np.ndarray, keys: int, grid: bool) -> np.ndarray:
     """`feats` [n, d] beside the elementwise max and mean of the same features over each column's
-    neighbours (the 8 around it on a patch grid, after its lead positions; one either side in a
-    sequence), attended columns only ([n, 3 d]): a trigger straddling patches or tokens splits its
-    anomaly over neighbours, which a detector scoring one column at a time sees in part only."""
+    neighbours (the 8 around it on a patch grid of `keys` positions, after its lead positions; one
+    either side in a sequence), attended columns only ([n, 3 d]): a trigger straddling patches or
+    tokens splits its anomaly over neighbours, which a detector scoring one column at a time sees in
+    part only."""
     from atpatch.ops.joint import patch_grid
 
-    n, keys, d = int(example.max()) + 1, int(position.max()) + 1, feats.shape[1]
+    n, d = int(example.max()) + 1, feats.shape[1]
     dense = np.full((n, keys, d), np.nan, np.float32)
     dense[example, position] = feats
     if grid:
@@ -223,7 +224,7 @@ def main() -> None:
     command = " ".join(["python benchmarks/detection_bound.py", *sys.argv[1:]])
     rows = []
     for context in (False, True):
-        x = {name: with_context(*c[:3], grid) if context else c[0] for name, c in cols.items()}
+        x = {name: with_context(*c[:3], keys, grid) if context else c[0] for name, c in cols.items()}
         both = " + neighbours" if context else ""
         detectors = {
             f"all layers{both}, debugging set": (

@@ -42,11 +42,12 @@ def test_each_column_gets_the_max_and_mean_of_its_attended_neighbours(grid: bool
     attended[:, :lead] = False
     attended[-1] = False
     attended[-1, lead] = True  # an input with one attended column: no neighbours, zeros
+    attended[:, -1] = False  # the grid comes from `keys`, not from the last attended column
     example, position = np.nonzero(attended)
     feats = rng.normal(size=(len(example), d)).astype(np.float32)
     dense = np.full((n, keys, d), np.nan)
     dense[example, position] = feats
-    out = with_context(feats, example, position, grid)
+    out = with_context(feats, example, position, keys, grid)
     assert out.shape == (len(example), 3 * d)
     np.testing.assert_array_equal(out[:, :d], feats)
     for i, (b, j) in enumerate(zip(example, position, strict=True)):
