@@ -77,29 +77,34 @@ def columns(probe, data) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(feats), np.concatenate(example), np.concatenate(position), np.concatenate(culprit)
 
 
-def with_context(feats: np.ndarray, example: np.ndarray, position: np.ndarray, keys: int, grid: bool) -> np.ndarray:
-    """`feats` [n, d] beside the elementwise max and mean of the same features over each column's
-    neighbours (the 8 around it on a patch grid of `keys` positions, after its lead positions; one
-    either side in a sequence), attended columns only ([n, 3 d]): a trigger straddling patches or
-    tokens splits its anomaly over neighbours, which a detector scoring one column at a time sees in
-    part only."""
+def around(x: np.ndarray, grid: bool, fill: object) -> np.ndarray:
+    """Each position's neighbours in `x` [N, keys, ...], stacked first: the 8 around it on a patch grid
+    (after its lead positions, as ops/joint.py reads the grid), one either side in a sequence; `fill`
+    where a position has no such neighbour, and for the lead positions."""
     from atpatch.ops.joint import patch_grid
 
-    n, d = int(example.max()) + 1, feats.shape[1]
-    dense = np.full((n, keys, d), np.nan, np.float32)
+    n, keys, rest = x.shape[0], x.shape[1], x.shape[2:]
+    edge = [(0, 0)] * len(rest)
+    if not grid:
+        pad = np.pad(x, [(0, 0), (1, 1), *edge], constant_values=fill)
+        return np.stack([pad[:, :-2], pad[:, 2:]])
+    lead, side = patch_grid(keys)
+    g = np.pad(x[:, lead:].reshape(n, side, side, *rest), [(0, 0), (1, 1), (1, 1), *edge], constant_values=fill)
+    shifted = [
+        g[:, 1 + dy : 1 + dy + side, 1 + dx : 1 + dx + side] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    ]
+    near = np.stack(shifted).reshape(len(shifted), n, side * side, *rest)
+    return np.concatenate([np.full((len(shifted), n, lead, *rest), fill, x.dtype), near], 2)
+
+
+def with_context(feats: np.ndarray, example: np.ndarray, position: np.ndarray, keys: int, grid: bool) -> np.ndarray:
+    """`feats` [n, d] beside the elementwise max and mean of the same features over each column's
+    `around` neighbours (on a patch grid of `keys` positions, or in a sequence), attended columns only
+    ([n, 3 d]): a trigger straddling patches or tokens splits its anomaly over neighbours, which a
+    detector scoring one column at a time sees in part only."""
+    dense = np.full((int(example.max()) + 1, keys, feats.shape[1]), np.nan, np.float32)
     dense[example, position] = feats
-    if grid:
-        lead, side = patch_grid(keys)
-        g = np.pad(dense[:, lead:].reshape(n, side, side, d), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=np.nan)
-        near = [
-            g[:, 1 + dy : 1 + dy + side, 1 + dx : 1 + dx + side] for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
-        ]
-        near = np.stack(near).reshape(len(near), n, side * side, d)
-        near = np.concatenate([np.full((len(near), n, lead, d), np.nan, np.float32), near], 2)
-    else:
-        pad = np.full((n, 1, d), np.nan, np.float32)
-        near = np.stack([np.concatenate([pad, dense[:, :-1]], 1), np.concatenate([dense[:, 1:], pad], 1)])
-    near = near[:, example, position]  # [neighbours, columns, d]
+    near = around(dense, grid, np.nan)[:, example, position]  # [neighbours, columns, d]
     here = np.isfinite(near)  # attended neighbours; a column without any gets zeros
     count = here.sum(0)
     peak = np.where(count > 0, np.where(here, near, -np.inf).max(0), 0)
@@ -135,23 +140,8 @@ def train_mlp(x: np.ndarray, y: np.ndarray):  # noqa: ANN201
 
 
 def neighbours(flags: np.ndarray, grid: bool) -> np.ndarray:
-    """`flags` [N, keys] widened by 1: the 3 x 3 block on a patch grid (after its lead positions, as
-    ops/joint.py reads the grid), one either side otherwise."""
-    from atpatch.ops.joint import patch_grid
-
-    out = flags.copy()
-    if grid:
-        lead, side = patch_grid(flags.shape[1])
-        g = np.pad(flags[:, lead:].reshape(len(flags), side, side), ((0, 0), (1, 1), (1, 1)))
-        wide = np.zeros_like(g)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                wide |= np.roll(np.roll(g, dy, 1), dx, 2)
-        out[:, lead:] |= wide[:, 1:-1, 1:-1].reshape(len(flags), -1)
-    else:
-        out[:, 1:] |= flags[:, :-1]
-        out[:, :-1] |= flags[:, 1:]
-    return out
+    """`flags` [N, keys] widened by 1: the 3 x 3 block on a patch grid, one either side otherwise (`around`)."""
+    return flags | around(flags, grid, False).any(0)
 
 
 def _line(r: dict) -> str:
@@ -241,7 +231,7 @@ def main() -> None:
             dense = {}
             for set_name in ("calibration", "clean", "triggered"):
                 _, example, position, _ = cols[set_name]
-                dense[set_name] = np.full((len(sets[set_name]), int(position.max()) + 1), -np.inf, np.float32)
+                dense[set_name] = np.full((len(sets[set_name]), keys), -np.inf, np.float32)
                 dense[set_name][example, position] = score(x[set_name])
             cal = np.sort(dense["calibration"].max(1))[::-1]
             clean, trig = dense["clean"].max(1), dense["triggered"][held_out]
