@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -29,6 +30,26 @@ def _mass_detector(heads: int, threshold: float) -> reference.LayerDetector:
     w1[:heads, 0] = 1.0
     zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
     return reference.LayerDetector(w1, zero, one, zero, threshold)
+
+
+def test_an_unflagged_input_runs_four_glue_nodes_whatever_the_layers(bert) -> None:  # noqa: ANN001
+    """An encoder's union of flags, and its widening, are built inside pass 2's branch, which alone
+    reads them: outside it, cross-layer patching adds only "is anything flagged" (Concat, Cast,
+    ReduceMax, Greater) before the If. An Or per layer, two reductions and the widening outside it
+    cost 1-1.5% of a small ViT's or tabular BERT's time at batch 1 (benchmarks/latency.py's models)."""
+    from atpatch.rewrite.crosslayer import ROWS, UNION
+
+    result, _ = bert
+    detector = replace(Detector.pass_through([4, 4]), spread=1)
+    patched, _ = patch_model(result.model, detector)
+    per_layer, _ = patch_model(result.model, detector, cross_layer=False)
+    before = {n.name for n in per_layer.graph.node}
+    added = [n for n in patched.graph.node if n.name not in before and n.op_type != "Constant"]
+    assert sorted(n.op_type for n in added) == ["Cast", "Concat", "Greater", "If", "ReduceMax"], added
+    (node,) = [n for n in patched.graph.node if n.name == SECOND_PASS]
+    then_branch = next(a.g for a in node.attribute if a.name == "then_branch")
+    made = {o for n in then_branch.node for o in n.output}
+    assert {UNION, ROWS} <= made
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +185,6 @@ def test_the_probe_reports_flags_per_layer_and_patches_in_every_layer(bert, rng:
 
 def test_spread_patches_the_neighbours_of_a_flagged_position(bert, rng: np.random.Generator) -> None:  # noqa: ANN001
     """With spread 2, the second pass patches every position within 2 of a flagged one, in every layer."""
-    from dataclasses import replace
 
     result, model = bert
     inputs, detector = _late_only_case(model, lambda: result.family.make_inputs(result.config, 4, 12, rng))
@@ -268,5 +288,6 @@ def test_onnxruntime_simplifies_pass_one_as_it_does_a_per_layer_model(bert, tmp_
         options.optimized_model_filepath = str(tmp_path / f"optimized-{cross_layer}.onnx")
         ort.InferenceSession(patched.SerializeToString(), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph
-        counts[cross_layer] = Counter(n.op_type for n in graph.node if n.op_type in ("Unsqueeze", "Concat", "Gather"))
+        shape_nodes = [n for n in graph.node if not n.name.startswith("atpatch/")]  # not the union's Concat
+        counts[cross_layer] = Counter(n.op_type for n in shape_nodes if n.op_type in ("Unsqueeze", "Concat", "Gather"))
     assert counts[True] == counts[False]

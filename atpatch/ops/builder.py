@@ -40,4 +40,8 @@ class NodeBuilder:
 
     def any(self, x: str, axes: list[int]) -> str:
         """Logical OR of a bool tensor over `axes` (dropped): ReduceMax of its float cast, > 0."""
-        return self.op("Greater", self.reduce("ReduceMax", self.to_float(x), axes, 0), self.const(0.0))
+        return self.any_positive(self.to_float(x), axes)
+
+    def any_positive(self, x: str, axes: list[int]) -> str:
+        """Whether any entry of a float tensor over `axes` (dropped) is > 0."""
+        return self.op("Greater", self.reduce("ReduceMax", x, axes, 0), self.const(0.0))

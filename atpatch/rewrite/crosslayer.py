@@ -7,7 +7,8 @@ comes too late. So the patched graph runs in two passes:
   pass 1   the model with each layer's AtPatch patching what it flags itself (plus `forced`:
            nothing for an encoder, the positions flagged at earlier steps for a KV-cache decoder);
            each AtPatch also reports its flags.
-  union    the positions flagged in any layer, per input.
+  union    the positions flagged in any layer, per input (an encoder's is built inside pass 2's
+           branch, which alone reads it: before the `If` runs only "is anything flagged").
   pass 2   only when some input has a newly flagged position (`If`): the part of the graph
            downstream of the first AtPatch runs again, every AtPatch forced to patch the union;
            inputs with a new flag take pass 2's outputs, the others keep pass 1's.
@@ -181,35 +182,49 @@ def add_second_pass(
         raise ValueError("the effect check (Confirm) needs the model to output a classifier's logits [batch, classes]")
     b = NodeBuilder(opset, "atpatch/crosslayer/")
     # An encoder has nothing forced: every flag is new, and neither `forced` nor its Not is needed.
+    # Its union of flags is built inside pass 2's branch, which alone reads it: an input nothing
+    # flags then runs a Concat, a Cast, a ReduceMax and a Greater before the If, whatever the number
+    # of layers (an Or per layer, two reductions and any widening before, 8-11 nodes on the small
+    # models, each about a microsecond on a 0.2-0.5 ms model). A decoder's union is its next step's
+    # state, needed on every run.
     nothing = forced == _NOTHING
+    u = NodeBuilder(opset, "atpatch/crosslayer/pass2/") if nothing else b  # what pass 2 alone reads
     flags = [node.output[1] for node in patch_nodes]
     if joint is not None:
         joint_flags(b, [node.output[2] for node in patch_nodes], joint, grid)
         b.nodes[-1].output[0] = JOINT
         b.nodes[-1].name = JOINT
         flags.append(JOINT)
-    union, *rest = flags if nothing else [forced, *flags]
-    for layer_flags in rest:
-        union = b.op("Or", union, layer_flags)
-    new = union if nothing else b.op("And", union, b.op("Not", forced))
     flagged_rows = ROWS if confirm is None else FLAGGED_ROWS  # with the check, ROWS is chosen in pass 2
-    b.any(new, [1])
-    b.nodes[-1].output[0] = b.nodes[-1].name = flagged_rows
+    if nothing:
+        hits = b.to_float(flags[0] if len(flags) == 1 else b.op("Concat", *flags, axis=1))  # [B, layers * K]
+        rows_at = u if confirm is None else b  # the check's candidates (pass 1) leave out flagged rows
+        rows_at.any_positive(hits, [1])
+        rows_at.nodes[-1].output[0] = rows_at.nodes[-1].name = flagged_rows
+        union, *rest = flags
+    else:
+        union, *rest = [forced, *flags]
+    for layer_flags in rest:
+        union = u.op("Or", union, layer_flags)
+    if not nothing:
+        b.any(b.op("And", union, b.op("Not", forced)), [1])
+        b.nodes[-1].output[0] = b.nodes[-1].name = flagged_rows
     if confirm is None:
-        any_new = b.any(ROWS, [0])
+        any_new = b.any_positive(hits, [0, 1]) if nothing else b.any(ROWS, [0])
     else:
         assert logits is not None
         tried, positions = candidates(
             b, [node.output[2] for node in patch_nodes], confirm, grid, flagged_rows, PASS1 + logits
         )
-        union = b.op("Or", union, positions)
+        union = u.op("Or", union, positions)
         any_new = b.any(b.op("Or", flagged_rows, tried), [0])
     if spread > 0:
-        union = widen(b, union, spread, grid)
+        union = widen(u, union, spread, grid)
     if words is not None and (ids := word_ids(graph, opset, decoder)) is not None:
         graph.initializer.append(numpy_helper.from_array(np.asarray(words, np.uint8), WORD_PIECES))
-        union = whole_words(b, union, ids, len(words))
-    b.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
+        union = whole_words(u, union, ids, len(words))
+    u.nodes.append(helper.make_node("Identity", [union], [UNION], name=UNION))
+    in_pass2 = u.nodes if u is not b else []
 
     # What pass 2 recomputes: every AtPatch, and everything downstream of a patched map. Also the
     # producer of a map no patch changed (the first layer's softmax): read by pass 2 as well, pass
@@ -228,7 +243,7 @@ def add_second_pass(
     copied, constants = _with_shape_inputs(graph, copied, tainted, forced)
     outputs = [o for o in graph.output if o.name in tainted]
     if not outputs:
-        graph.node.extend(b.nodes)
+        graph.node.extend([*b.nodes, *in_pass2])
         return
 
     # The affected graph outputs become the If's: pass 1 produces them under new names.
@@ -287,7 +302,7 @@ def add_second_pass(
         kept.CopyFrom(value)
         kept.name = else_name
         else_out.append(kept)
-    then_branch = helper.make_graph([*body, *branch.nodes], "atpatch_pass2", [], then_out)
+    then_branch = helper.make_graph([*in_pass2, *body, *branch.nodes], "atpatch_pass2", [], then_out)
     # Pass 2's maps get the shapes patch_model declared for pass 1's (the same: same inputs, same
     # ops), so that onnxruntime lets the kernel patch them in place there too (insert.py).
     maps = {name for node in patch_nodes for name in (node.input[0], *node.output)}
