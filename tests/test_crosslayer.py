@@ -32,11 +32,23 @@ def _mass_detector(heads: int, threshold: float) -> reference.LayerDetector:
     return reference.LayerDetector(w1, zero, one, zero, threshold)
 
 
-def test_an_unflagged_input_runs_four_glue_nodes_whatever_the_layers(bert) -> None:  # noqa: ANN001
-    """An encoder's union of flags, and its widening, are built inside pass 2's branch, which alone
-    reads them: outside it, cross-layer patching adds only "is anything flagged" (Concat, Cast,
-    ReduceMax, Greater) before the If. An Or per layer, two reductions and the widening outside it
-    cost 1-1.5% of a small ViT's or tabular BERT's time at batch 1 (benchmarks/latency.py's models)."""
+def _for_pass2_alone(patched: onnx.ModelProto) -> set[str]:
+    """Values computed outside the second pass's If that nothing but its pass-2 branch reads."""
+    (node,) = [n for n in patched.graph.node if n.name == SECOND_PASS]
+    branches = {a.name: a.g for a in node.attribute}
+    made = {o for n in patched.graph.node for o in n.output}
+    read = {i for n in patched.graph.node for i in n.input} | {o.name for o in patched.graph.output}
+    read |= {i for n in branches["else_branch"].node for i in n.input}
+    return {i for n in branches["then_branch"].node for i in n.input if i in made and i not in read}
+
+
+def test_an_unflagged_input_runs_four_glue_nodes_whatever_the_layers(bert, exported) -> None:  # noqa: ANN001
+    """An encoder's union of flags, its widening and the effect check's positions are built inside
+    pass 2's branch, which alone reads them: outside it, cross-layer patching adds only "is anything
+    flagged" (Concat, Cast, ReduceMax, Greater) before the If. An Or per layer, two reductions and the
+    widening outside it cost 1-1.5% of a small ViT's or tabular BERT's time at batch 1
+    (benchmarks/latency.py's models)."""
+    from atpatch.ops.joint import Confirm, JointRule
     from atpatch.rewrite.crosslayer import ROWS, UNION
 
     result, _ = bert
@@ -48,8 +60,14 @@ def test_an_unflagged_input_runs_four_glue_nodes_whatever_the_layers(bert) -> No
     assert sorted(n.op_type for n in added) == ["Cast", "Concat", "Greater", "If", "ReduceMax"], added
     (node,) = [n for n in patched.graph.node if n.name == SECOND_PASS]
     then_branch = next(a.g for a in node.attribute if a.name == "then_branch")
-    made = {o for n in then_branch.node for o in n.output}
-    assert {UNION, ROWS} <= made
+    assert {UNION, ROWS} <= {o for n in then_branch.node for o in n.output}
+    assert not _for_pass2_alone(patched)
+    # With the joint rule and the effect check's two windows, on an image model.
+    vit = exported("vit", False, 17).model
+    joint = JointRule((0.5, 1.0), 1.0, 2)
+    check = Confirm(0, 1.0, (0.5, 1.0), window=2, blocks=2)
+    checked = replace(Detector.pass_through([4, 4]), spread=1, joint=joint, confirm=check)
+    assert not _for_pass2_alone(patch_model(vit, checked)[0])
 
 
 @pytest.fixture(scope="module")

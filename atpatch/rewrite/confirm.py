@@ -48,10 +48,17 @@ def classifier_output(outputs: list[onnx.ValueInfoProto], batch_dims: set[str]) 
 
 
 def candidates(
-    b: NodeBuilder, scores: list[str], confirm: Confirm, grid: bool, flagged_rows: str, logits: str
+    b: NodeBuilder,
+    scores: list[str],
+    confirm: Confirm,
+    grid: bool,
+    flagged_rows: str,
+    logits: str,
+    pass2: NodeBuilder | None = None,
 ) -> tuple[str, str]:
     """(CANDIDATES, bool [B, K] the positions pass 2 patches for them), from pass 1's layer `scores`,
-    the inputs already flagged and pass 1's `logits`."""
+    the inputs already flagged and pass 1's `logits`. The positions are built in `pass2` (default `b`):
+    only pass 2 reads them."""
     score = joint_score(b, scores, confirm.rule, grid)
     top = b.reduce("ReduceMax", score, [1], 1)  # [B, 1]
     b.op("Squeeze", top, b.const([1], np.int64))
@@ -61,13 +68,14 @@ def candidates(
     high = b.op("GreaterOrEqual", CONFIRM_SCORE, b.const(np.float32(confirm.threshold)))
     b.op("And", b.op("And", b.op("Not", flagged_rows), sent), high)
     b.nodes[-1].output[0] = b.nodes[-1].name = CANDIDATES
-    best = b.op("Equal", score, top)
+    p = b if pass2 is None else pass2
+    best = p.op("Equal", score, top)
     if confirm.blocks == 2:  # ops/joint.py candidates: the best score outside the best window, too
-        rest = b.op("Where", best, b.const(-np.inf), score)
-        top2 = b.reduce("ReduceMax", rest, [1], 1)
-        finite = b.op("Greater", rest, b.const(-np.inf))
-        best = b.op("Or", best, b.op("And", b.op("Equal", rest, top2), finite))
-    return CANDIDATES, b.op("And", best, b.op("Unsqueeze", CANDIDATES, b.const([1], np.int64)))
+        rest = p.op("Where", best, p.const(-np.inf), score)
+        top2 = p.reduce("ReduceMax", rest, [1], 1)
+        finite = p.op("Greater", rest, p.const(-np.inf))
+        best = p.op("Or", best, p.op("And", p.op("Equal", rest, top2), finite))
+    return CANDIDATES, p.op("And", best, p.op("Unsqueeze", CANDIDATES, p.const([1], np.int64)))
 
 
 def kept_rows(

@@ -214,7 +214,7 @@ def add_second_pass(
     else:
         assert logits is not None
         tried, positions = candidates(
-            b, [node.output[2] for node in patch_nodes], confirm, grid, flagged_rows, PASS1 + logits
+            b, [node.output[2] for node in patch_nodes], confirm, grid, flagged_rows, PASS1 + logits, u
         )
         union = u.op("Or", union, positions)
         any_new = b.any(b.op("Or", flagged_rows, tried), [0])
