@@ -159,6 +159,10 @@ def peak_detector(threshold: float, heads: int, layers: int) -> Detector:
     return Detector(layers=(layer,) * layers, kind="test-peak")
 
 
+class NoRobustThreshold(AssertionError):
+    """No peak threshold both changes the result and keeps clear of every peak: draw other inputs."""
+
+
 def robust_peak_detector(
     heads: int, layers: int, run: Callable[[Detector, list[np.ndarray]], object], changed: Callable[[object], bool]
 ) -> Detector:
@@ -179,4 +183,4 @@ def robust_peak_detector(
         peaks = np.concatenate([m.max(axis=-2).ravel() for m in seen])
         if np.abs(peaks - threshold).min() > 1e-3 and (peaks > threshold).any() and changed(result):
             return detector
-    raise AssertionError("no peak threshold flags columns, changes the result and keeps clear of every peak")
+    raise NoRobustThreshold("no peak threshold flags columns, changes the result and keeps clear of every peak")
