@@ -67,7 +67,11 @@ def test_an_unflagged_input_runs_four_glue_nodes_whatever_the_layers(bert, expor
     joint = JointRule((0.5, 1.0), 1.0, 2)
     check = Confirm(0, 1.0, (0.5, 1.0), window=2, blocks=2)
     checked = replace(Detector.pass_through([4, 4]), spread=1, joint=joint, confirm=check)
-    assert not _for_pass2_alone(patch_model(vit, checked)[0])
+    patched_vit = patch_model(vit, checked)[0]
+    assert not _for_pass2_alone(patched_vit)
+    # The joint rule and the check share the grid's shape and the weighted sum of the layers' scores.
+    ops = [n.op_type for n in patched_vit.graph.node if n.name.startswith("atpatch/")]
+    assert (ops.count("Shape"), ops.count("Sqrt"), ops.count("Mul")) == (1, 1, 3), ops
 
 
 @pytest.fixture(scope="module")

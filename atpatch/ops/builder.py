@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,20 @@ class NodeBuilder:
         self.prefix = prefix  # names must be unique across a graph and its subgraphs
         self.nodes: list[onnx.NodeProto] = []
         self._count = 0
+        self._made: dict[object, Any] = {}
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         self._count += 1
         out = f"{self.prefix}{op_type.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
+
+    def once(self, key: object, make: Callable[[], Any]) -> Any:
+        """`make()`'s result, built the first time `key` is asked for: values that several parts of a
+        graph need (a tensor's shape, a weighted sum) are then computed once per run, not once per part."""
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
 
     def const(self, value: object, dtype: type = np.float32) -> str:
         return self.op("Constant", value=numpy_helper.from_array(np.array(value, dtype=dtype)))

@@ -35,10 +35,20 @@ def _lead(b: NodeBuilder, keys: str) -> tuple[str, str]:
     return side, b.op("Sub", keys, b.op("Mul", side, side))
 
 
-def _grid(b: NodeBuilder, x: str) -> tuple[str, str, str, str]:
-    """(keys, side, lead, patches [B, G, G]) of a [B, K] tensor."""
-    keys = b.op("Slice", b.op("Shape", x), b.const([1], np.int64), b.const([2], np.int64))
-    side, lead = _lead(b, keys)
+def _keys(b: NodeBuilder, like: str) -> str:
+    """The key count K (int64 [1]) of a [B, K] tensor; built once per `like` and builder."""
+
+    def make() -> str:
+        return b.op("Slice", b.op("Shape", like), b.const([1], np.int64), b.const([2], np.int64))
+
+    return b.once(("keys", like), make)
+
+
+def _grid(b: NodeBuilder, x: str, like: str | None = None) -> tuple[str, str, str, str]:
+    """(keys, side, lead, patches [B, G, G]) of a [B, K] tensor; K, G and the lead read off `like`
+    (a [B, K] tensor of the same shape, default `x`), once per `like`."""
+    keys = _keys(b, like or x)
+    side, lead = b.once(("lead", keys), lambda: _lead(b, keys))
     patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
     image = b.op("Reshape", patches, b.op("Concat", b.const([-1], np.int64), side, side, axis=0))
     return keys, side, lead, image
@@ -65,15 +75,15 @@ def _slice(b: NodeBuilder, x: str, starts: list[int], ends: list[int], axes: lis
     return b.op("Slice", x, b.const(starts, np.int64), b.const(ends, np.int64), b.const(axes, np.int64))
 
 
-def _best_window(b: NodeBuilder, x: str, grid: bool) -> str:
-    """ops/joint.py's pool, in the same float32 order: each position's best window mean."""
+def _best_window(b: NodeBuilder, x: str, grid: bool, like: str) -> str:
+    """ops/joint.py's pool, in the same float32 order: each position's best window mean (`like`: _grid)."""
     minus_inf = b.const(-np.inf)
     if not grid:
         win = b.op("Div", b.op("Add", _slice(b, x, [0], [-1], [1]), _slice(b, x, [1], [_END], [1])), b.const(2.0))
         left = b.op("Pad", win, b.const([0, 1, 0, 0], np.int64), minus_inf)
         right = b.op("Pad", win, b.const([0, 0, 0, 1], np.int64), minus_inf)
         return b.op("Max", left, right)
-    _, _, lead, g = _grid(b, x)
+    _, _, lead, g = _grid(b, x, like)
     total = b.op("Add", _slice(b, g, [0, 0], [-1, -1], [1, 2]), _slice(b, g, [1, 0], [_END, -1], [1, 2]))
     total = b.op("Add", total, _slice(b, g, [0, 1], [-1, _END], [1, 2]))
     total = b.op("Add", total, _slice(b, g, [1, 1], [_END, _END], [1, 2]))
@@ -95,18 +105,31 @@ def joint_flags(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) 
 
 
 def joint_score(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) -> str:
-    """float [B, K]: ops/joint.py's joint_scores (-inf where the rule never flags)."""
-    total = None
-    for name, weight in zip(scores, rule.weights, strict=True):
-        if weight > 0:  # a left-out layer would turn -inf (unattended) into NaN
-            term = b.op("Mul", name, b.const(np.float32(weight)))
-            total = term if total is None else b.op("Add", total, term)
-    assert total is not None  # JointRule has a positive weight
-    pooled = _best_window(b, total, grid) if rule.window == 2 else total
-    keys = b.op("Squeeze", b.op("Slice", b.op("Shape", total), b.const([1], np.int64), b.const([2], np.int64)))
-    lead = _lead(b, keys)[1] if grid else b.const(1, np.int64)
-    position = b.op("Range", b.const(0, np.int64), keys, b.const(1, np.int64))
-    return b.op("Where", b.op("Less", position, lead), b.const(-np.inf), pooled)  # sinks, [CLS]: never
+    """float [B, K]: ops/joint.py's joint_scores (-inf where the rule never flags). What two rules over
+    the same `scores` share (the key count and grid, the weighted sum when their weights are equal, the
+    positions no rule flags) is built once per builder: the joint rule and the effect check both run
+    on every input."""
+
+    def weighted() -> str:
+        total = None
+        for name, weight in zip(scores, rule.weights, strict=True):
+            if weight > 0:  # a left-out layer would turn -inf (unattended) into NaN
+                term = b.op("Mul", name, b.const(np.float32(weight)))
+                total = term if total is None else b.op("Add", total, term)
+        assert total is not None  # JointRule has a positive weight
+        return total
+
+    def never() -> str:  # bool [K]: sinks, [CLS]
+        keys = _keys(b, scores[0])
+        lead = b.once(("lead", keys), lambda: _lead(b, keys))[1] if grid else b.const(1, np.int64)
+        position = b.op("Range", b.const(0, np.int64), b.op("Squeeze", keys), b.const(1, np.int64))
+        return b.op("Less", position, lead)
+
+    total = b.once(("weighted", tuple(scores), rule.weights), weighted)
+    if rule.window == 2:
+        total = b.once(("window", total, grid), lambda: _best_window(b, total, grid, scores[0]))
+    masked = b.once(("never", scores[0], grid), never)
+    return b.once(("joint", total), lambda: b.op("Where", masked, b.const(-np.inf), total))
 
 
 def word_ids(graph: onnx.GraphProto, opset: int, decoder: bool) -> str | None:
