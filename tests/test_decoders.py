@@ -221,8 +221,8 @@ def _prompts_patch_changes(result, session, rng: np.random.Generator) -> tuple: 
         ids, mask = _prompts(rng)
         unpatched = greedy_generate(session, ids, mask, NEW_TOKENS)
         generate = _cross_layer_generate(result, ids, mask)
+        changes = lambda tokens, unpatched=unpatched: not np.array_equal(tokens, unpatched)  # noqa: E731
         try:
-            changes = lambda tokens, unpatched=unpatched: not np.array_equal(tokens, unpatched)  # noqa: E731
             detector = robust_peak_detector(HEADS, NUM_LAYERS, generate, changes)
         except NoRobustThreshold:
             continue

@@ -30,9 +30,13 @@ def is_patch_grid(input_names: Collection[str]) -> bool:
 
 
 def _lead(b: NodeBuilder, keys: str) -> tuple[str, str]:
-    """(side G, lead K - G^2) from the key count `keys` (int64, [1] or scalar)."""
-    side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
-    return side, b.op("Sub", keys, b.op("Mul", side, side))
+    """(side G, lead K - G^2) from the key count `keys` (int64, [1] or scalar); built once per `keys` and builder."""
+
+    def make() -> tuple[str, str]:
+        side = b.op("Cast", b.op("Floor", b.op("Sqrt", b.to_float(keys))), to=TensorProto.INT64)
+        return side, b.op("Sub", keys, b.op("Mul", side, side))
+
+    return b.once(("lead", keys), make)
 
 
 def _keys(b: NodeBuilder, like: str) -> str:
@@ -48,7 +52,7 @@ def _grid(b: NodeBuilder, x: str, like: str | None = None) -> tuple[str, str, st
     """(keys, side, lead, patches [B, G, G]) of a [B, K] tensor; K, G and the lead read off `like`
     (a [B, K] tensor of the same shape, default `x`), once per `like`."""
     keys = _keys(b, like or x)
-    side, lead = b.once(("lead", keys), lambda: _lead(b, keys))
+    side, lead = _lead(b, keys)
     patches = b.op("Slice", x, lead, keys, b.const([1], np.int64))
     image = b.op("Reshape", patches, b.op("Concat", b.const([-1], np.int64), side, side, axis=0))
     return keys, side, lead, image
@@ -121,7 +125,7 @@ def joint_score(b: NodeBuilder, scores: list[str], rule: JointRule, grid: bool) 
 
     def never() -> str:  # bool [K]: sinks, [CLS]
         keys = _keys(b, scores[0])
-        lead = b.once(("lead", keys), lambda: _lead(b, keys))[1] if grid else b.const(1, np.int64)
+        lead = _lead(b, keys)[1] if grid else b.const(1, np.int64)
         position = b.op("Range", b.const(0, np.int64), b.op("Squeeze", keys), b.const(1, np.int64))
         return b.op("Less", position, lead)
 
